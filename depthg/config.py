@@ -1,0 +1,345 @@
+"""Configuration: one dataclass per section, defaults in code, YAML as sparse diffs.
+
+Precedence is CLI dotted overrides > YAML file > defaults. Unknown keys and values of
+the wrong type are rejected with a message naming the key and listing the valid ones.
+Every job saves the resolved config beside its outputs (``save_config``).
+
+    cfg = load_config("configs/demo.yaml", ["train.micro_batch_per_gpu=8", "loss.depth.mode=distance"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be accepted; the message names the key."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | folder | camvid | cocostuff27 | cityscapes | potsdam
+    root: str = ""  # dataset folder (unused for synthetic)
+    num_train: int = 240  # synthetic scenes in the train split
+    num_val: int = 60  # synthetic scenes in the val split
+    height: int = 240  # synthetic render size
+    width: int = 320
+    five_crop: bool = True  # five-crop the train split at crop_ratio (val is never cropped)
+    crop_ratio: float = 0.5
+    resolution: int = 224  # training resolution (shorter side resize + centre crop)
+    limit: int = 0  # use at most this many source images per split (0 = all)
+    seed: int = 0  # synthetic scene seed
+
+
+@dataclass
+class ShardConfig:
+    root: str = "shards/synthetic"  # local folder or s3://bucket/prefix
+    samples_per_shard: int = 64
+    overwrite: bool = False  # redo shards that are already complete
+    strict: bool = False  # an unreadable source image is an error instead of being skipped
+
+
+@dataclass
+class DepthGenConfig:
+    source: str = "dataset"  # dataset (depth shipped with the data) | transformers
+    model: str = "Intel/zoedepth-nyu"  # transformers model id or local folder
+    batch_size: int = 8
+    flip_average: bool = True
+    num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class MiningConfig:
+    k: int = 30  # neighbours kept per crop (cosine top-k of global features)
+    num_positives: int = 7  # positives embedded per training sample (ranks 1..K)
+    batch_size: int = 16
+    num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "dino_vits8"  # dino_vits8 | dino_vitb8 | dinov2_vits14 | effnet_lite0 | tiny_vit
+    weights: str = ""  # local weights file/folder; empty = the hub name of the backbone
+    code_dim: int = 70
+    n_classes: int = 27
+    extra_clusters: int = 0  # over-clustering: cluster probe gets n_classes + extra_clusters
+    dropout: float = 0.1  # Dropout2d on the frozen features in training
+
+
+@dataclass
+class DepthLossConfig:
+    mode: str = "paper"  # none | paper | distance | reference
+    weight: float = 0.19  # lambda_depth at batch 0
+    shift: float = 0.03  # b_depth at batch 0
+    decay_every: int = 84  # batches between decays (0 = constant)
+    gamma: float = 0.6
+
+
+@dataclass
+class LHPConfig:
+    enabled: bool = False
+    weight: float = 0.2
+    quantile: float = 0.01
+
+
+@dataclass
+class LossConfig:
+    pointwise: bool = True
+    zero_clamp: bool = True
+    neg_rounds: int = 5
+    self_weight: float = 0.58
+    self_shift: float = 0.07
+    knn_weight: float = 0.36
+    knn_shift: float = 0.025
+    neg_weight: float = 0.70
+    neg_shift: float = 0.761
+    depth: DepthLossConfig = field(default_factory=DepthLossConfig)
+    lhp: LHPConfig = field(default_factory=LHPConfig)
+
+
+@dataclass
+class SamplingConfig:
+    mode: str = "fps"  # fps | fps_reference | random
+    samples: int = 11  # S: S*S locations per image
+    min_samples: int = 9
+    decay_every: int = 0  # batches between S <- max(int(0.9 S), min) (0 = off)
+    decay: float = 0.9
+    fov_deg: float = 90.0
+    start: str = "first"  # first | random
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_per_gpu: int = 32
+    grad_accum: int = 1
+    num_batches: int = 2334  # optimizer steps
+    lr: float = 5e-4
+    probe_lr: float = 5e-3
+    zero_stage: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    loader_workers: int = 2
+    shuffle_buffer: int = 256
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 0  # quick validation every N batches (0 = off)
+    ckpt_every: int = 200
+    output: str = "runs/default"  # local folder or s3:// URL
+    resume: str = ""  # "" | auto | checkpoint URL
+    select: str = "none"  # none | label_free
+
+
+@dataclass
+class EvalConfig:
+    resolution: int = 320
+    flip: bool = True
+    crf: bool = True
+    kmeans: bool = False
+    batch_size: int = 8
+    num_workers: int = 2  # Ray evaluation actors
+    report_images: int = 8
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    depthgen: DepthGenConfig = field(default_factory=DepthGenConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- building
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check (and where lossless, convert) one leaf value against its declared type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {typ}")
+
+
+def from_dict(cls, data: Mapping[str, Any] | None, prefix: str = ""):
+    """Build dataclass ``cls`` from a (sparse) mapping, rejecting unknown keys."""
+    data = dict(data or {})
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(types)}"
+        )
+    kwargs = {}
+    for name, typ in types.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(data[name], Mapping):
+                raise ConfigError(f"config key '{key}': expected a mapping of {typ.__name__} keys")
+            kwargs[name] = from_dict(typ, data[name], key + ".")
+        else:
+            kwargs[name] = _coerce(data[name], typ, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML scalar rules: "8" -> 8, "true" -> True, "1e-3" -> 0.001, "s3://b/p" -> str
+    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", text):
+        return float(text)
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "loss.depth.mode=distance"]`` -> nested dict."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override")
+        node[parts[-1]] = _parse_scalar(text.strip())
+    return nested
+
+
+def _merge(base: dict, diff: Mapping) -> dict:
+    out = dict(base)
+    for key, value in diff.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    from depthg import io
+
+    try:
+        with io.open_url(path, "r") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = (), cls=Config, base: Mapping | None = None):
+    """Defaults < ``base`` (e.g. a checkpoint's config) < YAML ``path`` < ``overrides``."""
+    data: dict[str, Any] = dict(base or {})
+    if path:
+        data = _merge(data, read_yaml(path))
+    data = _merge(data, parse_overrides(overrides))
+    cfg = from_dict(cls, data)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.dataset": ("synthetic", "folder", "camvid", "cocostuff27", "cityscapes", "potsdam"),
+    "depthgen.source": ("dataset", "transformers"),
+    "depthgen.device": ("auto", "cpu", "cuda"),
+    "model.backbone": ("dino_vits8", "dino_vitb8", "dinov2_vits14", "effnet_lite0", "tiny_vit"),
+    "loss.depth.mode": ("none", "paper", "distance", "reference"),
+    "sampling.mode": ("fps", "fps_reference", "random"),
+    "sampling.start": ("first", "random"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.select": ("none", "label_free"),
+}
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values outside their allowed set, naming the key."""
+    if not isinstance(cfg, Config):
+        return
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    if cfg.train.zero_stage not in (0, 1):
+        raise ConfigError("config key 'train.zero_stage': expected 0 or 1")
+    for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "shards.samples_per_shard"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': expected a positive integer")
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(mask_secrets(to_dict(cfg)), sort_keys=False)
+
+
+_SECRET = re.compile(r"(key|secret|token|password|credential)", re.I)
+
+
+def mask_secrets(data: Any) -> Any:
+    """Replace values of secret-looking keys and credentials embedded in URLs."""
+    if isinstance(data, Mapping):
+        return {k: ("***" if _SECRET.search(str(k)) and v else mask_secrets(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [mask_secrets(v) for v in data]
+    if isinstance(data, str):
+        return re.sub(r"(://)[^/@\s]+:[^/@\s]+@", r"\1***:***@", data)
+    return data
+
+
+def save_config(cfg, url: str) -> None:
+    """Write the resolved config (secrets masked) to ``url`` (a file path or s3:// URL)."""
+    from depthg import io
+
+    io.write_bytes(url, dump_yaml(cfg).encode())
+
+
+def split_cli(argv: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split ``key=value`` overrides from the other (``--flag``) arguments."""
+    overrides, rest = [], []
+    for arg in argv:
+        (overrides if ("=" in arg and not arg.startswith("-")) else rest).append(arg)
+    return overrides, rest

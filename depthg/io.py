@@ -1,0 +1,144 @@
+"""Storage: one place that turns a URL (local path or s3://) into bytes, via fsspec.
+
+Writes are atomic: a local file is written under a temporary name and renamed; an S3 object only
+becomes visible when its upload completes. So a partial file never appears under its final name.
+An S3-compatible endpoint (moto, MinIO) is taken from ``AWS_ENDPOINT_URL`` or
+``DEPTHG_S3_ENDPOINT``; credentials come from the usual AWS environment and are never logged.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+
+
+class StorageError(OSError):
+    """Storage could not be reached or written; the message names the URL."""
+
+
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    if not str(url).startswith(("s3://", "s3a://")):
+        return {}
+    opts: dict[str, Any] = {
+        # bounded retries, short connect timeout: a dead endpoint fails in seconds, not minutes
+        "config_kwargs": {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}},
+        "skip_instance_cache": False,
+    }
+    endpoint = os.environ.get("DEPTHG_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    return opts
+
+
+def filesystem(url: str):
+    """(fs, path) for a URL; raises StorageError naming the URL when it cannot be set up."""
+    try:
+        return fsspec.core.url_to_fs(str(url), **storage_options(url))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open storage for {url}: {exc}") from exc
+
+
+def join(url: str, *parts: str) -> str:
+    url = str(url)
+    if is_remote(url):
+        return posixpath.join(url, *parts)
+    return os.path.join(url, *parts)
+
+
+def _wrap(url: str, exc: Exception) -> Exception:
+    if isinstance(exc, (FileNotFoundError, StorageError)):
+        return exc
+    return StorageError(f"storage error at {url}: {type(exc).__name__}: {exc}")
+
+
+def open_url(url: str, mode: str = "rb"):
+    fs, path = filesystem(url)
+    try:
+        return fs.open(path, mode)
+    except Exception as exc:  # noqa: BLE001 - rewrapped with the URL
+        raise _wrap(url, exc) from exc
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    try:
+        return fs.exists(path)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
+
+
+def makedirs(url: str) -> None:
+    if not is_remote(url):
+        os.makedirs(url, exist_ok=True)
+
+
+def listdir(url: str) -> list[str]:
+    """Base names of the entries directly under ``url`` (empty when it does not exist)."""
+    fs, path = filesystem(url)
+    try:
+        if not fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomically write ``data`` to ``url``."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        try:
+            fs.pipe_file(path, data)
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap(url, exc) from exc
+        return
+    directory = os.path.dirname(os.path.abspath(url))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(url)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, url)
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Atomically copy a finished local file to ``url`` (rename locally, single upload on S3)."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        try:
+            fs.put_file(local_path, path)
+        except Exception as exc:  # noqa: BLE001
+            raise _wrap(url, exc) from exc
+        return
+    directory = os.path.dirname(os.path.abspath(url))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(url)}.{uuid.uuid4().hex}.tmp")
+    with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    os.replace(tmp, url)
+
+
+def remove(url: str) -> None:
+    fs, path = filesystem(url)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:  # noqa: BLE001
+        raise _wrap(url, exc) from exc
