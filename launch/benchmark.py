@@ -1,0 +1,60 @@
+"""Benchmarks: print a table and write JSON. Never timed assertions in tests.
+
+    python launch/benchmark.py fps [--out bench/fps.json]
+    python launch/benchmark.py depthgen | train | eval | quality
+
+Each name maps to ``cluster/benchmarks/<name>.py`` exposing ``add_arguments(parser)`` and
+``run(args) -> dict`` (the dict is written as JSON to ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NAMES = ("fps", "depthgen", "train", "eval", "quality")
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="name", required=True)
+    modules = {}
+    for name in NAMES:
+        try:
+            modules[name] = importlib.import_module(f"cluster.benchmarks.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"cluster.benchmarks.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=(modules[name].__doc__ or "").strip().splitlines()[0])
+        p.add_argument("--out", default=f"bench/{name}.json", help="where to write the JSON result")
+        modules[name].add_arguments(p)
+    args = parser.parse_args(argv)
+    result = modules[args.name].run(args)
+    result = {"benchmark": args.name, "machine": machine(), **result}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
