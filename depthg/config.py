@@ -65,10 +65,12 @@ class MiningConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "dino_vits8"  # dino_vits8 | dino_vitb8 | dinov2_vits14 | effnet_lite0 | tiny_vit
+    # The code defaults are the embedded demo (offline, CPU): EfficientNet-Lite0 ImageNet weights stand
+    # in for DINO. The paper settings in configs/ select dino_vits8 / dino_vitb8.
+    backbone: str = "effnet_lite0"  # dino_vits8 | dino_vitb8 | dinov2_vits14 | effnet_lite0 | tiny_vit
     weights: str = ""  # local weights file/folder; empty = the hub name of the backbone
     code_dim: int = 70
-    n_classes: int = 27
+    n_classes: int = 0  # 0 = taken from the dataset (shard manifest / source)
     extra_clusters: int = 0  # over-clustering: cluster probe gets n_classes + extra_clusters
     dropout: float = 0.1  # Dropout2d on the frozen features in training
 
