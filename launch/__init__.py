@@ -1,0 +1,1 @@
+"""Thin entry scripts; each exposes main(argv=None)."""
