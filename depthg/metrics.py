@@ -1,0 +1,112 @@
+"""Segmentation metrics from confusion matrices: Hungarian matching, accuracy, IoU, mIoU.
+
+Evaluation sums before it matches: every worker returns integer confusion matrices
+(``confusion``), the driver adds them and calls ``hungarian_scores`` (cluster head, unsupervised)
+or ``identity_scores`` (linear probe) once for the whole split.
+
+Conventions: a confusion matrix is int64 ``[n_pred, n_classes]``, rows = predicted cluster / class,
+columns = ground truth; pixels whose target is negative (-1 = ignore) are never counted.
+
+Over-clustering (``n_pred > n_classes``): the reference metric silently drops pixels of clusters
+with an id >= n_classes. Here every pixel counts: one Hungarian assignment (maximising matched
+pixels) pairs ``n_classes`` clusters with the classes one to one, and every remaining cluster is
+mapped to its majority class. With ``n_pred < n_classes`` the unmatched classes simply receive no
+prediction (IoU 0 where they occur).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def confusion(pred, target, n_pred: int, n_classes: int) -> np.ndarray:
+    """int64 ``[n_pred, n_classes]`` counts of (prediction, target) pairs; targets < 0 dropped.
+
+    ``pred`` and ``target`` are integer arrays / tensors of the same shape. A prediction outside
+    ``[0, n_pred)`` or a target >= ``n_classes`` is an error (not silently dropped).
+    """
+    pred = _to_numpy(pred).reshape(-1).astype(np.int64)
+    target = _to_numpy(target).reshape(-1).astype(np.int64)
+    if pred.shape != target.shape:
+        raise ValueError(f"confusion: pred has {pred.size} pixels, target {target.size}")
+    keep = target >= 0
+    pred, target = pred[keep], target[keep]
+    if pred.size and (pred.min() < 0 or pred.max() >= n_pred):
+        raise ValueError(f"confusion: predictions must lie in [0, {n_pred}), got [{pred.min()}, {pred.max()}]")
+    if target.size and target.max() >= n_classes:
+        raise ValueError(f"confusion: targets must lie in [0, {n_classes}) or be -1, got max {target.max()}")
+    counts = np.bincount(pred * n_classes + target, minlength=n_pred * n_classes)
+    return counts.reshape(n_pred, n_classes).astype(np.int64)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def assign_clusters(conf: np.ndarray) -> np.ndarray:
+    """Cluster -> class map (int64 ``[n_pred]``), maximising matched pixels.
+
+    One-to-one Hungarian first; clusters left over (over-clustering) go to their majority class.
+    """
+    conf = np.asarray(conf, dtype=np.int64)
+    n_pred, n_classes = conf.shape
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    mapping = np.full(n_pred, -1, dtype=np.int64)
+    mapping[rows] = cols
+    leftover = mapping < 0
+    mapping[leftover] = conf[leftover].argmax(axis=1)
+    return mapping
+
+
+def remap_confusion(conf: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Fold a ``[n_pred, n_classes]`` matrix into ``[n_classes, n_classes]`` by the cluster map."""
+    conf = np.asarray(conf, dtype=np.int64)
+    n_classes = conf.shape[1]
+    out = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(out, np.asarray(mapping, dtype=np.int64), conf)
+    return out
+
+
+def identity_scores(conf: np.ndarray) -> dict:
+    """Accuracy, per-class IoU and mIoU of a square matrix whose rows already are classes."""
+    conf = np.asarray(conf, dtype=np.int64)
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+        raise ValueError(f"identity_scores needs a square confusion matrix, got shape {conf.shape}")
+    tp = np.diag(conf).astype(np.float64)
+    fp = conf.sum(axis=1) - tp  # predicted as the class, labelled otherwise
+    fn = conf.sum(axis=0) - tp  # labelled as the class, predicted otherwise
+    total = conf.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = tp / (tp + fp + fn)  # NaN where the class is neither present nor predicted
+    valid = ~np.isnan(iou)
+    return {
+        "accuracy": float(tp.sum() / total) if total else float("nan"),
+        "miou": float(iou[valid].mean()) if valid.any() else float("nan"),
+        "iou": [float(v) for v in iou],
+        "pixels": int(total),
+    }
+
+
+def hungarian_scores(conf: np.ndarray) -> dict:
+    """Scores of an unsupervised clustering: match clusters to classes, then ``identity_scores``.
+
+    Returns ``{"accuracy", "miou", "iou": [n_classes], "assignment": [n_pred], "pixels"}``;
+    ``assignment[k]`` is the class cluster ``k`` is mapped to.
+    """
+    mapping = assign_clusters(conf)
+    scores = identity_scores(remap_confusion(conf, mapping))
+    scores["assignment"] = [int(c) for c in mapping]
+    return scores
+
+
+def score_confusions(confs: Mapping[str, np.ndarray]) -> dict:
+    """Score a dict of summed matrices: keys starting with ``linear`` by identity, others by Hungarian."""
+    out = {}
+    for name, conf in confs.items():
+        out[name] = identity_scores(conf) if name.startswith("linear") else hungarian_scores(conf)
+    return out
