@@ -1,0 +1,129 @@
+"""The shard contract: encode/decode round trips, plain-webdataset readability, S3, partitioning."""
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from depthg import io, shards
+
+
+def _sample(rng, h=6, w=5):
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    depth = rng.random((h, w), dtype=np.float32)
+    label = rng.integers(-1, 27, (h, w)).astype(np.int64)
+    return image, depth, label
+
+
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(0)
+    image, depth, label = _sample(rng)
+    pos = [_sample(rng)[:2] for _ in range(3)]
+    raw = shards.encode_sample("a_c3", image, depth, label, {"source_id": "a", "crop": 3}, pos)
+    assert sorted(k for k in raw if k.startswith("pos")) == sorted(
+        f"pos{k}.{m}.png" for k in range(3) for m in ("rgb", "depth"))
+    out = shards.decode_sample(raw)
+    assert out["id"] == "a_c3" and out["meta"]["crop"] == 3 and out["meta"]["source_id"] == "a"
+    assert out["image"].dtype == np.uint8 and np.array_equal(out["image"], image)
+    assert out["depth"].dtype == np.float32 and np.abs(out["depth"] - depth).max() <= 0.5 / 65535 + 1e-7
+    assert out["label"].dtype == np.int64 and np.array_equal(out["label"], label)
+    assert len(out["positives"]) == 3
+    for (pi, pd), (ri, rd) in zip(out["positives"], pos):
+        assert np.array_equal(pi, ri) and np.abs(pd - rd).max() <= 0.5 / 65535 + 1e-7
+
+
+def test_unlabelled_and_bad_inputs():
+    rng = np.random.default_rng(1)
+    image, depth, _ = _sample(rng)
+    out = shards.decode_sample(shards.encode_sample("x", image, depth))
+    assert out["label"] is None and out["positives"] == []
+    with pytest.raises(shards.ShardError, match="must not contain"):
+        shards.encode_sample("a.b", image, depth)
+    with pytest.raises(shards.ShardError, match=r"\[0, 1\]"):
+        shards.encode_sample("x", image, depth + 1.0)
+    with pytest.raises(shards.ShardError, match="differ"):
+        shards.encode_sample("x", image, depth[:, :-1])
+    with pytest.raises(shards.ShardError, match="label ids"):
+        shards.encode_sample("x", image, depth, np.full(depth.shape, 300))
+
+
+def test_write_shard_is_deterministic(tmp_path):
+    rng = np.random.default_rng(2)
+    samples = [shards.encode_sample(f"s{i}", *_sample(rng)) for i in range(3)]
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    assert shards.write_shard(str(a), samples) == 3
+    shards.write_shard(str(b), samples)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_test_shards_read_by_plain_webdataset(tmp_path):
+    import webdataset as wds
+
+    m = shards.write_test_shards(str(tmp_path), 10, size=(12, 16), num_positives=2, samples_per_shard=4)
+    assert m["schema"] == shards.SCHEMA and m["total"] == 10 and [s["count"] for s in m["shards"]] == [4, 4, 2]
+    urls = shards.shard_urls(str(tmp_path), "train", "train")
+    assert all(os.path.exists(u) for u in urls)
+    keys, seen = [], []
+    for raw in wds.WebDataset(urls, shardshuffle=False):
+        dec = shards.decode_sample(raw)
+        keys.append(raw["__key__"])
+        seen.append(dec)
+    assert keys == [f"train-{i:05d}" for i in range(10)]
+    # positives are the next samples cyclically: embedded bytes equal the neighbour's own image
+    by_id = {d["id"]: d for d in seen}
+    for d in seen:
+        assert len(d["positives"]) == 2 and d["image"].shape == (12, 16, 3) and d["depth"].shape == (12, 16)
+        for (pi, pd), nid in zip(d["positives"], d["meta"]["neighbors"]):
+            assert np.array_equal(pi, by_id[nid]["image"]) and np.array_equal(pd, by_id[nid]["depth"])
+    assert min(d["label"].min() for d in seen) == -1
+    # iter_shard yields the same raw dicts as webdataset
+    ours = [raw["__key__"] for u in urls for raw in shards.iter_shard(u)]
+    assert ours == keys
+
+
+def test_depth_kind_layout_and_missing_manifest(tmp_path):
+    m = shards.write_test_shards(str(tmp_path), 5, with_positives=False, split="val", labelled=False)
+    assert m["kind"] == "depth" and os.path.exists(tmp_path / "depth" / "val" / "manifest.json")
+    for url in shards.shard_urls(str(tmp_path), "val", "depth"):
+        for raw in shards.iter_shard(url):
+            assert "label.png" not in raw and shards.num_positives(raw) == 0
+    with pytest.raises(FileNotFoundError, match="run generate_depth first"):
+        shards.shard_urls(str(tmp_path), "train", "train")
+    # put_shard leaves only the shard and its sidecar (no temp files under the final folder)
+    assert sorted(os.listdir(tmp_path / "depth" / "val")) == [
+        "manifest.json", "shard-000000.json", "shard-000000.tar", "shard-000001.json", "shard-000001.tar"]
+
+
+def test_s3_read_with_iter_shard_and_registered_gopen(s3):
+    import webdataset as wds
+
+    root = f"{s3}/pre"
+    shards.write_test_shards(root, 6, size=(8, 8), num_positives=1, samples_per_shard=4)
+    urls = shards.shard_urls(root, "train")
+    assert urls == [f"{root}/train/shard-000000.tar", f"{root}/train/shard-000001.tar"]
+    assert io.exists(f"{root}/train/shard-000001.json")
+    keys = [raw["__key__"] for u in urls for raw in shards.iter_shard(u)]
+    assert keys == [f"train-{i:05d}" for i in range(6)]
+    shards.register_gopen()
+    wkeys = [raw["__key__"] for raw in wds.WebDataset(urls, shardshuffle=False)]
+    assert wkeys == keys
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 13, 16, 31])
+def test_split_shards_disjoint_and_complete(n):
+    names = [shards.shard_name(i) for i in range(n)]
+    for world, workers in itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 5]):
+        parts = [shards.split_shards(names, r, world, w, workers) for r in range(world) for w in range(workers)]
+        flat = [x for p in parts for x in p]
+        assert sorted(flat) == sorted(names) and len(flat) == len(set(flat))
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1  # balanced to within one shard
+
+
+def test_split_shards_rejects_bad_slots():
+    with pytest.raises(ValueError):
+        shards.split_shards(["a"], 2, 2, 0, 1)
+    with pytest.raises(ValueError):
+        shards.split_shards(["a"], 0, 1, 1, 1)
