@@ -1,0 +1,44 @@
+"""Exact cosine k-nearest neighbours in chunks (pure torch), for mining positives.
+
+``topk_cosine(feats, k)`` L2-normalises ``feats [N, C]`` and, one block of queries at a time
+(``chunk`` rows, so memory is ``chunk x N`` rather than ``N x N``), takes the top-k cosine
+similarities over the whole set. Row i never contains i itself (``exclude_self``): rank 0 of our
+result is rank 1 of the reference, which keeps the anchor as its own top hit. Ties are broken by
+the lower index, so results do not depend on the chunk size.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def topk_cosine(feats: torch.Tensor, k: int, chunk: int = 1024, exclude_self: bool = True,
+                device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(scores [N, k] float32, indices [N, k] int64)``, best first.
+
+    ``k`` is capped at N-1 (N with ``exclude_self=False``).
+    """
+    if feats.ndim != 2:
+        raise ValueError(f"features must be [N, C], got shape {tuple(feats.shape)}")
+    n = feats.shape[0]
+    k = min(int(k), n - 1 if exclude_self else n)
+    if k < 1:
+        raise ValueError(f"need at least 2 samples to mine neighbours, got {n}")
+    device = torch.device(device) if device is not None else feats.device
+    x = torch.nn.functional.normalize(feats.to(device=device, dtype=torch.float32), dim=1)
+    scores, indices = [], []
+    for start in range(0, n, chunk):
+        sim = x[start:start + chunk] @ x.T  # [c, N]
+        if exclude_self:
+            rows = torch.arange(sim.shape[0], device=device)
+            sim[rows, rows + start] = -float("inf")
+        s, i = _stable_topk(sim, k)
+        scores.append(s.cpu())
+        indices.append(i.cpu())
+    return torch.cat(scores), torch.cat(indices)
+
+
+def _stable_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # stable descending sort: equal similarities keep ascending index order (torch.topk does not
+    # promise any tie order). O(N log N) per row, fine at mining sizes.
+    s, i = torch.sort(sim, dim=1, descending=True, stable=True)
+    return s[:, :k], i[:, :k]

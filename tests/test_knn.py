@@ -1,0 +1,51 @@
+"""Exact cosine top-k against a brute-force reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from depthg.knn import topk_cosine
+
+
+def _brute(feats, k, exclude_self=True):
+    x = feats / feats.norm(dim=1, keepdim=True)
+    out = []
+    for i in range(len(x)):
+        cands = [(float(x[i] @ x[j]), j) for j in range(len(x)) if not (exclude_self and j == i)]
+        cands.sort(key=lambda t: (-t[0], t[1]))
+        out.append([j for _, j in cands[:k]])
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_topk_equals_brute_force(chunk):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(23, 5, generator=g, dtype=torch.float64) * torch.rand(23, 1, generator=g, dtype=torch.float64)
+    scores, idx = topk_cosine(feats, 6, chunk=chunk)
+    assert idx.shape == (23, 6) and scores.dtype == torch.float32
+    assert torch.equal(idx, _brute(feats, 6))
+    assert not (idx == torch.arange(23)[:, None]).any()
+    x = torch.nn.functional.normalize(feats.float(), dim=1)
+    assert torch.allclose(scores, (x[torch.arange(23)[:, None]] * x[idx]).sum(-1), atol=1e-6)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_ties_break_by_index_and_self_included_option():
+    # four identical points plus one opposite: neighbours of 0 are 1, 2, 3 in order, whatever the chunk
+    feats = torch.tensor([[1.0, 0.0]] * 4 + [[-1.0, 0.0]])
+    for chunk in (1, 2, 5):
+        _, idx = topk_cosine(feats, 3, chunk=chunk)
+        assert idx[0].tolist() == [1, 2, 3] and idx[3].tolist() == [0, 1, 2]
+        assert idx[4].tolist() == [0, 1, 2]
+    _, idx = topk_cosine(feats, 2, exclude_self=False)
+    assert idx[0].tolist() == [0, 1]
+
+
+def test_k_capped_and_errors():
+    feats = torch.randn(4, 3)
+    _, idx = topk_cosine(feats, 30)
+    assert idx.shape == (4, 3)
+    with pytest.raises(ValueError, match="at least 2"):
+        topk_cosine(torch.randn(1, 3), 5)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        topk_cosine(torch.randn(4), 2)
