@@ -1,0 +1,179 @@
+"""ray_cluster.yaml, checked offline: Ray's own autoscaler config validation plus the facts the schema
+cannot know (instance sizes, what the setup commands install, where S3 credentials come from).
+
+PRIVATE API: ``ray.autoscaler._private.util.prepare_config`` and ``validate_config`` are what
+``ray up`` runs first, but they are internal and change between Ray releases, so the tests that call
+them are pinned: skipped unless Ray is installed and its version starts with "2.60" (move the pin
+after checking both functions still exist and behave). For ``provider.type: aws`` they are offline:
+``prepare_config`` merges ``ray/autoscaler/aws/defaults.yaml`` and fills per-type min/max workers,
+``validate_config`` checks the JSON schema and the cross-field rules (head type exists, sum of
+``min_workers`` <= ``max_workers``). Every boto3/EC2 call (AMI, subnets, IAM, instance-type
+resources) lives in ``_private/aws/config.bootstrap_aws``, which ``ray up`` calls afterwards and this
+test never does. The checks of our own (``_own_checks``) need only PyYAML and always run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAML_PATH = os.path.join(REPO, "ray_cluster.yaml")
+
+# Published EC2 sizes (vCPU, NVIDIA GPUs) of the instance types this file may use: a node type that
+# advertises other numbers would make Ray over- or under-schedule actors on it.
+INSTANCE_SPECS = {
+    "m5.2xlarge": (8, 0),
+    "g5.12xlarge": (48, 4),
+    "p4d.24xlarge": (96, 8),
+}
+# launch/train.py --nodes 4 --gpus-per-node 4 in cluster/README.md needs this many GPUs at once.
+README_TRAIN_GPUS = 16
+CREDENTIAL = re.compile(r"AKIA[0-9A-Z]{16}|(?i:aws_(secret_access_key|access_key_id|session_token)\s*[:=])")
+DLAMI = re.compile(r"^(resolve:ssm:/aws/service/deeplearning/ami/x86_64/\S+|ami-[0-9a-f]{8,17})$")
+
+
+def _text() -> str:
+    with open(YAML_PATH) as fh:
+        return fh.read()
+
+
+def _load() -> dict:
+    return yaml.safe_load(_text())
+
+
+def _p4d_block() -> dict:
+    """The commented-out p4d node type, uncommented and parsed (it must stay valid YAML)."""
+    lines = _text().splitlines()
+    start = next(i for i, l in enumerate(lines) if "BEGIN p4d.24xlarge alternative" in l)
+    end = next(i for i, l in enumerate(lines) if "END p4d.24xlarge alternative" in l)
+    body = [l for l in lines[start + 1:end] if re.match(r"^  #   |^  # \S+:$", l)]
+    assert body, "no commented node type between the p4d BEGIN/END markers"
+    return yaml.safe_load("\n".join(l.replace("  # ", "", 1) for l in body))
+
+
+@pytest.fixture(scope="module")
+def ray_util():
+    ray = pytest.importorskip("ray")
+    if not ray.__version__.startswith("2.60"):
+        pytest.skip(f"private autoscaler API pinned to Ray 2.60, found {ray.__version__}")
+    from ray.autoscaler._private import util
+
+    return util
+
+
+def _ray_validate(util, cfg: dict) -> dict:
+    prepared = util.prepare_config(copy.deepcopy(cfg))
+    util.validate_config(prepared)
+    return prepared
+
+
+def _own_checks(cfg: dict) -> None:
+    """Raise AssertionError naming the field when the cluster cannot run this project's recipe."""
+    types = cfg["available_node_types"]
+    head = cfg["head_node_type"]
+    assert cfg["provider"]["type"] == "aws", "provider.type"
+    for name, spec in types.items():
+        node = spec["node_config"]
+        assert node["InstanceType"] in INSTANCE_SPECS, f"{name}.node_config.InstanceType unknown to the test"
+        cpus, gpus = INSTANCE_SPECS[node["InstanceType"]]
+        assert spec["resources"] == {"CPU": cpus, "GPU": gpus}, f"{name}.resources != {node['InstanceType']}"
+        assert DLAMI.match(node["ImageId"]), f"{name}.node_config.ImageId is not a Deep Learning AMI"
+        if name != head:
+            assert "IamInstanceProfile" in node, f"{name}: workers need an instance profile for s3://"
+            assert 0 <= spec["min_workers"] <= spec["max_workers"] <= cfg["max_workers"], f"{name} bounds"
+    assert types[head]["resources"]["GPU"] == 0, "the head node must stay CPU-only"
+    gpu_types = [t for t in types.values() if t["resources"]["GPU"] > 0]
+    assert gpu_types, "no GPU worker node type"
+    reachable = max(min(t["max_workers"], cfg["max_workers"]) * t["resources"]["GPU"] for t in gpu_types)
+    assert reachable >= README_TRAIN_GPUS, "max_workers too small for the README training command"
+
+
+def test_cluster_yaml_passes_ray_validation(ray_util):
+    cfg = _load()
+    prepared = _ray_validate(ray_util, cfg)
+    # our explicit lists replace Ray's defaults (which would pip-install a Ray nightly wheel)
+    assert prepared["setup_commands"] == cfg["setup_commands"]
+    assert prepared["head_setup_commands"] == cfg["setup_commands"] + cfg["head_setup_commands"]
+    assert prepared["available_node_types"][cfg["head_node_type"]]["max_workers"] == 0
+    _own_checks(prepared)
+
+
+def test_p4d_alternative_is_valid_when_uncommented(ray_util):
+    cfg = _load()
+    block = _p4d_block()
+    assert list(block) == ["gpu_a100_x8"]
+    assert block["gpu_a100_x8"]["resources"] == {"CPU": 96, "GPU": 8}
+    cfg["available_node_types"].update(block)
+    _own_checks(_ray_validate(ray_util, cfg))
+
+
+def test_own_checks_pass():
+    _own_checks(_load())
+
+
+def test_setup_installs_this_project_with_matching_ray():
+    cfg = _load()
+    assert cfg["file_mounts"] == {"~/depthg": "."}, "repository root synced to ~/depthg"
+    assert os.path.exists(os.path.join(REPO, "pyproject.toml"))
+    assert ".venv" in cfg["rsync_exclude"], "the local venv (GBs) must not be synced"
+    install = [c for c in cfg["setup_commands"] if "pip install -e" in c]
+    assert len(install) == 1 and "cd ~/depthg" in install[0] and '".[all]"' in install[0]
+    pin = re.search(r'ray\[default,train\]==([\d.]+)', install[0])
+    assert pin, "Ray must be pinned on the cluster"
+    ray = pytest.importorskip("ray")
+    assert pin.group(1) == ray.__version__, "cluster Ray pin differs from the local Ray (the `ray` CLI)"
+    assert any("boto3" in c for c in cfg["head_setup_commands"]), "the autoscaler on the head needs boto3"
+
+
+def test_start_commands():
+    cfg = _load()
+    head = " ".join(cfg["head_start_ray_commands"])
+    worker = " ".join(cfg["worker_start_ray_commands"])
+    assert "ray start --head" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "--address=$RAY_HEAD_IP:6379" in worker
+    assert cfg["head_start_ray_commands"][0] == cfg["worker_start_ray_commands"][0] == "ray stop"
+
+
+def test_no_credentials_in_file():
+    assert not CREDENTIAL.search(_text()), "credentials belong in the environment / instance role"
+    assert CREDENTIAL.search("aws_secret_access_key: abc") and CREDENTIAL.search("AKIA" + "A" * 16)
+
+
+def _set(cfg, path, value):
+    node = cfg
+    for key in path[:-1]:
+        node = node[key]
+    if value is _DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+
+
+_DELETE = object()
+BROKEN = [
+    # (what breaks, path, value)
+    ("GPU count of the wrong type", ("available_node_types", "gpu_a10g_x4", "resources", "GPU"), "four"),
+    ("misspelt node-type key", ("available_node_types", "gpu_a10g_x4", "node_cfg"), {}),
+    ("node type without resources", ("available_node_types", "gpu_a10g_x4", "resources"), _DELETE),
+    ("head type that does not exist", ("head_node_type",), "head_gpu"),
+    ("min_workers above max_workers", ("available_node_types", "gpu_a10g_x4", "min_workers"), 5),
+    ("negative max_workers", ("max_workers",), -1),
+    ("GPU count that does not match g5.12xlarge", ("available_node_types", "gpu_a10g_x4", "resources", "GPU"), 8),
+    ("worker without S3 role", ("available_node_types", "gpu_a10g_x4", "node_config", "IamInstanceProfile"), _DELETE),
+    ("autoscaling bound too small for 16 GPUs", ("available_node_types", "gpu_a10g_x4", "max_workers"), 2),
+]
+
+
+@pytest.mark.parametrize("what,path,value", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_config_is_rejected(ray_util, what, path, value):
+    cfg = _load()
+    _ray_validate(ray_util, cfg)  # the unbroken file passes
+    _set(cfg, path, value)
+    jsonschema = pytest.importorskip("jsonschema")
+    # schema errors, Ray's cross-field ValueErrors and our AssertionErrors; never a crash (KeyError...)
+    with pytest.raises((jsonschema.ValidationError, ValueError, AssertionError)):
+        _own_checks(_ray_validate(ray_util, cfg))
