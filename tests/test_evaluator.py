@@ -1,0 +1,110 @@
+"""Evaluation: the per-batch math against direct formulas, and Ray workers == one process."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster import evaluator
+from depthg import evaluation, metrics, shards
+from depthg.config import Config
+
+pytest.importorskip("pydensecrf.densecrf")
+
+
+def _cfg(**eval_kw) -> Config:
+    cfg = Config()
+    cfg.model.n_classes, cfg.model.extra_clusters = 3, 2  # over-clustering: 5 clusters for 3 classes
+    cfg.eval.resolution, cfg.eval.batch_size, cfg.eval.report_images = 32, 2, 3
+    for k, v in eval_kw.items():
+        setattr(cfg.eval, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shards"))
+    shards.write_test_shards(root, n_samples=7, size=(40, 48), with_positives=False, samples_per_shard=2,
+                             split="val", n_classes=3, seed=1)
+    return root, evaluator.shard_list(root, "val")
+
+
+def test_resize_center_crop_matches_torch_nearest_exact():
+    label = np.random.default_rng(0).integers(-1, 5, size=(40, 48))
+    got = evaluation.resize_center_crop(label, 32)
+    ref = F.interpolate(torch.from_numpy(label)[None, None].double(), size=(32, 38), mode="nearest-exact")[0, 0]
+    np.testing.assert_array_equal(got, ref[:, 3:35].long().numpy())
+    image = np.random.default_rng(1).integers(0, 255, size=(50, 30, 3), dtype=np.uint8)
+    assert evaluation.resize_center_crop(image, 20).shape == (20, 20, 3)
+
+
+def test_evaluate_batch_matches_direct_computation():
+    backbone, segmenter = evaluator.RandomModel("tiny_vit", "random", 16, 3, 2)()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=gen)
+    labels = torch.randint(-1, 3, (2, 32, 32), generator=gen)
+    opts = evaluation.EvalOptions(n_classes=3, flip=True)
+    confs, preds = evaluation.evaluate_batch(backbone, segmenter, images, labels, opts)
+    with torch.no_grad():
+        c1 = segmenter.head(backbone(images))
+        c2 = segmenter.head(backbone(images.flip(3))).flip(3)
+        up = F.interpolate((c1 + c2) / 2, size=(32, 32), mode="bilinear", align_corners=False)
+        cluster = segmenter.cluster_probe(up).argmax(1)
+        linear = segmenter.linear_probe(up).argmax(1)
+    assert torch.equal(preds["cluster"], cluster) and torch.equal(preds["linear"], linear)
+    np.testing.assert_array_equal(confs["cluster"], metrics.confusion(cluster, labels, 5, 3))
+    np.testing.assert_array_equal(confs["linear"], metrics.confusion(linear, labels, 3, 3))
+    assert confs["cluster"].shape == (5, 3) and confs["cluster"].sum() == (labels >= 0).sum()
+
+
+def test_fit_kmeans_recovers_separated_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(4, 8, generator=gen), dim=1) * 5
+    truth = torch.arange(200) % 4
+    x = centres[truth] + 0.1 * torch.randn(200, 8, generator=gen)
+    cent = evaluation.fit_kmeans(x, 4, seed=0)
+    pred = evaluation.kmeans_assign(x.T.reshape(1, 8, 200, 1), cent).reshape(-1)
+    assert metrics.hungarian_scores(metrics.confusion(pred, truth, 4, 4))["accuracy"] == 1.0
+
+
+def _expected_pixels(urls, size):
+    total = 0
+    for url in urls:
+        for raw in shards.iter_shard(url):
+            total += int((evaluation.resize_center_crop(shards.decode_sample(raw)["label"], size) >= 0).sum())
+    return total
+
+
+def test_single_process_counts_every_pixel_with_over_clustering(val_shards):
+    _, urls = val_shards
+    cfg = _cfg(crf=True, kmeans=True)
+    out = evaluator.evaluate(cfg, evaluator.RandomModel("tiny_vit", "random", 16, 3, 2), urls, workers=0)
+    assert out["images"] == 7
+    expected = _expected_pixels(urls, 32)
+    assert set(out["confusion"]) == {"cluster", "cluster_crf", "linear", "linear_crf", "kmeans"}
+    for name, conf in out["confusion"].items():
+        assert conf.dtype == np.int64 and conf.sum() == expected, name
+        assert out["scores"][name]["pixels"] == expected  # over-clustering: no pixel dropped
+    assert out["confusion"]["cluster"].shape == (5, 3) and out["confusion"]["kmeans"].shape == (5, 3)
+    assert [s["id"] for s in out["samples"]] == ["val-00000", "val-00001", "val-00002"]
+
+
+def test_ray_two_workers_equal_single_process(val_shards, ray_local):
+    _, urls = val_shards
+    cfg = _cfg(crf=True, kmeans=True)
+    model = evaluator.RandomModel("tiny_vit", "random", 16, 3, 2)
+    single = evaluator.evaluate(cfg, model, urls, workers=0)
+    dist = evaluator.evaluate(cfg, model, urls, workers=2)
+    assert dist["images"] == single["images"] == 7
+    assert len(dist["worker_seconds"]) == 2
+    for name, conf in single["confusion"].items():
+        np.testing.assert_array_equal(dist["confusion"][name], conf, err_msg=name)
+        assert dist["scores"][name] == single["scores"][name]
+    assert (single["confusion"]["cluster"].sum(axis=1) > 0).sum() >= 2  # a non-trivial prediction
+    assert [s["id"] for s in dist["samples"]] == [s["id"] for s in single["samples"]]
+
+
+def test_shard_list_names_what_it_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        evaluator.shard_list(str(tmp_path), "val")
