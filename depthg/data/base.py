@@ -1,0 +1,81 @@
+"""The in-memory record and the `Source` interface every dataset reader implements.
+
+A `Record` is one full image: ``image`` uint8 [H,W,3], ``depth`` float32 [H,W] in [0,1] (0 = near)
+or None, ``label`` int64 [H,W] with -1 = ignore, or None (unlabelled data is first-class).
+Readers raise `SourceError` naming the file and what was expected; the depth-generation pipeline
+decides whether an unreadable image is skipped or fatal.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+class SourceError(ValueError):
+    """A dataset file or folder that cannot be used; the message names it and what was expected."""
+
+
+@dataclass
+class Record:
+    id: str
+    image: np.ndarray  # uint8 [H,W,3]
+    depth: Optional[np.ndarray] = None  # float32 [H,W] in [0,1], 0 = near
+    label: Optional[np.ndarray] = None  # int64 [H,W], -1 = ignore
+
+
+class Source:
+    """A list of image ids and a way to load each one.
+
+    Subclasses set ``name, n_classes, class_names, palette, has_depth, has_labels`` and
+    implement ``ids()`` and ``load(id)``.
+    """
+
+    name: str = "source"
+    n_classes: int = 0
+    class_names: list = []
+    palette: np.ndarray = np.zeros((0, 3), np.uint8)
+    has_depth: bool = False
+    has_labels: bool = False
+
+    def ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self, id: str) -> Record:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __iter__(self):
+        for id_ in self.ids():
+            yield self.load(id_)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n={len(self)}, n_classes={self.n_classes}, "
+                f"depth={self.has_depth}, labels={self.has_labels})")
+
+
+def apply_limit(ids: list[str], limit: int) -> list[str]:
+    """``data.limit``: keep the first ``limit`` ids (0 = all)."""
+    return list(ids[:limit]) if limit and limit > 0 else list(ids)
+
+
+def check_label_range(label: np.ndarray, n_classes: int, where: str) -> np.ndarray:
+    """Raise if a mapped label holds ids outside ``-1..n_classes-1``; names the file and the ids."""
+    bad = (label < -1) | (label >= n_classes)
+    if bad.any():
+        ids = sorted(int(v) for v in np.unique(label[bad]))
+        raise SourceError(f"{where}: label ids {ids[:20]} out of range for {n_classes} classes "
+                          f"(expected 0..{n_classes - 1}, or 255/-1 for ignore)")
+    return label
+
+
+def minmax(depth: np.ndarray) -> np.ndarray:
+    """Per-image min-max normalisation to [0,1] (a constant map becomes all zeros)."""
+    d = np.asarray(depth, dtype=np.float64)
+    lo, hi = float(d.min()), float(d.max())
+    if hi - lo <= 1e-12:
+        return np.zeros(d.shape, np.float32)
+    return ((d - lo) / (hi - lo)).astype(np.float32)
