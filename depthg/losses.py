@@ -1,0 +1,198 @@
+"""STEGO feature-correlation distillation, DepthG's depth-feature correlation and 3D-LHP mixing.
+
+Pure functions of explicit tensors, weights, shifts and a ``torch.Generator`` (METHOD.md sections 2, 3, 6).
+Shapes: feature maps ``[B,C,h,w]``, codes ``[B,Q,h,w]``, sampling coordinates ``[B,S,S,2]`` (from
+``depthg.sampling``), sampled maps ``[B,C,S,S]``, correlations ``[B,S,S,S,S]``. Every loss is a *mean*
+(the reference's reduction). The probes' losses live on the probe modules (``depthg.models.heads``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEPTH_MODES = ("paper", "distance", "reference")
+NO_CLAMP = -9999.0  # the reference's lower clamp when zero_clamp is off
+_STEGO_KEYS = ("pointwise", "zero_clamp", "neg_rounds", "self_weight", "self_shift", "knn_weight",
+               "knn_shift", "neg_weight", "neg_shift")
+
+
+def sample_features(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Read ``x`` [B,C,h,w] at ``coords`` [B,S,S,2] -> [B,C,S,S] (bilinear, align_corners, border)."""
+    return F.grid_sample(x, coords.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, dim=1, eps=1e-10)
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity (over channels) of every location of ``a`` with every location of ``b``.
+
+    a [B,C,S,S], b [B,C,S',S'] -> [B,S,S,S',S'].
+    """
+    return torch.einsum("nchw,ncij->nhwij", _unit(a), _unit(b))
+
+
+def _clamp_min(zero_clamp: bool) -> float:
+    return 0.0 if zero_clamp else NO_CLAMP
+
+
+def stego_pair_loss(f1, f2, c1, c2, shift: float, pointwise: bool = True, zero_clamp: bool = True):
+    """STEGO's correlation loss for one pair of sampled maps -> (loss, extras).
+
+    F = correlation(f1, f2) without gradient; with ``pointwise`` F <- F - mean over the second image's
+    locations + mean(F). loss = mean(-clamp(Sc, min) * (F - shift)), Sc = correlation(c1, c2).
+    ``extras``: detached means of F and Sc, for logging.
+    """
+    with torch.no_grad():
+        feat = correlation(f1, f2)
+        if pointwise:
+            feat = feat - feat.mean(dim=(3, 4), keepdim=True) + feat.mean()
+    code = correlation(c1, c2)
+    loss = (-code.clamp(min=_clamp_min(zero_clamp)) * (feat - shift)).mean()
+    return loss, {"feat_corr": feat.mean(), "code_corr": code.detach().mean()}
+
+
+def permutation_without_fixed_points(n: int, generator: torch.Generator | None = None,
+                                     device: torch.device | str | None = None) -> torch.Tensor:
+    """A random permutation of ``range(n)`` with no fixed point (a derangement), reproducible from ``generator``.
+
+    Built as one random n-cycle (no rejection loop, no host sync): every i is mapped to a uniformly random
+    j != i. (The reference's ``super_perm`` shifts fixed points by one, which can map two items to the same
+    negative: it is not always a permutation.)
+    """
+    if n < 2:
+        raise ValueError(f"a permutation without fixed points needs at least 2 items (the batch), got {n}")
+    gen_device = generator.device if generator is not None else "cpu"
+    order = torch.randperm(n, generator=generator, device=gen_device)
+    perm = torch.empty_like(order)
+    perm[order] = order.roll(-1)
+    return perm.to(device) if device is not None else perm
+
+
+def _stego_options(cfg, overrides: dict) -> dict:
+    unknown = sorted(set(overrides) - set(_STEGO_KEYS))
+    if unknown:
+        raise TypeError(f"stego_losses: unknown option {unknown[0]!r}; valid: {', '.join(_STEGO_KEYS)}")
+    if cfg is None:
+        from depthg.config import LossConfig
+
+        cfg = LossConfig()
+    opts = {key: getattr(cfg, key) for key in _STEGO_KEYS}
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    return opts
+
+
+def stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, cfg=None, *,
+                 generator: torch.Generator | None = None, **options) -> dict[str, torch.Tensor]:
+    """STEGO's three correlation terms -> {"self", "knn", "neg", "stego"}.
+
+    feats/feats_pos [B,C,h,w] (frozen backbone, after dropout), codes/codes_pos [B,Q,h,w], coords/coords_pos
+    [B,S,S,2] for the anchor and its kNN positive. Weights, shifts, ``pointwise``, ``zero_clamp`` and
+    ``neg_rounds`` come from ``cfg`` (a ``LossConfig``, defaults if None) overridden by keyword options
+    (``self_weight=...``). Negatives: for each of ``neg_rounds`` rounds a permutation of the batch with no fixed
+    points (from ``generator``), read at the *positive's* coordinates; their losses are averaged.
+    "self", "knn", "neg" are unweighted; "stego" = w_self*self + w_knn*knn + w_neg*neg.
+    """
+    o = _stego_options(cfg, options)
+    pair = dict(pointwise=o["pointwise"], zero_clamp=o["zero_clamp"])
+    f1, c1 = sample_features(feats, coords), sample_features(codes, coords)
+    f2, c2 = sample_features(feats_pos, coords_pos), sample_features(codes_pos, coords_pos)
+    terms = {"self": stego_pair_loss(f1, f1, c1, c1, o["self_shift"], **pair)[0],
+             "knn": stego_pair_loss(f1, f2, c1, c2, o["knn_shift"], **pair)[0]}
+    neg = []
+    for _ in range(int(o["neg_rounds"])):
+        perm = permutation_without_fixed_points(feats.shape[0], generator, feats.device)
+        f_neg = sample_features(feats[perm], coords_pos)
+        c_neg = sample_features(codes[perm], coords_pos)
+        neg.append(stego_pair_loss(f1, f_neg, c1, c_neg, o["neg_shift"], **pair)[0])
+    terms["neg"] = torch.stack(neg).mean() if neg else feats.new_zeros(())
+    terms["stego"] = (o["self_weight"] * terms["self"] + o["knn_weight"] * terms["knn"]
+                      + o["neg_weight"] * terms["neg"])
+    return terms
+
+
+def depth_correlation_loss(mode: str, codes_sampled_a, codes_sampled_b, depth_a, depth_b, points_a, points_b,
+                           shift: float, zero_clamp: bool = True) -> dict[str, torch.Tensor]:
+    """DepthG's depth-feature correlation term -> {"depth": loss} (unweighted; multiply by lambda_depth).
+
+    codes_sampled_* [B,Q,S,S] (codes read at the sampled locations), depth_* [B,S*S] and points_* [B,S*S,3]
+    at the same locations in the same (row-major S x S) order (``sampling.Locations``).
+    - ``paper`` (eqs. 5-7): D[hw,uv] = d_a[hw] * d_b[uv]; L = mean(-(D - shift) * clamp(Sc, 0)).
+    - ``distance``: D = 1 - ||p_hw - p_uv|| / (largest such distance of that image pair); same loss form.
+    - ``reference``: the public code's D == 1 (it L2-normalises a one-channel depth map, i.e. takes its sign;
+      exactly-zero depth would give 0 there, ignored here): L = -(1 - shift) * mean(clamp(S_aa, 0)); only
+      ``codes_sampled_a`` is used (the self pair). Equals the self term with a lowered shift
+      (``reference_effective_shift``).
+    Pairs: the paper applies the term to crops of the same image; in our batch that is the anchor with itself,
+    so callers pass the anchor's codes/depth/points as both a and b (the self pair) for every mode.
+    """
+    if mode not in DEPTH_MODES:
+        raise ValueError(f"loss.depth.mode: {mode!r} is not one of {', '.join(DEPTH_MODES)}")
+    low = _clamp_min(zero_clamp)
+    if mode == "reference":
+        code = correlation(codes_sampled_a, codes_sampled_a)
+        return {"depth": -(1.0 - shift) * code.clamp(min=low).mean()}
+    code = correlation(codes_sampled_a, codes_sampled_b)  # [B,S,S,S',S']
+    b, s1, s2, t1, t2 = code.shape
+    with torch.no_grad():
+        if mode == "paper":
+            target = depth_a.reshape(b, -1, 1) * depth_b.reshape(b, 1, -1)
+        else:
+            dist = torch.cdist(points_a.reshape(b, -1, 3), points_b.reshape(b, -1, 3),
+                               compute_mode="donot_use_mm_for_euclid_dist")
+            largest = dist.flatten(1).amax(dim=1).clamp_min(1e-12).view(b, 1, 1)
+            target = 1.0 - dist / largest
+        target = target.reshape(b, s1, s2, t1, t2).to(code.dtype)
+    return {"depth": (-(target - shift) * code.clamp(min=low)).mean()}
+
+
+def reference_effective_shift(self_weight: float, self_shift: float, lam: float, depth_shift: float) -> float:
+    """The self shift that the reference depth term amounts to: b_self - (lam / w_self) * (1 - b_depth).
+
+    w_self * L_self(b_self) + lam * L_depth_reference(b_depth) == w_self * L_self(b_eff) (METHOD.md section 3).
+    """
+    if self_weight == 0:
+        raise ValueError("reference_effective_shift: loss.self_weight is 0, the identity does not apply")
+    return self_shift - (lam / self_weight) * (1.0 - depth_shift)
+
+
+def lhp_mix(codes: torch.Tensor, points: torch.Tensor, quantile: float = 0.01) -> torch.Tensor:
+    """3D local hidden positives: mix each patch's code with its nearest patches in 3D -> [B,Q,h,w].
+
+    points [B,h*w,3] (row-major, e.g. ``sampling.lift_points``). Per row, 3D distances are min-max normalised
+    to [0,1]; neighbours are the entries <= the row's ``quantile`` quantile (linear interpolation, as
+    ``torch.quantile``), weighted by 1 - normalised distance; the result is the weighted average of the
+    neighbours' codes (the patch itself is always included, with weight 1). The reference code instead divides
+    the weighted sum by the number of patches; the weighted average keeps the codes' scale.
+    """
+    b, q, h, w = codes.shape
+    n = h * w
+    if points.shape != (b, n, 3):
+        raise ValueError(f"lhp_mix: points must be [B,h*w,3] = {(b, n, 3)}, got {tuple(points.shape)}")
+    with torch.no_grad():
+        dist = torch.cdist(points.to(codes.dtype), points.to(codes.dtype),
+                           compute_mode="donot_use_mm_for_euclid_dist")  # [B,N,N], exact zero diagonal
+        low = dist.amin(dim=2, keepdim=True)
+        span = (dist.amax(dim=2, keepdim=True) - low).clamp_min(1e-12)
+        normed = (dist - low) / span
+        threshold = _row_quantile(normed, quantile)
+        weight = torch.where(normed <= threshold, 1.0 - normed, torch.zeros_like(normed))
+        weight = weight / weight.sum(dim=2, keepdim=True)
+    flat = codes.flatten(2).transpose(1, 2)  # [B,N,Q]
+    return torch.bmm(weight, flat).transpose(1, 2).reshape(b, q, h, w)
+
+
+def _row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(x, q, dim=-1, keepdim=True)`` (linear) without its input-size limit."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"loss.lhp.quantile: expected a value in [0, 1], got {q}")
+    n = x.shape[-1]
+    pos = q * (n - 1)
+    lo_k, frac = int(pos), pos - int(pos)
+    lo = x.kthvalue(lo_k + 1, dim=-1, keepdim=True).values
+    if frac == 0.0:
+        return lo
+    hi = x.kthvalue(min(lo_k + 2, n), dim=-1, keepdim=True).values
+    return lo + (hi - lo) * frac
+
