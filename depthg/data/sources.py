@@ -1,0 +1,418 @@
+"""Dataset readers: folder, CamVid, COCO-Stuff-27, Cityscapes-27, Potsdam-3, and `build_source`.
+
+Every reader returns `Record`s (``base.py``): uint8 RGB, float32 depth in [0,1] or None, int64 labels
+with -1 = ignore (255 on disk), and raises `SourceError` naming the file for a missing root, an
+empty dataset, an unreadable image, label ids out of range or a missing depth file.
+
+Layouts (``root`` = ``data.root``):
+- folder: ``{root}/images/*.{png,jpg,jpeg}`` (or ``{root}/{split}/images`` when that exists), optional
+  ``{root}/depth/<stem>.png|.npy`` and ``{root}/labels/<stem>.png``; ``classes.txt`` (one name per
+  line) fixes the classes, else ``n_classes`` from the config.
+- camvid: ``{root}/{split}.txt`` with "image label" pairs; label 11 (void) -> ignore.
+- cocostuff27: ``{root}/images/{split}2017/<id>.jpg``, ``{root}/annotations/{split}2017/<id>.png``
+  (stuffthingmaps, fine ids 0..181, 255 unlabelled), image list
+  ``{root}/curated/{split}2017/Coco164kFull_Stuff_Coarse_7.txt`` (all images when absent).
+- cityscapes: ``{root}/leftImg8bit/{split}/{city}/*_leftImg8bit.png`` and
+  ``{root}/gtFine/{split}/{city}/*_gtFine_labelIds.png``; labelId - 7 -> 27 classes, ids < 7 ignored.
+- potsdam (STEGO's layout, as far as known): ``{root}/imgs/<id>.mat`` (key ``img``, HxWxC, first 3
+  channels used) or ``<id>.png``; ``{root}/gt/<id>.mat`` (key ``gt``) or ``<id>.png``; split lists
+  ``labelled_train.txt`` (train), ``labelled_test.txt`` (val), ``unlabelled_train.txt``, ``all.txt``;
+  without the list every image in ``imgs/`` is used. Fine classes 0..5 -> 3 coarse; 255/-1 ignore.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from depthg.data import palettes as P
+from depthg.data.base import Record, Source, SourceError, apply_limit, check_label_range, minmax
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+# ----------------------------------------------------------------------------- file readers
+def _open(path: str) -> Image.Image:
+    if not os.path.isfile(path):
+        raise SourceError(f"file not found: {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise SourceError(f"cannot read image {path}: {exc}") from exc
+
+
+def read_image(path: str) -> np.ndarray:
+    """Any PIL-readable image -> uint8 RGB [H,W,3]."""
+    return np.asarray(_open(path).convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_label_png(path: str) -> np.ndarray:
+    """A single-channel (L, P, I;16, I) label PNG -> int64 raw values."""
+    img = _open(path)
+    if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise SourceError(f"label {path}: expected a single-channel PNG (mode L/P/I), got mode {img.mode}")
+    return np.asarray(img).astype(np.int64)
+
+
+def read_depth(path: str) -> np.ndarray:
+    """Depth file -> float32 [H,W] in [0,1].
+
+    16-bit PNG: value / 65535; 8-bit PNG: value / 255 (as floats: never cast to integers);
+    ``.npy``: kept if already within [0,1] (e.g. pre-normalised), else min-max normalised per image
+    (metric or disparity-free depth, larger = farther)."""
+    if path.endswith(".npy"):
+        try:
+            d = np.load(path, allow_pickle=False).astype(np.float64)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"cannot read depth {path}: {exc}") from exc
+        d = np.squeeze(d)
+        if d.ndim != 2 or not np.isfinite(d).all():
+            raise SourceError(f"depth {path}: expected a finite 2-D array, got shape {d.shape}")
+        if d.min() < 0 or d.max() > 1:
+            return minmax(d)
+        return d.astype(np.float32)
+    img = _open(path)
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype in (np.uint16, np.int32, np.int16, ">u2", "<u2"):
+        return np.clip(arr.astype(np.float32) / 65535.0, 0, 1)
+    raise SourceError(f"depth {path}: unsupported PNG mode {img.mode} (expected 8- or 16-bit)")
+
+
+def _require_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise SourceError(f"{what} folder not found: {path}")
+    return path
+
+
+def _check_nonempty(ids, where: str):
+    if not ids:
+        raise SourceError(f"no images found in {where}")
+    return ids
+
+
+def _check_shapes(rec: Record, where: str) -> Record:
+    h, w = rec.image.shape[:2]
+    for name, arr in (("label", rec.label), ("depth", rec.depth)):
+        if arr is not None and arr.shape != (h, w):
+            raise SourceError(f"{where}: {name} shape {arr.shape} does not match image {h}x{w}")
+    return rec
+
+
+def _lut_map(raw: np.ndarray, lut: dict, path: str, ignore=(255,)) -> np.ndarray:
+    """Map raw label values through ``lut`` (value -> class); ignore values -> -1; others are errors."""
+    out = np.full(raw.shape, -1, np.int64)
+    known = np.zeros(raw.shape, bool)
+    for v in ignore:
+        known |= raw == v
+    for src, dst in lut.items():
+        m = raw == src
+        out[m], known = dst, known | m
+    if not known.all():
+        bad = sorted(int(v) for v in np.unique(raw[~known]))
+        raise SourceError(f"{path}: label ids {bad[:20]} out of range (expected {sorted(lut)} or {list(ignore)})")
+    return out
+
+
+# ----------------------------------------------------------------------------- folder
+class FolderSource(Source):
+    """The user's own images; labels and depth optional. Ids are file stems (dots -> '_')."""
+
+    name = "folder"
+
+    def __init__(self, root: str, split: str = "train", n_classes: int | None = None, limit: int = 0):
+        _require_dir(root, "dataset root")
+        base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split, "images")) else root
+        img_dir = _require_dir(os.path.join(base, "images"), "images")
+        self.paths: dict[str, str] = {}
+        for name in sorted(os.listdir(img_dir)):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTS:
+                continue
+            key = stem.replace(".", "_")
+            if key in self.paths:
+                raise SourceError(f"{img_dir}: two images map to the id {key!r}: "
+                                  f"{os.path.basename(self.paths[key])} and {name}")
+            self.paths[key] = os.path.join(img_dir, name)
+        self._ids = _check_nonempty(apply_limit(list(self.paths), limit), f"{img_dir} (*.png, *.jpg, *.jpeg)")
+        self.depth_dir, self.label_dir = os.path.join(base, "depth"), os.path.join(base, "labels")
+        self.has_depth = os.path.isdir(self.depth_dir)
+        self.has_labels = os.path.isdir(self.label_dir) and any(
+            n.lower().endswith(".png") for n in os.listdir(self.label_dir))
+        self._set_classes(root, base, n_classes)
+
+    def _set_classes(self, root: str, base: str, n_classes: int | None):
+        for folder in (base, root):
+            path = os.path.join(folder, "classes.txt")
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    names = [ln.strip() for ln in fh if ln.strip()]
+                if not names:
+                    raise SourceError(f"{path} is empty: expected one class name per line")
+                self.class_names = names
+                break
+        else:
+            if n_classes is None:
+                from depthg.config import ModelConfig
+                n_classes = ModelConfig().n_classes
+            self.class_names = [f"class_{i}" for i in range(n_classes)]
+        self.n_classes = len(self.class_names)
+        self.palette = P.default_palette(self.n_classes)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def _stem(self, id: str) -> str:
+        if id not in self.paths:
+            raise SourceError(f"unknown image id {id!r} in folder source")
+        return os.path.splitext(os.path.basename(self.paths[id]))[0]
+
+    def load(self, id: str) -> Record:
+        path, stem = self.paths.get(id), self._stem(id)
+        image = read_image(path)
+        label = depth = None
+        label_path = os.path.join(self.label_dir, stem + ".png")
+        if self.has_labels and os.path.isfile(label_path):
+            raw = read_label_png(label_path)
+            label = check_label_range(np.where(raw == 255, -1, raw), self.n_classes, label_path)
+        if self.has_depth:
+            cands = [os.path.join(self.depth_dir, stem + e) for e in (".png", ".npy")]
+            found = [c for c in cands if os.path.isfile(c)]
+            if not found:
+                raise SourceError(f"missing depth for image {path}: expected {cands[0]} or {cands[1]}")
+            depth = read_depth(found[0])
+        return _check_shapes(Record(id, image, depth, label), path)
+
+
+# ----------------------------------------------------------------------------- CamVid
+class CamVidSource(Source):
+    """SegNet's 11-class CamVid: ``{split}.txt`` lists "image label" paths relative to the root."""
+
+    name = "camvid"
+    n_classes = len(P.CAMVID_CLASSES)
+    class_names = list(P.CAMVID_CLASSES)
+    palette = P.CAMVID_PALETTE
+    has_labels = True
+
+    def __init__(self, root: str, split: str = "train", limit: int = 0):
+        _require_dir(root, "CamVid root")
+        list_file = os.path.join(root, f"{split}.txt")
+        if not os.path.isfile(list_file):
+            raise SourceError(f"CamVid split list not found: {list_file} (expected 'image label' lines)")
+        self.pairs: dict[str, tuple[str, str]] = {}
+        with open(list_file) as fh:
+            for lineno, line in enumerate(fh, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise SourceError(f"{list_file}:{lineno}: expected 'image label', got {line.strip()!r}")
+                key = os.path.splitext(os.path.basename(parts[0]))[0].replace(".", "_")
+                self.pairs[key] = tuple(os.path.join(root, p) for p in parts)
+        self._ids = _check_nonempty(apply_limit(list(self.pairs), limit), list_file)
+        self.lut = {i: i for i in range(self.n_classes)}
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def load(self, id: str) -> Record:
+        if id not in self.pairs:
+            raise SourceError(f"unknown CamVid id {id!r}")
+        img_path, lbl_path = self.pairs[id]
+        label = _lut_map(read_label_png(lbl_path), self.lut, lbl_path, ignore=(P.CAMVID_VOID, 255))
+        return _check_shapes(Record(id, read_image(img_path), None, label), img_path)
+
+
+# ----------------------------------------------------------------------------- COCO-Stuff-27
+class CocoStuff27Source(Source):
+    """COCO-Stuff 164k with fine ids -> 27 coarse classes (``palettes.COCO_FINE_TO_COARSE``)."""
+
+    name = "cocostuff27"
+    n_classes = 27
+    class_names = list(P.COCO27_CLASSES)
+    palette = P.COCO27_PALETTE
+    has_labels = True
+    CURATED = "Coco164kFull_Stuff_Coarse_7.txt"
+
+    def __init__(self, root: str, split: str = "train", limit: int = 0):
+        _require_dir(root, "COCO-Stuff root")
+        sub = {"train": "train2017", "val": "val2017"}.get(split, split)
+        self.img_dir = _require_dir(os.path.join(root, "images", sub), "COCO images")
+        self.ann_dir = os.path.join(root, "annotations", sub)
+        self.list_file = os.path.join(root, "curated", sub, self.CURATED)
+        if os.path.isfile(self.list_file):
+            with open(self.list_file) as fh:
+                ids = [ln.strip() for ln in fh if ln.strip()]
+        else:
+            ids = sorted(os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
+                         if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        self._ids = _check_nonempty(apply_limit(ids, limit), self.list_file if os.path.isfile(self.list_file) else self.img_dir)
+        self.has_labels = os.path.isdir(self.ann_dir)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def _image_path(self, id: str) -> str:
+        for ext in (".jpg", ".png", ".jpeg"):
+            path = os.path.join(self.img_dir, id + ext)
+            if os.path.isfile(path):
+                return path
+        raise SourceError(f"COCO image for id {id!r} not found: expected {os.path.join(self.img_dir, id)}.jpg")
+
+    def load(self, id: str) -> Record:
+        img_path = self._image_path(id)
+        label = None
+        if self.has_labels:
+            lbl_path = os.path.join(self.ann_dir, id + ".png")
+            raw = read_label_png(lbl_path)
+            bad = (raw < 0) | (raw > 255) | ((raw > 181) & (raw != 255))
+            if bad.any():
+                raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
+                                  f"out of range (expected fine ids 0..181 or 255)")
+            label = P.COCO_FINE_TO_COARSE[raw]
+        return _check_shapes(Record(id, read_image(img_path), None, label), img_path)
+
+
+# ----------------------------------------------------------------------------- Cityscapes-27
+class CityscapesSource(Source):
+    """Cityscapes fine annotations, labelId - 7 -> 27 classes; ids are ``{city}_{seq}_{frame}``."""
+
+    name = "cityscapes"
+    n_classes = 27
+    class_names = list(P.CITYSCAPES_CLASSES)
+    palette = P.CITYSCAPES_PALETTE
+    SUFFIX = "_leftImg8bit.png"
+
+    def __init__(self, root: str, split: str = "train", limit: int = 0):
+        _require_dir(root, "Cityscapes root")
+        img_root = _require_dir(os.path.join(root, "leftImg8bit", split), "Cityscapes leftImg8bit")
+        self.paths = {}
+        for path in sorted(glob.glob(os.path.join(img_root, "*", "*" + self.SUFFIX))):
+            self.paths[os.path.basename(path)[: -len(self.SUFFIX)]] = path
+        self._ids = _check_nonempty(apply_limit(list(self.paths), limit), f"{img_root}/*/*{self.SUFFIX}")
+        self.gt_root = os.path.join(root, "gtFine", split)
+        self.has_labels = os.path.isdir(self.gt_root)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def load(self, id: str) -> Record:
+        if id not in self.paths:
+            raise SourceError(f"unknown Cityscapes id {id!r}")
+        img_path = self.paths[id]
+        label = None
+        if self.has_labels:
+            city = os.path.basename(os.path.dirname(img_path))
+            lbl_path = os.path.join(self.gt_root, city, id + "_gtFine_labelIds.png")
+            raw = read_label_png(lbl_path)
+            bad = (raw > 33) & (raw != 255) | (raw < 0)
+            if bad.any():
+                raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
+                                  f"out of range (expected Cityscapes labelIds 0..33 or 255)")
+            label = np.where((raw < P.CITYSCAPES_FIRST_ID) | (raw == 255), -1, raw - P.CITYSCAPES_FIRST_ID)
+        return _check_shapes(Record(id, read_image(img_path), None, label), img_path)
+
+
+# ----------------------------------------------------------------------------- Potsdam-3
+def _read_mat(path: str, key: str) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        data = loadmat(path)
+    except (NotImplementedError, ValueError, OSError, TypeError) as exc:
+        raise SourceError(f"cannot read MATLAB file {path}: {exc}") from exc
+    if key not in data:
+        raise SourceError(f"{path}: expected key {key!r}, found {[k for k in data if not k.startswith('__')]}")
+    return np.asarray(data[key])
+
+
+def _to_uint8_rgb(arr: np.ndarray, path: str) -> np.ndarray:
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise SourceError(f"{path}: expected an HxWxC image with C >= 3, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return arr.copy()
+    arr = arr.astype(np.float64)
+    if arr.max() <= 1.0:  # float images in [0,1]
+        arr = arr * 255.0
+    return np.clip(arr.round(), 0, 255).astype(np.uint8)
+
+
+class PotsdamSource(Source):
+    """ISPRS Potsdam in STEGO's preparation: 6 fine classes -> 3 coarse."""
+
+    name = "potsdam"
+    n_classes = 3
+    class_names = list(P.POTSDAM_CLASSES)
+    palette = P.POTSDAM_PALETTE
+    SPLIT_FILES = {"train": "labelled_train.txt", "val": "labelled_test.txt",
+                   "unlabelled_train": "unlabelled_train.txt", "all": "all.txt"}
+
+    def __init__(self, root: str, split: str = "train", limit: int = 0):
+        _require_dir(root, "Potsdam root")
+        self.img_dir = _require_dir(os.path.join(root, "imgs"), "Potsdam imgs")
+        self.gt_dir = os.path.join(root, "gt")
+        list_file = os.path.join(root, self.SPLIT_FILES.get(split, f"{split}.txt"))
+        if os.path.isfile(list_file):
+            with open(list_file) as fh:
+                ids = [ln.strip() for ln in fh if ln.strip()]
+        else:
+            ids = sorted({os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
+                          if n.lower().endswith((".mat", ".png"))})
+        self._ids = _check_nonempty(apply_limit(ids, limit), list_file if os.path.isfile(list_file) else self.img_dir)
+        self.has_labels = os.path.isdir(self.gt_dir)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    @staticmethod
+    def _find(folder: str, id: str) -> str | None:
+        for ext in (".mat", ".png"):
+            if os.path.isfile(os.path.join(folder, id + ext)):
+                return os.path.join(folder, id + ext)
+        return None
+
+    def load(self, id: str) -> Record:
+        img_path = self._find(self.img_dir, id)
+        if img_path is None:
+            raise SourceError(f"Potsdam image for id {id!r} not found: expected {self.img_dir}/{id}.mat or .png")
+        if img_path.endswith(".mat"):
+            image = _to_uint8_rgb(_read_mat(img_path, "img"), img_path)
+        else:
+            image = read_image(img_path)
+        label = None
+        gt_path = self._find(self.gt_dir, id) if self.has_labels else None
+        if gt_path is not None:
+            raw = _read_mat(gt_path, "gt") if gt_path.endswith(".mat") else read_label_png(gt_path)
+            raw = np.squeeze(raw).astype(np.int64)
+            label = _lut_map(raw, P.POTSDAM_FINE_TO_COARSE, gt_path, ignore=(255, -1))
+        return _check_shapes(Record(id, image, None, label), img_path)
+
+
+# ----------------------------------------------------------------------------- factory
+def build_source(data_cfg, split: str, n_classes: int | None = None) -> Source:
+    """The `Source` for ``data_cfg.dataset`` and ``split`` ("train" | "val"); ``data.limit`` caps it.
+    ``n_classes`` (usually ``model.n_classes``) is used by the folder source without ``classes.txt``."""
+    ds, limit = data_cfg.dataset, data_cfg.limit
+    if ds == "synthetic":
+        from depthg.data.synthetic import SyntheticSource
+
+        num = data_cfg.num_train if split == "train" else data_cfg.num_val
+        num = min(num, limit) if limit and limit > 0 else num
+        return SyntheticSource(num, data_cfg.height, data_cfg.width, data_cfg.seed, split)
+    readers = {"folder": FolderSource, "camvid": CamVidSource, "cocostuff27": CocoStuff27Source,
+               "cityscapes": CityscapesSource, "potsdam": PotsdamSource}
+    if ds not in readers:
+        raise SourceError(f"unknown data.dataset {ds!r}; expected synthetic or one of {', '.join(readers)}")
+    if not data_cfg.root:
+        raise SourceError(f"data.root is empty: set data.root=<folder> for dataset {ds}")
+    if ds == "folder":
+        return FolderSource(data_cfg.root, split, n_classes, limit)
+    return readers[ds](data_cfg.root, split, limit)
