@@ -110,6 +110,9 @@ def cycle_stage(urls: Sequence[str], stride: int, offset: int, buffer: int,
 
 def shuffle_stage(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
     """Classic reservoir-style shuffle buffer: fill to ``size``, then emit a random slot per input."""
+    if size <= 1:
+        yield from samples
+        return
     buffer: list[dict] = []
     for sample in samples:
         if len(buffer) < size:

@@ -1,0 +1,109 @@
+"""Multi-node training on a Ray cluster: a Ray Train (V2) ``TorchTrainer`` around ``cluster.trainer.train``.
+
+``launch(cfg, num_workers)`` starts ``num_workers`` = nodes x GPUs-per-node workers; Ray Train creates the
+torch process group (nccl on GPUs, gloo on CPUs) and sets RANK / WORLD_SIZE / LOCAL_RANK / NODE_RANK,
+which ``cluster.world.detect`` reads, so each worker runs the very same loop as under torchrun, with one
+DeepSpeed engine per worker.
+
+Checkpoints: the DeepSpeed checkpoints live under ``{train.output}/ckpt`` (local path or s3://, written by
+the trainer). At every checkpoint all workers call ``ray.train.report`` (the same number of times, as Ray
+requires); rank 0 attaches a tiny Ray ``Checkpoint`` holding ``pointer.json`` = the DeepSpeed checkpoint
+URL. After a worker failure Ray restarts the group (``FailureConfig(max_failures)``) and
+``ray.train.get_checkpoint()`` hands that pointer back, so the run resumes where it stopped. Ray's own
+run folder is ``{train.output}/ray`` (``RunConfig(storage_path=...)``; multi-node runs need shared storage
+such as s3://; a custom S3 endpoint from AWS_ENDPOINT_URL / DEPTHG_S3_ENDPOINT is honoured through a pyarrow
+filesystem). The workers get the driver's AWS_* / DEPTHG_* variables through the worker runtime env.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from depthg import io
+from depthg.config import Config, from_dict, to_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POINTER = "pointer.json"
+_PASS_ENV = ("AWS_", "DEPTHG_", "DS_ACCELERATOR", "OMP_NUM_THREADS")
+
+
+def worker_env() -> dict:
+    """Environment for the Ray Train workers: repo on the path, storage endpoint and credentials."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def storage(output: str):
+    """``(storage_path, storage_filesystem)`` for Ray's run folder under ``output``."""
+    if not io.is_remote(output):
+        return os.path.abspath(output), None
+    endpoint = os.environ.get("DEPTHG_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    if not (output.startswith("s3://") and endpoint):
+        return output, None
+    from pyarrow import fs
+
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    host = endpoint.split("://", 1)[-1]
+    return output[len("s3://"):], fs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                                                  region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def train_worker(config: dict) -> None:
+    """The Ray Train worker function: detect the World, resume from Ray's checkpoint, run the loop."""
+    import dataclasses
+
+    import ray.train
+
+    from cluster.trainer import train
+    from cluster.world import detect
+
+    cfg = from_dict(Config, config["cfg"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder, open(os.path.join(folder, POINTER)) as fh:
+            url = json.load(fh)["url"]
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=url))
+    world = detect()
+
+    def on_checkpoint(url: str, batch: int, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            ray_ckpt = None
+            if world.is_main:
+                with open(os.path.join(folder, POINTER), "w") as fh:
+                    json.dump({"url": url, "batch": batch}, fh)
+                ray_ckpt = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({"batch": batch, **metrics}, checkpoint=ray_ckpt)
+
+    train(cfg, world, on_checkpoint=on_checkpoint)
+
+
+def launch(cfg: Config, num_workers: int, address: str | None = None, use_gpu: bool | None = None,
+           max_failures: int = 2, cpus_per_worker: float = 1.0) -> dict:
+    """Run training on Ray; ``use_gpu=None`` means: use GPUs when the cluster has any."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
+                 runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    env = worker_env()
+    if not use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    path, filesystem = storage(cfg.train.output)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name="ray", storage_path=path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    result = trainer.fit()
+    return {"output": cfg.train.output, "metrics": dict(result.metrics or {}),
+            "ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
