@@ -59,15 +59,21 @@ class RandomModel:
         return backbone, segmenter
 
 
-def shard_list(url: str, split: str = "val") -> list[str]:
-    """Shard URLs of a split: ``url`` may hold a manifest itself, or be a shards root with
-    ``{root}/{split}/`` (stage 2) or ``{root}/depth/{split}/`` (stage 1)."""
+def find_split(url: str, split: str = "val") -> tuple[list[str], dict]:
+    """(shard URLs, manifest) of a split: ``url`` may hold a manifest itself, or be a shards root
+    with ``{root}/{split}/`` (stage 2) or ``{root}/depth/{split}/`` (stage 1)."""
     candidates = [url, shards.split_dir(url, split, "train"), shards.split_dir(url, split, "depth")]
     for folder in candidates:
         if io.exists(io.join(folder, shards.MANIFEST)):
-            return [io.join(folder, s["name"]) for s in shards.read_manifest(folder)["shards"]]
+            manifest = shards.read_manifest(folder)
+            return [io.join(folder, s["name"]) for s in manifest["shards"]], manifest
     raise FileNotFoundError(f"no shard manifest for split '{split}' under {url}: looked for "
                             + ", ".join(io.join(f, shards.MANIFEST) for f in candidates))
+
+
+def shard_list(url: str, split: str = "val") -> list[str]:
+    """Shard URLs of a split (see ``find_split``)."""
+    return find_split(url, split)[0]
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -167,3 +167,67 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 def kmeans_assign(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Cosine argmax of codes ``[B,Q,H,W]`` against centroids ``[K,Q]`` -> ``[B,H,W]``."""
     return torch.einsum("bqhw,kq->bkhw", F.normalize(codes, dim=1), F.normalize(centroids, dim=1)).argmax(dim=1)
+
+
+# ----------------------------------------------------------------------------- inference on own images
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(pattern: str) -> list[str]:
+    """Image files of a folder (sorted) or of a glob pattern; a clear error when there are none."""
+    import glob
+    import os
+
+    if os.path.isdir(pattern):
+        files = [os.path.join(pattern, f) for f in sorted(os.listdir(pattern))
+                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {pattern}")
+        return files
+    files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+    if not files:
+        raise FileNotFoundError(f"input {pattern} is neither a folder nor a glob matching any file")
+    return files
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 ``[H,W,3]`` RGB of an image file; ValueError naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+@torch.no_grad()
+def segment_images(backbone, segmenter, images: Sequence[np.ndarray], resolution: int, probe: str = "cluster",
+                   flip: bool = True, crf: bool = False, device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """Label maps int64 ``[H,W]`` (at each image's own size) for a batch of uint8 RGB images.
+
+    Each image is resized to ``resolution`` x ``resolution`` (bilinear) for the model; codes are
+    upsampled to that size before the probe (as in evaluation), the probe's scores are then
+    resized to the image and optionally CRF-refined there. ``probe``: ``cluster`` (raw cluster
+    ids) or ``linear`` (class ids).
+    """
+    from PIL import Image
+
+    if probe not in ("cluster", "linear"):
+        raise ValueError(f"probe must be 'cluster' or 'linear', got {probe!r}")
+    resized = [np.array(Image.fromarray(im).resize((resolution, resolution), Image.BILINEAR)) for im in images]
+    x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div(255).to(device)
+    codes = upsample(compute_codes(backbone, segmenter.head, x, flip), (resolution, resolution))
+    scores = (segmenter.cluster_probe if probe == "cluster" else segmenter.linear_probe)(codes).float().cpu()
+    out = []
+    for im, s in zip(images, scores):
+        s = F.interpolate(s[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
+        probs = torch.from_numpy(crf_mod.dense_crf(im, s)) if crf else s
+        out.append(probs.argmax(dim=0).numpy().astype(np.int64))
+    return out
+
+
+def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend an RGB image with a colour map of the same size (uint8)."""
+    mixed = (1 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
+    return mixed.round().clip(0, 255).astype(np.uint8)

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from depthg import io, metrics
 
+HEADER = 14  # px of column titles above the qualitative grid
 HEADS = (("cluster", "cluster (unsupervised)"), ("cluster_crf", "cluster + CRF"),
          ("linear", "linear probe"), ("linear_crf", "linear probe + CRF"), ("kmeans", "k-means on codes"))
 
@@ -106,7 +107,11 @@ def sample_grid(samples: list[dict], palette: np.ndarray, assignment=None, tile:
     """Rows of image | depth (if any) | ground truth | prediction (cluster ids mapped by ``assignment``)."""
     has_depth = any(s.get("depth") is not None for s in samples)
     cols = 4 if has_depth else 3
-    grid = Image.new("RGB", (cols * tile, max(1, len(samples)) * tile), "black")
+    titles = ["image"] + (["depth"] if has_depth else []) + ["ground truth", "prediction"]
+    grid = Image.new("RGB", (cols * tile, HEADER + max(1, len(samples)) * tile), "black")
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(titles):
+        draw.text((c * tile + 4, 2), title, fill="white", font=ImageFont.load_default())
     lut = None if assignment is None else np.asarray(assignment, np.int64)
     for r, s in enumerate(samples):
         pred = np.asarray(s["pred"]).astype(np.int64)
@@ -119,7 +124,8 @@ def sample_grid(samples: list[dict], palette: np.ndarray, assignment=None, tile:
         label = s.get("label")
         tiles += [np.zeros_like(s["image"]) if label is None else colorize(label, palette), colorize(pred, palette)]
         for c, t in enumerate(tiles):
-            grid.paste(Image.fromarray(np.asarray(t, np.uint8)).resize((tile, tile), Image.NEAREST), (c * tile, r * tile))
+            cell = Image.fromarray(np.asarray(t, np.uint8)).resize((tile, tile), Image.NEAREST)
+            grid.paste(cell, (c * tile, HEADER + r * tile))
     return grid
 
 

@@ -40,10 +40,10 @@ def test_write_report_files_and_pixels(tmp_path):
     assert data["scores"]["cluster"]["assignment"][:3] == [2, 0, 1]
     assert data["confusion"]["linear"] == result["confusion"]["linear"].tolist()
     grid = np.array(Image.open(paths["samples.png"]))
-    assert grid.shape == (2 * 160, 4 * 160, 3)  # 2 rows; image | depth | truth | prediction
+    assert grid.shape == (report.HEADER + 2 * 160, 4 * 160, 3)  # 2 rows; image | depth | truth | prediction
     s = result["samples"][0]
     y, x = 3, 5
-    cy, cx = y * 20 + 10, x * 20 + 10  # centre of the 20 px block of pixel (y, x)
+    cy, cx = report.HEADER + y * 20 + 10, x * 20 + 10  # centre of the 20 px block of pixel (y, x)
     mapped = palette[data["scores"]["cluster_crf"]["assignment"][s["pred"][y, x]]]
     np.testing.assert_array_equal(grid[cy, 3 * 160 + cx], mapped)
     truth = palette[s["label"][y, x]] if s["label"][y, x] >= 0 else [0, 0, 0]
@@ -78,4 +78,4 @@ def test_report_to_s3(s3):
     result = _result()
     paths = report.write_report(f"{s3}/run", result, {}, ["a", "b", "c"], report.dataset_style("x", 3)[1])
     assert io.exists(paths["confusion.png"])
-    assert Image.open(pyio.BytesIO(io.read_bytes(paths["samples.png"]))).size == (4 * 160, 2 * 160)
+    assert Image.open(pyio.BytesIO(io.read_bytes(paths["samples.png"]))).size == (4 * 160, report.HEADER + 2 * 160)

@@ -1,0 +1,77 @@
+"""Evaluate a segmenter checkpoint on validation shards; write the report beside it (or to --output).
+
+    python launch/evaluate.py --checkpoint runs/demo/segmenter.pt [--shards shards/demo] [--output DIR]
+        [--workers 2] [--config FILE] [eval.crf=false eval.kmeans=true ...]
+
+The checkpoint's own config is the base; ``--config`` and ``key=value`` overrides go on top.
+``--workers 0`` evaluates in this process (no Ray); otherwise Ray actors (``eval.num_workers``
+by default) connect to ``RAY_ADDRESS`` when set, else start a local Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import posixpath
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cluster import evaluator  # noqa: E402
+from depthg import io, report  # noqa: E402
+from depthg.config import load_config, save_config, split_cli, to_dict  # noqa: E402
+
+
+def parse(argv):
+    overrides, rest = split_cli(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="segmenter.pt (local path or s3:// URL)")
+    p.add_argument("--shards", default="", help="shards root or split folder (default: the config's shards.root)")
+    p.add_argument("--output", default="", help="report folder (default: beside the checkpoint)")
+    p.add_argument("--config", default="", help="YAML applied on top of the checkpoint's config")
+    p.add_argument("--split", default="val")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors (0 = in-process; default eval.num_workers)")
+    return p.parse_args(rest), overrides
+
+
+def checkpoint_config(url: str) -> dict:
+    if not io.exists(url):
+        raise FileNotFoundError(f"checkpoint not found: {url}")
+    from depthg.checkpoint import load_segmenter
+
+    cfg = load_segmenter(url)[0]
+    return cfg if isinstance(cfg, dict) else to_dict(cfg)
+
+
+def describe(cfg, args, manifest: dict, result: dict) -> dict:
+    backbone = cfg.model.backbone
+    if backbone == "effnet_lite0":
+        backbone += " (ImageNet-supervised stand-in for DINO)"
+    return {"checkpoint": args.checkpoint, "backbone": backbone, "backbone weights": cfg.model.weights or "hub",
+            "depth source": manifest.get("depth_source", "unknown"), "dataset": manifest.get("dataset", cfg.data.dataset),
+            "split": args.split, "images": result["images"], "classes": cfg.model.n_classes,
+            "clusters": cfg.model.n_classes + cfg.model.extra_clusters, "resolution": cfg.eval.resolution,
+            "flip averaging": cfg.eval.flip, "crf": cfg.eval.crf, "workers": result["workers"],
+            "seconds": round(result["seconds"], 2)}
+
+
+def main(argv=None) -> dict:
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config or None, overrides, base=checkpoint_config(args.checkpoint))
+    urls, manifest = evaluator.find_split(args.shards or cfg.shards.root, args.split)
+    result = evaluator.evaluate(cfg, evaluator.CheckpointModel(args.checkpoint), urls, args.workers)
+    out = args.output or (posixpath.dirname(args.checkpoint) if io.is_remote(args.checkpoint)
+                          else os.path.dirname(os.path.abspath(args.checkpoint)))
+    names, palette = report.dataset_style(manifest.get("dataset", cfg.data.dataset), cfg.model.n_classes)
+    meta = describe(cfg, args, manifest, result)
+    paths = report.write_report(out, result, meta, names, palette)
+    save_config(cfg, io.join(out, "eval_config.yaml"))
+    for key, title in report.HEADS:
+        if key in result["scores"]:
+            s = result["scores"][key]
+            print(f"{title:24s} accuracy {100 * s['accuracy']:5.1f}  mIoU {100 * s['miou']:5.1f}")
+    print(f"wrote {paths['eval.md']}")
+    return {"scores": result["scores"], "paths": paths, "meta": meta}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""launch/segment.py and launch/evaluate.py end to end through main(), on a tiny checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cluster import evaluator
+from depthg import evaluation, shards
+from depthg.config import Config
+from launch import evaluate as evaluate_script
+from launch import segment as segment_script
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    checkpoint_mod = pytest.importorskip("depthg.checkpoint")
+    cfg = Config()
+    cfg.model.backbone, cfg.model.weights = "tiny_vit", "random"
+    cfg.model.code_dim, cfg.model.n_classes, cfg.model.extra_clusters = 16, 3, 1
+    cfg.eval.resolution, cfg.eval.batch_size, cfg.eval.crf, cfg.eval.report_images = 32, 2, False, 2
+    _, segmenter = evaluator.RandomModel("tiny_vit", "random", 16, 3, 1, seed=3)()
+    url = str(tmp_path_factory.mktemp("run") / "segmenter.pt")
+    checkpoint_mod.save_segmenter(url, cfg, segmenter, {})
+    return url
+
+
+def _images(folder, n=3, sizes=((30, 40), (48, 36), (33, 33))):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, f"img{i}.png"))
+    return folder
+
+
+def test_segment_folder_of_three_images_writes_six_files(checkpoint, tmp_path):
+    src = _images(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    written = segment_script.main(["--checkpoint", checkpoint, "--input", src, "--output", out, "--crf",
+                                   "--batch-size", "2"])
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in written)
+    assert len(written) == 6
+    label = np.array(Image.open(os.path.join(out, "img1_label.png")))
+    assert label.shape == (48, 36) and label.max() < 4  # 4 clusters, at the input's own size
+    overlay = np.array(Image.open(os.path.join(out, "img1_overlay.png")))
+    assert overlay.shape == (48, 36, 3)
+
+
+def test_segment_labels_equal_library_prediction(checkpoint, tmp_path):
+    src = _images(str(tmp_path / "in"), n=1)
+    out = str(tmp_path / "out")
+    segment_script.main(["--checkpoint", checkpoint, "--input", os.path.join(src, "*.png"), "--output", out,
+                         "--no-crf", "--probe", "linear"])
+    _, backbone, segmenter = segment_script.load_model(checkpoint)
+    image = evaluation.read_image(os.path.join(src, "img0.png"))
+    expect = evaluation.segment_images(backbone.eval(), segmenter.eval(), [image], 32, "linear", True, False)[0]
+    np.testing.assert_array_equal(np.array(Image.open(os.path.join(out, "img0_label.png"))), expect)
+
+
+def test_segment_bad_paths_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a glob"):
+        segment_script.main(["--checkpoint", "x.pt", "--input", str(tmp_path / "nope*.png"), "--output", "o"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        segment_script.main(["--checkpoint", "x.pt", "--input", str(tmp_path / "empty"), "--output", "o"])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*bad.png"):
+        evaluation.read_image(str(tmp_path / "bad.png"))
+
+
+def test_segment_missing_checkpoint(tmp_path):
+    src = _images(str(tmp_path / "in"), n=1)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        segment_script.main(["--checkpoint", str(tmp_path / "missing.pt"), "--input", src, "--output", "o"])
+
+
+def test_evaluate_main_writes_report_beside_checkpoint(checkpoint, tmp_path):
+    root = str(tmp_path / "shards")
+    shards.write_test_shards(root, n_samples=3, size=(36, 40), with_positives=False, samples_per_shard=2,
+                             split="val", n_classes=3)
+    out = evaluate_script.main(["--checkpoint", checkpoint, "--shards", root, "--workers", "0",
+                                "eval.crf=true"])
+    folder = os.path.dirname(checkpoint)
+    for name in ("eval.json", "eval.md", "confusion.png", "samples.png", "eval_config.yaml"):
+        assert os.path.exists(os.path.join(folder, name)), name
+    data = json.load(open(os.path.join(folder, "eval.json")))
+    assert data["meta"]["backbone"] == "tiny_vit" and data["meta"]["depth source"] == "synthetic-test"
+    assert data["images"] == 3 and set(data["scores"]) == {"cluster", "cluster_crf", "linear", "linear_crf"}
+    assert len(data["scores"]["cluster"]["assignment"]) == 4
+    assert out["scores"]["linear"]["accuracy"] == data["scores"]["linear"]["accuracy"]
