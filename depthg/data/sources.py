@@ -226,8 +226,9 @@ class CamVidSource(Source):
         if id not in self.pairs:
             raise SourceError(f"unknown CamVid id {id!r}")
         img_path, lbl_path = self.pairs[id]
+        image = read_image(img_path)
         label = _lut_map(read_label_png(lbl_path), self.lut, lbl_path, ignore=(P.CAMVID_VOID, 255))
-        return _check_shapes(Record(id, read_image(img_path), None, label), img_path)
+        return _check_shapes(Record(id, image, None, label), img_path)
 
 
 # ----------------------------------------------------------------------------- COCO-Stuff-27
@@ -268,6 +269,7 @@ class CocoStuff27Source(Source):
 
     def load(self, id: str) -> Record:
         img_path = self._image_path(id)
+        image = read_image(img_path)
         label = None
         if self.has_labels:
             lbl_path = os.path.join(self.ann_dir, id + ".png")
@@ -277,7 +279,7 @@ class CocoStuff27Source(Source):
                 raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
                                   f"out of range (expected fine ids 0..181 or 255)")
             label = P.COCO_FINE_TO_COARSE[raw]
-        return _check_shapes(Record(id, read_image(img_path), None, label), img_path)
+        return _check_shapes(Record(id, image, None, label), img_path)
 
 
 # ----------------------------------------------------------------------------- Cityscapes-27
@@ -307,6 +309,7 @@ class CityscapesSource(Source):
         if id not in self.paths:
             raise SourceError(f"unknown Cityscapes id {id!r}")
         img_path = self.paths[id]
+        image = read_image(img_path)
         label = None
         if self.has_labels:
             city = os.path.basename(os.path.dirname(img_path))
@@ -317,7 +320,7 @@ class CityscapesSource(Source):
                 raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
                                   f"out of range (expected Cityscapes labelIds 0..33 or 255)")
             label = np.where((raw < P.CITYSCAPES_FIRST_ID) | (raw == 255), -1, raw - P.CITYSCAPES_FIRST_ID)
-        return _check_shapes(Record(id, read_image(img_path), None, label), img_path)
+        return _check_shapes(Record(id, image, None, label), img_path)
 
 
 # ----------------------------------------------------------------------------- Potsdam-3
@@ -326,7 +329,7 @@ def _read_mat(path: str, key: str) -> np.ndarray:
 
     try:
         data = loadmat(path)
-    except (NotImplementedError, ValueError, OSError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - MatReadError, v7.3 files, truncation: all rewrapped with the path
         raise SourceError(f"cannot read MATLAB file {path}: {exc}") from exc
     if key not in data:
         raise SourceError(f"{path}: expected key {key!r}, found {[k for k in data if not k.startswith('__')]}")
