@@ -149,9 +149,19 @@ class RankZeroLog:
         from tqdm import tqdm
 
         os.makedirs(self.local, exist_ok=True)
+        self._keep_history(start)
         self.writer = SummaryWriter(os.path.join(self.local, "tb"))
         self.bar = tqdm(total=total, initial=start, desc="train", unit="batch", dynamic_ncols=True)
         self.t0, self.n0 = time.time(), start
+
+    def _keep_history(self, start: int) -> None:
+        """metrics.jsonl keeps the rows of batches before ``start`` (a resumed run continues it)."""
+        url, path = io.join(self.output, "metrics.jsonl"), os.path.join(self.local, "metrics.jsonl")
+        rows = []
+        if start > 0 and io.exists(url):
+            rows = [r for r in io.read_bytes(url).decode().splitlines() if r.strip() and json.loads(r)["batch"] < start]
+        with open(path, "w") as fh:
+            fh.writelines(r + "\n" for r in rows)
 
     def metrics(self, batch_idx: int, values: dict) -> None:
         if not self.enabled:
@@ -162,7 +172,8 @@ class RankZeroLog:
             self.writer.add_scalar(key.replace(".", "/"), value, batch_idx)
         with open(os.path.join(self.local, "metrics.jsonl"), "a") as fh:
             fh.write(json.dumps({"batch": batch_idx, **values}) + "\n")
-        self.bar.set_postfix(loss=f"{values.get('total', float('nan')):.4f}", sps=f"{rate:.1f}")
+        if "total" in values:
+            self.bar.set_postfix(loss=f"{values['total']:.4f}", sps=f"{rate:.1f}")
 
     def advance(self, n: int = 1) -> None:
         if self.enabled:
@@ -325,8 +336,19 @@ def build_models(cfg: Config, n_classes: int, device: torch.device):
     return backbone, segmenter
 
 
+def _trace_samples(world: World, batch_idx: int, batch: dict) -> None:
+    """Debug aid: with DEPTHG_TRACE_SAMPLES=folder every rank appends the sample ids it trains on
+    to ``folder/rank{R}.jsonl`` (tests use it to prove the ranks see disjoint samples)."""
+    folder = os.environ.get("DEPTHG_TRACE_SAMPLES")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{world.rank}.jsonl"), "a") as fh:
+            fh.write(json.dumps({"batch": batch_idx, "step": int(batch.get("step", -1)), "ids": batch["id"]}) + "\n")
+
+
 def _scalars(out: dict) -> dict:
-    return {k: float(v) for k, v in out.items() if not torch.is_tensor(v) or v.dim() == 0}
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+            for k, v in out.items() if not torch.is_tensor(v) or v.dim() == 0}
 
 
 def _mean_over_ranks(values: dict, world: World) -> dict:
@@ -379,6 +401,7 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
         acc: dict = {}
         for micro, batch in enumerate(streaming.make_loader(spec, cfg.train.loader_workers)):
             batch_idx = start + micro // accum
+            _trace_samples(world, batch_idx, batch)
             out = compute_losses(backbone, engine.module, batch, cfg, batch_idx, gen)
             engine.backward(out["total"])
             engine.step()

@@ -1,0 +1,189 @@
+"""The training runtime: World detection, the generated DeepSpeed config, and real runs (one process,
+2 gloo workers under torchrun via ``launch/train.py``, Ray Train with 2 CPU workers on moto S3), incl.
+resume that ends at the same step, schedule values and weights as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cluster import trainer
+from cluster.world import detect
+from depthg import io, shards
+from depthg.config import load_config
+from depthg.world import World
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- World
+def test_detect_launchers():
+    assert detect({}) == World()
+    torchrun = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1"}
+    assert detect(torchrun) == World(rank=5, world_size=8, local_rank=1, node=1, num_nodes=2)
+    deepspeed = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "9", "LOCAL_SIZE": "2", "CROSS_RANK": "1",
+                 "CROSS_SIZE": "2"}
+    assert detect(deepspeed, local_rank=1) == World(rank=3, world_size=4, local_rank=1, node=1, num_nodes=2)
+    ray = {"RANK": "2", "WORLD_SIZE": "6", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "1"}
+    assert detect(ray) == World(rank=2, world_size=6, local_rank=0, node=1, num_nodes=3)
+    assert detect({"RANK": "1", "WORLD_SIZE": "2"}) == World(rank=1, world_size=2, local_rank=1, node=0)
+    with pytest.raises(ValueError, match="RANK"):
+        detect({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        World(rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+@pytest.mark.parametrize("micro,accum,world,zero,bf16", [(32, 1, 1, 0, False), (8, 4, 16, 1, True), (3, 2, 2, 0, False)])
+def test_ds_config_matches_the_dataclass(micro, accum, world, zero, bf16):
+    cfg = load_config(None, [f"train.micro_batch_per_gpu={micro}", f"train.grad_accum={accum}",
+                             f"train.zero_stage={zero}"])
+    ds = trainer.ds_config(cfg, World(rank=0, world_size=world), bf16)
+    assert ds["train_micro_batch_size_per_gpu"] == micro and ds["gradient_accumulation_steps"] == accum
+    assert ds["train_batch_size"] == micro * accum * world
+    assert ds["zero_optimization"] == {"stage": zero}
+    assert ds["bf16"]["enabled"] is bf16 and ds["fp16"]["enabled"] is False
+    assert "optimizer" not in ds  # a torch Adam is passed instead (no FusedAdam JIT)
+
+
+def test_precision_auto_is_bf16_on_gpu_only():
+    cfg = load_config(None, [])
+    assert trainer.use_bf16(cfg, torch.device("cuda")) and not trainer.use_bf16(cfg, torch.device("cpu"))
+    assert trainer.use_bf16(load_config(None, ["train.precision=bf16"]), torch.device("cpu"))
+
+
+def test_latest_checkpoint_needs_the_marker(tmp_path):
+    out = str(tmp_path)
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / "ckpt" / trainer.tag_name(step)
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / trainer.COMPLETE).write_text("{}")
+    assert trainer.latest_checkpoint(out) == io.join(out, "ckpt", "step-00000004")
+    cfg = load_config(None, [f"train.output={out}", "train.resume=auto"])
+    assert trainer.resolve_resume(cfg).endswith("step-00000004")
+    bad = load_config(None, [f"train.output={out}", f"train.resume={tmp_path}/ckpt/step-00000006"])
+    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+        trainer.resolve_resume(bad)
+
+
+# ----------------------------------------------------------------------------- real runs
+TINY = ["model.backbone=tiny_vit", "data.resolution=32", "model.code_dim=8", "sampling.samples=3",
+        "sampling.min_samples=2", "sampling.decay_every=2", "loss.depth.decay_every=2", "loss.neg_rounds=2",
+        "train.micro_batch_per_gpu=2", "train.log_every=1", "train.loader_workers=1", "train.shuffle_buffer=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shards"))
+    shards.write_test_shards(root, 24, size=(32, 32), num_positives=2, samples_per_shard=3)
+    shards.write_test_shards(root, 8, size=(32, 32), num_positives=2, samples_per_shard=2, split="val")
+    return root
+
+
+def _metrics(path: str) -> list[dict]:
+    return [json.loads(line) for line in io.read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def _train_in_process(root, output, *extra):
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    from launch import train as launch_train
+
+    return launch_train.main(["--launcher", "env", "--config", "none", f"shards.root={root}",
+                              f"train.output={output}", *TINY, *extra])
+
+
+def _final_state(output: str) -> dict:
+    from depthg.checkpoint import load_segmenter
+
+    _, seg = load_segmenter(io.join(output, "segmenter.pt"))
+    return seg.state_dict()
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted(tmp_path, tiny_root):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    _train_in_process(tiny_root, full, "train.num_batches=5", "train.ckpt_every=2")
+    _train_in_process(tiny_root, part, "train.num_batches=3", "train.ckpt_every=2")  # "interrupted" after 3
+    assert trainer.latest_checkpoint(part).endswith("step-00000003")
+    _train_in_process(tiny_root, part, "train.num_batches=5", "train.ckpt_every=2", "train.resume=auto")
+    a, b = _metrics(os.path.join(full, "metrics.jsonl")), _metrics(os.path.join(part, "metrics.jsonl"))
+    assert [m["batch"] for m in b] == [0, 1, 2, 3, 4]  # the resumed run continued at batch 3
+    for key in ("total", "stego", "depth", "lambda", "b_depth", "S", "linear_probe"):
+        assert a[-1][key] == pytest.approx(b[-1][key], rel=1e-5, abs=1e-7), key
+    assert (a[-1]["lambda"], a[-1]["S"]) == (pytest.approx(0.19 * 0.6 ** 2), 2)
+    sa, sb = _final_state(full), _final_state(part)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_under_torchrun_see_disjoint_samples(tmp_path, tiny_root, monkeypatch):
+    trace, out = str(tmp_path / "trace"), str(tmp_path / "run")
+    monkeypatch.setenv("DEPTHG_TRACE_SAMPLES", trace)
+    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--launcher", "local", "--gpus-per-node", "2",
+           "--config", "none", f"shards.root={tiny_root}", f"train.output={out}", *TINY,
+           "train.num_batches=3", "train.val_every=3", "train.select=label_free"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = []
+    for rank in range(2):
+        rows = _metrics(os.path.join(trace, f"rank{rank}.jsonl"))
+        assert [r["batch"] for r in rows] == [0, 1, 2]  # equal steps on both ranks
+        ids.append({i for r in rows for i in r["ids"]})
+    assert len(ids[0]) == len(ids[1]) == 6 and not ids[0] & ids[1]
+    last = _metrics(os.path.join(out, "metrics.jsonl"))
+    assert all(torch.isfinite(torch.tensor(m["total"])) for m in last if "total" in m)
+    assert any("val/miou" in m for m in last) and os.path.exists(os.path.join(out, "segmenter_best.pt"))
+    assert os.path.exists(os.path.join(out, "segmenter.pt")) and os.path.exists(os.path.join(out, "config.yaml"))
+    assert os.listdir(os.path.join(out, "tb"))
+
+
+@pytest.mark.slow
+def test_ray_train_two_cpu_workers_checkpoint_to_s3_and_resume(s3, ray_local, tiny_root):
+    from cluster.ray_train import launch
+
+    out = f"{s3}/runs/ray"
+    cfg = load_config(None, [f"shards.root={tiny_root}", f"train.output={out}", *TINY,
+                             "train.num_batches=2", "train.ckpt_every=1"])
+    result = launch(cfg, num_workers=2, use_gpu=False)
+    assert result["metrics"]["batch"] == 2 and result["ray_checkpoint"]
+    assert io.exists(f"{out}/ckpt/step-00000002/COMPLETE")
+    resumed = load_config(None, [f"shards.root={tiny_root}", f"train.output={out}", *TINY,
+                                 "train.num_batches=3", "train.ckpt_every=1", "train.resume=auto"])
+    result = launch(resumed, num_workers=2, use_gpu=False)
+    assert result["metrics"]["batch"] == 3
+    rows = _metrics(f"{out}/metrics.jsonl")
+    assert [r["batch"] for r in rows if "total" in r] == [0, 1, 2]  # continued: no batch trained twice
+    assert io.exists(f"{out}/segmenter.pt") and io.exists(f"{out}/ckpt/step-00000003/COMPLETE")
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name,backbone,steps_every,gamma,code_dim", [
+    ("coco_vits8", "dino_vits8", 250, 0.6, 70), ("coco_vitb8", "dino_vitb8", 300, 0.64, 90),
+    ("cityscapes_vitb8", "dino_vitb8", 400, 0.8, 100), ("potsdam_vits8", "dino_vits8", 200, 1.0, 90)])
+def test_paper_configs_are_in_batches(name, backbone, steps_every, gamma, code_dim):
+    from depthg.schedules import reference_steps_to_batches
+
+    cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"))
+    assert cfg.model.backbone == backbone and cfg.model.code_dim == code_dim
+    assert cfg.train.num_batches == reference_steps_to_batches(7000) == 2334
+    assert cfg.loss.depth.decay_every == reference_steps_to_batches(steps_every)
+    assert cfg.loss.depth.gamma == gamma
+    assert cfg.sampling.mode == ("random" if name.startswith("cityscapes") else "fps")
+
+
+def test_demo_config_is_small_and_the_default_of_launch_train():
+    from launch import train as launch_train
+
+    cfg = launch_train.resolve_config(launch_train.parse_args([]))
+    assert cfg == load_config(os.path.join(REPO, "configs", "demo.yaml"))
+    assert cfg.data.dataset == "synthetic" and cfg.model.backbone == "effnet_lite0" and cfg.train.num_batches <= 100
+    assert launch_train.resolve_config(launch_train.parse_args(["--config", "none"])).train.num_batches == 2334
+    args = launch_train.parse_args(["--resume", "auto", "train.lr=1e-3", "--local_rank=1"])
+    cfg = launch_train.resolve_config(args)
+    assert (cfg.train.resume, cfg.train.lr, args.local_rank) == ("auto", 1e-3, 1)
