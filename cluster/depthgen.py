@@ -1,0 +1,184 @@
+"""Stage 1 on Ray: source images -> depth -> WebDataset depth shards ``{root}/depth/{split}``.
+
+The split's source ids are cut, in order, into work units of ``shards.samples_per_shard`` source
+images; unit i becomes ``shard-{i:06d}.tar`` (all five crops of an image land in the same shard).
+A pool of ``DepthWorker`` actors (one per GPU, or CPU shares) reads its unit's images itself (only
+the config and ids travel through the object store), estimates depth on the full images in batches
+of ``depthgen.batch_size``, crops (train split, ``data.five_crop``), writes the shard to a local
+temp file and uploads it atomically, then its sidecar. The manifest is written last.
+
+Rerunning skips units whose shard and sidecar exist and whose sidecar matches the unit (same ids,
+same depth settings); ``shards.overwrite=true`` redoes them. Unreadable images are skipped and
+listed in the manifest, or fail the job naming the file with ``shards.strict=true``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from typing import Iterable
+
+from depthg import io, shards
+from depthg.config import Config, from_dict, mask_secrets, to_dict
+
+
+def _digest(data) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def depth_digest(cfg: Config, split: str) -> str:
+    """Fingerprint of everything that changes the depth shards' bytes (not batch size, actors...)."""
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("resolution",)}
+    gen = {k: getattr(cfg.depthgen, k) for k in ("source", "model", "flip_average")}
+    return _digest({"data": data, "depthgen": gen, "split": split, "schema": shards.SCHEMA})
+
+
+def plan_units(ids: list[str], samples_per_shard: int) -> list[list[str]]:
+    """Deterministic assignment of source ids to shard-sized work units (in source order)."""
+    return [list(ids[i:i + samples_per_shard]) for i in range(0, len(ids), samples_per_shard)]
+
+
+def sample_key(source_id: str) -> str:
+    """A webdataset-safe key: no dots or slashes (webdataset splits keys at the first dot)."""
+    return re.sub(r"[./\\\s]", "_", str(source_id))
+
+
+class DepthWorker:
+    """Turns one work unit into one complete depth shard. Plain class: Ray wraps it as an actor,
+    the benchmark's in-process loop uses it directly."""
+
+    def __init__(self, cfg_dict: dict, split: str, threads: int = 0):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        from depthg.data import build_source
+
+        self.cfg = from_dict(Config, cfg_dict)
+        self.split = split
+        self.source = build_source(self.cfg.data, split)
+        self.crop = split == "train" and self.cfg.data.five_crop
+        self._estimator = None
+
+    def estimator(self):
+        if self._estimator is None and self.cfg.depthgen.source != "dataset":
+            from depthg.depth import build_estimator
+
+            self._estimator = build_estimator(self.cfg.depthgen)
+        return self._estimator
+
+    def load(self, ids: list[str]):
+        """Records that load, plus ``[{"id","error"}]`` for those that do not (or raise if strict)."""
+        from depthg.data.base import SourceError
+
+        records, skipped = [], []
+        for id_ in ids:
+            try:
+                records.append(self.source.load(id_))
+            except (SourceError, OSError, ValueError) as exc:
+                if self.cfg.shards.strict:
+                    raise SourceError(f"unreadable source image {id_!r} ({exc}); "
+                                      "set shards.strict=false to skip it") from exc
+                skipped.append({"id": str(id_), "error": f"{type(exc).__name__}: {exc}"})
+        return records, skipped
+
+    def add_depth(self, records: list) -> list:
+        """Depth on the full images (min-max per image), batched; returns the records with depth."""
+        from depthg.data.base import SourceError, minmax
+
+        if self.cfg.depthgen.source == "dataset":
+            for rec in records:
+                if rec.depth is None:
+                    raise SourceError(f"{self.cfg.data.dataset} image {rec.id} has no depth: "
+                                      "set depthgen.source=transformers to estimate it")
+                rec.depth = minmax(rec.depth)
+            return records
+        size = max(int(self.cfg.depthgen.batch_size), 1)
+        for start in range(0, len(records), size):
+            batch = records[start:start + size]
+            for rec, depth in zip(batch, self.estimator()([r.image for r in batch])):
+                rec.depth = minmax(depth)
+        return records
+
+    def samples(self, records: list) -> Iterable[dict]:
+        from depthg.data import five_crop
+
+        for rec in records:
+            crops = five_crop(rec, self.cfg.data.crop_ratio) if self.crop else [rec]
+            for k, crop in enumerate(crops):
+                meta = {"source_id": str(rec.id), "crop": k if self.crop else -1, "split": self.split,
+                        "dataset": self.cfg.data.dataset, "neighbors": []}
+                key = sample_key(f"{rec.id}_c{k}" if self.crop else rec.id)
+                yield shards.encode_sample(key, crop.image, crop.depth, crop.label, meta)
+
+    def run_unit(self, index: int, ids: list[str], folder: str) -> dict:
+        """Write unit ``index`` as ``folder/shard-{index}.tar`` (+ sidecar); returns the sidecar."""
+        start = time.perf_counter()
+        records, skipped = self.load(ids)
+        records = self.add_depth(records)
+        extra = {"source_ids": list(ids), "skipped": skipped, "digest": depth_digest(self.cfg, self.split)}
+        info = shards.put_shard(folder, shards.shard_name(index), self.samples(records), extra)
+        return {**info, "seconds": time.perf_counter() - start}
+
+
+def unit_complete(folder: str, index: int, ids: list[str], digest: str) -> dict | None:
+    info = shards.read_sidecar(folder, shards.shard_name(index))
+    if info and info.get("source_ids") == list(ids) and info.get("digest") == digest:
+        return info
+    return None
+
+
+def source_info(cfg: Config, split: str) -> dict:
+    """Ids and class facts of the split's source (read on the driver; cheap: no images loaded)."""
+    from depthg.data import build_source
+    from depthg.data.base import apply_limit
+
+    source = build_source(cfg.data, split)
+    return {"ids": apply_limit(list(source.ids()), cfg.data.limit), "n_classes": int(source.n_classes),
+            "class_names": list(getattr(source, "class_names", []) or [])}
+
+
+def generate_depth(cfg: Config, split: str, max_units: int | None = None, progress: bool = True) -> dict | None:
+    """Run stage 1 for one split; returns the manifest (None when stopped early by ``max_units``).
+
+    Ray must be connected (``cluster.raycluster.connect``).
+    """
+    from cluster.raycluster import run_on_actors
+
+    folder = shards.split_dir(cfg.shards.root, split, "depth")
+    info = source_info(cfg, split)
+    if not info["ids"]:
+        raise ValueError(f"data.dataset={cfg.data.dataset} split '{split}' has no images")
+    units = plan_units(info["ids"], cfg.shards.samples_per_shard)
+    digest = depth_digest(cfg, split)
+    pending = [i for i, ids in enumerate(units)
+               if cfg.shards.overwrite or unit_complete(folder, i, ids, digest) is None]
+    if pending:  # a manifest must never describe a half-rewritten split
+        io.remove(io.join(folder, shards.MANIFEST))
+    calls = [(i, units[i], folder) for i in pending[:max_units]]
+    for _ in run_on_actors(DepthWorker, (to_dict(cfg), split), "run_unit", calls, cfg.depthgen.num_actors,
+                           desc=f"depth {split}", progress=progress):
+        pass
+    if max_units is not None and len(calls) < len(pending):
+        return None
+    return write_depth_manifest(cfg, split, folder, units, digest, info)
+
+
+def write_depth_manifest(cfg: Config, split: str, folder: str, units, digest: str, info: dict) -> dict:
+    sidecars = []
+    for i, ids in enumerate(units):
+        side = unit_complete(folder, i, ids, digest)
+        if side is None:
+            raise RuntimeError(f"{folder}/{shards.shard_name(i)} is missing or stale after the depth job")
+        sidecars.append(side)
+    manifest = {
+        "kind": "depth", "split": split, "dataset": cfg.data.dataset,
+        "shards": [{"name": s["name"], "count": s["count"]} for s in sidecars],
+        "n_classes": info["n_classes"], "class_names": info["class_names"],
+        "depth_source": "dataset" if cfg.depthgen.source == "dataset" else f"transformers:{cfg.depthgen.model}",
+        "five_crop": bool(split == "train" and cfg.data.five_crop), "digest": digest,
+        "config": mask_secrets(to_dict(cfg)), "skipped": [s for side in sidecars for s in side["skipped"]],
+    }
+    shards.write_manifest(folder, manifest)
+    return shards.read_manifest(folder)

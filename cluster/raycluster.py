@@ -1,0 +1,113 @@
+"""Attach to a Ray cluster (or start a local one) and size actor pools to it.
+
+``connect()`` attaches to a running cluster when there is one (``RAY_ADDRESS`` set, or a local
+cluster started with ``ray start`` / ``ray up``, found through its address file) and otherwise
+starts a private local Ray for the job; it returns True when it started Ray, so the job can shut it
+down again. ``actor_resources(n)`` decides how many actors to run and what each asks for: one GPU
+per actor where the cluster has GPUs, otherwise an equal share of the CPUs each.
+"""
+from __future__ import annotations
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_ACTORS_DEFAULT = 2  # actors on a CPU-only cluster when the config says 0 ("auto")
+
+
+def running_cluster_address() -> str | None:
+    """Address of a cluster to attach to: RAY_ADDRESS, else the one a local ``ray start`` recorded."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env
+    try:  # private helpers, guarded: a Ray without them just starts a local cluster
+        from ray._private import services
+
+        recorded = services.find_bootstrap_address(None)
+        if recorded and recorded in services.find_gcs_addresses():
+            return recorded
+    except Exception:  # noqa: BLE001 - no cluster found
+        return None
+    return None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Make sure this process is connected to Ray; True when this call started a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or running_cluster_address()
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    # actors of a private local cluster must import depthg / cluster from this checkout
+    pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    return True
+
+
+def actor_resources(num_actors: int = 0) -> tuple[int, dict]:
+    """``(count, ray options)``: one GPU per actor on a GPU cluster, an equal CPU share otherwise.
+
+    ``num_actors`` 0 means one per GPU (or ``CPU_ACTORS_DEFAULT`` without GPUs); the count never
+    exceeds what the cluster can place at once.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    if gpus > 0:
+        count = min(num_actors or gpus, gpus)
+        return max(count, 1), {"num_gpus": 1, "num_cpus": 1 if cpus >= gpus else 0}
+    count = max(min(num_actors or CPU_ACTORS_DEFAULT, max(cpus, 1)), 1)
+    return count, {"num_gpus": 0, "num_cpus": max(cpus // count, 1)}
+
+
+class ActorGroup:
+    """A pool of ``actor_cls`` actors sized by ``actor_resources``; reusable for several ``map``
+    rounds (actor start-up, i.e. importing torch and building models, is paid once). Use as a
+    context manager: the actors are killed on exit."""
+
+    def __init__(self, actor_cls, init_args: tuple, num_actors: int = 0, max_actors: int | None = None):
+        import ray
+
+        count, options = actor_resources(num_actors)
+        count = max(min(count, max_actors or count), 1)
+        threads = max(int(options.get("num_cpus", 1)), 1)
+        remote_cls = ray.remote(actor_cls)
+        self.actors = [remote_cls.options(**options).remote(*init_args, threads=threads) for _ in range(count)]
+
+    def map(self, method: str, calls: list[tuple], desc: str = "", progress: bool = True):
+        """Yield ``actor.method(*call)`` results as they complete, with one driver-side tqdm bar."""
+        from ray.util import ActorPool
+        from tqdm import tqdm
+
+        if not calls:
+            return
+        pool = ActorPool(self.actors)
+        results = pool.map_unordered(lambda actor, call: getattr(actor, method).remote(*call), calls)
+        with tqdm(total=len(calls), desc=desc, unit="shard", disable=not progress) as bar:
+            for result in results:
+                bar.update(1)
+                yield result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def run_on_actors(actor_cls, init_args: tuple, method: str, calls: list[tuple], num_actors: int = 0,
+                  desc: str = "", progress: bool = True):
+    """One round of ``ActorGroup.map`` on a fresh group (no actors started when there is no call)."""
+    if not calls:
+        return
+    with ActorGroup(actor_cls, init_args, num_actors, max_actors=len(calls)) as group:
+        yield from group.map(method, calls, desc, progress)

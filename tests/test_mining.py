@@ -1,0 +1,100 @@
+"""Neighbour mining on a real local Ray: features, exact kNN, embedded positives, resume."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cluster import mining
+from depthg import io, shards
+from depthg.config import load_config, to_dict
+
+
+def _cfg(root, **extra):
+    over = [f"shards.root={root}", "model.backbone=tiny_vit", "data.resolution=32", "mining.k=5",
+            "mining.num_positives=3", "mining.batch_size=4", "mining.num_actors=2"]
+    return load_config(None, over + [f"{k}={v}" for k, v in extra.items()])
+
+
+def _brute_neighbours(ids, feats, k):
+    sim = feats @ feats.T
+    out = {}
+    for i in range(len(ids)):
+        order = sorted((j for j in range(len(ids)) if j != i), key=lambda j: (-sim[i, j], j))
+        out[ids[i]] = [ids[j] for j in order[:k]]
+    return out
+
+
+def test_positives_for_cycles_and_rejects_empty():
+    assert mining.positives_for(["a", "b", "c"], 2) == ["a", "b"]
+    assert mining.positives_for(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    with pytest.raises(ValueError, match="at least 2"):
+        mining.positives_for([], 1)
+
+
+def test_resize_short_center():
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, 15:25] = 255  # 10 px -> 4 px wide after the 0.4 resize, centred
+    x = mining.resize_short_center(img, 8)
+    assert tuple(x.shape) == (3, 8, 8) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert x[:, :, 3:5].mean() > 0.9 and x[:, :, 0].max() == 0.0  # centre stripe kept, sides cropped
+
+
+def test_mining_end_to_end(tmp_path, ray_local):
+    root = str(tmp_path)
+    shards.write_test_shards(root, 10, size=(16, 24), with_positives=False, samples_per_shard=4, split="val")
+    cfg = _cfg(root)
+    manifest = mining.mine_neighbors(cfg, "val", progress=False)
+    assert manifest["kind"] == "train" and manifest["total"] == 10 and manifest["num_positives"] == 3
+    assert [s["count"] for s in manifest["shards"]] == [4, 4, 2]
+
+    # reference: features in-process, brute-force cosine ranking
+    worker = mining.MiningWorker(to_dict(cfg))
+    depth_urls = shards.shard_urls(root, "val", "depth")
+    ids, feats = [], []
+    for i, url in enumerate(depth_urls):
+        _, part_ids, part = worker.features(i, url)
+        ids += part_ids
+        feats.append(part)
+    expected = _brute_neighbours(ids, np.concatenate(feats).astype(np.float64), 5)
+    raw_depth = {raw["__key__"]: raw for u in depth_urls for raw in shards.iter_shard(u)}
+
+    seen = []
+    for url in shards.shard_urls(root, "val", "train"):
+        for raw in shards.iter_shard(url):
+            key = raw["__key__"]
+            seen.append(key)
+            dec = shards.decode_sample(raw)
+            assert dec["meta"]["neighbors"] == expected[key]
+            assert key not in dec["meta"]["neighbors"]
+            for member in ("rgb.png", "depth.png", "label.png"):
+                assert raw[member] == raw_depth[key][member]  # anchor copied byte for byte
+            for k, pid in enumerate(expected[key][:3]):
+                assert raw[f"pos{k}.rgb.png"] == raw_depth[pid]["rgb.png"]
+                assert raw[f"pos{k}.depth.png"] == raw_depth[pid]["depth.png"]
+            assert shards.num_positives(raw) == 3
+    assert seen == ids  # every sample exactly once, in depth-shard order
+
+
+def test_mining_resume_is_byte_identical(tmp_path, ray_local):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    for root in (full, part):
+        shards.write_test_shards(root, 9, size=(16, 16), with_positives=False, samples_per_shard=3, split="train")
+    mining.mine_neighbors(_cfg(full), "train", progress=False)
+    assert mining.mine_neighbors(_cfg(part), "train", max_units=1, progress=False) is None
+    assert not io.exists(os.path.join(part, "train", "manifest.json"))
+    written = sorted(n for n in os.listdir(os.path.join(part, "train")) if n.endswith(".tar"))
+    assert len(written) == 1
+    stamp = os.stat(os.path.join(part, "train", written[0])).st_mtime_ns
+    m = mining.mine_neighbors(_cfg(part), "train", progress=False)
+    assert m["total"] == 9
+    assert os.stat(os.path.join(part, "train", written[0])).st_mtime_ns == stamp  # not redone
+    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar"):
+        with open(os.path.join(full, "train", name), "rb") as a, open(os.path.join(part, "train", name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_mining_without_depth_manifest_says_what_to_run(tmp_path, ray_local):
+    with pytest.raises(FileNotFoundError, match="run generate_depth first"):
+        mining.mine_neighbors(_cfg(str(tmp_path)), "val", progress=False)
