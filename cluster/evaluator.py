@@ -172,8 +172,9 @@ def sum_results(results: Sequence[dict], report_images: int) -> dict:
 
 
 def _ray_workers(ray, n: int, args: tuple) -> list:
+    # one GPU per actor where the cluster has enough, shared fractions where it has fewer
     gpus = ray.cluster_resources().get("GPU", 0)
-    per = {"num_gpus": 1, "num_cpus": 1} if gpus >= n else {"num_cpus": 1}
+    per = {"num_cpus": 1, "num_gpus": min(1.0, gpus / n)} if gpus > 0 else {"num_cpus": 1}
     actor = ray.remote(**per)(EvalWorker)
     return [actor.remote(*args) for _ in range(n)]
 
