@@ -22,6 +22,7 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML_PATH = os.path.join(REPO, "ray_cluster.yaml")
+README_PATH = os.path.join(REPO, "cluster", "README.md")
 
 # Published EC2 sizes (vCPU, NVIDIA GPUs) of the instance types this file may use: a node type that
 # advertises other numbers would make Ray over- or under-schedule actors on it.
@@ -30,7 +31,8 @@ INSTANCE_SPECS = {
     "g5.12xlarge": (48, 4),
     "p4d.24xlarge": (96, 8),
 }
-# launch/train.py --nodes 4 --gpus-per-node 4 in cluster/README.md needs this many GPUs at once.
+# launch/train.py --nodes 4 --gpus-per-node 4 in cluster/README.md needs this many GPUs at once
+# (test_readme_commands_fit_the_cluster keeps the two in step).
 README_TRAIN_GPUS = 16
 CREDENTIAL = re.compile(r"AKIA[0-9A-Z]{16}|(?i:aws_(secret_access_key|access_key_id|session_token)\s*[:=])")
 DLAMI = re.compile(r"^(resolve:ssm:/aws/service/deeplearning/ami/x86_64/\S+|ami-[0-9a-f]{8,17})$")
@@ -177,3 +179,25 @@ def test_broken_config_is_rejected(ray_util, what, path, value):
     # schema errors, Ray's cross-field ValueErrors and our AssertionErrors; never a crash (KeyError...)
     with pytest.raises((jsonschema.ValidationError, ValueError, AssertionError)):
         _own_checks(_ray_validate(ray_util, cfg))
+
+
+def _readme() -> str:
+    with open(README_PATH) as fh:
+        return fh.read()
+
+
+def test_readme_commands_fit_the_cluster():
+    """The largest `--nodes N --gpus-per-node G` in the recipe is what _own_checks provisions for."""
+    sizes = [int(n) * int(g) for n, g in re.findall(r"--nodes (\d+)\s+(?:\\\n\s*)?--gpus-per-node (\d+)", _readme())]
+    assert sizes, "no launch/train.py --nodes/--gpus-per-node command found in cluster/README.md"
+    assert max(sizes) == README_TRAIN_GPUS
+
+
+def test_readme_paths_exist_or_are_marked_pending():
+    """Every repository file the recipe names exists, or the recipe says it is pending."""
+    text = _readme()
+    named = set(re.findall(r"\b((?:launch|cluster|configs|depthg|tests)/[\w/]+\.(?:py|yaml))\b", text))
+    assert {"launch/train.py", "launch/evaluate.py", "configs/coco_vits8.yaml"} <= named
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(REPO, p)))
+    unmarked = [p for p in missing if not re.search(r"pending[^\n]*`" + re.escape(p) + "`", text)]
+    assert not unmarked, f"cluster/README.md names files that do not exist and are not marked pending: {unmarked}"
