@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,50 +96,89 @@ def lift_points(depth_grid: torch.Tensor, fov_deg: float = 90.0, reference: bool
     return torch.stack([x, y, z], dim=-1).reshape(b, h * w, 3)
 
 
-def farthest_point_sample(points: torch.Tensor, n: int, start: torch.Tensor | None = None) -> torch.Tensor:
+def farthest_point_sample(points: torch.Tensor, n: int, start: torch.Tensor | None = None,
+                          backend: str = "auto") -> torch.Tensor:
     """Greedy farthest point sampling of ``n`` of the N points of each batch item -> idx [B,n] (long).
 
     Iteration k picks the point whose squared distance to the nearest already-chosen point is largest;
     ties go to the lowest index (``argmax`` returns the first maximum) and chosen points are never picked
     again (their distance is set to -inf), exactly like the reference's delete-from-the-candidates loop.
     ``start`` [B] gives each item's first point (default: index 0). The squared distance is evaluated as
-    ``sum((p - c)**2)`` over x, y, z in that order, as the reference NumPy code does.
+    ``(dx**2 + dy**2) + dz**2`` with a rounding after every operation, as NumPy's ``sum((p - c)**2, -1)``.
+
+    ``backend``: ``torch`` runs on the points' device; ``numpy`` runs the same batched loop with NumPy on
+    the (CPU) tensor's memory, which has less per-operation overhead than eager torch on a CPU; ``auto``
+    picks ``numpy`` for CPU tensors and ``torch`` otherwise. Both give identical indices.
     """
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"farthest_point_sample: expected points [B,N,3], got {tuple(points.shape)}")
     b, num, _ = points.shape
     if not 1 <= n <= num:
         raise ValueError(f"farthest_point_sample: cannot choose {n} of {num} points")
+    if backend not in ("auto", "torch", "numpy"):
+        raise ValueError(f"farthest_point_sample: backend {backend!r} is not one of auto, torch, numpy")
     device = points.device
     if start is None:
         far = torch.zeros(b, dtype=torch.long, device=device)
     else:
-        far = start.to(device=device, dtype=torch.long).reshape(b)
+        far = start.detach().to(device=device, dtype=torch.long).reshape(b)
+    numpy_ok = device.type == "cpu" and points.dtype in (torch.float32, torch.float64)
+    if backend == "numpy" or (backend == "auto" and numpy_ok):
+        if not numpy_ok:
+            raise ValueError("farthest_point_sample: the numpy backend needs float32/float64 CPU points")
+        return torch.from_numpy(_fps_numpy(points.detach().numpy(), n, far.numpy()))
     with torch.inference_mode():
-        # planar layout [3,B,N]: every elementwise op below runs on contiguous [B,N] rows
-        planes = points.detach().permute(2, 0, 1).contiguous()
-        flat = planes.view(3, b * num)
-        offsets = torch.arange(b, device=device) * num
-        min_d = torch.full((b, num), float("inf"), dtype=points.dtype, device=device)
-        dist = torch.empty((b, num), dtype=points.dtype, device=device)
-        tmp = torch.empty_like(dist)
-        chosen = [far]
-        flat_idx = far + offsets
-        for _ in range(n - 1):
-            centre = flat.index_select(1, flat_idx).unsqueeze(-1)  # [3,B,1]
-            # (dx^2 + dy^2) + dz^2 with a rounding after every operation, like NumPy's sum((p - c)**2)
-            torch.sub(planes[0], centre[0], out=dist)
-            dist.square_()
-            for axis in (1, 2):
-                torch.sub(planes[axis], centre[axis], out=tmp)
-                dist.add_(tmp.square_())
-            torch.minimum(min_d, dist, out=min_d)
-            min_d.view(-1).index_fill_(0, flat_idx, float("-inf"))  # never pick a chosen point again
-            far = min_d.argmax(dim=1)
-            chosen.append(far)
-            flat_idx = far + offsets
-        idx = torch.stack(chosen, dim=1)
+        idx = _fps_torch(points.detach(), n, far)
     return idx.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+
+
+def _fps_torch(points: torch.Tensor, n: int, far: torch.Tensor) -> torch.Tensor:
+    b, num, _ = points.shape
+    planes = points.permute(2, 0, 1).contiguous()  # [3,B,N]: elementwise ops on contiguous rows
+    flat = planes.view(3, b * num)
+    offsets = torch.arange(b, device=points.device) * num
+    min_d = torch.full((b, num), float("inf"), dtype=points.dtype, device=points.device)
+    diff = torch.empty_like(planes)
+    dist = torch.empty_like(min_d)
+    chosen = [far]
+    flat_idx = far + offsets
+    for _ in range(n - 1):
+        centre = flat.index_select(1, flat_idx).unsqueeze(-1)  # [3,B,1]
+        torch.sub(planes, centre, out=diff).square_()
+        torch.add(diff[0], diff[1], out=dist).add_(diff[2])
+        torch.minimum(min_d, dist, out=min_d)
+        min_d.view(-1).index_fill_(0, flat_idx, float("-inf"))  # never pick a chosen point again
+        far = min_d.argmax(dim=1)
+        chosen.append(far)
+        flat_idx = far + offsets
+    return torch.stack(chosen, dim=1)
+
+
+def _fps_numpy(points: np.ndarray, n: int, far: np.ndarray) -> np.ndarray:
+    """The same loop as ``_fps_torch`` in NumPy (argmax also returns the first maximum)."""
+    b, num, _ = points.shape
+    planes = np.ascontiguousarray(points.transpose(2, 0, 1))
+    flat = planes.reshape(3, b * num)
+    offsets = np.arange(b, dtype=np.int64) * num
+    min_d = np.full((b, num), np.inf, dtype=points.dtype)
+    min_flat = min_d.reshape(-1)
+    diff = np.empty_like(planes)
+    dist = np.empty_like(min_d)
+    chosen = np.empty((b, n), dtype=np.int64)
+    chosen[:, 0] = far
+    flat_idx = far + offsets
+    for k in range(1, n):
+        centre = np.take(flat, flat_idx, axis=1)[:, :, None]
+        np.subtract(planes, centre, out=diff)
+        np.square(diff, out=diff)
+        np.add(diff[0], diff[1], out=dist)
+        dist += diff[2]
+        np.minimum(min_d, dist, out=min_d)
+        min_flat[flat_idx] = -np.inf
+        far = min_d.argmax(axis=1)
+        chosen[:, k] = far
+        flat_idx = far + offsets
+    return chosen
 
 
 def _axis_coord(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:

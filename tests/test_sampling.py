@@ -103,11 +103,12 @@ def test_argmax_returns_first_maximum():
     assert x.argmax(dim=1).tolist() == [1, 0]
 
 
-def test_batched_fps_equals_naive_per_image_fps():
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_batched_fps_equals_naive_per_image_fps(backend):
     g = torch.Generator().manual_seed(1)
     points = torch.rand(4, 40, 3, generator=g)
     start = torch.tensor([0, 5, 39, 17])
-    idx = farthest_point_sample(points, 12, start)
+    idx = farthest_point_sample(points, 12, start, backend=backend)
     assert idx.shape == (4, 12) and idx.dtype == torch.long
     for b in range(4):
         assert idx[b].tolist() == naive_fps(points[b], 12, int(start[b]))
@@ -127,23 +128,34 @@ def test_every_chosen_point_is_the_farthest_from_those_before_it():
         assert len(set(idx[b].tolist())) == 25
 
 
-def test_fps_tie_break_and_duplicates():
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_fps_tie_break_and_duplicates(backend):
     # a square and duplicated points: ties go to the lowest index, chosen points are never repeated
     pts = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.float32)
-    idx = farthest_point_sample(pts[None], 6)[0].tolist()
+    idx = farthest_point_sample(pts[None], 6, backend=backend)[0].tolist()
     assert idx == naive_fps(pts, 6) == [0, 3, 1, 2, 4, 5]
 
 
-def test_fps_reference_matches_independent_numpy_reference():
-    depth = _depth(3, 56, 56, seed=3)
-    s = 5
-    loc = sample_locations("fps_reference", depth, (14, 14), s)
-    grid = pool_depth(depth, (14, 14)).numpy()
-    for b in range(3):
+def test_torch_and_numpy_backends_agree_on_a_28x28_grid():
+    points = lift_points(pool_depth(_depth(4, 56, 56, seed=9), (28, 28)), reference=True)
+    start = torch.tensor([0, 100, 783, 5])
+    a = farthest_point_sample(points, 121, start, backend="torch")
+    b = farthest_point_sample(points, 121, start, backend="numpy")
+    assert torch.equal(a, b) and torch.equal(farthest_point_sample(points, 121, start), b)
+    with pytest.raises(ValueError, match="backend"):
+        farthest_point_sample(points, 4, backend="cuda")
+
+
+@pytest.mark.parametrize("side, s, batch", [(14, 5, 3), (28, 11, 2)])
+def test_fps_reference_matches_independent_numpy_reference(side, s, batch):
+    depth = _depth(batch, side * 4, side * 4, seed=3)
+    loc = sample_locations("fps_reference", depth, (side, side), s)
+    grid = pool_depth(depth, (side, side)).numpy()
+    for b in range(batch):
         idx, coords = numpy_reference_coords(grid[b], s)
         assert loc.idx[b].tolist() == idx.tolist()
         np.testing.assert_allclose(loc.coords[b].numpy(), coords, atol=1e-6, rtol=0)
-    assert loc.coords.shape == (3, s, s, 2) and loc.depth.shape == (3, s * s)
+    assert loc.coords.shape == (batch, s, s, 2) and loc.depth.shape == (batch, s * s)
 
 
 def test_fps_reference_reads_the_transposed_patches():
