@@ -90,8 +90,16 @@ def compute_losses(backbone, segmenter, batch: dict, cfg, batch_idx: int,
     image, pos_image = _to(batch, "image", device), _to(batch, "pos_image", device)
     depth, pos_depth = _to(batch, "depth", device), _to(batch, "pos_depth", device)
     labels = _to(batch, "label", device)
-
     feats, feats_pos = backbone_features(backbone, torch.cat([image, pos_image])).chunk(2)
+    return losses_from_features(segmenter, feats, feats_pos, depth, pos_depth, labels, cfg, batch_idx,
+                                generator, training)
+
+
+def losses_from_features(segmenter, feats: torch.Tensor, feats_pos: torch.Tensor, depth: torch.Tensor,
+                         pos_depth: torch.Tensor, labels: torch.Tensor, cfg, batch_idx: int,
+                         generator: torch.Generator | None = None, training: bool = True) -> dict:
+    """Everything after the frozen backbone: the entry point when features are precomputed (cached)."""
+    dtype = next(segmenter.head.parameters()).dtype
     if training:
         feats = dropout2d(feats, cfg.model.dropout, generator)
         feats_pos = dropout2d(feats_pos, cfg.model.dropout, generator)
