@@ -192,24 +192,31 @@ def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = 
         centroids = _kmeans_centroids(cfg, urls, [w.sample_codes(urls, KMEANS_PER_IMAGE)]) if ev.kmeans else None
         results = [w.run(urls, centroids)]
     else:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init()
-        parts = [p for p in (shards.split_shards(urls, i, workers) for i in range(workers)) if p]
-        actors = _ray_workers(ray, len(parts), (eval_cfg, n_classes, model_fn, 1))
-        centroids = None
-        if ev.kmeans:
-            codes = ray.get([a.sample_codes.remote(p, KMEANS_PER_IMAGE) for a, p in zip(actors, parts)])
-            centroids = _kmeans_centroids(cfg, urls, codes)
-        results = ray.get([a.run.remote(p, centroids) for a, p in zip(actors, parts)])
-        for a in actors:
-            ray.kill(a)
+        results = _run_ray(cfg, eval_cfg, model_fn, urls, workers)
     out = sum_results(results, ev.report_images)
     out["scores"] = metrics.score_confusions(out["confusion"])
     out["seconds"] = time.perf_counter() - start
     out["workers"] = workers
     return out
+
+
+def _run_ray(cfg, eval_cfg: dict, model_fn: ModelFn, urls: Sequence[str], workers: int) -> list[dict]:
+    """Split the shards over ``workers`` actors (one torch thread each) and gather their results."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+    parts = [p for p in (shards.split_shards(urls, i, workers) for i in range(workers)) if p]
+    actors = _ray_workers(ray, len(parts), (eval_cfg, cfg.model.n_classes, model_fn, 1))
+    try:
+        centroids = None
+        if cfg.eval.kmeans:
+            codes = ray.get([a.sample_codes.remote(p, KMEANS_PER_IMAGE) for a, p in zip(actors, parts)])
+            centroids = _kmeans_centroids(cfg, urls, codes)
+        return ray.get([a.run.remote(p, centroids) for a, p in zip(actors, parts)])
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def _kmeans_centroids(cfg, urls: Sequence[str], code_parts: Sequence[dict]) -> np.ndarray:
