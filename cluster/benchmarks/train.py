@@ -1,0 +1,187 @@
+"""Training step breakdown and streaming throughput (local disk vs S3): table + JSON.
+
+    python launch/benchmark.py train [--backbone effnet_lite0 --resolution 112 --batch 8 --steps 8]
+
+Part 1 times each stage of one training step, in one process, on the real library functions that
+``depthg.step.compute_losses`` chains (data wait, frozen backbone forward, head, depth-guided sampling,
+correlation losses, probes, backward, optimizer), and reports the ratio total / backbone forward
+(target <= 1.1: the step should cost little beyond the frozen forward it cannot avoid), samples/s
+and the peak RSS of the trainer and of a DataLoader worker.
+Part 2 streams the same tiny synthetic shards through ``depthg.streaming`` from a local folder and
+from a moto S3 server on loopback (started here) and compares samples/s (target S3 >= 0.9 x local).
+"""
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import torch
+
+from depthg import io, losses, sampling, schedules, shards, streaming
+from depthg.config import load_config
+from depthg.step import backbone_features, dropout2d, probe_losses
+
+STAGES = ("data_wait", "backbone", "head", "sampling", "loss", "probes", "backward", "optimizer")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--backbone", default="effnet_lite0")
+    parser.add_argument("--weights", default="", help="'' = the backbone's offline/hub weights, 'random' for DINO offline")
+    parser.add_argument("--resolution", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--samples", type=int, default=7, help="S: S*S sampled locations")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    parser.add_argument("--shard-samples", type=int, default=96, help="samples in the benchmark shards")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(120, 160), help="crop size stored in the shards")
+
+
+def _peak_rss_mb(who) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _timed(times: dict, key: str, fn):
+    t0 = time.perf_counter()
+    out = fn()
+    times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def step_breakdown(args, root: str) -> dict:
+    from depthg.models.backbones import build_backbone
+    from depthg.models.heads import build_segmenter
+
+    cfg = load_config(None, [f"model.backbone={args.backbone}", f"model.weights={args.weights}",
+                             f"data.resolution={args.resolution}",
+                             f"sampling.samples={args.samples}", f"sampling.min_samples={args.samples}", "model.n_classes=3"])
+    backbone = build_backbone(cfg.model.backbone, cfg.model.weights)
+    seg = build_segmenter(cfg.model, backbone.dim)
+    opt = torch.optim.Adam([{"params": seg.head_parameters(), "lr": 5e-4}, {"params": seg.probe_parameters(), "lr": 5e-3}])
+    spec, _ = streaming.open_split(root, "train", micro_batch=args.batch, resolution=args.resolution,
+                                   shuffle_buffer=16, num_steps=args.steps + 2)
+    loader = iter(streaming.make_loader(spec, args.workers))
+    gen, times, sp, lc = torch.Generator().manual_seed(0), {}, cfg.sampling, cfg.loss
+    for step in range(args.steps + 2):
+        if step == 2:
+            times, t_start = {}, time.perf_counter()
+        batch = _timed(times, "data_wait", lambda: next(loader))
+        feats, feats_pos = _timed(times, "backbone", lambda: backbone_features(
+            backbone, torch.cat([batch["image"], batch["pos_image"]]))).chunk(2)
+
+        def head():
+            f, fp = dropout2d(feats, cfg.model.dropout, gen), dropout2d(feats_pos, cfg.model.dropout, gen)
+            return f, fp, seg.head(f), seg.head(fp)
+        f, fp, codes, codes_pos = _timed(times, "head", head)
+        grid, s = tuple(feats.shape[-2:]), schedules.fps_samples_from(sp, step)
+        loc, loc_pos = _timed(times, "sampling", lambda: (
+            sampling.sample_locations(sp.mode, batch["depth"], grid, s, sp.fov_deg, sp.start, gen),
+            sampling.sample_locations(sp.mode, batch["pos_depth"], grid, s, sp.fov_deg, sp.start, gen)))
+        lam, b = schedules.depth_schedule_from(lc.depth, step)
+
+        def loss():
+            terms = losses.stego_losses(f, fp, codes, codes_pos, loc.coords, loc_pos.coords, lc, generator=gen)
+            sc = losses.sample_features(codes, loc.coords)
+            depth = losses.depth_correlation_loss(lc.depth.mode, sc, sc, loc.depth, loc.depth, loc.points, loc.points, b)
+            return terms["stego"] + lam * depth["depth"]
+        head_loss = _timed(times, "loss", loss)
+        probes = _timed(times, "probes", lambda: probe_losses(seg, codes, batch["label"]))["probes"]
+        opt.zero_grad(set_to_none=True)
+        _timed(times, "backward", lambda: (head_loss + probes).backward())
+        _timed(times, "optimizer", opt.step)
+    wall = time.perf_counter() - t_start
+    per_step = {k: 1000.0 * times.get(k, 0.0) / args.steps for k in STAGES}
+    compute = sum(v for k, v in per_step.items() if k != "data_wait")
+    return {"ms_per_step": per_step, "compute_ms": compute, "step_ms": 1000.0 * wall / args.steps,
+            "ratio_total_over_backbone": compute / per_step["backbone"],
+            "ratio_with_data_wait": (compute + per_step["data_wait"]) / per_step["backbone"],
+            "samples_per_s": args.batch * args.steps / wall,
+            "peak_rss_mb": {"trainer": _peak_rss_mb(resource.RUSAGE_SELF),
+                            "loader_worker_max": _peak_rss_mb(resource.RUSAGE_CHILDREN)}}
+
+
+def stream_rate(root: str, args, batches: int) -> float:
+    spec, _ = streaming.open_split(root, "train", micro_batch=args.batch, resolution=args.resolution,
+                                   shuffle_buffer=16, num_steps=batches)
+    it = iter(streaming.make_loader(spec, args.workers))
+    next(it)  # worker start-up is not streaming
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    return n * args.batch / (time.perf_counter() - t0)
+
+
+def _moto():
+    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            return proc, endpoint
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+def streaming_local_vs_s3(args, root: str, batches: int) -> dict:
+    import boto3
+
+    proc, endpoint = _moto()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+        _write_shards("s3://bench/shards", args)
+        local = stream_rate(root, args, batches)
+        remote = stream_rate("s3://bench/shards", args, batches)
+    finally:
+        proc.terminate()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"local_samples_per_s": local, "s3_samples_per_s": remote, "s3_over_local": remote / local}
+
+
+def _write_shards(root: str, args) -> None:
+    shards.write_test_shards(root, args.shard_samples, size=tuple(args.image_size), num_positives=7,
+                             samples_per_shard=16)
+
+
+def _table(result: dict) -> str:
+    b = result["step"]
+    rows = [f"{'stage':<12}{'ms/step':>10}"] + [f"{k:<12}{v:>10.1f}" for k, v in b["ms_per_step"].items()]
+    rows += [f"{'compute':<12}{b['compute_ms']:>10.1f}",
+             f"total/backbone forward: {b['ratio_total_over_backbone']:.2f}x (with data wait "
+             f"{b['ratio_with_data_wait']:.2f}x); {b['samples_per_s']:.1f} samples/s",
+             f"peak RSS MB: trainer {b['peak_rss_mb']['trainer']:.0f}, loader worker {b['peak_rss_mb']['loader_worker_max']:.0f}"]
+    s = result["streaming"]
+    rows.append(f"streaming samples/s: local {s['local_samples_per_s']:.1f}, S3 (moto) {s['s3_samples_per_s']:.1f} "
+                f"-> {s['s3_over_local']:.2f}x")
+    return "\n".join(rows)
+
+
+def run(args) -> dict:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    folder = tempfile.mkdtemp(prefix="depthg-bench-")
+    try:
+        _write_shards(folder, args)
+        result = {"config": {k: getattr(args, k) for k in ("backbone", "weights", "resolution", "batch", "steps", "samples",
+                                                            "workers", "shard_samples")},
+                  "step": step_breakdown(args, folder)}
+        result["streaming"] = streaming_local_vs_s3(args, folder, batches=max(4, args.shard_samples // args.batch - 1))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(_table(result))
+    return result
