@@ -1,0 +1,169 @@
+"""Depth estimators for the offline depth-generation stage (METHOD.md section 7).
+
+Every estimator maps a list of images to a list of float32 [H,W] depth maps in [0,1] with
+0 = near and larger = farther, min-max normalised over the *full* image (crops are cut later
+and never renormalised).
+
+- `DatasetDepth` passes through the depth shipped with the data (synthetic scenes, a folder's
+  ``depth/``); it needs `Record`s, not bare images, and names the id of a record without depth.
+- `TransformersDepth` runs a transformers depth model (`AutoModelForDepthEstimation` +
+  `AutoImageProcessor`, by hub id or local folder), batched, optionally averaged with the
+  prediction on the horizontally flipped image, resized to the image size.
+
+Output conventions differ between model families, handled by the ``inverse`` flag:
+ZoeDepth, GLPN, Depth Pro and Depth-Anything *metric* checkpoints predict metric depth
+(larger = farther): normalised as min-max. DPT (MiDaS) and Depth-Anything *relative*
+checkpoints predict relative inverse depth (disparity, larger = nearer): normalised as
+``1 - minmax(prediction)``, which keeps the ordering (the inverse of an affine-invariant
+disparity is not defined, so it is not inverted point-wise). The flag is detected from
+``config.model_type`` and ``config.depth_estimation_type`` and can be forced by the caller.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Sequence
+
+import numpy as np
+
+from depthg.data.base import Record, minmax
+
+INVERSE_TYPES = {"dpt", "depth_anything"}  # relative disparity unless depth_estimation_type == "metric"
+METRIC_TYPES = {"zoedepth", "glpn", "depth_pro", "prompt_depth_anything"}
+
+
+class DepthError(ValueError):
+    """An estimator could not produce depth; the message names the image id or the model."""
+
+
+def normalize_depth(depth, inverse: bool = False) -> np.ndarray:
+    """Min-max over the full image to [0,1], 0 = near (``inverse``: the input is disparity)."""
+    d = np.asarray(depth, dtype=np.float64)
+    if not np.isfinite(d).all():
+        d = np.nan_to_num(d, nan=np.nanmedian(d) if np.isfinite(d).any() else 0.0,
+                          posinf=np.nanmax(d[np.isfinite(d)]) if np.isfinite(d).any() else 0.0, neginf=0.0)
+    out = minmax(d)
+    return (1.0 - out).astype(np.float32) if inverse and out.max() > 0 else out
+
+
+def is_inverse_depth(config) -> bool:
+    """True when a transformers depth config predicts disparity (larger = nearer)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in METRIC_TYPES:
+        return False
+    if model_type in INVERSE_TYPES:
+        return getattr(config, "depth_estimation_type", "relative") != "metric"
+    return False
+
+
+def _images_of(items) -> list[np.ndarray]:
+    return [it.image if isinstance(it, Record) else np.asarray(it) for it in items]
+
+
+class DatasetDepth:
+    """Use the depth that comes with the data."""
+
+    name = "dataset"
+    needs_records = True
+
+    def __call__(self, records: Sequence[Record]) -> list[np.ndarray]:
+        out = []
+        for rec in records:
+            if not isinstance(rec, Record):
+                raise DepthError("depthgen.source=dataset passes the dataset's own depth through: "
+                                 "call it with Records, not bare images")
+            if rec.depth is None:
+                raise DepthError(f"image {rec.id!r} has no depth in the dataset (depthgen.source=dataset); "
+                                 "use depthgen.source=transformers to estimate it")
+            d = np.asarray(rec.depth, np.float32)
+            if d.shape != rec.image.shape[:2] or d.min() < 0 or d.max() > 1:
+                raise DepthError(f"image {rec.id!r}: dataset depth must be [H,W] in [0,1] like the image "
+                                 f"{rec.image.shape[:2]}, got shape {d.shape}, range {d.min():.3g}..{d.max():.3g}")
+            out.append(d)
+        return out
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TransformersDepth:
+    """A transformers depth model, flip-averaged and batched."""
+
+    name = "transformers"
+    needs_records = False
+
+    def __init__(self, model: str, device: str = "auto", batch_size: int = 8, flip_average: bool = True,
+                 inverse: bool | None = None):
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        local = os.path.isdir(model)
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(model, local_files_only=local)
+            self.model = AutoModelForDepthEstimation.from_pretrained(model, local_files_only=local)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DepthError(f"cannot load depth model {model!r} ({'local folder' if local else 'hub id'}): {exc}. "
+                             "Without network access, pass a local folder saved with save_pretrained.") from exc
+        self.device = _resolve_device(device)
+        self.model.to(self.device).eval()
+        self.model_id, self.batch_size, self.flip_average = model, max(int(batch_size), 1), flip_average
+        self.inverse = is_inverse_depth(self.model.config) if inverse is None else bool(inverse)
+        pp = getattr(self.processor, "post_process_depth_estimation", None)
+        self._pp_params = set(inspect.signature(pp).parameters) if pp else set()
+
+    def __call__(self, items) -> list[np.ndarray]:
+        images = _images_of(items)
+        for i, img in enumerate(images):
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                what = items[i].id if isinstance(items[i], Record) else f"#{i}"
+                raise DepthError(f"image {what}: expected uint8 [H,W,3], got {img.dtype} {img.shape}")
+        out: list[np.ndarray | None] = [None] * len(images)
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(images))))
+            by_shape: dict[tuple, list[int]] = {}
+            for i in chunk:  # processors that keep the aspect ratio give one tensor size per image size
+                by_shape.setdefault(images[i].shape, []).append(i)
+            for idx in by_shape.values():
+                for i, d in zip(idx, self._predict([images[i] for i in idx])):
+                    out[i] = normalize_depth(d, self.inverse)
+        return out
+
+    def _predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        inputs = self.processor(images=images, return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.device, dtype=next(self.model.parameters()).dtype)
+        with torch.inference_mode():
+            out = self.model(pixel_values=pixels)
+            flipped = self.model(pixel_values=torch.flip(pixels, dims=[-1])) if self.flip_average else None
+        sizes = [img.shape[:2] for img in images]
+        return [d.float().cpu().numpy() for d in self._postprocess(out, flipped, sizes)]
+
+    def _postprocess(self, out, flipped, sizes):
+        """Flip-average, remove processor padding (ZoeDepth) and resize to the image size."""
+        import torch
+        import torch.nn.functional as F
+
+        if "outputs_flipped" in self._pp_params:  # ZoeDepth: averages flips and removes its padding
+            res = self.processor.post_process_depth_estimation(out, source_sizes=sizes, target_sizes=sizes,
+                                                               outputs_flipped=flipped)
+            return [r["predicted_depth"].squeeze() for r in res]
+        pred = out.predicted_depth
+        if flipped is not None:
+            pred = (pred + torch.flip(flipped.predicted_depth, dims=[-1])) / 2
+        return [F.interpolate(p[None, None].float(), size=tuple(s), mode="bicubic", align_corners=False)[0, 0]
+                for p, s in zip(pred, sizes)]
+
+
+def build_estimator(depthgen_cfg):
+    """``depthgen.source``: ``dataset`` -> `DatasetDepth`, ``transformers`` -> `TransformersDepth`."""
+    if depthgen_cfg.source == "dataset":
+        return DatasetDepth()
+    if depthgen_cfg.source == "transformers":
+        return TransformersDepth(depthgen_cfg.model, depthgen_cfg.device, depthgen_cfg.batch_size,
+                                 depthgen_cfg.flip_average)
+    raise DepthError(f"unknown depthgen.source {depthgen_cfg.source!r}; expected dataset or transformers")

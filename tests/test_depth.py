@@ -1,0 +1,139 @@
+"""Depth estimators: normalisation, the inverse-depth flag, dataset pass-through, and the transformers
+path on tiny randomly initialised DPT and ZoeDepth models saved to a temporary folder."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from depthg.config import DepthGenConfig
+from depthg.data import Record
+from depthg.depth import (DatasetDepth, DepthError, TransformersDepth, build_estimator, is_inverse_depth,
+                          normalize_depth)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 50, 3), (24, 36, 3), (40, 50, 3)]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dpt(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                                 image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
+                                 neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8)
+    model = transformers.DPTForDepthEstimation(cfg).eval()
+    folder = str(tmp_path_factory.mktemp("tiny_dpt"))
+    model.save_pretrained(folder)
+    transformers.DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_zoe(tmp_path_factory):
+    torch.manual_seed(0)
+    backbone = transformers.BeitConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                       intermediate_size=32, image_size=32, patch_size=8,
+                                       out_features=["stage1", "stage2", "stage3", "stage4"],
+                                       use_auxiliary_head=False, reshape_hidden_states=False)
+    cfg = transformers.ZoeDepthConfig(backbone_config=backbone, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
+                                      bottleneck_features=8, num_relative_features=8, bin_embedding_dim=8,
+                                      num_attractors=[4, 4, 2, 1],
+                                      bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0}])
+    folder = str(tmp_path_factory.mktemp("tiny_zoe"))
+    transformers.ZoeDepthForDepthEstimation(cfg).eval().save_pretrained(folder)
+    transformers.ZoeDepthImageProcessor(size={"height": 32, "width": 32}, ensure_multiple_of=8).save_pretrained(folder)
+    return folder
+
+
+def test_normalize_depth_minmax_and_inverse():
+    d = np.array([[2.0, 4.0], [6.0, 10.0]])
+    np.testing.assert_allclose(normalize_depth(d), [[0, 0.25], [0.5, 1]])
+    np.testing.assert_allclose(normalize_depth(d, inverse=True), [[1, 0.75], [0.5, 0]])
+    assert normalize_depth(np.full((3, 3), 7.0)).max() == 0
+    out = normalize_depth(np.array([[1.0, np.nan], [3.0, np.inf]]))
+    assert np.isfinite(out).all() and out.min() == 0 and out.max() == 1
+    assert normalize_depth(d).dtype == np.float32
+
+
+def test_inverse_flag_from_model_type():
+    assert is_inverse_depth(transformers.DPTConfig())  # MiDaS-style relative inverse depth
+    assert is_inverse_depth(transformers.DepthAnythingConfig())
+    assert not is_inverse_depth(transformers.DepthAnythingConfig(depth_estimation_type="metric"))
+    assert not is_inverse_depth(transformers.ZoeDepthConfig())  # metric, larger = farther
+    assert not is_inverse_depth(transformers.GLPNConfig())
+
+
+def test_dataset_depth_passes_through_and_names_missing_id():
+    img = np.zeros((4, 5, 3), np.uint8)
+    depth = np.linspace(0, 1, 20, dtype=np.float32).reshape(4, 5)
+    est = build_estimator(DepthGenConfig(source="dataset"))
+    assert isinstance(est, DatasetDepth) and est.needs_records
+    np.testing.assert_array_equal(est([Record("a", img, depth)])[0], depth)
+    with pytest.raises(DepthError, match="'b'"):
+        est([Record("a", img, depth), Record("b", img, None)])
+    with pytest.raises(DepthError, match="Records"):
+        est([img])
+    with pytest.raises(DepthError, match="'c'"):
+        est([Record("c", img, depth * 3)])
+
+
+def test_transformers_depth_shapes_range_and_batching(tiny_dpt):
+    images = _images()
+    est = build_estimator(DepthGenConfig(source="transformers", model=tiny_dpt, batch_size=2, device="cpu"))
+    assert isinstance(est, TransformersDepth) and est.inverse and not est.needs_records
+    out = est(images)
+    assert [d.shape for d in out] == [img.shape[:2] for img in images]
+    for d in out:
+        assert d.dtype == np.float32 and d.min() == 0.0 and d.max() == 1.0
+    one_by_one = TransformersDepth(tiny_dpt, "cpu", batch_size=1)(images)
+    for a, b in zip(out, one_by_one):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # records work too, and the inverse flag flips the normalised map
+    recs = [Record(f"r{i}", img) for i, img in enumerate(images)]
+    metric = TransformersDepth(tiny_dpt, "cpu", batch_size=2, inverse=False)(recs)
+    for a, b in zip(out, metric):
+        np.testing.assert_allclose(a, 1.0 - b, atol=1e-6)
+
+
+def test_flip_average_is_flip_equivariant(tiny_dpt):
+    img = _images()[0]
+    est = TransformersDepth(tiny_dpt, "cpu", flip_average=True)
+    a, b = est([img, np.ascontiguousarray(img[:, ::-1])])
+    np.testing.assert_allclose(a, b[:, ::-1], atol=1e-4)
+    plain = TransformersDepth(tiny_dpt, "cpu", flip_average=False)
+    c, d = plain([img, np.ascontiguousarray(img[:, ::-1])])
+    assert np.abs(c - d[:, ::-1]).max() > 1e-3  # a random model is not symmetric on its own
+
+
+def test_zoedepth_path_metric_and_padding_removed(tiny_zoe):
+    est = TransformersDepth(tiny_zoe, "cpu", batch_size=2)
+    assert not est.inverse
+    images = _images()
+    out = est(images)
+    assert [d.shape for d in out] == [img.shape[:2] for img in images]
+    assert all(np.isfinite(d).all() and d.min() >= 0 and d.max() <= 1 for d in out)
+
+
+def test_transformers_depth_errors(tmp_path, tiny_dpt):
+    with pytest.raises(DepthError, match=str(tmp_path)):
+        TransformersDepth(str(tmp_path), "cpu")
+    est = TransformersDepth(tiny_dpt, "cpu")
+    with pytest.raises(DepthError, match="uint8"):
+        est([np.zeros((8, 8), np.float32)])
+    with pytest.raises(DepthError, match="unknown depthgen.source"):
+        build_estimator(DepthGenConfig(source="magic"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transformers_depth_on_gpu_matches_cpu(tiny_dpt):
+    images = _images()
+    cpu = TransformersDepth(tiny_dpt, "cpu", batch_size=2)(images)
+    gpu_est = TransformersDepth(tiny_dpt, "cuda", batch_size=2)
+    assert gpu_est.device.type == "cuda"
+    for a, b in zip(cpu, gpu_est(images)):
+        np.testing.assert_allclose(a, b, atol=2e-3)
