@@ -85,7 +85,10 @@ def _skip_cpu_shm_op() -> None:
         return
     import deepspeed.ops
 
-    ops = deepspeed.ops.__compatible_ops__  # probed once per process, cached in the module
+    # ``deepspeed.ops.__compatible_ops__`` is computed lazily (it runs compiler probes for every op,
+    # ~seconds) and read only by the comm backend's shm check (deepspeed 0.19). Seeding it before
+    # first use skips the probes; an already probed dict is edited in place.
+    ops = vars(deepspeed.ops).setdefault("__compatible_ops__", {})
     ops["deepspeed_shm_comm"] = False
 
 

@@ -100,7 +100,7 @@ def _train_in_process(root, output, *extra):
 def _final_state(output: str) -> dict:
     from depthg.checkpoint import load_segmenter
 
-    _, seg = load_segmenter(io.join(output, "segmenter.pt"))
+    _, seg, _ = load_segmenter(io.join(output, "segmenter.pt"))
     return seg.state_dict()
 
 
