@@ -19,6 +19,11 @@ host synchronisation; only the S*S greedy FPS iterations are a Python loop, vect
   We use ``k / (n - 1) * 2 - 1``, the mapping consistent with ``align_corners=True`` (patch k read exactly).
 - ``random``: STEGO's uniform continuous coordinates in [-1, 1] drawn from ``generator``.
 
+FPS backends (``farthest_point_sample(backend=...)``): ``torch`` on the tensor's device (CUDA in training) and,
+for CPU tensors, the same batched loop in NumPy, which has less per-operation overhead than eager torch
+(about 2x faster on a 2-core CPU; ``cluster/benchmarks/fps.py`` measures both against the reference's
+per-image loop). Both return identical indices.
+
 Every mode returns ``Locations`` whose ``depth`` (and ``points``) are the values at the locations the
 features are actually read from, in the same S x S order as ``coords`` (flattened row-major), so the depth
 loss can pair them with the sampled codes. Coordinates are for
