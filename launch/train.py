@@ -84,10 +84,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _without_option(argv, name: str) -> list[str]:
+    """``argv`` minus ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
 def run_local(argv, nodes: int, per_node: int) -> int:
     """Start one torchrun agent per emulated node on this machine, each with ``per_node`` workers."""
     port = _free_port()
-    child = [a for a in argv if not a.startswith("--launcher")] + ["--launcher", "env"]
+    child = _without_option(argv, "--launcher") + ["--launcher", "env"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     if not any(os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES",)) and not _has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
