@@ -36,18 +36,17 @@ def worker_env() -> dict:
 
 
 def storage(output: str):
-    """``(storage_path, storage_filesystem)`` for Ray's run folder under ``output``."""
+    """``(storage_path, storage_filesystem)`` for Ray's run folder under ``output``.
+
+    Remote outputs go through the same fsspec filesystem as ``depthg.io`` (endpoint from the
+    environment), wrapped for pyarrow: one code path for AWS, MinIO and moto alike.
+    """
     if not io.is_remote(output):
         return os.path.abspath(output), None
-    endpoint = os.environ.get("DEPTHG_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-    if not (output.startswith("s3://") and endpoint):
-        return output, None
-    from pyarrow import fs
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    scheme = "http" if endpoint.startswith("http://") else "https"
-    host = endpoint.split("://", 1)[-1]
-    return output[len("s3://"):], fs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                                                  region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    fs, path = io.filesystem(output)
+    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 def train_worker(config: dict) -> None:
@@ -79,31 +78,43 @@ def train_worker(config: dict) -> None:
     train(cfg, world, on_checkpoint=on_checkpoint)
 
 
-def launch(cfg: Config, num_workers: int, address: str | None = None, use_gpu: bool | None = None,
-           max_failures: int = 2, cpus_per_worker: float = 1.0) -> dict:
-    """Run training on Ray; ``use_gpu=None`` means: use GPUs when the cluster has any."""
-    import ray
+def _fit(cfg_dict: dict, num_workers: int, use_gpu: bool, max_failures: int, cpus_per_worker: float) -> dict:
+    """Build and fit the TorchTrainer (runs inside a Ray task so that the Train controller and the
+    workers inherit its runtime env: the storage endpoint and credentials)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
-                 runtime_env={"env_vars": worker_env()}, log_to_driver=True)
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    env = worker_env()
-    if not use_gpu:
-        env.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = from_dict(Config, cfg_dict)
     path, filesystem = storage(cfg.train.output)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": to_dict(cfg)},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        train_loop_config={"cfg": cfg_dict},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="ray", storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": env}),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
     return {"output": cfg.train.output, "metrics": dict(result.metrics or {}),
             "ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def launch(cfg: Config, num_workers: int, address: str | None = None, use_gpu: bool | None = None,
+           max_failures: int = 2, cpus_per_worker: float = 1.0) -> dict:
+    """Run training on Ray (connecting to ``address`` / RAY_ADDRESS, else a local Ray).
+
+    ``use_gpu=None`` means: use GPUs when the cluster has any. The driver's AWS_* / DEPTHG_* variables
+    and the repo path reach the Train controller and workers through the runtime env of the task
+    that runs ``trainer.fit()``.
+    """
+    import ray
+
+    env = worker_env()
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": env})
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if not use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    fit = ray.remote(num_cpus=0)(_fit).options(runtime_env={"env_vars": env})
+    return ray.get(fit.remote(to_dict(cfg), num_workers, use_gpu, max_failures, cpus_per_worker))
