@@ -1,0 +1,281 @@
+"""Quality benchmark: does depth guidance help? (synthetic scenes with true depth, and CamVid val)
+
+    python launch/benchmark.py quality [--steps 120 --seeds 3] [--quick]
+
+Backbone: EfficientNet-Lite0 (ImageNet-*supervised*, offline), a STAND-IN for DINO. Features of every
+train crop and val image are computed once (``quality_data``), optionally projected by an uncentred PCA,
+and each variant trains a fresh head + probes on the cache with ``depthg.step.losses_from_features`` and a
+plain Adam (head ``train.lr``, probes ``train.probe_lr``); positives are drawn uniformly from each crop's
+top-k cosine neighbours (self excluded). Evaluation: cluster-probe predictions (one Hungarian matching over
+the whole val split) and the linear probe, on codes bilinearly upsampled to the label resolution; no CRF,
+no flip averaging. Baseline: cosine k-means (``fit_kmeans``, n_classes clusters) on the raw backbone
+features, same matching. Markdown report: ``--results-md``.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from cluster.benchmarks import quality_data as qd
+from depthg import losses, metrics
+from depthg.config import load_config
+from depthg.data import build_source
+from depthg.evaluation import fit_kmeans
+from depthg.models import build_backbone, build_segmenter
+from depthg.step import losses_from_features
+
+VARIANTS = {  # name -> config overrides (on top of the shared base)
+    "stego": ["loss.depth.mode=none", "sampling.mode=random"],
+    "depth_only": ["loss.depth.mode=paper", "sampling.mode=random"],
+    "fps_only": ["loss.depth.mode=none", "sampling.mode=fps"],
+    "depthg": ["loss.depth.mode=paper", "sampling.mode=fps"],
+    "depthg_lhp": ["loss.depth.mode=paper", "sampling.mode=fps", "loss.lhp.enabled=true"],
+    "depthg_distance": ["loss.depth.mode=distance", "sampling.mode=fps"],
+    "depthg_reference": ["loss.depth.mode=reference", "sampling.mode=fps"],
+}
+
+
+def add_arguments(parser) -> None:
+    a = parser.add_argument
+    a("--steps", type=int, default=120, help="training batches per synthetic run")
+    a("--camvid-steps", type=int, default=0, help="training batches per CamVid run (0 = --steps)")
+    a("--seeds", type=int, default=3)
+    a("--batch", type=int, default=16)
+    a("--samples", type=int, default=7, help="S (S*S sampled locations per crop)")
+    a("--num-train", type=int, default=160, help="synthetic train scenes (x5 crops)")
+    a("--num-val", type=int, default=60, help="synthetic val scenes (full images)")
+    a("--crop-res", type=int, default=112, help="synthetic train crop resolution (120x160 crops)")
+    a("--val-res", type=int, default=224, help="synthetic val resolution (240x320 scenes)")
+    a("--camvid-root", default="/work/shared/data/camvid")
+    a("--camvid-train", type=int, default=120, help="CamVid train images (x5 crops; 0 = all 367)")
+    a("--camvid-res", type=int, default=224, help="CamVid train-crop and val resolution")
+    a("--camvid-val", type=int, default=0, help="CamVid val images (0 = all 101)")
+    a("--pca-dim", type=int, default=128, help="project backbone features to this many channels (0 = off)")
+    a("--knn", type=int, default=7)
+    a("--variants", default=",".join(VARIANTS))
+    a("--base", nargs="*", default=[], help="extra config overrides for every run (e.g. tuned shifts)")
+    a("--camvid-base", nargs="*", default=None, help="overrides for CamVid runs (default: --base)")
+    a("--skip-camvid", action="store_true")
+    a("--results-md", default="docs/RESULTS.md", help="Markdown report ('' = none)")
+    a("--quick", action="store_true", help="tiny smoke run (tests)")
+
+
+def _quick(args) -> None:
+    args.steps, args.seeds, args.batch, args.num_train, args.num_val = 3, 1, 4, 2, 2
+    args.crop_res, args.val_res, args.pca_dim, args.camvid_train, args.camvid_val = 64, 64, 16, 1, 2
+    args.camvid_res, args.samples = 64, 4
+
+
+def base_overrides(args, n_classes: int, extra=()) -> list[str]:
+    s = args.samples
+    return [f"model.n_classes={n_classes}", "model.backbone=effnet_lite0", f"sampling.samples={s}",
+            f"sampling.min_samples={s}", "sampling.decay_every=0", *extra]
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int):
+    """A fresh segmenter trained for ``steps`` batches on cached features; returns (segmenter, last terms)."""
+    n, k = len(data), data.nn.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        seg = build_segmenter(cfg.model, data.feats.shape[1], cfg.loss.lhp.enabled)
+    opt = torch.optim.Adam([{"params": seg.head_parameters(), "lr": cfg.train.lr},
+                            {"params": seg.probe_parameters(), "lr": cfg.train.probe_lr}])
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    order, pos_in_order, terms = torch.randperm(n, generator=gen), 0, {}
+    seg.train()
+    for step in range(steps):
+        if pos_in_order + batch > n:
+            order, pos_in_order = torch.randperm(n, generator=gen), 0
+        idx = order[pos_in_order:pos_in_order + batch]
+        pos_in_order += batch
+        pos = data.nn[idx, torch.randint(k, (len(idx),), generator=gen)]
+        if data.depth is not None:
+            depth, pos_depth = data.depth[idx], data.depth[pos]
+        else:
+            depth = pos_depth = torch.zeros(len(idx), 1, *data.feats.shape[-2:])
+        out = losses_from_features(seg, data.feats[idx].float(), data.feats[pos].float(), depth, pos_depth,
+                                   data.labels[idx], cfg, step, gen, training=True)
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        opt.step()
+        terms = {key: float(v.detach()) if torch.is_tensor(v) else float(v) for key, v in out.items() if key in ("self", "knn", "neg", "depth", "head")}
+    seg.eval()
+    return seg, terms
+
+
+@torch.no_grad()
+def evaluate(seg, val: qd.FeatureSet, n_classes: int) -> dict:
+    """Cluster probe (Hungarian over the split) and linear probe (identity) on upsampled val codes."""
+    size = tuple(val.labels.shape[-2:])
+    n_clusters = seg.cluster_probe.n_clusters
+    conf_c = np.zeros((n_clusters, n_classes), np.int64)
+    conf_l = np.zeros((n_classes, n_classes), np.int64)
+    codes = torch.cat([seg.head(val.feats[i:i + 16].float()) for i in range(0, len(val), 16)])
+    for start, up in qd.upsample_chunks(codes, size):
+        lab = val.labels[start:start + up.shape[0]]
+        conf_c += metrics.confusion(seg.cluster_probe.predict(up), lab, n_clusters, n_classes)
+        conf_l += metrics.confusion(seg.linear_probe(up).argmax(dim=1), lab, n_classes, n_classes)
+    return {"unsupervised": _brief(metrics.hungarian_scores(conf_c)), "linear": _brief(metrics.identity_scores(conf_l))}
+
+
+def _brief(s: dict) -> dict:
+    return {"accuracy": s["accuracy"], "miou": s["miou"], "iou": s["iou"]}
+
+
+@torch.no_grad()
+def kmeans_baseline(train_raw: torch.Tensor, val: qd.FeatureSet, n_classes: int, seed: int, fit_on: str) -> dict:
+    """Cosine k-means on raw backbone vectors (of ``train_raw`` or the val maps), Hungarian on val."""
+    gen = torch.Generator().manual_seed(seed)
+    source = train_raw if fit_on == "train" else val.feats
+    per = max(1, 20_000 // source.shape[0])
+    cent = fit_kmeans(qd.sample_vectors(source, per, gen), n_classes, iters=30, seed=seed)
+    conf = np.zeros((n_classes, n_classes), np.int64)
+    for start, up in qd.upsample_chunks(val.feats, tuple(val.labels.shape[-2:]), chunk=2):
+        pred = torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(up, dim=1), cent).argmax(dim=1)
+        conf += metrics.confusion(pred, val.labels[start:start + up.shape[0]], n_classes, n_classes)
+    return {"unsupervised": _brief(metrics.hungarian_scores(conf))}
+
+
+@torch.no_grad()
+def correlation_stats(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: int = 4) -> dict:
+    """Mean / quantiles of the (pointwise-centred) feature correlations of self, kNN and negative pairs.
+
+    The label-free statistic used to set the loss shifts for new data (train split only).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vals = {"self": [], "knn": [], "neg": []}
+    s = cfg.sampling.samples
+    for _ in range(rounds):
+        idx = torch.randperm(len(data), generator=gen)[:batch]
+        pos = data.nn[idx, torch.randint(data.nn.shape[1], (len(idx),), generator=gen)]
+        neg = idx[losses.permutation_without_fixed_points(len(idx), gen)]
+        coords = [torch.rand(len(idx), s, s, 2, generator=gen) * 2 - 1 for _ in range(2)]
+        f1 = losses.sample_features(data.feats[idx].float(), coords[0])
+        for name, other in (("self", idx), ("knn", pos), ("neg", neg)):
+            f2 = f1 if name == "self" else losses.sample_features(data.feats[other].float(), coords[1])
+            corr = losses.correlation(f1, f2)
+            if cfg.loss.pointwise:
+                corr = corr - corr.mean(dim=(3, 4), keepdim=True) + corr.mean()
+            vals[name].append(corr.flatten())
+    out = {}
+    for name, v in vals.items():
+        v = torch.cat(v)
+        q = torch.quantile(v[torch.randperm(v.numel(), generator=gen)[:100_000]], torch.tensor([0.25, 0.5, 0.75]))
+        out[name] = {"mean": float(v.mean()), "q25": float(q[0]), "median": float(q[1]), "q75": float(q[2])}
+    return out
+
+
+# ----------------------------------------------------------------------------- one dataset
+def _prepare(args, data_overrides, n_classes_hint, train_kwargs, val_kwargs, log):
+    cfg = load_config(None, data_overrides)
+    backbone = build_backbone("effnet_lite0")
+    src_train, src_val = build_source(cfg.data, "train"), build_source(cfg.data, "val")
+    t0 = time.perf_counter()
+    train = qd.build_set(src_train, backbone, knn=args.knn, **train_kwargs)
+    val = qd.build_set(src_val, backbone, **val_kwargs)
+    info = {"train_crops": len(train), "val_images": len(val), "train_res": train_kwargs["res"],
+            "val_res": val_kwargs["res"], "raw_dim": int(train.feats.shape[1]),
+            "cache_seconds": time.perf_counter() - t0, "n_classes": src_train.n_classes,
+            "classes": list(src_train.class_names)}
+    log(f"  cached {len(train)} train crops + {len(val)} val images in {info['cache_seconds']:.0f} s")
+    return train, val, info, src_train.n_classes
+
+
+def _projected(args, train, val, info):
+    raw_train, raw_val = train.feats, val.feats
+    if args.pca_dim and args.pca_dim < raw_train.shape[1]:
+        basis, kept = qd.fit_projection(raw_train, args.pca_dim, torch.Generator().manual_seed(0))
+        info.update(pca_dim=args.pca_dim, pca_energy_kept=kept)
+        ptrain = qd.FeatureSet(qd.project(raw_train, basis), train.labels, train.depth, train.nn, train.ids)
+        pval = qd.FeatureSet(qd.project(raw_val, basis), val.labels, val.depth, None, val.ids)
+        return ptrain, pval
+    info.update(pca_dim=0, pca_energy_kept=1.0)
+    return train, val
+
+
+def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, base, steps, log) -> dict:
+    log(f"[{name}] caching features")
+    train, val, info, n_classes = _prepare(args, data_overrides, None, train_kwargs, val_kwargs, log)
+    result = {"setup": info, "kmeans_raw": {}, "variants": {}}
+    for fit_on in ("train", "val"):
+        runs = [kmeans_baseline(train.feats, val, n_classes, seed, fit_on) for seed in range(args.seeds)]
+        result["kmeans_raw"][f"fit_{fit_on}"] = summarise(runs)
+        log(f"  k-means raw (fit on {fit_on}): {fmt(result['kmeans_raw'][f'fit_{fit_on}'])}")
+    ptrain, pval = _projected(args, train, val, info)
+    del train
+    base_cfg = load_config(None, base_overrides(args, n_classes, base))
+    result["setup"]["correlations"] = correlation_stats(base_cfg, ptrain, args.batch, 0)
+    result["setup"]["base_overrides"] = base_overrides(args, n_classes, base)
+    for vname in variants:
+        cfg = load_config(None, base_overrides(args, n_classes, base) + VARIANTS[vname])
+        runs = []
+        for seed in range(args.seeds):
+            t0 = time.perf_counter()
+            seg, terms = train_variant(cfg, ptrain, steps, args.batch, seed)
+            scores = evaluate(seg, pval, n_classes)
+            scores.update(seconds=time.perf_counter() - t0, final_terms=terms)
+            runs.append(scores)
+        result["variants"][vname] = summarise(runs)
+        result["variants"][vname]["overrides"] = VARIANTS[vname]
+        log(f"  {vname}: {fmt(result['variants'][vname])} ({np.mean([r['seconds'] for r in runs]):.0f} s/run)")
+    result["steps"] = steps
+    return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    """mean / std (population std over seeds) of accuracy and mIoU for each probe, plus the raw runs."""
+    out = {"runs": runs, "seeds": len(runs)}
+    for probe in ("unsupervised", "linear"):
+        if probe not in runs[0]:
+            continue
+        for metric in ("accuracy", "miou"):
+            v = np.array([r[probe][metric] for r in runs], dtype=np.float64)
+            out[f"{probe}_{metric}_mean"] = float(v.mean())
+            out[f"{probe}_{metric}_std"] = float(v.std())
+    return out
+
+
+def fmt(s: dict) -> str:
+    parts = []
+    for probe in ("unsupervised", "linear"):
+        if f"{probe}_miou_mean" in s:
+            parts.append(f"{probe} acc {100 * s[f'{probe}_accuracy_mean']:.1f} mIoU {100 * s[f'{probe}_miou_mean']:.1f}"
+                         f" (+-{100 * s[f'{probe}_miou_std']:.1f})")
+    return ", ".join(parts)
+
+
+def run(args) -> dict:
+    if args.quick:
+        _quick(args)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t_start = time.perf_counter()
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; valid: {', '.join(VARIANTS)}")
+    result = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "backbone": "effnet_lite0 (ImageNet-"
+              "supervised EfficientNet-Lite0: a stand-in for DINO)", "datasets": {}}
+    syn = [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}"]
+    result["datasets"]["synthetic"] = run_dataset(
+        args, "synthetic", syn, dict(res=args.crop_res, crop=True, limit=0),
+        dict(res=args.val_res, crop=False, limit=0), variants, args.base, args.steps, log)
+    if not args.skip_camvid:
+        cam = ["data.dataset=camvid", f"data.root={args.camvid_root}"]
+        cbase = args.base if args.camvid_base is None else args.camvid_base
+        result["datasets"]["camvid"] = run_dataset(
+            args, "camvid", cam, dict(res=args.camvid_res, crop=True, limit=args.camvid_train),
+            dict(res=args.camvid_res, crop=False, limit=args.camvid_val), ["stego"], cbase,
+            args.camvid_steps or args.steps, log)
+    result["seconds_total"] = time.perf_counter() - t_start
+    log(f"total {result['seconds_total']:.0f} s")
+    if args.results_md:
+        write_markdown(result, args.results_md)
+    return result
+
+
+def write_markdown(result: dict, path: str) -> None:  # placeholder replaced below
+    pass
