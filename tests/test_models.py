@@ -45,6 +45,14 @@ def test_missing_weights_file_is_named(tmp_path):
         build_backbone("tiny_vit", weights=str(tmp_path))  # a folder without a weights file
 
 
+def test_hub_weights_offline_say_what_to_do(monkeypatch):
+    """weights="" fetches from the hub; offline (the hub library's own offline switch) the error says how to fix it."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match=r"vit_small_patch8_224\.dino.*model\.weights="):
+        build_backbone("dino_vits8")
+
+
 def test_input_shape_checked():
     backbone = build_backbone("tiny_vit")
     with pytest.raises(ValueError, match="multiples of 8"):
