@@ -305,7 +305,7 @@ def validate(backbone, segmenter, cfg: Config, world: World, batches: int = 4) -
             out = compute_losses(backbone, segmenter, batch, cfg, 0, gen, training=False)
             labels = batch["label"]
             codes = F.interpolate(out["codes"], size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            pred = segmenter.cluster_probe.predict(codes).cpu()
+            pred = segmenter.cluster_probe.predict(codes.to(segmenter.cluster_probe.centroids.dtype)).cpu()
             conf += torch.from_numpy(metrics.confusion(pred.numpy(), labels.numpy(), n_pred, n_cls)).double()
             sums += torch.tensor([float(out["stego"]), 1.0], dtype=torch.float64)
     all_reduce_sum(conf, world)
@@ -443,16 +443,23 @@ def _validate_and_select(backbone, segmenter, cfg, world, log, batch_idx, best) 
         if world.is_main:
             from depthg.checkpoint import save_segmenter
 
-            save_segmenter(io.join(cfg.train.output, "segmenter_best.pt"), cfg, segmenter,
+            save_segmenter(io.join(cfg.train.output, "segmenter_best.pt"), cfg, _fp32(segmenter),
                            {"batch": batch_idx + 1, "select": "label_free", **scores})
     return best
+
+
+def _fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """An fp32 CPU copy for saving (a bf16 engine trains bf16 weights; evaluation wants fp32)."""
+    import copy
+
+    return copy.deepcopy(module).float().cpu()
 
 
 def _write_final(cfg: Config, segmenter, best: dict, total: int) -> None:
     """Rank 0: ``segmenter.pt`` (the label-free pick when selecting, else the last) + config.yaml."""
     from depthg.checkpoint import save_segmenter
 
-    out = cfg.train.output
+    out, segmenter = cfg.train.output, _fp32(segmenter)
     save_segmenter(io.join(out, "segmenter_last.pt"), cfg, segmenter, {"batch": total})
     if cfg.train.select == "label_free" and io.exists(io.join(out, "segmenter_best.pt")):
         io.write_bytes(io.join(out, "segmenter.pt"), io.read_bytes(io.join(out, "segmenter_best.pt")))

@@ -76,9 +76,9 @@ def _grid_points(cfg, depth: torch.Tensor, grid_hw) -> torch.Tensor:
 
 def probe_losses(segmenter, codes: torch.Tensor, labels: torch.Tensor) -> dict:
     """Cluster (learned k-means) and linear (CE, -1 ignored) probe losses on detached codes."""
-    codes = codes.detach().float()
-    cluster = segmenter.cluster_probe.loss(codes)
-    linear = segmenter.linear_probe.loss(segmenter.linear_probe(codes), labels)
+    codes = codes.detach().to(next(segmenter.cluster_probe.parameters()).dtype)  # bf16 under a bf16 engine
+    cluster = segmenter.cluster_probe.loss(codes).float()
+    linear = segmenter.linear_probe.loss(segmenter.linear_probe(codes).float(), labels)
     return {"cluster_probe": cluster, "linear_probe": linear, "probes": cluster + linear}
 
 
