@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from typing import Iterable
 
 from depthg import io, shards
 from depthg.config import Config, from_dict, mask_secrets, to_dict
+
+log = logging.getLogger(__name__)
 
 
 def _digest(data) -> str:
@@ -48,18 +51,21 @@ class DepthWorker:
     """Turns one work unit into one complete depth shard. Plain class: Ray wraps it as an actor,
     the benchmark's in-process loop uses it directly."""
 
-    def __init__(self, cfg_dict: dict, split: str, threads: int = 0):
+    def __init__(self, cfg_dict: dict, threads: int = 0):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        from depthg.data import build_source
-
         self.cfg = from_dict(Config, cfg_dict)
-        self.split = split
-        self.source = build_source(self.cfg.data, split)
-        self.crop = split == "train" and self.cfg.data.five_crop
+        self._sources: dict = {}
         self._estimator = None
+
+    def source(self, split: str):
+        if split not in self._sources:
+            from depthg.data import build_source
+
+            self._sources[split] = build_source(self.cfg.data, split, n_classes=self.cfg.model.n_classes or None)
+        return self._sources[split]
 
     def estimator(self):
         if self._estimator is None and self.cfg.depthgen.source != "dataset":
@@ -68,14 +74,14 @@ class DepthWorker:
             self._estimator = build_estimator(self.cfg.depthgen)
         return self._estimator
 
-    def load(self, ids: list[str]):
+    def load(self, split: str, ids: list[str]):
         """Records that load, plus ``[{"id","error"}]`` for those that do not (or raise if strict)."""
         from depthg.data.base import SourceError
 
         records, skipped = [], []
         for id_ in ids:
             try:
-                records.append(self.source.load(id_))
+                records.append(self.source(split).load(id_))
             except (SourceError, OSError, ValueError) as exc:
                 if self.cfg.shards.strict:
                     raise SourceError(f"unreadable source image {id_!r} ({exc}); "
@@ -101,24 +107,25 @@ class DepthWorker:
                 rec.depth = minmax(depth)
         return records
 
-    def samples(self, records: list) -> Iterable[dict]:
+    def samples(self, split: str, records: list) -> Iterable[dict]:
         from depthg.data import five_crop
 
+        crop = split == "train" and self.cfg.data.five_crop  # val is never cropped
         for rec in records:
-            crops = five_crop(rec, self.cfg.data.crop_ratio) if self.crop else [rec]
-            for k, crop in enumerate(crops):
-                meta = {"source_id": str(rec.id), "crop": k if self.crop else -1, "split": self.split,
+            crops = five_crop(rec, self.cfg.data.crop_ratio) if crop else [rec]
+            for k, part in enumerate(crops):
+                meta = {"source_id": str(rec.id), "crop": k if crop else -1, "split": split,
                         "dataset": self.cfg.data.dataset, "neighbors": []}
-                key = sample_key(f"{rec.id}_c{k}" if self.crop else rec.id)
-                yield shards.encode_sample(key, crop.image, crop.depth, crop.label, meta)
+                key = sample_key(f"{rec.id}_c{k}" if crop else rec.id)
+                yield shards.encode_sample(key, part.image, part.depth, part.label, meta)
 
-    def run_unit(self, index: int, ids: list[str], folder: str) -> dict:
-        """Write unit ``index`` as ``folder/shard-{index}.tar`` (+ sidecar); returns the sidecar."""
+    def run_unit(self, split: str, index: int, ids: list[str], folder: str) -> dict:
+        """Write unit ``index`` of ``split`` as ``folder/shard-{index}.tar`` (+ sidecar); returns the sidecar."""
         start = time.perf_counter()
-        records, skipped = self.load(ids)
+        records, skipped = self.load(split, ids)
         records = self.add_depth(records)
-        extra = {"source_ids": list(ids), "skipped": skipped, "digest": depth_digest(self.cfg, self.split)}
-        info = shards.put_shard(folder, shards.shard_name(index), self.samples(records), extra)
+        extra = {"source_ids": list(ids), "skipped": skipped, "digest": depth_digest(self.cfg, split)}
+        info = shards.put_shard(folder, shards.shard_name(index), self.samples(split, records), extra)
         return {**info, "seconds": time.perf_counter() - start}
 
 
@@ -134,18 +141,25 @@ def source_info(cfg: Config, split: str) -> dict:
     from depthg.data import build_source
     from depthg.data.base import apply_limit
 
-    source = build_source(cfg.data, split)
+    source = build_source(cfg.data, split, n_classes=cfg.model.n_classes or None)
     return {"ids": apply_limit(list(source.ids()), cfg.data.limit), "n_classes": int(source.n_classes),
             "class_names": list(getattr(source, "class_names", []) or [])}
 
 
-def generate_depth(cfg: Config, split: str, max_units: int | None = None, progress: bool = True) -> dict | None:
+def depth_group(cfg: Config, max_actors: int | None = None):
+    """The pool of depth actors (reusable across splits); a context manager."""
+    from cluster.raycluster import ActorGroup
+
+    return ActorGroup(DepthWorker, (to_dict(cfg),), cfg.depthgen.num_actors, max_actors)
+
+
+def generate_depth(cfg: Config, split: str, max_units: int | None = None, progress: bool = True,
+                   group=None) -> dict | None:
     """Run stage 1 for one split; returns the manifest (None when stopped early by ``max_units``).
 
-    Ray must be connected (``cluster.raycluster.connect``).
+    Ray must be connected (``cluster.raycluster.connect``). ``group``: a ``depth_group`` to reuse
+    (otherwise one is started for this call when there is work).
     """
-    from cluster.raycluster import run_on_actors
-
     folder = shards.split_dir(cfg.shards.root, split, "depth")
     info = source_info(cfg, split)
     if not info["ids"]:
@@ -156,13 +170,23 @@ def generate_depth(cfg: Config, split: str, max_units: int | None = None, progre
                if cfg.shards.overwrite or unit_complete(folder, i, ids, digest) is None]
     if pending:  # a manifest must never describe a half-rewritten split
         io.remove(io.join(folder, shards.MANIFEST))
-    calls = [(i, units[i], folder) for i in pending[:max_units]]
-    for _ in run_on_actors(DepthWorker, (to_dict(cfg), split), "run_unit", calls, cfg.depthgen.num_actors,
-                           desc=f"depth {split}", progress=progress):
-        pass
+    calls = [(split, i, units[i], folder) for i in pending[:max_units]]
+    if calls:
+        if group is None:
+            with depth_group(cfg, len(calls)) as own:
+                skipped = _run(own, calls, split, progress)
+        else:
+            skipped = _run(group, calls, split, progress)
+        if skipped:
+            log.warning("depth %s: skipped %d unreadable images (listed in the manifest), e.g. %s",
+                        split, len(skipped), skipped[0]["error"])
     if max_units is not None and len(calls) < len(pending):
         return None
     return write_depth_manifest(cfg, split, folder, units, digest, info)
+
+
+def _run(group, calls, split: str, progress: bool) -> list[dict]:
+    return [s for info in group.map("run_unit", calls, f"depth {split}", progress) for s in info["skipped"]]
 
 
 def write_depth_manifest(cfg: Config, split: str, folder: str, units, digest: str, info: dict) -> dict:

@@ -1,7 +1,7 @@
 """Stage 2 on Ray: depth shards -> neighbour mining -> training shards ``{root}/{split}``.
 
-1. Features: ``MiningWorker`` actors read depth shards, resize each crop to ``data.resolution``
-   (shorter side, then centre crop), run the frozen backbone, mean-pool and L2-normalise:
+1. Features: ``MiningWorker`` actors read depth shards, bring each crop to ``data.resolution``
+   with the training transform (shorter side, centre crop), run the frozen backbone, mean-pool and L2-normalise:
    one global feature per sample.
 2. Driver: exact cosine top-k (``mining.k``) over the whole split (``depthg.knn``), excluding the
    sample itself; positives are ranks 1..``mining.num_positives`` (cycled when the split is smaller).
@@ -28,20 +28,6 @@ from depthg import io, shards
 from depthg.config import Config, from_dict, mask_secrets, to_dict
 
 log = logging.getLogger(__name__)
-
-
-def resize_short_center(image: np.ndarray, size: int):
-    """uint8 HxWx3 -> float [3, size, size] in [0,1]: bilinear shorter-side resize, centre crop."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255.0)[None]
-    h, w = x.shape[2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[0, :, top:top + size, left:left + size].clamp(0.0, 1.0)
 
 
 class ShardCache:
@@ -100,6 +86,8 @@ class MiningWorker:
         """``(index, ids, feats [n, C] float32)`` of depth shard ``url``, in shard order."""
         import torch
 
+        from depthg.data import resize_short_center_crop, to_tensor_image
+
         ids, images = [], []
         for raw in shards.iter_shard(url):
             ids.append(raw["__key__"])
@@ -108,7 +96,8 @@ class MiningWorker:
         out = []
         with torch.no_grad():
             for start in range(0, len(images), size):
-                x = torch.stack([resize_short_center(im, res) for im in images[start:start + size]])
+                # the training transform (shorter side, centre crop), so features match what training sees
+                x = torch.stack([to_tensor_image(resize_short_center_crop(im, res)) for im in images[start:start + size]])
                 f = self.backbone()(x.to(self.device)).float().mean(dim=(2, 3))
                 out.append(torch.nn.functional.normalize(f, dim=1).cpu().numpy())
         dim = self.backbone().dim
@@ -163,17 +152,28 @@ def neighbour_table(ids: list[str], feats: np.ndarray, k: int) -> dict[str, list
     return {ids[i]: [ids[j] for j in row] for i, row in enumerate(idx.tolist())}
 
 
-def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progress: bool = True) -> dict | None:
-    """Run stage 2 for one split; returns the training manifest (None when stopped by ``max_units``)."""
+def mining_group(cfg: Config, max_actors: int | None = None):
+    """The pool of mining actors (reusable across splits); a context manager."""
     from cluster.raycluster import ActorGroup
 
+    return ActorGroup(MiningWorker, (to_dict(cfg),), cfg.mining.num_actors, max_actors)
+
+
+def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progress: bool = True,
+                   group=None) -> dict | None:
+    """Run stage 2 for one split; returns the training manifest (None when stopped by ``max_units``).
+
+    ``group``: a ``mining_group`` to reuse (otherwise one is started for this call).
+    """
     depth_folder = shards.split_dir(cfg.shards.root, split, "depth")
     dm = shards.read_manifest(depth_folder)
     urls = [io.join(depth_folder, s["name"]) for s in dm["shards"]]
-    with ActorGroup(MiningWorker, (to_dict(cfg),), cfg.mining.num_actors, max_actors=len(urls)) as group:
-        per_shard, feats = compute_features(group, urls, progress)
-        units = plan_train_units(cfg, dm, urls, per_shard, feats)
-        return write_train_shards(cfg, split, group, units, dm, urls, per_shard, max_units, progress)
+    if group is None:
+        with mining_group(cfg, max_actors=len(urls)) as own:
+            return mine_neighbors(cfg, split, max_units, progress, own)
+    per_shard, feats = compute_features(group, urls, progress)
+    units = plan_train_units(cfg, dm, urls, per_shard, feats)
+    return write_train_shards(cfg, split, group, units, dm, urls, per_shard, max_units, progress)
 
 
 def plan_train_units(cfg: Config, dm: dict, urls: list[str], per_shard: list[list[str]], feats: np.ndarray):

@@ -11,6 +11,10 @@ from __future__ import annotations
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# storage settings the driver forwards to its actors (actors of an already running cluster do not
+# see the driver's environment); forwarded through the actor's runtime_env, never logged
+STORAGE_ENV = ("DEPTHG_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 CPU_ACTORS_DEFAULT = 2  # actors on a CPU-only cluster when the config says 0 ("auto")
 
 
@@ -48,6 +52,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     return True
 
 
+def storage_env() -> dict[str, str]:
+    """The driver's storage environment variables that are set (see ``STORAGE_ENV``)."""
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+
+
 def actor_resources(num_actors: int = 0) -> tuple[int, dict]:
     """``(count, ray options)``: one GPU per actor on a GPU cluster, an equal CPU share otherwise.
 
@@ -67,17 +76,29 @@ def actor_resources(num_actors: int = 0) -> tuple[int, dict]:
 
 class ActorGroup:
     """A pool of ``actor_cls`` actors sized by ``actor_resources``; reusable for several ``map``
-    rounds (actor start-up, i.e. importing torch and building models, is paid once). Use as a
-    context manager: the actors are killed on exit."""
+    rounds (actor start-up, i.e. importing torch and building models, is paid once). The actors
+    start on the first ``map`` (at most one per call of it) and are killed when the ``with`` ends."""
 
     def __init__(self, actor_cls, init_args: tuple, num_actors: int = 0, max_actors: int | None = None):
+        self.actor_cls, self.init_args = actor_cls, init_args
+        self.num_actors, self.max_actors = num_actors, max_actors
+        self.actors: list = []
+
+    def start(self, max_actors: int | None = None) -> list:
         import ray
 
-        count, options = actor_resources(num_actors)
-        count = max(min(count, max_actors or count), 1)
+        if self.actors:
+            return self.actors
+        count, options = actor_resources(self.num_actors)
+        limits = [n for n in (self.max_actors, max_actors) if n]
+        count = max(min([count, *limits]), 1)
         threads = max(int(options.get("num_cpus", 1)), 1)
-        remote_cls = ray.remote(actor_cls)
-        self.actors = [remote_cls.options(**options).remote(*init_args, threads=threads) for _ in range(count)]
+        env = storage_env()
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        remote_cls = ray.remote(self.actor_cls)
+        self.actors = [remote_cls.options(**options).remote(*self.init_args, threads=threads) for _ in range(count)]
+        return self.actors
 
     def map(self, method: str, calls: list[tuple], desc: str = "", progress: bool = True):
         """Yield ``actor.method(*call)`` results as they complete, with one driver-side tqdm bar."""
@@ -86,7 +107,7 @@ class ActorGroup:
 
         if not calls:
             return
-        pool = ActorPool(self.actors)
+        pool = ActorPool(self.start(len(calls)))
         results = pool.map_unordered(lambda actor, call: getattr(actor, method).remote(*call), calls)
         with tqdm(total=len(calls), desc=desc, unit="shard", disable=not progress) as bar:
             for result in results:
@@ -103,11 +124,3 @@ class ActorGroup:
             ray.kill(actor)
         self.actors = []
 
-
-def run_on_actors(actor_cls, init_args: tuple, method: str, calls: list[tuple], num_actors: int = 0,
-                  desc: str = "", progress: bool = True):
-    """One round of ``ActorGroup.map`` on a fresh group (no actors started when there is no call)."""
-    if not calls:
-        return
-    with ActorGroup(actor_cls, init_args, num_actors, max_actors=len(calls)) as group:
-        yield from group.map(method, calls, desc, progress)

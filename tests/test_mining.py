@@ -33,14 +33,6 @@ def test_positives_for_cycles_and_rejects_empty():
         mining.positives_for([], 1)
 
 
-def test_resize_short_center():
-    img = np.zeros((20, 40, 3), np.uint8)
-    img[:, 15:25] = 255  # 10 px -> 4 px wide after the 0.4 resize, centred
-    x = mining.resize_short_center(img, 8)
-    assert tuple(x.shape) == (3, 8, 8) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
-    assert x[:, :, 3:5].mean() > 0.9 and x[:, :, 0].max() == 0.0  # centre stripe kept, sides cropped
-
-
 def test_mining_end_to_end(tmp_path, ray_local):
     root = str(tmp_path)
     shards.write_test_shards(root, 10, size=(16, 24), with_positives=False, samples_per_shard=4, split="val")

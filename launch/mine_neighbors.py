@@ -1,0 +1,39 @@
+"""Stage 2 alone: neighbour mining over existing depth shards -> training shards.
+
+    python launch/mine_neighbors.py [--config FILE] [--splits train,val] [key=value ...]
+
+Reads ``{root}/depth/{split}/manifest.json`` (written by ``launch/generate_depth.py``), computes
+global backbone features on Ray actors, exact cosine top-``mining.k`` over the split, and writes
+``{root}/{split}/`` with ``mining.num_positives`` positives embedded per sample (manifest last).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from launch.generate_depth import check_backbone, parse_args, resolve_config, run_mining  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv, __doc__, mining_flag=False)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = resolve_config(args)
+    check_backbone(cfg)
+    import ray
+
+    from cluster.raycluster import connect
+
+    started = connect(args.address)
+    try:
+        return run_mining(cfg, [s.strip() for s in args.splits.split(",") if s.strip()], args.quiet)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
