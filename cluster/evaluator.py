@@ -133,7 +133,7 @@ class EvalWorker:
         opts = evaluation.EvalOptions(self.n_classes, flip=bool(self.cfg["flip"]), crf=bool(self.cfg["crf"]),
                                       centroids=None if centroids is None else torch.as_tensor(centroids))
         total, n_images, keep = None, 0, []
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for batch in self._batches(urls):
             images, labels = evaluation.collate(batch)
             if labels is None:
@@ -144,7 +144,7 @@ class EvalWorker:
             n_images += len(batch)
             keep = _keep_first(keep, _report_samples(batch, preds, opts.crf), int(self.cfg["report_images"]))
         return {"confusion": total or {}, "images": n_images, "seconds": time.perf_counter() - start,
-                "samples": keep}
+                "cpu_seconds": time.process_time() - cpu_start, "samples": keep}
 
 
 def _report_samples(batch: list[dict], preds: dict, crf: bool) -> list[dict]:
@@ -168,7 +168,8 @@ def sum_results(results: Sequence[dict], report_images: int) -> dict:
     for r in results:
         samples = _keep_first(samples, r["samples"], report_images)
     return {"confusion": confusion, "images": sum(r["images"] for r in results),
-            "worker_seconds": [r["seconds"] for r in results], "samples": samples}
+            "worker_seconds": [r["seconds"] for r in results],
+            "worker_cpu_seconds": [r["cpu_seconds"] for r in results], "samples": samples}
 
 
 def _ray_workers(ray, n: int, args: tuple) -> list:

@@ -5,8 +5,10 @@
 Writes a small set of synthetic validation shards to a temporary folder, evaluates them with an
 untrained segmenter (throughput does not depend on the weights) and reports, per setting,
 images / s = images / the slowest worker's evaluation time (actor start-up excluded, reported
-apart as wall time). Each actor runs one torch thread; the CRF is CPU-bound, so workers should
-scale with cores: the target is >= 1.8x for 2 workers over 1 with CRF.
+apart as wall time), the CPU seconds per image (independent of other load on the machine) and
+the 1-minute load average (on a shared machine the speed-up is only meaningful when it is low).
+Each actor runs one torch thread; the CRF is CPU-bound and single-threaded, so workers should
+scale with free cores: the target is >= 1.8x for 2 workers over 1 with CRF.
 """
 from __future__ import annotations
 
@@ -57,8 +59,10 @@ def run(args) -> dict:
                 out = evaluator.evaluate(_config(args, crf), model, urls, workers)
                 wall = time.perf_counter() - start
                 busy = max(out["worker_seconds"])
+                cpu = sum(out["worker_cpu_seconds"])
                 rows.append({"crf": crf, "workers": workers, "images": out["images"],
-                             "images_per_s": out["images"] / busy, "eval_s": busy, "wall_s": wall})
+                             "images_per_s": out["images"] / busy, "eval_s": busy, "wall_s": wall,
+                             "cpu_s_per_image": cpu / out["images"], "load_avg_1min": os.getloadavg()[0]})
     table = _table(rows)
     print(table)
     return {"settings": {k: getattr(args, k) for k in ("images", "resolution", "classes", "backbone", "batch_size")},
@@ -77,9 +81,10 @@ def _speedups(rows: list[dict]) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| CRF | workers | images | images/s | eval s | wall s (incl. actor start) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| CRF | workers | images | images/s | eval s | wall s (incl. actor start) | CPU s / image | load avg |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {'yes' if r['crf'] else 'no'} | {r['workers']} | {r['images']} | {r['images_per_s']:.2f} "
-                     f"| {r['eval_s']:.2f} | {r['wall_s']:.2f} |")
+                     f"| {r['eval_s']:.2f} | {r['wall_s']:.2f} | {r['cpu_s_per_image']:.2f} "
+                     f"| {r['load_avg_1min']:.1f} |")
     return "\n".join(lines)
