@@ -142,6 +142,23 @@ def test_two_gloo_workers_under_torchrun_see_disjoint_samples(tmp_path, tiny_roo
     assert os.path.exists(os.path.join(out, "segmenter.pt")) and os.path.exists(os.path.join(out, "config.yaml"))
     assert os.listdir(os.path.join(out, "tb"))
 
+    # the same loop under `deepspeed --no_ssh` (emulated node 0 of 1; --local_rank=N passed): same numbers
+    hostfile, out2 = tmp_path / "hostfile", str(tmp_path / "ds")
+    hostfile.write_text("localhost slots=2\n")
+    ds = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
+          "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(trainer._free_port()),
+          os.path.join(REPO, "launch", "train.py"), *cmd[cmd.index("--config"):]]
+    ds[ds.index(f"train.output={out}")] = f"train.output={out2}"
+    env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu", "DEPTHG_TRACE_SAMPLES": trace + "-ds",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    proc = subprocess.run(ds, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = [m for m in last if "total" in m]
+    b = [m for m in _metrics(os.path.join(out2, "metrics.jsonl")) if "total" in m]
+    assert [m["batch"] for m in a] == [m["batch"] for m in b] == [0, 1, 2]
+    for x, y in zip(a, b):
+        assert x["total"] == pytest.approx(y["total"], rel=1e-5)
+
 
 @pytest.mark.slow
 def test_ray_train_two_cpu_workers_checkpoint_to_s3_and_resume(s3, ray_local, tiny_root):
