@@ -276,3 +276,14 @@ def test_transform_record_and_to_tensor():
     np.testing.assert_allclose(t.permute(1, 2, 0).numpy() * 255, out.image, atol=1e-4)
     with pytest.raises(ValueError):
         to_tensor_image(out.depth)
+
+
+def test_folder_per_split_subfolders_and_dotted_stems(tmp_path):
+    _png(str(tmp_path / "train/images/a.b.png"), _rgb(2, 3, 0))
+    _png(str(tmp_path / "val/images/c.png"), _rgb(2, 3, 1))
+    cfg = DataConfig(dataset="folder", root=str(tmp_path))
+    train, val = build_source(cfg, "train", n_classes=2), build_source(cfg, "val", n_classes=2)
+    assert train.ids() == ["a_b"] and val.ids() == ["c"]  # ids carry no dots (shard keys)
+    np.testing.assert_array_equal(train.load("a_b").image, _rgb(2, 3, 0))
+    with pytest.raises(SourceError, match="unknown image id"):
+        val.load("a_b")
