@@ -118,6 +118,26 @@ def test_zoedepth_path_metric_and_padding_removed(tiny_zoe):
     assert all(np.isfinite(d).all() and d.min() >= 0 and d.max() <= 1 for d in out)
 
 
+def test_depth_anything_keep_aspect_ratio_mixed_sizes(tmp_path):
+    # keep_aspect_ratio gives one tensor size per image size: a batch of mixed sizes must be grouped
+    torch.manual_seed(0)
+    backbone = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                         intermediate_size=32, image_size=28, patch_size=14,
+                                         out_features=["stage1", "stage2", "stage3", "stage4"],
+                                         reshape_hidden_states=False)
+    cfg = transformers.DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 8, 16, 16],
+                                           fusion_hidden_size=8, head_hidden_size=8, reassemble_hidden_size=16)
+    transformers.DepthAnythingForDepthEstimation(cfg).eval().save_pretrained(str(tmp_path))
+    transformers.DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True,
+                                   ensure_multiple_of=14).save_pretrained(str(tmp_path))
+    est = TransformersDepth(str(tmp_path), "cpu", batch_size=3)
+    assert est.inverse  # relative Depth Anything predicts disparity
+    images = _images()
+    out = est(images)
+    assert [d.shape for d in out] == [img.shape[:2] for img in images]
+    np.testing.assert_allclose(out[0], TransformersDepth(str(tmp_path), "cpu", batch_size=1)([images[0]])[0], atol=1e-5)
+
+
 def test_transformers_depth_errors(tmp_path, tiny_dpt):
     with pytest.raises(DepthError, match=str(tmp_path)):
         TransformersDepth(str(tmp_path), "cpu")
