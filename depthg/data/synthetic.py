@@ -286,10 +286,10 @@ def _furniture(canvas, cam, rng, paint, street):
         if all(abs(lx - tx) > 2.2 or abs(cz - tz) > 6.0 for tx, tz in taken):
             taken.append((lx, cz))
             _car(canvas, cam, rng, paint, lx, cz)
-    for k in range(rng.integers(2, 6)):
+    for k in range(rng.integers(3, 8)):
         side = rng.choice([-1, 1])
         px = xc + side * (rw + rng.uniform(0.4, sw - 0.3)) if rng.random() < 0.85 else xc + rng.uniform(-rw, rw) * 0.8
-        _person(canvas, cam, rng, paint, px, rng.uniform(4, 18) if k == 0 else rng.uniform(4, 40))
+        _person(canvas, cam, rng, paint, px, rng.uniform(4, 14) if k < 2 else rng.uniform(4, 40))
 
 
 # ----------------------------------------------------------------------------- image formation
