@@ -13,6 +13,9 @@ features, same matching. Markdown report: ``--results-md``.
 """
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -54,18 +57,21 @@ def add_arguments(parser) -> None:
     a("--camvid-val", type=int, default=0, help="CamVid val images (0 = all 101)")
     a("--pca-dim", type=int, default=128, help="project backbone features to this many channels (0 = off)")
     a("--knn", type=int, default=7)
+    a("--probe-steps", type=int, default=150, help="probe-only steps on the final train codes (0 = off)")
     a("--variants", default=",".join(VARIANTS))
     a("--base", nargs="*", default=[], help="extra config overrides for every run (e.g. tuned shifts)")
     a("--camvid-base", nargs="*", default=None, help="overrides for CamVid runs (default: --base)")
     a("--skip-camvid", action="store_true")
     a("--results-md", default="docs/RESULTS.md", help="Markdown report ('' = none)")
+    a("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, oversubscribed CPU)")
+    a("--cache-dir", default="", help="reuse cached features from this folder (development only)")
     a("--quick", action="store_true", help="tiny smoke run (tests)")
 
 
 def _quick(args) -> None:
     args.steps, args.seeds, args.batch, args.num_train, args.num_val = 3, 1, 4, 2, 2
     args.crop_res, args.val_res, args.pca_dim, args.camvid_train, args.camvid_val = 64, 64, 16, 1, 2
-    args.camvid_res, args.samples = 64, 4
+    args.camvid_res, args.samples, args.probe_steps = 64, 4, 3
 
 
 def base_overrides(args, n_classes: int, extra=()) -> list[str]:
@@ -106,6 +112,27 @@ def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int):
     return seg, terms
 
 
+def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, seed: int) -> None:
+    """Extra probe-only Adam steps on the final (frozen, dropout-free) codes of the train crops.
+
+    The probes are trained on detached codes anyway; with short head budgets this lets both probes converge
+    on the final codes so that variants are compared on their codes, not on probe convergence.
+    """
+    if steps <= 0:
+        return
+    with torch.no_grad():
+        codes = torch.cat([seg.head(data.feats[i:i + 64].float()) for i in range(0, len(data), 64)])
+    opt = torch.optim.Adam(seg.probe_parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    for _ in range(steps):
+        idx = torch.randint(len(data), (min(batch, len(data)),), generator=gen)
+        c = codes[idx]
+        loss = seg.cluster_probe.loss(c) + seg.linear_probe.loss(seg.linear_probe(c), data.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 @torch.no_grad()
 def evaluate(seg, val: qd.FeatureSet, n_classes: int) -> dict:
     """Cluster probe (Hungarian over the split) and linear probe (identity) on upsampled val codes."""
@@ -127,15 +154,22 @@ def _brief(s: dict) -> dict:
 
 @torch.no_grad()
 def kmeans_baseline(train_raw: torch.Tensor, val: qd.FeatureSet, n_classes: int, seed: int, fit_on: str) -> dict:
-    """Cosine k-means on raw backbone vectors (of ``train_raw`` or the val maps), Hungarian on val."""
+    """Cosine k-means on raw backbone vectors (of ``train_raw`` or the val maps), Hungarian on val.
+
+    Centroids are fitted on about 20k vectors sampled from the train crops (``fit_on="train"``) or from the
+    val images themselves (``"val"``, transductive); val pixels take the argmax of the bilinearly upsampled
+    cosine scores.
+    """
     gen = torch.Generator().manual_seed(seed)
     source = train_raw if fit_on == "train" else val.feats
     per = max(1, 20_000 // source.shape[0])
     cent = fit_kmeans(qd.sample_vectors(source, per, gen), n_classes, iters=30, seed=seed)
     conf = np.zeros((n_classes, n_classes), np.int64)
-    for start, up in qd.upsample_chunks(val.feats, tuple(val.labels.shape[-2:]), chunk=2):
-        pred = torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(up, dim=1), cent).argmax(dim=1)
-        conf += metrics.confusion(pred, val.labels[start:start + up.shape[0]], n_classes, n_classes)
+    # cosine scores on the feature grid, bilinearly upsampled (704 -> n_classes channels before upsampling)
+    scores = torch.cat([torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(val.feats[i:i + 8].float(), dim=1),
+                                     cent) for i in range(0, len(val), 8)])
+    for start, up in qd.upsample_chunks(scores, tuple(val.labels.shape[-2:]), chunk=8):
+        conf += metrics.confusion(up.argmax(dim=1), val.labels[start:start + up.shape[0]], n_classes, n_classes)
     return {"unsupervised": _brief(metrics.hungarian_scores(conf))}
 
 
@@ -174,8 +208,19 @@ def _prepare(args, data_overrides, n_classes_hint, train_kwargs, val_kwargs, log
     backbone = build_backbone("effnet_lite0")
     src_train, src_val = build_source(cfg.data, "train"), build_source(cfg.data, "val")
     t0 = time.perf_counter()
-    train = qd.build_set(src_train, backbone, knn=args.knn, **train_kwargs)
-    val = qd.build_set(src_val, backbone, **val_kwargs)
+    key = "_".join(x.split("=")[-1].replace("/", "") for x in data_overrides) + f"_{train_kwargs}_{val_kwargs}"
+    path = os.path.join(args.cache_dir, "".join(c for c in key if c.isalnum() or c == "_") + ".pt")
+    if args.cache_dir and os.path.exists(path):
+        train, val = torch.load(path, weights_only=False)
+    else:
+        train = qd.build_set(src_train, backbone, knn=args.knn, **train_kwargs)
+        val = qd.build_set(src_val, backbone, **val_kwargs)
+        if args.cache_dir:
+            os.makedirs(args.cache_dir, exist_ok=True)
+            torch.save((train, val), path)
+    # the linear probe trains against labels at twice the feature grid (nearest): 4-8x cheaper, same signal
+    stride = max(1, train.labels.shape[-1] // (2 * train.feats.shape[-1]))
+    train.labels = train.labels[:, stride // 2::stride, stride // 2::stride].contiguous()
     info = {"train_crops": len(train), "val_images": len(val), "train_res": train_kwargs["res"],
             "val_res": val_kwargs["res"], "raw_dim": int(train.feats.shape[1]),
             "cache_seconds": time.perf_counter() - t0, "n_classes": src_train.n_classes,
@@ -215,6 +260,7 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             seg, terms = train_variant(cfg, ptrain, steps, args.batch, seed)
+            finish_probes(seg, ptrain, args.probe_steps, 64, cfg.train.probe_lr, seed)
             scores = evaluate(seg, pval, n_classes)
             scores.update(seconds=time.perf_counter() - t0, final_terms=terms)
             runs.append(scores)
@@ -250,7 +296,7 @@ def fmt(s: dict) -> str:
 def run(args) -> dict:
     if args.quick:
         _quick(args)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -272,10 +318,94 @@ def run(args) -> dict:
             args.camvid_steps or args.steps, log)
     result["seconds_total"] = time.perf_counter() - t_start
     log(f"total {result['seconds_total']:.0f} s")
+    result["command"] = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     if args.results_md:
-        write_markdown(result, args.results_md)
+        from launch.benchmark import machine
+
+        write_markdown({**result, "machine": machine()}, args.results_md)
     return result
 
 
-def write_markdown(result: dict, path: str) -> None:  # placeholder replaced below
-    pass
+MARKER = "<!-- hand-written below: kept when the benchmark rewrites this file -->"
+LABELS = {"stego": "STEGO (no depth, random sampling)", "depth_only": "+ depth correlation only (paper, random)",
+          "fps_only": "+ FPS only (no depth loss)", "depthg": "DepthG (paper depth loss + FPS)",
+          "depthg_lhp": "DepthG + 3D-LHP", "depthg_distance": "DepthG, distance mode (+ FPS)",
+          "depthg_reference": "DepthG, reference mode (+ FPS)"}
+
+
+def _pm(s: dict, key: str) -> str:
+    if f"{key}_mean" not in s:
+        return "-"
+    return f"{100 * s[f'{key}_mean']:.1f} +- {100 * s[f'{key}_std']:.1f}"
+
+
+def _table(ds: dict) -> list[str]:
+    rows = ["| method | unsup. acc | unsup. mIoU | linear acc | linear mIoU | s / run |", "|---|---|---|---|---|---|"]
+    for fit_on, s in ds["kmeans_raw"].items():
+        rows.append(f"| raw-feature k-means ({fit_on.replace('_', ' ')}) | {_pm(s, 'unsupervised_accuracy')} | "
+                    f"{_pm(s, 'unsupervised_miou')} | - | - | - |")
+    for name, s in ds["variants"].items():
+        secs = np.mean([r["seconds"] for r in s["runs"]])
+        rows.append(f"| {LABELS.get(name, name)} | {_pm(s, 'unsupervised_accuracy')} | {_pm(s, 'unsupervised_miou')} | "
+                    f"{_pm(s, 'linear_accuracy')} | {_pm(s, 'linear_miou')} | {secs:.0f} |")
+    return rows
+
+
+def headline(result: dict) -> dict:
+    """The two targets of the benchmark, as numbers (percentage points)."""
+    out = {}
+    syn = result["datasets"].get("synthetic", {}).get("variants", {})
+    if "stego" in syn and "depthg" in syn:
+        a, b = syn["depthg"], syn["stego"]
+        gain = 100 * (a["unsupervised_miou_mean"] - b["unsupervised_miou_mean"])
+        std = 100 * max(a["unsupervised_miou_std"], b["unsupervised_miou_std"])
+        out["synthetic_depthg_minus_stego_miou"] = gain
+        out["synthetic_seed_std"] = std
+        out["synthetic_target_met"] = bool(gain >= 2.0 + std)
+    cam = result["datasets"].get("camvid")
+    if cam and "stego" in cam["variants"]:
+        gain = 100 * (cam["variants"]["stego"]["unsupervised_miou_mean"]
+                      - cam["kmeans_raw"]["fit_train"]["unsupervised_miou_mean"])
+        out["camvid_head_minus_kmeans_miou"] = gain
+        out["camvid_target_met"] = bool(gain >= 5.0)
+    return out
+
+
+def write_markdown(result: dict, path: str) -> None:
+    """Tables, setup and timing as Markdown; text after ``MARKER`` in an existing file is kept."""
+    import os
+
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = fh.read()
+        if MARKER in old:
+            kept = old[old.index(MARKER) + len(MARKER):]
+    a = result["args"]
+    lines = ["# Quality benchmark: does depth guidance help?", "",
+             f"Backbone: **{result['backbone']}**. All numbers are % on the *val* splits, mean +- std over "
+             f"{a['seeds']} seeds (population std). Unsupervised = cluster probe, one Hungarian matching over the "
+             "whole val split; linear = linear probe on the same codes. No CRF, no flip averaging.", ""]
+    hl = headline(result)
+    if hl:
+        lines += ["## Headline", "", "```", *(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}"
+                                               for k, v in hl.items()), "```", ""]
+    for name, ds in result["datasets"].items():
+        st = ds["setup"]
+        lines += [f"## {name}", "", *_table(ds), "",
+                  f"- {st['train_crops']} train crops at {st['train_res']}x{st['train_res']}, {st['val_images']} val "
+                  f"images at {st['val_res']}x{st['val_res']} ({st['n_classes']} classes: {', '.join(st['classes'])}); "
+                  f"{ds['steps']} batches of {a['batch']} per run.",
+                  f"- features: {st['raw_dim']} channels, uncentred PCA to {st['pca_dim'] or st['raw_dim']} "
+                  f"(keeps {100 * st['pca_energy_kept']:.1f}% of the second moment); cache built in "
+                  f"{st['cache_seconds']:.0f} s.",
+                  f"- shared overrides: `{' '.join(st['base_overrides'])}`",
+                  "- pointwise-centred feature correlations on train (mean / median): " + ", ".join(
+                      f"{k} {v['mean']:.3f} / {v['median']:.3f}" for k, v in st["correlations"].items()), ""]
+    m = result.get("machine", {})
+    lines += ["## Run", "", f"- total time: {result['seconds_total'] / 60:.1f} min on {m.get('cores', '?')} CPU cores "
+              f"({m.get('cpu', '?')}, torch {m.get('torch', '?')}, GPU: {m.get('gpu')}), shared with other jobs.",
+              f"- command: `{result.get('command', '')}`", "", MARKER]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + (kept if kept else "\n"))
