@@ -20,6 +20,8 @@ import re
 import time
 from typing import Iterable
 
+import numpy as np
+
 from depthg import io, shards
 from depthg.config import Config, from_dict, mask_secrets, to_dict
 
@@ -68,7 +70,7 @@ class DepthWorker:
         return self._sources[split]
 
     def estimator(self):
-        if self._estimator is None and self.cfg.depthgen.source != "dataset":
+        if self._estimator is None:
             from depthg.depth import build_estimator
 
             self._estimator = build_estimator(self.cfg.depthgen)
@@ -90,21 +92,13 @@ class DepthWorker:
         return records, skipped
 
     def add_depth(self, records: list) -> list:
-        """Depth on the full images (min-max per image), batched; returns the records with depth."""
-        from depthg.data.base import SourceError, minmax
-
-        if self.cfg.depthgen.source == "dataset":
-            for rec in records:
-                if rec.depth is None:
-                    raise SourceError(f"{self.cfg.data.dataset} image {rec.id} has no depth: "
-                                      "set depthgen.source=transformers to estimate it")
-                rec.depth = minmax(rec.depth)
-            return records
-        size = max(int(self.cfg.depthgen.batch_size), 1)
+        """Depth of the full images (before cropping), ``depthgen.batch_size`` images at a time."""
+        est, size = self.estimator(), max(int(self.cfg.depthgen.batch_size), 1)
         for start in range(0, len(records), size):
             batch = records[start:start + size]
-            for rec, depth in zip(batch, self.estimator()([r.image for r in batch])):
-                rec.depth = minmax(depth)
+            items = batch if getattr(est, "needs_records", False) else [r.image for r in batch]
+            for rec, depth in zip(batch, est(items)):
+                rec.depth = np.asarray(depth, np.float32)
         return records
 
     def samples(self, split: str, records: list) -> Iterable[dict]:
@@ -176,7 +170,7 @@ def generate_depth(cfg: Config, split: str, max_units: int | None = None, progre
             with depth_group(cfg, len(calls)) as own:
                 skipped = _run(own, calls, split, progress)
         else:
-            skipped = _run(group, calls, split, progress)
+            skipped = _run(group.check((to_dict(cfg),)), calls, split, progress)
         if skipped:
             log.warning("depth %s: skipped %d unreadable images (listed in the manifest), e.g. %s",
                         split, len(skipped), skipped[0]["error"])

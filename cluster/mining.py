@@ -171,7 +171,7 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
     if group is None:
         with mining_group(cfg, max_actors=len(urls)) as own:
             return mine_neighbors(cfg, split, max_units, progress, own)
-    per_shard, feats = compute_features(group, urls, progress)
+    per_shard, feats = compute_features(group.check((to_dict(cfg),)), urls, progress)
     units = plan_train_units(cfg, dm, urls, per_shard, feats)
     return write_train_shards(cfg, split, group, units, dm, urls, per_shard, max_units, progress)
 

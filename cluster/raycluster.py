@@ -100,6 +100,13 @@ class ActorGroup:
         self.actors = [remote_cls.options(**options).remote(*self.init_args, threads=threads) for _ in range(count)]
         return self.actors
 
+    def check(self, init_args: tuple) -> "ActorGroup":
+        """Raise unless this group was built with ``init_args`` (e.g. the same config)."""
+        if tuple(init_args) != tuple(self.init_args):
+            raise ValueError(f"this {self.actor_cls.__name__} group was built for another config; "
+                             "build one group per config")
+        return self
+
     def map(self, method: str, calls: list[tuple], desc: str = "", progress: bool = True):
         """Yield ``actor.method(*call)`` results as they complete, with one driver-side tqdm bar."""
         from ray.util import ActorPool

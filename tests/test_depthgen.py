@@ -131,3 +131,35 @@ def test_generate_depth_main_end_to_end_on_s3(s3, ray_local):
 
     again = mine_neighbors.main(["--config", "none", "--quiet", "--splits", "val", *TINY, f"shards.root={root}"])
     assert again["val"]["shards"] == out["val"]["shards"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dpt_folder(tmp_path_factory):
+    """A randomly initialised, tiny DPT saved like a hub model (no network needed)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                                 image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
+                                 neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8)
+    folder = str(tmp_path_factory.mktemp("tiny_dpt"))
+    transformers.DPTForDepthEstimation(cfg).eval().save_pretrained(folder)
+    transformers.DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_depth_is_estimated_on_the_full_image_then_cropped(tmp_path, ray_local, tiny_dpt_folder):
+    from depthg.depth import build_estimator
+
+    cfg = _cfg(str(tmp_path), "data.num_train=2", "depthgen.source=transformers", f"depthgen.model={tiny_dpt_folder}",
+               "depthgen.batch_size=1", "depthgen.device=cpu")
+    m = depthgen.generate_depth(cfg, "train", progress=False)
+    assert m["depth_source"] == f"transformers:{tiny_dpt_folder}" and m["total"] == 10
+    src, est = build_source(cfg.data, "train"), build_estimator(cfg.depthgen)
+    expected = {}
+    for rec in (src.load(i) for i in src.ids()):
+        rec.depth = est([rec.image])[0]
+        expected.update({c.id: c.depth for c in five_crop(rec, 0.5)})
+    for raw in _read_all(shards.shard_urls(cfg.shards.root, "train", "depth")):
+        assert np.abs(shards.decode_sample(raw)["depth"] - expected[raw["__key__"]]).max() <= 1e-4

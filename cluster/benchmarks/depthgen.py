@@ -1,0 +1,127 @@
+"""Depth generation: samples/s of a plain in-process loop vs the Ray pipeline with 1 and 2 actors.
+
+All three run the same work: synthetic scenes -> a small transformers depth model (a randomly
+initialised DPT saved to a temporary folder, real model computation, no download) -> five crops ->
+PNG encoding -> atomic shard writes, through ``cluster.depthgen.DepthWorker``. The plain loop calls
+``run_unit`` in this process; the Ray runs call ``generate_depth`` on a local Ray (actors read the
+scenes themselves). Each figure is measured warm (actors started and model loaded by a one-unit
+warm-up) and also reported cold (start-up included). Bytes per sample are measured on the written
+depth shards and on training shards mined from them (``mining.num_positives`` positives embedded).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+from depthg import io, shards
+from depthg.config import load_config, to_dict
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--images", type=int, default=32, help="synthetic source images (train split, five-cropped)")
+    parser.add_argument("--height", type=int, default=120)
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--per-shard", type=int, default=4, help="source images per shard (work unit)")
+    parser.add_argument("--model-size", type=int, default=64, help="DPT hidden size (4 layers)")
+    parser.add_argument("--model-res", type=int, default=128, help="DPT input resolution")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--positives", type=int, default=7)
+
+
+def make_tiny_dpt(folder: str, hidden: int, res: int) -> str:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DPTConfig(hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4,
+                                 intermediate_size=4 * hidden, image_size=res, patch_size=16,
+                                 backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 32, 64, 64],
+                                 fusion_hidden_size=32)
+    transformers.DPTForDepthEstimation(cfg).eval().save_pretrained(folder)
+    transformers.DPTImageProcessor(size={"height": res, "width": res}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder
+
+
+def _config(args, root: str, model: str, extra=()):
+    return load_config(None, [
+        "data.dataset=synthetic", f"data.num_train={args.images}", f"data.height={args.height}",
+        f"data.width={args.width}", f"shards.root={root}", f"shards.samples_per_shard={args.per_shard}",
+        "depthgen.source=transformers", f"depthgen.model={model}", f"depthgen.batch_size={args.batch_size}",
+        "depthgen.device=auto", "shards.overwrite=true", f"mining.num_positives={args.positives}", *extra])
+
+
+def plain_loop(args, root: str, model: str) -> dict:
+    import torch
+
+    from cluster.depthgen import DepthWorker, plan_units, source_info
+
+    cfg = _config(args, root, model)
+    start = time.perf_counter()
+    worker = DepthWorker(to_dict(cfg), threads=os.cpu_count() or 1)
+    units = plan_units(source_info(cfg, "train")["ids"], cfg.shards.samples_per_shard)
+    folder = shards.split_dir(root, "train", "depth")
+    worker.run_unit("train", 0, units[0], folder)  # warm-up: model loaded, first batch run
+    warm = time.perf_counter()
+    count = sum(worker.run_unit("train", i, ids, folder)["count"] for i, ids in enumerate(units))
+    end = time.perf_counter()
+    return {"samples": count, "warm_s": end - warm, "cold_s": end - start, "threads": torch.get_num_threads()}
+
+
+def ray_pipeline(args, root: str, model: str, actors: int) -> dict:
+    from cluster.depthgen import depth_group, generate_depth
+
+    cfg = _config(args, root, model, [f"depthgen.num_actors={actors}"])
+    start = time.perf_counter()
+    with depth_group(cfg) as group:
+        # warm-up: one unit per actor (start-up, model load); the timed run redoes them (overwrite)
+        generate_depth(cfg, "train", max_units=actors, progress=False, group=group)
+        warm = time.perf_counter()
+        manifest = generate_depth(cfg, "train", progress=False, group=group)
+        end = time.perf_counter()
+    return {"samples": manifest["total"], "warm_s": end - warm, "cold_s": end - start, "actors": actors}
+
+
+def shard_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".tar"))
+
+
+def run(args) -> dict:
+    import ray
+
+    from cluster.mining import mine_neighbors
+    from cluster.raycluster import connect
+
+    tmp = tempfile.mkdtemp(prefix="depthg-bench-")
+    try:
+        model = make_tiny_dpt(os.path.join(tmp, "dpt"), args.model_size, args.model_res)
+        rows = {"plain loop": plain_loop(args, os.path.join(tmp, "plain"), model)}
+        started = connect(num_cpus=os.cpu_count())
+        try:
+            for n in args.actors:
+                rows[f"ray {n} actor{'s' if n > 1 else ''}"] = ray_pipeline(args, os.path.join(tmp, f"ray{n}"), model, n)
+            root = os.path.join(tmp, f"ray{args.actors[0]}")
+            mine_neighbors(_config(args, root, model, ["model.backbone=tiny_vit", "data.resolution=64"]), "train",
+                           progress=False)
+        finally:
+            if started:
+                ray.shutdown()
+        depth_folder, train_folder = shards.split_dir(root, "train", "depth"), shards.split_dir(root, "train", "train")
+        total = shards.read_manifest(depth_folder)["total"]
+        result = {"rows": rows, "settings": vars(args) | {"func": None},
+                  "bytes_per_depth_sample": shard_bytes(depth_folder) / total,
+                  "bytes_per_training_sample": shard_bytes(train_folder) / total}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = rows["plain loop"]["samples"] / rows["plain loop"]["warm_s"]
+    print(f"{'pipeline':<14}{'samples':>8}{'warm s':>9}{'samples/s':>11}{'vs plain':>10}{'cold s':>9}")
+    for name, r in rows.items():
+        r["samples_per_s"] = r["samples"] / r["warm_s"]
+        r["vs_plain"] = r["samples_per_s"] / base
+        print(f"{name:<14}{r['samples']:>8}{r['warm_s']:>9.2f}{r['samples_per_s']:>11.2f}"
+              f"{r['vs_plain']:>9.2f}x{r['cold_s']:>9.2f}")
+    print(f"bytes per depth sample {result['bytes_per_depth_sample']:.0f}, per training sample "
+          f"({args.positives} positives) {result['bytes_per_training_sample']:.0f}")
+    return result
