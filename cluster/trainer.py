@@ -349,6 +349,17 @@ def _trace_samples(world: World, batch_idx: int, batch: dict) -> None:
             fh.write(json.dumps({"batch": batch_idx, "step": int(batch.get("step", -1)), "ids": batch["id"]}) + "\n")
 
 
+def _inject_failure(world: World, batch_idx: int) -> None:
+    """Fault injection for recovery tests: DEPTHG_FAIL_ONCE="rank:batch:marker" makes that rank raise
+    once at that batch (the marker file records that it already failed)."""
+    spec = os.environ.get("DEPTHG_FAIL_ONCE")
+    if spec:
+        rank, batch, marker = spec.split(":", 2)
+        if int(rank) == world.rank and int(batch) == batch_idx and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError(f"injected failure on rank {rank} at batch {batch}")
+
+
 def _scalars(out: dict) -> dict:
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v)
             for k, v in out.items() if not torch.is_tensor(v) or v.dim() == 0}
@@ -405,6 +416,7 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
         for micro, batch in enumerate(streaming.make_loader(spec, cfg.train.loader_workers)):
             batch_idx = start + micro // accum
             _trace_samples(world, batch_idx, batch)
+            _inject_failure(world, batch_idx)
             out = compute_losses(backbone, engine.module, batch, cfg, batch_idx, gen)
             engine.backward(out["total"])
             engine.step()

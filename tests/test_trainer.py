@@ -161,22 +161,24 @@ def test_two_gloo_workers_under_torchrun_see_disjoint_samples(tmp_path, tiny_roo
 
 
 @pytest.mark.slow
-def test_ray_train_two_cpu_workers_checkpoint_to_s3_and_resume(s3, ray_local, tiny_root):
+def test_ray_train_two_cpu_workers_checkpoint_to_s3_and_recover(s3, ray_local, tiny_root, tmp_path, monkeypatch):
+    """Rank 1 dies once at batch 2; Ray Train restarts the group, which resumes from the S3 checkpoint
+    that ray.train.get_checkpoint() points to, and finishes without training any batch twice."""
     from cluster.ray_train import launch
 
+    marker = tmp_path / "failed"
+    monkeypatch.setenv("DEPTHG_FAIL_ONCE", f"1:2:{marker}")
     out = f"{s3}/runs/ray"
     cfg = load_config(None, [f"shards.root={tiny_root}", f"train.output={out}", *TINY,
-                             "train.num_batches=2", "train.ckpt_every=1"])
-    result = launch(cfg, num_workers=2, use_gpu=False)
-    assert result["metrics"]["batch"] == 2 and result["ray_checkpoint"]
-    assert io.exists(f"{out}/ckpt/step-00000002/COMPLETE")
-    resumed = load_config(None, [f"shards.root={tiny_root}", f"train.output={out}", *TINY,
-                                 "train.num_batches=3", "train.ckpt_every=1", "train.resume=auto"])
-    result = launch(resumed, num_workers=2, use_gpu=False)
-    assert result["metrics"]["batch"] == 3
+                             "train.num_batches=3", "train.ckpt_every=1"])
+    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=1)
+    assert marker.exists()  # the failure did happen
+    assert result["metrics"]["batch"] == 3 and result["ray_checkpoint"]
+    for step in (1, 2, 3):
+        assert io.exists(f"{out}/ckpt/step-{step:08d}/COMPLETE")
     rows = _metrics(f"{out}/metrics.jsonl")
-    assert [r["batch"] for r in rows if "total" in r] == [0, 1, 2]  # continued: no batch trained twice
-    assert io.exists(f"{out}/segmenter.pt") and io.exists(f"{out}/ckpt/step-00000003/COMPLETE")
+    assert [r["batch"] for r in rows if "total" in r] == [0, 1, 2]  # resumed at 2: no batch trained twice
+    assert io.exists(f"{out}/segmenter.pt") and io.exists(f"{out}/config.yaml")
 
 
 # ----------------------------------------------------------------------------- configs
