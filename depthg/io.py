@@ -83,9 +83,11 @@ def listdir(url: str) -> list[str]:
     """Base names of the entries directly under ``url`` (empty when it does not exist)."""
     fs, path = filesystem(url)
     try:
-        if not fs.exists(path):
-            return []
+        # ls, not exists() + ls: s3fs's exists() on a bucket root swallows connection errors
+        # (an unreachable endpoint would look like an empty folder)
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
     except Exception as exc:  # noqa: BLE001
         raise _wrap(url, exc) from exc
 
