@@ -58,18 +58,22 @@ def storage_env() -> dict[str, str]:
 
 
 def actor_resources(num_actors: int = 0) -> tuple[int, dict]:
-    """``(count, ray options)``: one GPU per actor on a GPU cluster, an equal CPU share otherwise.
+    """``(count, ray options)`` for the connected cluster (see ``plan_actors``)."""
+    import ray
+
+    return plan_actors(ray.cluster_resources(), num_actors)
+
+
+def plan_actors(resources: dict, num_actors: int = 0) -> tuple[int, dict]:
+    """One GPU per actor on a GPU cluster, an equal CPU share otherwise (pure).
 
     ``num_actors`` 0 means one per GPU (or ``CPU_ACTORS_DEFAULT`` without GPUs); the count never
     exceeds what the cluster can place at once.
     """
-    import ray
-
-    resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if gpus > 0:
-        count = min(num_actors or gpus, gpus)
-        return max(count, 1), {"num_gpus": 1, "num_cpus": 1 if cpus >= gpus else 0}
+        count = max(min(num_actors or gpus, gpus), 1)
+        return count, {"num_gpus": 1, "num_cpus": 1 if cpus >= count else 0}
     count = max(min(num_actors or CPU_ACTORS_DEFAULT, max(cpus, 1)), 1)
     return count, {"num_gpus": 0, "num_cpus": max(cpus // count, 1)}
 
