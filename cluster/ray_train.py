@@ -12,12 +12,14 @@ URL. After a worker failure Ray restarts the group (``FailureConfig(max_failures
 ``ray.train.get_checkpoint()`` hands that pointer back, so the run resumes where it stopped. Ray's own
 run folder is ``{train.output}/ray`` (``RunConfig(storage_path=...)``; multi-node runs need shared storage
 such as s3://; a custom S3 endpoint from AWS_ENDPOINT_URL / DEPTHG_S3_ENDPOINT is honoured through a pyarrow
-filesystem). The workers get the driver's AWS_* / DEPTHG_* variables through the worker runtime env.
+filesystem). The workers get the driver's non-secret AWS_* / DEPTHG_* variables (endpoint, region) through
+the worker runtime env; credentials come from the raylet's environment or the instance role.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 from depthg import io
@@ -26,12 +28,23 @@ from depthg.config import Config, from_dict, to_dict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTER = "pointer.json"
 _PASS_ENV = ("AWS_", "DEPTHG_", "DS_ACCELERATOR", "OMP_NUM_THREADS")
+# never forwarded: the runtime env is visible in the Ray dashboard and state API
+_SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY)", re.I)
+_PATH_ENV = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
 
 
-def worker_env() -> dict:
-    """Environment for the Ray Train workers: repo on the path, storage endpoint and credentials."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV)}
+def worker_env(extra: dict | None = None) -> dict:
+    """Environment for the Ray Train workers: repo on the path, storage endpoint, region, profile.
+
+    Credentials are not forwarded (the runtime env is shown in the Ray dashboard): workers on a local
+    Ray inherit them from the raylet's environment, on a cluster they come from the instance role or
+    a credentials file named by AWS_SHARED_CREDENTIALS_FILE. ``extra`` is added as given (an explicit
+    opt-in, e.g. keys for a throwaway moto server in tests).
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(_PASS_ENV) and (k in _PATH_ENV or not _SECRET_ENV.search(k))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    env.update(extra or {})
     return env
 
 
@@ -100,16 +113,16 @@ def _fit(cfg_dict: dict, num_workers: int, use_gpu: bool, max_failures: int, cpu
 
 
 def launch(cfg: Config, num_workers: int, address: str | None = None, use_gpu: bool | None = None,
-           max_failures: int = 2, cpus_per_worker: float = 1.0) -> dict:
+           max_failures: int = 2, cpus_per_worker: float = 1.0, extra_env: dict | None = None) -> dict:
     """Run training on Ray (connecting to ``address`` / RAY_ADDRESS, else a local Ray).
 
-    ``use_gpu=None`` means: use GPUs when the cluster has any. The driver's AWS_* / DEPTHG_* variables
-    and the repo path reach the Train controller and workers through the runtime env of the task
-    that runs ``trainer.fit()``.
+    ``use_gpu=None`` means: use GPUs when the cluster has any. The driver's non-secret AWS_* / DEPTHG_*
+    variables (endpoint, region, profile; see ``worker_env``), ``extra_env`` and the repo path reach the
+    Train controller and workers through the runtime env of the task that runs ``trainer.fit()``.
     """
     import ray
 
-    env = worker_env()
+    env = worker_env(extra_env)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": env})
     if use_gpu is None:

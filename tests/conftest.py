@@ -21,6 +21,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
+MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # moto accepts any
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -60,8 +63,8 @@ def s3(s3_server, monkeypatch):
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    for key, value in MOTO_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     bucket = f"depthg-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
@@ -78,7 +81,18 @@ def ray_local():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+        # Workers of a local Ray inherit the raylet's environment: that is how the dummy moto
+        # credentials reach them (credentials never travel in a runtime env: cluster.ray_train.worker_env)
+        saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
+        os.environ.update(MOTO_CREDENTIALS)
+        try:
+            ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     yield ray
     ray.shutdown()
