@@ -148,7 +148,8 @@ def neighbour_table(ids: list[str], feats: np.ndarray, k: int) -> dict[str, list
 
     from depthg.knn import topk_cosine
 
-    _, idx = topk_cosine(torch.from_numpy(feats), k)
+    device = "cuda" if torch.cuda.is_available() else None  # the driver's GPU, when it has one
+    _, idx = topk_cosine(torch.from_numpy(feats), k, device=device)
     return {ids[i]: [ids[j] for j in row] for i, row in enumerate(idx.tolist())}
 
 

@@ -4,7 +4,8 @@
 (``chunk`` rows, so memory is ``chunk x N`` rather than ``N x N``), takes the top-k cosine
 similarities over the whole set. Row i never contains i itself (``exclude_self``): rank 0 of our
 result is rank 1 of the reference, which keeps the anchor as its own top hit. Ties are broken by
-the lower index, so results do not depend on the chunk size.
+the lower index, so results do not depend on the chunk size. Cost: one ``chunk x N`` matmul and
+top-k per block (on ``device``, e.g. a GPU, when given).
 """
 from __future__ import annotations
 
@@ -38,7 +39,19 @@ def topk_cosine(feats: torch.Tensor, k: int, chunk: int = 1024, exclude_self: bo
 
 
 def _stable_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # stable descending sort: equal similarities keep ascending index order (torch.topk does not
-    # promise any tie order). O(N log N) per row, fine at mining sizes.
-    s, i = torch.sort(sim, dim=1, descending=True, stable=True)
-    return s[:, :k], i[:, :k]
+    """Top-k per row, best first, equal values in ascending index order.
+
+    ``torch.topk`` (O(N) per row) promises no tie order, so the selection is re-sorted by
+    (value desc, index asc); rows where values equal to the k-th one also lie outside the selection
+    (a tie at the boundary) fall back to a full stable sort. Exact either way.
+    """
+    s, i = torch.topk(sim, k, dim=1)
+    order = torch.argsort(i, dim=1)
+    s, i = s.gather(1, order), i.gather(1, order)
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    s, i = s.gather(1, order), i.gather(1, order)
+    tied = (sim >= s[:, -1:]).sum(dim=1) > k
+    if tied.any():
+        fs, fi = torch.sort(sim[tied], dim=1, descending=True, stable=True)
+        s[tied], i[tied] = fs[:, :k], fi[:, :k]
+    return s, i

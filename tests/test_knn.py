@@ -49,3 +49,12 @@ def test_k_capped_and_errors():
         topk_cosine(torch.randn(1, 3), 5)
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         topk_cosine(torch.randn(4), 2)
+
+
+def test_many_ties_match_brute_force_in_order():
+    # quantised features: many exact ties, inside and at the boundary of the top-k
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randint(0, 3, (40, 3), generator=g).float() + torch.tensor([0.0, 0.0, 0.5])
+    for chunk in (1, 8, 64):
+        _, idx = topk_cosine(feats, 9, chunk=chunk)
+        assert torch.equal(idx, _brute(feats.double(), 9))
