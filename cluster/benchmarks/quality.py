@@ -53,6 +53,7 @@ def add_arguments(parser) -> None:
     a("--val-res", type=int, default=224, help="synthetic val resolution (240x320 scenes)")
     a("--camvid-root", default="/work/shared/data/camvid")
     a("--camvid-train", type=int, default=120, help="CamVid train images (x5 crops; 0 = all 367)")
+    a("--camvid-crop", type=int, default=0, help="five-crop CamVid train images (1) or use them whole (0)")
     a("--camvid-res", type=int, default=224, help="CamVid train-crop and val resolution")
     a("--camvid-val", type=int, default=0, help="CamVid val images (0 = all 101)")
     a("--pca-dim", type=int, default=128, help="project backbone features to this many channels (0 = off)")
@@ -65,6 +66,9 @@ def add_arguments(parser) -> None:
     a("--results-md", default="docs/RESULTS.md", help="Markdown report ('' = none)")
     a("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, oversubscribed CPU)")
     a("--cache-dir", default="", help="reuse cached features from this folder (development only)")
+    a("--tune-grid", default="", help="JSON list of [variant, [overrides...]]: only tune on a held-out quarter "
+      "of the train images of the first dataset (synthetic, or camvid with --tune-camvid)")
+    a("--tune-camvid", action="store_true")
     a("--quick", action="store_true", help="tiny smoke run (tests)")
 
 
@@ -202,6 +206,37 @@ def correlation_stats(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: i
     return out
 
 
+# ----------------------------------------------------------------------------- tuning (train split only)
+def split_holdout(data: qd.FeatureSet, fraction: float, knn: int):
+    """(fit, held-out) subsets of a train set, split by source image (all crops of an image together)."""
+    images = sorted({i.rsplit("_c", 1)[0] for i in data.ids})
+    held = set(images[int(len(images) * (1 - fraction)):])
+    rows = torch.tensor([i.rsplit("_c", 1)[0] in held for i in data.ids])
+    parts = []
+    for mask in (~rows, rows):
+        idx = torch.nonzero(mask).flatten()
+        sub = qd.FeatureSet(data.feats[idx], data.labels[idx], None if data.depth is None else data.depth[idx],
+                            None, [data.ids[i] for i in idx])
+        sub.nn = qd.topk_cosine(sub.feats.float().mean(dim=(2, 3)), knn)[1]
+        parts.append(sub)
+    return parts
+
+
+def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], variant: str, log) -> list[dict]:
+    """Cluster-probe mIoU on held-out *train* images for each override set of ``grid`` (one seed)."""
+    fit, held = split_holdout(train, 0.25, args.knn)
+    out = []
+    for extra in grid:
+        cfg = load_config(None, base_overrides(args, n_classes, args.base) + VARIANTS[variant] + list(extra))
+        seg, terms = train_variant(cfg, fit, args.steps, args.batch, 0)
+        finish_probes(seg, fit, args.probe_steps, 64, cfg.train.probe_lr, 0)
+        scores = evaluate(seg, held, n_classes)
+        out.append({"overrides": list(extra), "variant": variant, "heldout": scores, "final_terms": terms})
+        log(f"  tune {variant} {' '.join(extra)}: held-out mIoU {100 * scores['unsupervised']['miou']:.1f} "
+            f"acc {100 * scores['unsupervised']['accuracy']:.1f} linear {100 * scores['linear']['miou']:.1f}")
+    return out
+
+
 # ----------------------------------------------------------------------------- one dataset
 def _prepare(args, data_overrides, n_classes_hint, train_kwargs, val_kwargs, log):
     cfg = load_config(None, data_overrides)
@@ -293,6 +328,32 @@ def fmt(s: dict) -> str:
     return ", ".join(parts)
 
 
+def _datasets(args, syn):
+    cam = ["data.dataset=camvid", f"data.root={args.camvid_root}"]
+    return {"synthetic": (syn, dict(res=args.crop_res, crop=True, limit=0), dict(res=args.val_res, crop=False, limit=0)),
+            "camvid": (cam, dict(res=args.camvid_res, crop=args.camvid_crop, limit=args.camvid_train),
+                       dict(res=args.camvid_res, crop=False, limit=args.camvid_val))}
+
+
+def _run_tuning(args, syn, log, t_start) -> dict:
+    import json
+
+    grid = json.loads(args.tune_grid)
+    name = "camvid" if args.tune_camvid else "synthetic"
+    overrides, tk, vk = _datasets(args, syn)[name]
+    if args.tune_camvid and args.camvid_base is not None:
+        args.base = args.camvid_base
+    train, val, info, n_classes = _prepare(args, overrides, None, tk, vk, log)
+    ptrain, _ = _projected(args, train, val, info)
+    info["correlations"] = correlation_stats(load_config(None, base_overrides(args, n_classes, args.base)), ptrain,
+                                             args.batch, 0)
+    log(f"  correlations: {info['correlations']}")
+    results = []
+    for variant, extra in grid:
+        results += tune(args, ptrain, n_classes, [extra], variant, log)
+    return {"tuning": {name: {"setup": info, "results": results}}, "seconds_total": time.perf_counter() - t_start}
+
+
 def run(args) -> dict:
     if args.quick:
         _quick(args)
@@ -306,16 +367,14 @@ def run(args) -> dict:
     result = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "backbone": "effnet_lite0 (ImageNet-"
               "supervised EfficientNet-Lite0: a stand-in for DINO)", "datasets": {}}
     syn = [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}"]
-    result["datasets"]["synthetic"] = run_dataset(
-        args, "synthetic", syn, dict(res=args.crop_res, crop=True, limit=0),
-        dict(res=args.val_res, crop=False, limit=0), variants, args.base, args.steps, log)
+    if args.tune_grid:
+        return _run_tuning(args, syn, log, t_start)
+    result["datasets"]["synthetic"] = run_dataset(args, "synthetic", *_datasets(args, syn)["synthetic"], variants,
+                                                  args.base, args.steps, log)
     if not args.skip_camvid:
-        cam = ["data.dataset=camvid", f"data.root={args.camvid_root}"]
         cbase = args.base if args.camvid_base is None else args.camvid_base
-        result["datasets"]["camvid"] = run_dataset(
-            args, "camvid", cam, dict(res=args.camvid_res, crop=True, limit=args.camvid_train),
-            dict(res=args.camvid_res, crop=False, limit=args.camvid_val), ["stego"], cbase,
-            args.camvid_steps or args.steps, log)
+        result["datasets"]["camvid"] = run_dataset(args, "camvid", *_datasets(args, syn)["camvid"], ["stego"], cbase,
+                                                   args.camvid_steps or args.steps, log)
     result["seconds_total"] = time.perf_counter() - t_start
     log(f"total {result['seconds_total']:.0f} s")
     result["command"] = "python " + " ".join(shlex.quote(x) for x in sys.argv)
