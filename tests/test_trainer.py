@@ -206,3 +206,10 @@ def test_demo_config_is_small_and_the_default_of_launch_train():
     args = launch_train.parse_args(["--resume", "auto", "train.lr=1e-3", "--local_rank=1"])
     cfg = launch_train.resolve_config(args)
     assert (cfg.train.resume, cfg.train.lr, args.local_rank) == ("auto", 1e-3, 1)
+
+
+def test_missing_shards_tell_the_user_to_generate_them(tmp_path):
+    from launch import train as launch_train
+
+    with pytest.raises(SystemExit, match="generate_depth"):
+        launch_train.main(["--launcher", "local", f"shards.root={tmp_path}/nothing"])
