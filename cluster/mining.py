@@ -10,7 +10,9 @@
    streaming reader never needs random access. Workers fetch each depth shard once into a local
    cache and read members by tar offset.
 
-Reruns skip training shards whose sidecar digest (ids + positives) matches; the manifest is last.
+Reruns skip training shards whose sidecar digest (ids + positives) matches, and the whole split
+(features included) when its manifest records the same depth shards and mining settings; the
+manifest is written last.
 """
 from __future__ import annotations
 
@@ -169,12 +171,34 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
     depth_folder = shards.split_dir(cfg.shards.root, split, "depth")
     dm = shards.read_manifest(depth_folder)
     urls = [io.join(depth_folder, s["name"]) for s in dm["shards"]]
+    done = _finished_manifest(cfg, split, dm)
+    if done is not None:
+        return done
     if group is None:
         with mining_group(cfg, max_actors=len(urls)) as own:
             return mine_neighbors(cfg, split, max_units, progress, own)
     per_shard, feats = compute_features(group.check((to_dict(cfg),)), urls, progress)
     units = plan_train_units(cfg, dm, urls, per_shard, feats)
     return write_train_shards(cfg, split, group, units, dm, urls, per_shard, max_units, progress)
+
+
+def _signature(cfg: Config, dm: dict) -> dict:
+    """What the training shards of a split depend on, besides the anchors' bytes."""
+    return {"depth_manifest": {"digest": dm.get("digest"), "total": dm["total"]}, "k": int(cfg.mining.k),
+            "num_positives": int(cfg.mining.num_positives), "backbone": cfg.model.backbone,
+            "weights": mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution}
+
+
+def _finished_manifest(cfg: Config, split: str, dm: dict) -> dict | None:
+    """The split's training manifest when it is complete for these settings (rerun: nothing to do)."""
+    if cfg.shards.overwrite:
+        return None
+    try:
+        tm = shards.read_manifest(shards.split_dir(cfg.shards.root, split, "train"))
+    except (FileNotFoundError, shards.ShardError):
+        return None
+    same = all(tm.get(key) == value for key, value in _signature(cfg, dm).items())
+    return tm if same else None
 
 
 def plan_train_units(cfg: Config, dm: dict, urls: list[str], per_shard: list[list[str]], feats: np.ndarray):
@@ -226,9 +250,7 @@ def write_train_manifest(cfg: Config, split: str, folder: str, units, dm: dict) 
         counts.append({"name": info["name"], "count": info["count"]})
     manifest = {key: dm.get(key) for key in ("dataset", "n_classes", "class_names", "depth_source", "five_crop",
                                              "skipped")}
-    manifest.update({"kind": "train", "split": split, "shards": counts, "num_positives": int(cfg.mining.num_positives),
-                     "k": int(cfg.mining.k), "backbone": cfg.model.backbone, "resolution": cfg.data.resolution,
-                     "depth_manifest": {"digest": dm.get("digest"), "total": dm["total"]},
+    manifest.update({"kind": "train", "split": split, "shards": counts, **_signature(cfg, dm),
                      "config": mask_secrets(to_dict(cfg))})
     shards.write_manifest(folder, manifest)
     return shards.read_manifest(folder)
