@@ -25,7 +25,7 @@ from cluster.benchmarks import quality_data as qd
 from depthg import losses, metrics
 from depthg.config import load_config
 from depthg.data import build_source
-from depthg.evaluation import fit_kmeans
+from depthg.evaluation import fit_kmeans, kmeans_assign
 from depthg.models import build_backbone, build_segmenter
 from depthg.step import losses_from_features
 
@@ -138,18 +138,33 @@ def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, s
 
 
 @torch.no_grad()
-def evaluate(seg, val: qd.FeatureSet, n_classes: int) -> dict:
-    """Cluster probe (Hungarian over the split) and linear probe (identity) on upsampled val codes."""
+def evaluate(seg, val: qd.FeatureSet, n_classes: int, train: qd.FeatureSet | None = None) -> dict:
+    """Cluster probe (Hungarian over the split) and linear probe (identity) on upsampled val codes.
+
+    With ``train``: also ``codes_kmeans``, cosine k-means (n_classes) fitted on train codes, a check that the
+    learned cluster probe has converged.
+    """
     size = tuple(val.labels.shape[-2:])
     n_clusters = seg.cluster_probe.n_clusters
-    conf_c = np.zeros((n_clusters, n_classes), np.int64)
-    conf_l = np.zeros((n_classes, n_classes), np.int64)
+    confs = {"c": np.zeros((n_clusters, n_classes), np.int64), "l": np.zeros((n_classes, n_classes), np.int64),
+             "k": np.zeros((n_classes, n_classes), np.int64)}
     codes = torch.cat([seg.head(val.feats[i:i + 16].float()) for i in range(0, len(val), 16)])
+    cent = None
+    if train is not None:
+        tcodes = torch.cat([seg.head(train.feats[i:i + 64].float()) for i in range(0, len(train), 64)])
+        vecs = qd.sample_vectors(tcodes, max(1, 20_000 // len(train)), torch.Generator().manual_seed(0))
+        cent = fit_kmeans(vecs, n_classes, iters=30, seed=0)
     for start, up in qd.upsample_chunks(codes, size):
         lab = val.labels[start:start + up.shape[0]]
-        conf_c += metrics.confusion(seg.cluster_probe.predict(up), lab, n_clusters, n_classes)
-        conf_l += metrics.confusion(seg.linear_probe(up).argmax(dim=1), lab, n_classes, n_classes)
-    return {"unsupervised": _brief(metrics.hungarian_scores(conf_c)), "linear": _brief(metrics.identity_scores(conf_l))}
+        confs["c"] += metrics.confusion(seg.cluster_probe.predict(up), lab, n_clusters, n_classes)
+        confs["l"] += metrics.confusion(seg.linear_probe(up).argmax(dim=1), lab, n_classes, n_classes)
+        if cent is not None:
+            confs["k"] += metrics.confusion(kmeans_assign(up, cent), lab, n_classes, n_classes)
+    out = {"unsupervised": _brief(metrics.hungarian_scores(confs["c"])),
+           "linear": _brief(metrics.identity_scores(confs["l"]))}
+    if cent is not None:
+        out["codes_kmeans"] = _brief(metrics.hungarian_scores(confs["k"]))
+    return out
 
 
 def _brief(s: dict) -> dict:
@@ -246,7 +261,8 @@ def _prepare(args, data_overrides, n_classes_hint, train_kwargs, val_kwargs, log
     key = "_".join(x.split("=")[-1].replace("/", "") for x in data_overrides) + f"_{train_kwargs}_{val_kwargs}"
     path = os.path.join(args.cache_dir, "".join(c for c in key if c.isalnum() or c == "_") + ".pt")
     if args.cache_dir and os.path.exists(path):
-        train, val = torch.load(path, weights_only=False)
+        with torch.serialization.safe_globals([qd.FeatureSet]):  # tensors + this dataclass only
+            train, val = torch.load(path, weights_only=True)
     else:
         train = qd.build_set(src_train, backbone, knn=args.knn, **train_kwargs)
         val = qd.build_set(src_val, backbone, **val_kwargs)
@@ -296,7 +312,7 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
             t0 = time.perf_counter()
             seg, terms = train_variant(cfg, ptrain, steps, args.batch, seed)
             finish_probes(seg, ptrain, args.probe_steps, 64, cfg.train.probe_lr, seed)
-            scores = evaluate(seg, pval, n_classes)
+            scores = evaluate(seg, pval, n_classes, ptrain)
             scores.update(seconds=time.perf_counter() - t0, final_terms=terms)
             runs.append(scores)
         result["variants"][vname] = summarise(runs)
@@ -309,7 +325,7 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
 def summarise(runs: list[dict]) -> dict:
     """mean / std (population std over seeds) of accuracy and mIoU for each probe, plus the raw runs."""
     out = {"runs": runs, "seeds": len(runs)}
-    for probe in ("unsupervised", "linear"):
+    for probe in ("unsupervised", "linear", "codes_kmeans"):
         if probe not in runs[0]:
             continue
         for metric in ("accuracy", "miou"):
