@@ -245,10 +245,11 @@ def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], vari
         cfg = load_config(None, base_overrides(args, n_classes, args.base) + VARIANTS[variant] + list(extra))
         seg, terms = train_variant(cfg, fit, args.steps, args.batch, 0)
         finish_probes(seg, fit, args.probe_steps, 64, cfg.train.probe_lr, 0)
-        scores = evaluate(seg, held, n_classes)
+        scores = evaluate(seg, held, n_classes, fit)
         out.append({"overrides": list(extra), "variant": variant, "heldout": scores, "final_terms": terms})
         log(f"  tune {variant} {' '.join(extra)}: held-out mIoU {100 * scores['unsupervised']['miou']:.1f} "
-            f"acc {100 * scores['unsupervised']['accuracy']:.1f} linear {100 * scores['linear']['miou']:.1f}")
+            f"acc {100 * scores['unsupervised']['accuracy']:.1f} linear {100 * scores['linear']['miou']:.1f} "
+            f"codes-k-means {100 * scores['codes_kmeans']['miou']:.1f}")
     return out
 
 
@@ -415,14 +416,15 @@ def _pm(s: dict, key: str) -> str:
 
 
 def _table(ds: dict) -> list[str]:
-    rows = ["| method | unsup. acc | unsup. mIoU | linear acc | linear mIoU | s / run |", "|---|---|---|---|---|---|"]
+    rows = ["| method | unsup. acc | unsup. mIoU | linear acc | linear mIoU | k-means on codes mIoU | s / run |",
+            "|---|---|---|---|---|---|---|"]
     for fit_on, s in ds["kmeans_raw"].items():
         rows.append(f"| raw-feature k-means ({fit_on.replace('_', ' ')}) | {_pm(s, 'unsupervised_accuracy')} | "
-                    f"{_pm(s, 'unsupervised_miou')} | - | - | - |")
+                    f"{_pm(s, 'unsupervised_miou')} | - | - | - | - |")
     for name, s in ds["variants"].items():
         secs = np.mean([r["seconds"] for r in s["runs"]])
         rows.append(f"| {LABELS.get(name, name)} | {_pm(s, 'unsupervised_accuracy')} | {_pm(s, 'unsupervised_miou')} | "
-                    f"{_pm(s, 'linear_accuracy')} | {_pm(s, 'linear_miou')} | {secs:.0f} |")
+                    f"{_pm(s, 'linear_accuracy')} | {_pm(s, 'linear_miou')} | {_pm(s, 'codes_kmeans_miou')} | {secs:.0f} |")
     return rows
 
 
