@@ -186,3 +186,13 @@ def test_raycluster_sizes_actors_to_the_cluster(ray_local, monkeypatch):
     group = raycluster.ActorGroup(depthgen.DepthWorker, ({"a": 1},))
     with pytest.raises(ValueError, match="another config"):
         group.check(({"a": 2},))
+
+
+def test_missing_backbone_weights_fail_before_any_work(tmp_path, monkeypatch):
+    from launch import generate_depth
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path / "out"
+    with pytest.raises(SystemExit, match="model.weights"):
+        generate_depth.main(["--config", "none", *TINY, "model.backbone=dino_vits8", f"shards.root={root}"])
+    assert not root.exists()  # failed on the driver before Ray or any shard
