@@ -140,11 +140,11 @@ def source_info(cfg: Config, split: str) -> dict:
             "class_names": list(getattr(source, "class_names", []) or [])}
 
 
-def depth_group(cfg: Config, max_actors: int | None = None):
+def depth_group(cfg: Config, max_actors: int | None = None, threads: int | None = None):
     """The pool of depth actors (reusable across splits); a context manager."""
     from cluster.raycluster import ActorGroup
 
-    return ActorGroup(DepthWorker, (to_dict(cfg),), cfg.depthgen.num_actors, max_actors)
+    return ActorGroup(DepthWorker, (to_dict(cfg),), cfg.depthgen.num_actors, max_actors, threads)
 
 
 def generate_depth(cfg: Config, split: str, max_units: int | None = None, progress: bool = True,

@@ -83,9 +83,10 @@ class ActorGroup:
     rounds (actor start-up, i.e. importing torch and building models, is paid once). The actors
     start on the first ``map`` (at most one per call of it) and are killed when the ``with`` ends."""
 
-    def __init__(self, actor_cls, init_args: tuple, num_actors: int = 0, max_actors: int | None = None):
+    def __init__(self, actor_cls, init_args: tuple, num_actors: int = 0, max_actors: int | None = None,
+                 threads: int | None = None):
         self.actor_cls, self.init_args = actor_cls, init_args
-        self.num_actors, self.max_actors = num_actors, max_actors
+        self.num_actors, self.max_actors, self.threads = num_actors, max_actors, threads
         self.actors: list = []
 
     def start(self, max_actors: int | None = None) -> list:
@@ -96,7 +97,7 @@ class ActorGroup:
         count, options = actor_resources(self.num_actors)
         limits = [n for n in (self.max_actors, max_actors) if n]
         count = max(min([count, *limits]), 1)
-        threads = max(int(options.get("num_cpus", 1)), 1)
+        threads = self.threads or max(int(options.get("num_cpus", 1)), 1)  # torch threads: the CPU share
         env = storage_env()
         if env:
             options["runtime_env"] = {"env_vars": env}

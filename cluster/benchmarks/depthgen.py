@@ -29,6 +29,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--positives", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the plain loop and of each actor "
+                        "(equal, so 1 actor vs the loop compares the pipeline, not threading)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per pipeline; the fastest is kept "
                         "(the machine may be shared)")
 
@@ -62,7 +64,7 @@ def plain_loop(args, root: str, model: str) -> dict:
 
     cfg = _config(args, root, model)
     start = time.perf_counter()
-    worker = DepthWorker(to_dict(cfg), threads=os.cpu_count() or 1)
+    worker = DepthWorker(to_dict(cfg), threads=args.threads)
     units = plan_units(source_info(cfg, "train")["ids"], cfg.shards.samples_per_shard)
     folder = shards.split_dir(root, "train", "depth")
     worker.run_unit("train", 0, units[0], folder)  # warm-up: model loaded, first batch run
@@ -81,7 +83,7 @@ def ray_pipeline(args, root: str, model: str, actors: int) -> dict:
 
     cfg = _config(args, root, model, [f"depthgen.num_actors={actors}"])
     start = time.perf_counter()
-    with depth_group(cfg) as group:
+    with depth_group(cfg, threads=args.threads) as group:
         # warm-up: one unit per actor (start-up, model load); the timed run redoes them (overwrite)
         generate_depth(cfg, "train", max_units=actors, progress=False, group=group)
         cold = time.perf_counter() - start
