@@ -191,7 +191,10 @@ def test_raycluster_sizes_actors_to_the_cluster(ray_local, monkeypatch):
 def test_missing_backbone_weights_fail_before_any_work(tmp_path, monkeypatch):
     from launch import generate_depth
 
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub round trips: fail at once
     root = tmp_path / "out"
     with pytest.raises(SystemExit, match="model.weights"):
         generate_depth.main(["--config", "none", *TINY, "model.backbone=dino_vits8", f"shards.root={root}"])
