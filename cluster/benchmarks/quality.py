@@ -35,24 +35,31 @@ VARIANTS = {  # name -> config overrides (on top of the shared base)
     "fps_only": ["loss.depth.mode=none", "sampling.mode=fps"],
     "depthg": ["loss.depth.mode=paper", "sampling.mode=fps"],
     "depthg_lhp": ["loss.depth.mode=paper", "sampling.mode=fps", "loss.lhp.enabled=true"],
-    "depthg_distance": ["loss.depth.mode=distance", "sampling.mode=fps"],
+    # distance-mode targets 1 - d/d_max lie mostly in [0.5, 1]: b_depth 0.5 (tuned on held-out train; 0.1 -> 22 mIoU)
+    "depthg_distance": ["loss.depth.mode=distance", "sampling.mode=fps", "loss.depth.shift=0.5"],
     "depthg_reference": ["loss.depth.mode=reference", "sampling.mode=fps"],
 }
+
+# Tuned on a held-out quarter of the *train* images (docs/RESULTS.md): self/kNN shifts at the 25% quantile
+# of their pointwise-centred feature correlations, negative shift near the 75% quantile, head lr 2e-3.
+SYN_BASE = ["loss.self_shift=0.42", "loss.knn_shift=0.38", "loss.neg_shift=0.37", "train.lr=0.002",
+            "loss.depth.shift=0.1"]
+CAMVID_BASE = ["loss.self_shift=0.25", "loss.knn_shift=0.23", "loss.neg_shift=0.33", "train.lr=0.002"]
 
 
 def add_arguments(parser) -> None:
     a = parser.add_argument
-    a("--steps", type=int, default=120, help="training batches per synthetic run")
+    a("--steps", type=int, default=80, help="training batches per synthetic run")
     a("--camvid-steps", type=int, default=0, help="training batches per CamVid run (0 = --steps)")
     a("--seeds", type=int, default=3)
-    a("--batch", type=int, default=16)
+    a("--batch", type=int, default=32)
     a("--samples", type=int, default=7, help="S (S*S sampled locations per crop)")
-    a("--num-train", type=int, default=160, help="synthetic train scenes (x5 crops)")
+    a("--num-train", type=int, default=120, help="synthetic train scenes (x5 crops)")
     a("--num-val", type=int, default=60, help="synthetic val scenes (full images)")
     a("--crop-res", type=int, default=112, help="synthetic train crop resolution (120x160 crops)")
     a("--val-res", type=int, default=224, help="synthetic val resolution (240x320 scenes)")
     a("--camvid-root", default="/work/shared/data/camvid")
-    a("--camvid-train", type=int, default=120, help="CamVid train images (x5 crops; 0 = all 367)")
+    a("--camvid-train", type=int, default=150, help="CamVid train images (0 = all 367)")
     a("--camvid-crop", type=int, default=0, help="five-crop CamVid train images (1) or use them whole (0)")
     a("--camvid-res", type=int, default=224, help="CamVid train-crop and val resolution")
     a("--camvid-val", type=int, default=0, help="CamVid val images (0 = all 101)")
@@ -60,8 +67,8 @@ def add_arguments(parser) -> None:
     a("--knn", type=int, default=7)
     a("--probe-steps", type=int, default=150, help="probe-only steps on the final train codes (0 = off)")
     a("--variants", default=",".join(VARIANTS))
-    a("--base", nargs="*", default=[], help="extra config overrides for every run (e.g. tuned shifts)")
-    a("--camvid-base", nargs="*", default=None, help="overrides for CamVid runs (default: --base)")
+    a("--base", nargs="*", default=SYN_BASE, help="config overrides for every synthetic run (tuned shifts)")
+    a("--camvid-base", nargs="*", default=CAMVID_BASE, help="config overrides for the CamVid runs")
     a("--skip-camvid", action="store_true")
     a("--results-md", default="docs/RESULTS.md", help="Markdown report ('' = none)")
     a("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, oversubscribed CPU)")
