@@ -43,6 +43,7 @@ class ShardCache:
         if url not in self.index:
             path = url
             if io.is_remote(url):
+                os.makedirs(self.dir, exist_ok=True)
                 path = os.path.join(self.dir, f"{len(self.index):06d}.tar")
                 with io.open_url(url, "rb") as src, open(path, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
@@ -62,6 +63,7 @@ class ShardCache:
 
     def close(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.index.clear()
 
 
 class MiningWorker:
@@ -122,9 +124,13 @@ class MiningWorker:
         samples = [sample(*entry) for entry in entries]
         return shards.put_shard(folder, shards.shard_name(index), samples, {"digest": digest, "skipped": []})
 
-    def __del__(self):
+    def close(self) -> None:
+        """Remove the local shard cache (called by ``ActorGroup`` before the actor is killed)."""
         if isinstance(getattr(self, "cache", None), ShardCache):
             self.cache.close()
+
+    def __del__(self):
+        self.close()
 
 
 # ----------------------------------------------------------------------------- driver

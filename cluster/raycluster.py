@@ -132,6 +132,11 @@ class ActorGroup:
     def __exit__(self, *exc):
         import ray
 
+        if self.actors and callable(getattr(self.actor_cls, "close", None)):
+            try:  # let actors remove their local files (ray.kill skips destructors)
+                ray.get([actor.close.remote() for actor in self.actors], timeout=60)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters more
+                pass
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

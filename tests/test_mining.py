@@ -90,3 +90,18 @@ def test_mining_resume_is_byte_identical(tmp_path, ray_local):
 def test_mining_without_depth_manifest_says_what_to_run(tmp_path, ray_local):
     with pytest.raises(FileNotFoundError, match="run generate_depth first"):
         mining.mine_neighbors(_cfg(str(tmp_path)), "val", progress=False)
+
+
+def test_shard_cache_reads_s3_members_by_offset_and_cleans_up(s3):
+    root = f"{s3}/cache"
+    shards.write_test_shards(root, 5, size=(8, 12), with_positives=False, samples_per_shard=3, split="val")
+    cache = mining.ShardCache()
+    for url in shards.shard_urls(root, "val", "depth"):
+        for raw in shards.iter_shard(url):
+            for member in ("rgb.png", "depth.png", "label.png", "meta.json"):
+                assert cache.read(url, f"{raw['__key__']}.{member}") == raw[member]
+    assert len(os.listdir(cache.dir)) == 2  # each remote shard fetched once
+    with pytest.raises(KeyError, match="no member"):
+        cache.read(url, "nope.rgb.png")
+    cache.close()
+    assert not os.path.exists(cache.dir)
