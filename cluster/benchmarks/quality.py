@@ -76,6 +76,7 @@ def add_arguments(parser) -> None:
     a("--tune-grid", default="", help="JSON list of [variant, [overrides...]]: only tune on a held-out quarter "
       "of the train images of the first dataset (synthetic, or camvid with --tune-camvid)")
     a("--tune-camvid", action="store_true")
+    a("--depth-power", type=float, default=1.0, help="experiment: train depth d -> d**p (1 = as given)")
     a("--quick", action="store_true", help="tiny smoke run (tests)")
 
 
@@ -123,11 +124,27 @@ def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int):
     return seg, terms
 
 
+@torch.no_grad()
+def _reseed_dead_centroids(probe, codes: torch.Tensor, gen: torch.Generator) -> int:
+    """Move every centroid that wins no code vector of the batch onto a random code vector (k-means practice).
+
+    The learned k-means only moves winning centroids, so a badly initialised one stays dead for good and the
+    probe ends with fewer clusters than classes: the main source of seed variance with short budgets.
+    """
+    flat = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])
+    wins = torch.bincount(probe.cosine(codes).argmax(dim=1).flatten(), minlength=probe.n_clusters)
+    dead = torch.nonzero(wins == 0).flatten()
+    if len(dead):
+        probe.centroids[dead] = flat[torch.randint(flat.shape[0], (len(dead),), generator=gen)]
+    return len(dead)
+
+
 def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, seed: int) -> None:
     """Extra probe-only Adam steps on the final (frozen, dropout-free) codes of the train crops.
 
     The probes are trained on detached codes anyway; with short head budgets this lets both probes converge
-    on the final codes so that variants are compared on their codes, not on probe convergence.
+    on the final codes so that variants are compared on their codes, not on probe convergence. During the
+    first half, dead cluster centroids are re-seeded (``_reseed_dead_centroids``).
     """
     if steps <= 0:
         return
@@ -135,9 +152,11 @@ def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, s
         codes = torch.cat([seg.head(data.feats[i:i + 64].float()) for i in range(0, len(data), 64)])
     opt = torch.optim.Adam(seg.probe_parameters(), lr=lr)
     gen = torch.Generator().manual_seed(20_000 + seed)
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(len(data), (min(batch, len(data)),), generator=gen)
         c = codes[idx]
+        if step < steps // 2:
+            _reseed_dead_centroids(seg.cluster_probe, c, gen)
         loss = seg.cluster_probe.loss(c) + seg.linear_probe.loss(seg.linear_probe(c), data.labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,13 +269,15 @@ def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], vari
     out = []
     for extra in grid:
         cfg = load_config(None, base_overrides(args, n_classes, args.base) + VARIANTS[variant] + list(extra))
-        seg, terms = train_variant(cfg, fit, args.steps, args.batch, 0)
-        finish_probes(seg, fit, args.probe_steps, 64, cfg.train.probe_lr, 0)
-        scores = evaluate(seg, held, n_classes, fit)
-        out.append({"overrides": list(extra), "variant": variant, "heldout": scores, "final_terms": terms})
-        log(f"  tune {variant} {' '.join(extra)}: held-out mIoU {100 * scores['unsupervised']['miou']:.1f} "
-            f"acc {100 * scores['unsupervised']['accuracy']:.1f} linear {100 * scores['linear']['miou']:.1f} "
-            f"codes-k-means {100 * scores['codes_kmeans']['miou']:.1f}")
+        for seed in range(args.seeds):
+            seg, terms = train_variant(cfg, fit, args.steps, args.batch, seed)
+            finish_probes(seg, fit, args.probe_steps, 64, cfg.train.probe_lr, seed)
+            scores = evaluate(seg, held, n_classes, fit)
+            out.append({"overrides": list(extra), "variant": variant, "seed": seed, "heldout": scores,
+                        "final_terms": terms, "depth_power": args.depth_power})
+            log(f"  tune {variant} {' '.join(extra)} seed {seed} (depth^{args.depth_power:g}): held-out mIoU "
+                f"{100 * scores['unsupervised']['miou']:.1f} acc {100 * scores['unsupervised']['accuracy']:.1f} "
+                f"linear {100 * scores['linear']['miou']:.1f} codes-k-means {100 * scores['codes_kmeans']['miou']:.1f}")
     return out
 
 
@@ -277,6 +298,8 @@ def _prepare(args, data_overrides, n_classes_hint, train_kwargs, val_kwargs, log
         if args.cache_dir:
             os.makedirs(args.cache_dir, exist_ok=True)
             torch.save((train, val), path)
+    if args.depth_power != 1.0 and train.depth is not None:  # experiment: spread sky-dominated min-max depth
+        train.depth = train.depth.clamp(min=0) ** args.depth_power
     # the linear probe trains against labels at twice the feature grid (nearest): 4-8x cheaper, same signal
     stride = max(1, train.labels.shape[-1] // (2 * train.feats.shape[-1]))
     train.labels = train.labels[:, stride // 2::stride, stride // 2::stride].contiguous()
