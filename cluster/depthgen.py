@@ -190,13 +190,16 @@ def write_depth_manifest(cfg: Config, split: str, folder: str, units, digest: st
         if side is None:
             raise RuntimeError(f"{folder}/{shards.shard_name(i)} is missing or stale after the depth job")
         sidecars.append(side)
+    skipped = [s for side in sidecars for s in side["skipped"]]
+    if skipped and not any(s["count"] for s in sidecars):
+        raise RuntimeError(f"every image of split {split} was unreadable ({len(skipped)}), e.g. {skipped[0]['error']}")
     manifest = {
         "kind": "depth", "split": split, "dataset": cfg.data.dataset,
         "shards": [{"name": s["name"], "count": s["count"]} for s in sidecars],
         "n_classes": info["n_classes"], "class_names": info["class_names"],
         "depth_source": "dataset" if cfg.depthgen.source == "dataset" else f"transformers:{cfg.depthgen.model}",
         "five_crop": bool(split == "train" and cfg.data.five_crop), "digest": digest,
-        "config": mask_secrets(to_dict(cfg)), "skipped": [s for side in sidecars for s in side["skipped"]],
+        "config": mask_secrets(to_dict(cfg)), "skipped": skipped,
     }
     shards.write_manifest(folder, manifest)
     return shards.read_manifest(folder)

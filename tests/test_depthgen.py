@@ -108,6 +108,12 @@ def test_corrupt_images_are_skipped_or_fatal(tmp_path, ray_local):
     with pytest.raises(Exception, match="im2"):
         depthgen.generate_depth(strict, "val", progress=False)
     assert not io.exists(os.path.join(strict.shards.root, "depth", "val", "manifest.json"))
+    only_bad = _cfg(str(tmp_path / "bad"), *over)
+    for i in (0, 1, 3):
+        with open(f"{data}/val/images/im{i}.png", "wb") as fh:
+            fh.write(b"broken too")
+    with pytest.raises(RuntimeError, match="every image of split val was unreadable"):
+        depthgen.generate_depth(only_bad, "val", progress=False)
 
 
 def test_generate_depth_main_end_to_end_on_s3(s3, ray_local):
