@@ -8,13 +8,18 @@ per actor where the cluster has GPUs, otherwise an equal share of the CPUs each.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # storage settings the driver forwards to its actors (actors of an already running cluster do not
-# see the driver's environment); forwarded through the actor's runtime_env, never logged
-STORAGE_ENV = ("DEPTHG_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+# see the driver's environment) through the actor's runtime_env. No credentials: the runtime env is
+# shown in the Ray dashboard; actors of a local Ray inherit the keys from the raylet's environment,
+# on a cluster they come from the instance role or the credentials file named here.
+STORAGE_ENV = ("DEPTHG_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+MAX_CALL_RETRIES = 3  # resubmissions of one call after its actor died
+log = logging.getLogger(__name__)
 CPU_ACTORS_DEFAULT = 2  # actors on a CPU-only cluster when the config says 0 ("auto")
 
 
@@ -101,9 +106,22 @@ class ActorGroup:
         env = storage_env()
         if env:
             options["runtime_env"] = {"env_vars": env}
-        remote_cls = ray.remote(self.actor_cls)
-        self.actors = [remote_cls.options(**options).remote(*self.init_args, threads=threads) for _ in range(count)]
+        self._spawn_args = (ray.remote(self.actor_cls), options, threads)
+        self.actors = [self._spawn() for _ in range(count)]
         return self.actors
+
+    def _spawn(self):
+        remote_cls, options, threads = self._spawn_args
+        return remote_cls.options(**options).remote(*self.init_args, threads=threads)
+
+    def _replace(self, dead):
+        """A fresh actor in the place of ``dead`` (killed, crashed, or its node lost)."""
+        import ray
+
+        ray.kill(dead)  # no-op when it is already gone
+        fresh = self._spawn()
+        self.actors = [fresh if a is dead else a for a in self.actors]
+        return fresh
 
     def check(self, init_args: tuple) -> "ActorGroup":
         """Raise unless this group was built with ``init_args`` (e.g. the same config)."""
@@ -113,16 +131,41 @@ class ActorGroup:
         return self
 
     def map(self, method: str, calls: list[tuple], desc: str = "", progress: bool = True):
-        """Yield ``actor.method(*call)`` results as they complete, with one driver-side tqdm bar."""
-        from ray.util import ActorPool
+        """Yield ``actor.method(*call)`` results as they complete, with one driver-side tqdm bar.
+
+        An actor that dies (``ray.kill``, a crash, a lost node) is replaced by a fresh one and its call
+        is resubmitted, at most ``MAX_CALL_RETRIES`` times per call: the calls are idempotent (each
+        writes its own shard atomically), so every unit still lands exactly once. Exceptions raised
+        by the method itself are not retried.
+        """
+        import ray
+        from ray.exceptions import RayActorError
         from tqdm import tqdm
 
         if not calls:
             return
-        pool = ActorPool(self.start(len(calls)))
-        results = pool.map_unordered(lambda actor, call: getattr(actor, method).remote(*call), calls)
+        idle, todo = list(self.start(len(calls))), list(enumerate(calls))[::-1]
+        running: dict = {}
+        retries = [0] * len(calls)
         with tqdm(total=len(calls), desc=desc, unit="shard", disable=not progress) as bar:
-            for result in results:
+            while todo or running:
+                while idle and todo:
+                    actor, (i, call) = idle.pop(), todo.pop()
+                    running[getattr(actor, method).remote(*call)] = (actor, i, call)
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                actor, i, call = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayActorError as exc:
+                    retries[i] += 1
+                    if retries[i] > MAX_CALL_RETRIES:
+                        raise
+                    log.warning("%s: actor died during call %d (%s); replacing it and resubmitting the call",
+                                desc or method, i, type(exc).__name__)
+                    idle.append(self._replace(actor))
+                    todo.append((i, call))
+                    continue
+                idle.append(actor)
                 bar.update(1)
                 yield result
 

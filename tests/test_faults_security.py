@@ -164,3 +164,16 @@ def test_storage_errors_do_not_leak_credentials(monkeypatch):
     assert "s3://bucket/data/x.bin" in text and f"127.0.0.1:{port}" in text
     assert SECRET not in text and KEY_ID not in text
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_depth_and_mining_actors_get_no_secrets(monkeypatch):
+    from cluster.raycluster import storage_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", SECRET + "tok")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    env = storage_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert not [k for k, v in env.items() if SECRET in v or KEY_ID in v], sorted(env)
