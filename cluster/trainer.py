@@ -247,10 +247,30 @@ def save_checkpoint(engine, cfg: Config, world: World, batch_idx: int, client_st
     else:
         engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     barrier(world)
-    if world.is_main:
-        io.write_bytes(io.join(root, tag, COMPLETE), json.dumps({"batch": batch_idx}).encode())
+    if world.is_main:  # the marker also records the model settings, checked on resume
+        marker = {"batch": batch_idx, "model": model_signature(cfg)}
+        io.write_bytes(io.join(root, tag, COMPLETE), json.dumps(marker).encode())
     barrier(world)
     return io.join(root, tag)
+
+
+def model_signature(cfg: Config) -> dict:
+    """The settings that fix the trained modules' shapes: a resumed run must match them."""
+    m = cfg.model
+    return {"model.backbone": m.backbone, "model.code_dim": m.code_dim, "model.n_classes": m.n_classes,
+            "model.extra_clusters": m.extra_clusters, "loss.lhp.enabled": cfg.loss.lhp.enabled}
+
+
+def check_resume_config(cfg: Config, url: str) -> None:
+    """Raise naming the checkpoint and the keys when it was written with other model settings."""
+    saved = json.loads(io.read_bytes(io.join(url, COMPLETE))).get("model")
+    if not saved:  # a marker from before the settings were recorded: DeepSpeed's shape checks remain
+        return
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in model_signature(cfg).items()
+            if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"train.resume: checkpoint {url} was written with other model settings ({'; '.join(diff)}); "
+                         "resume with the same settings, or start a new train.output")
 
 
 def load_checkpoint(engine, url: str) -> dict:
@@ -360,6 +380,24 @@ def _inject_failure(world: World, batch_idx: int) -> None:
             raise RuntimeError(f"injected failure on rank {rank} at batch {batch}")
 
 
+def stop_if_not_finite(out: dict, cfg: Config, world: World, batch_idx: int, log: "RankZeroLog") -> None:
+    """Stop training on a NaN / inf loss on any rank (all ranks agree, so none waits in a collective);
+    the message names the last good checkpoint, and nothing is written after it."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(out["total"].detach()).all()) else 1.0], dtype=torch.float64)
+    all_reduce_sum(bad, world)
+    if bad.item() == 0:
+        return
+    terms = sorted(k for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0 and not torch.isfinite(v))
+    last = latest_checkpoint(cfg.train.output)
+    message = (f"non-finite loss at batch {batch_idx} on {int(bad.item())} rank(s) (terms on this rank: "
+               f"{', '.join(terms) or 'all finite'}); "
+               f"training stopped. Last good checkpoint: {last or 'none yet'}. Lower train.lr / train.probe_lr "
+               "(or check the data) and restart with train.resume=auto")
+    log.print(message)
+    log.close()
+    raise FloatingPointError(message)
+
+
 def _scalars(out: dict) -> dict:
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v)
             for k, v in out.items() if not torch.is_tensor(v) or v.dim() == 0}
@@ -400,6 +438,7 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
     start, best = 0, {"val/stego": float("inf")}
     resume = resolve_resume(cfg)
     if resume:
+        check_resume_config(cfg, resume)
         state = load_checkpoint(engine, resume)
         start, best = int(state["batch_idx"]), state.get("best", best)
         gen.set_state(state["generator"])
@@ -413,11 +452,14 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
     if start < total:
         spec.start_step, spec.num_steps = start * accum, (total - start) * accum
         acc: dict = {}
+        skipped = 0  # damaged shards / samples met by this rank's loader (depthg.streaming.shard_samples)
         for micro, batch in enumerate(streaming.make_loader(spec, cfg.train.loader_workers)):
             batch_idx = start + micro // accum
             _trace_samples(world, batch_idx, batch)
             _inject_failure(world, batch_idx)
+            skipped += int(batch.get("skipped", 0))
             out = compute_losses(backbone, engine.module, batch, cfg, batch_idx, gen)
+            stop_if_not_finite(out, cfg, world, batch_idx, log)
             engine.backward(out["total"])
             engine.step()
             for k, v in _scalars(out).items():
@@ -428,6 +470,7 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
             log.advance()
             if done % cfg.train.log_every == 0 or done == total:
                 acc.update({f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)})
+                acc["data/skipped_shards"] = float(skipped * world.world_size)  # the mean over ranks = the sum
                 last = _mean_over_ranks(acc, world)
                 log.metrics(batch_idx, last)
             acc = {}

@@ -26,6 +26,8 @@ no global RNG is touched.
 from __future__ import annotations
 
 import itertools
+import logging
+import tarfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -34,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from depthg import shards as shardfmt
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- pure planning
@@ -78,18 +82,43 @@ def slot_rng(seed: int, epoch: int, rank: int, worker: int, stream: int) -> np.r
 
 
 # ----------------------------------------------------------------------------- stages
-def read_stage(urls: Sequence[str], stride: int, offset: int) -> Iterator[dict]:
+def shard_samples(url: str, skipped: list | None = None) -> Iterator[dict]:
+    """Raw samples of one shard. A damaged shard (truncated, not a tar, missing) ends where it breaks
+    and a sample lacking ``rgb.png`` / ``depth.png`` is dropped: each is logged naming the shard and
+    appended to ``skipped``; training goes on. Storage that cannot be reached is still an error."""
+    from depthg.io import StorageError
+
+    try:
+        for raw in shardfmt.iter_shard(url):
+            missing = [m for m in ("rgb.png", "depth.png") if m not in raw]
+            if missing:
+                _skip(skipped, url, f"sample {raw.get('__key__')} lacks {', '.join(missing)}")
+                continue
+            yield raw
+    except StorageError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        _skip(skipped, url, f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}")
+
+
+def _skip(skipped: list | None, url: str, error: str) -> None:
+    log.warning("damaged shard %s skipped from here on: %s", url, error)
+    if skipped is not None:
+        skipped.append({"url": str(url), "error": error})
+
+
+def read_stage(urls: Sequence[str], stride: int, offset: int, skipped: list | None = None) -> Iterator[dict]:
     """One pass over the slot's raw samples; with stride > 1 keep sample ``i`` if ``i % stride == offset``."""
     index = 0
     for url in urls:
-        for raw in shardfmt.iter_shard(url):
+        for raw in shard_samples(url, skipped):
             if index % stride == offset:
                 yield raw
             index += 1
 
 
 def cycle_stage(urls: Sequence[str], stride: int, offset: int, buffer: int,
-                rng: np.random.Generator) -> Iterator[dict]:
+                rng: np.random.Generator, skipped: list | None = None) -> Iterator[dict]:
     """Endless passes of read -> shuffle buffer, so a slot that runs short repeats its OWN samples.
 
     The buffer drains at the end of each pass, so the first pass holds each sample exactly once.
@@ -101,7 +130,7 @@ def cycle_stage(urls: Sequence[str], stride: int, offset: int, buffer: int,
     for pass_ in itertools.count():
         order = list(urls) if (pass_ == 0 or stride > 1) else [urls[i] for i in rng.permutation(len(urls))]
         kept = 0
-        for raw in shuffle_stage(read_stage(order, stride, offset), buffer, rng):
+        for raw in shuffle_stage(read_stage(order, stride, offset, skipped), buffer, rng):
             kept += 1
             yield raw
         if kept == 0:
@@ -142,9 +171,13 @@ def skip_stage(samples: Iterable[dict], count: int) -> Iterator[dict]:
     return itertools.islice(samples, count, None)
 
 
-def decode_stage(samples: Iterable[dict]) -> Iterator[dict]:
+def decode_stage(samples: Iterable[dict], skipped: list | None = None) -> Iterator[dict]:
     for raw in samples:
-        sample = shardfmt.decode_sample(raw)
+        try:
+            sample = shardfmt.decode_sample(raw)
+        except (shardfmt.ShardError, OSError, ValueError, SyntaxError) as exc:  # a corrupt PNG / JSON member
+            _skip(skipped, raw.get("__url__", "?"), f"sample {raw.get('__key__')}: {type(exc).__name__}: {exc}")
+            continue
         if sample["positives"]:
             sample["pos_image"], sample["pos_depth"] = sample["positives"][0]
         else:  # unmined split (val): the crop is its own positive
@@ -185,15 +218,20 @@ def resize_stage(samples: Iterable[dict], resolution: int) -> Iterator[dict]:
         yield to_tensors(sample, resolution)
 
 
-def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int) -> Iterator[dict]:
-    """Stack ``batch_size`` samples per batch; stop after exactly ``num_batches`` batches."""
+def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int,
+                skipped: list | None = None) -> Iterator[dict]:
+    """Stack ``batch_size`` samples per batch; stop after exactly ``num_batches`` batches.
+    ``batch["skipped"]``: damage events (see ``shard_samples``) since the previous batch."""
     samples = iter(samples)
+    skipped = [] if skipped is None else skipped
     for _ in range(num_batches):
         chunk = list(itertools.islice(samples, batch_size))
         if len(chunk) < batch_size:
             raise RuntimeError("the sample stream ended early (the read stage cycles, so this is a bug)")
         batch = {key: torch.stack([s[key] for s in chunk]) for key in chunk[0] if key != "id"}
         batch["id"] = [s["id"] for s in chunk]
+        batch["skipped"] = len(skipped)
+        skipped.clear()
         yield batch
 
 
@@ -228,11 +266,13 @@ def worker_epoch(spec: StreamSpec, epoch: int, worker: int, skip: int, count: in
     """The batches one worker yields in ``epoch``: ``count`` of them after skipping ``skip``."""
     names = epoch_shard_order(list(spec.urls), spec.seed, epoch)
     urls, stride, offset = plan_split(names, spec.rank, spec.world_size, worker, spec.num_workers)
-    samples = cycle_stage(urls, stride, offset, spec.shuffle_buffer, slot_rng(spec.seed, epoch, spec.rank, worker, 1))
+    skipped: list = []  # damaged shards met by this worker, reported with the next batch
+    samples = cycle_stage(urls, stride, offset, spec.shuffle_buffer, slot_rng(spec.seed, epoch, spec.rank, worker, 1),
+                          skipped)
     samples = positive_stage(samples, slot_rng(spec.seed, epoch, spec.rank, worker, 3))
     samples = skip_stage(samples, skip * spec.micro_batch)
-    samples = resize_stage(decode_stage(samples), spec.resolution)
-    return batch_stage(samples, spec.micro_batch, count)
+    samples = resize_stage(decode_stage(samples, skipped), spec.resolution)
+    return batch_stage(samples, spec.micro_batch, count, skipped)
 
 
 def worker_plan(spec: StreamSpec, worker: int) -> list[tuple[int, int, list[int]]]:

@@ -1,0 +1,106 @@
+"""Training faults, each through the real launcher (``launch/train.py`` main, one process, DeepSpeed on
+gloo) on tiny shards: a truncated / corrupt shard is skipped, counted and logged while training goes
+on; a NaN loss stops training with a message and keeps the last good checkpoint; resuming from a
+checkpoint written with another model config fails naming the checkpoint and the keys that differ.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from cluster import trainer
+from depthg import shards
+
+TINY = ["model.backbone=tiny_vit", "data.resolution=32", "model.code_dim=8", "sampling.samples=3",
+        "sampling.min_samples=2", "loss.neg_rounds=2", "train.micro_batch_per_gpu=2", "train.log_every=1",
+        "train.loader_workers=0", "train.shuffle_buffer=4"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("shards"))
+    shards.write_test_shards(folder, 12, size=(32, 32), num_positives=2, samples_per_shard=3)
+    return folder
+
+
+def _train(root: str, output: str, *extra: str):
+    from launch import train as launch_train
+
+    return launch_train.main(["--launcher", "env", "--config", "none", f"shards.root={root}",
+                              f"train.output={output}", *TINY, *extra])
+
+
+def _rows(output: str) -> list[dict]:
+    with open(os.path.join(output, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _readable(url: str) -> dict[str, set]:
+    """Members of the samples webdataset yields from a damaged shard before it stops or raises."""
+    out = {}
+    try:
+        for raw in shards.iter_shard(url):
+            out[raw["__key__"]] = set(raw)
+    except Exception:  # noqa: BLE001 - the damage itself
+        pass
+    return out
+
+
+def test_corrupt_shards_are_skipped_counted_and_logged(tmp_path, root, caplog, monkeypatch):
+    bad = str(tmp_path / "shards")
+    shutil.copytree(root, bad)
+    urls = shards.shard_urls(bad, "train")
+    with open(urls[1], "rb") as fh:
+        data = fh.read()
+    with open(urls[1], "wb") as fh:  # truncated in the middle of its second sample
+        fh.write(data[: len(data) // 2])
+    with open(urls[3], "wb") as fh:  # not a tar at all
+        fh.write(b"\x00garbage" * 100)
+    intact = {raw["__key__"]: set(raw) for raw in shards.iter_shard(urls[1].replace(bad, root))}
+    cut = _readable(urls[1])
+    partial = {k for k in intact if cut.get(k) != intact[k]}
+    assert 0 < len(partial) < len(intact)
+    trace, out = str(tmp_path / "trace"), str(tmp_path / "run")
+    monkeypatch.setenv("DEPTHG_TRACE_SAMPLES", trace)
+    with caplog.at_level(logging.WARNING):
+        _train(bad, out, "train.num_batches=6")
+    rows = [r for r in _rows(out) if "total" in r]
+    assert [r["batch"] for r in rows] == list(range(6))  # training went on to the end
+    assert all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
+    assert os.path.exists(os.path.join(out, "segmenter.pt"))
+    assert rows[-1]["data/skipped_shards"] >= 2  # counted: both shards, on every pass over them
+    logged = caplog.text
+    assert os.path.basename(urls[1]) in logged and os.path.basename(urls[3]) in logged  # logged by name
+    with open(os.path.join(trace, "rank0.jsonl")) as fh:
+        seen = {i for line in fh for i in json.loads(line)["ids"]}
+    garbage = {raw["__key__"] for raw in shards.iter_shard(urls[3].replace(bad, root))}
+    assert not seen & (garbage | partial)  # nothing from the garbage shard, no half-written sample
+    assert seen == {f"train-{i:05d}" for i in range(12)} - garbage - partial  # every intact sample used
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, root):
+    out = str(tmp_path / "run")
+    # lr 1e30: the first step is finite, the weights it writes overflow the next forward (NaN at batch 1)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at batch 1.*step-00000001") as info:
+        _train(root, out, "train.num_batches=5", "train.ckpt_every=1", "train.lr=1e30")
+    assert "train.lr" in str(info.value)  # says what to change
+    assert trainer.latest_checkpoint(out).endswith("step-00000001")
+    assert sorted(os.listdir(os.path.join(out, "ckpt"))) == ["step-00000001"]  # nothing written after the NaN
+    assert not os.path.exists(os.path.join(out, "segmenter.pt"))  # no final model from NaN weights
+    rows = [r for r in _rows(out) if "total" in r]
+    assert rows[0]["batch"] == 0 and rows[-1]["batch"] <= 1
+
+
+def test_resume_from_a_checkpoint_of_another_model_config_names_both(tmp_path, root):
+    out = str(tmp_path / "run")
+    _train(root, out, "train.num_batches=1")
+    with pytest.raises(ValueError, match=r"step-00000001.*model\.code_dim.*8.*12"):
+        _train(root, out, "train.num_batches=2", "train.resume=auto", "model.code_dim=12")
+    # the checkpoint is untouched and a matching config still resumes from it
+    _train(root, out, "train.num_batches=2", "train.resume=auto")
+    assert [r["batch"] for r in _rows(out) if "total" in r] == [0, 1]
