@@ -371,12 +371,17 @@ def _trace_samples(world: World, batch_idx: int, batch: dict) -> None:
 
 def _inject_failure(world: World, batch_idx: int) -> None:
     """Fault injection for recovery tests: DEPTHG_FAIL_ONCE="rank:batch:marker" makes that rank raise
-    once at that batch (the marker file records that it already failed)."""
+    once at that batch (the marker file records that it already failed); with DEPTHG_FAIL_SIGNAL=KILL
+    the process SIGKILLs itself instead (dies like an OOM-killed worker: no exception, no cleanup)."""
     spec = os.environ.get("DEPTHG_FAIL_ONCE")
     if spec:
         rank, batch, marker = spec.split(":", 2)
         if int(rank) == world.rank and int(batch) == batch_idx and not os.path.exists(marker):
             open(marker, "w").close()
+            if os.environ.get("DEPTHG_FAIL_SIGNAL") == "KILL":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure on rank {rank} at batch {batch}")
 
 

@@ -104,3 +104,25 @@ def test_resume_from_a_checkpoint_of_another_model_config_names_both(tmp_path, r
     # the checkpoint is untouched and a matching config still resumes from it
     _train(root, out, "train.num_batches=2", "train.resume=auto")
     assert [r["batch"] for r in _rows(out) if "total" in r] == [0, 1]
+
+
+@pytest.mark.slow
+def test_ray_train_worker_killed_resumes_from_the_last_checkpoint(tmp_path, root, ray_local, monkeypatch):
+    """Rank 1's process SIGKILLs itself at batch 2 (no exception, no cleanup, like an OOM kill): Ray Train's
+    FailureConfig restarts the group, which resumes from the checkpoint of batch 2 and ends at batch 3."""
+    from cluster.ray_train import launch
+    from depthg.config import load_config
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("DEPTHG_FAIL_ONCE", f"1:2:{marker}")
+    monkeypatch.setenv("DEPTHG_FAIL_SIGNAL", "KILL")
+    out = str(tmp_path / "run")
+    cfg = load_config(None, [f"shards.root={root}", f"train.output={out}", *TINY,
+                             "train.num_batches=3", "train.ckpt_every=1"])
+    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=1)
+    assert marker.exists()  # the kill did happen
+    assert result["metrics"]["batch"] == 3  # the same final step as an uninterrupted run
+    assert [trainer.tag_name(b) for b in (1, 2, 3)] == sorted(os.listdir(os.path.join(out, "ckpt")))
+    assert trainer.latest_checkpoint(out).endswith("step-00000003")
+    assert [r["batch"] for r in _rows(out) if "total" in r] == [0, 1, 2]  # resumed at 2, nothing twice
+    assert os.path.exists(os.path.join(out, "segmenter.pt"))
