@@ -100,41 +100,50 @@ def read_bytes(url: str) -> bytes:
         raise _wrap(url, exc) from exc
 
 
-def write_bytes(url: str, data: bytes) -> None:
-    """Atomically write ``data`` to ``url``."""
-    if is_remote(url):
-        fs, path = filesystem(url)
-        try:
-            fs.pipe_file(path, data)
-        except Exception as exc:  # noqa: BLE001
-            raise _wrap(url, exc) from exc
-        return
+def _atomic_local(url: str, write) -> None:
+    """Run ``write(fh)`` on a temporary file beside ``url``, then rename it into place."""
     directory = os.path.dirname(os.path.abspath(url))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(url)}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, url)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _remote(url: str, action) -> None:
+    fs, path = filesystem(url)
+    try:
+        action(fs, path)
+    except Exception as exc:  # noqa: BLE001 - rewrapped with the URL
+        raise _wrap(url, exc) from exc
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomically write ``data`` to ``url``."""
+    if is_remote(url):
+        _remote(url, lambda fs, path: fs.pipe_file(path, data))
+    else:
+        _atomic_local(url, lambda fh: fh.write(data))
 
 
 def put_file(local_path: str, url: str) -> None:
     """Atomically copy a finished local file to ``url`` (rename locally, single upload on S3)."""
     if is_remote(url):
-        fs, path = filesystem(url)
-        try:
-            fs.put_file(local_path, path)
-        except Exception as exc:  # noqa: BLE001
-            raise _wrap(url, exc) from exc
+        _remote(url, lambda fs, path: fs.put_file(local_path, path))
         return
-    directory = os.path.dirname(os.path.abspath(url))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(url)}.{uuid.uuid4().hex}.tmp")
-    with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    os.replace(tmp, url)
+
+    def copy(fh):
+        with open(local_path, "rb") as src:
+            while chunk := src.read(1 << 20):
+                fh.write(chunk)
+
+    _atomic_local(url, copy)
 
 
 def remove(url: str) -> None:
