@@ -70,6 +70,7 @@ def add_arguments(parser) -> None:
     a("--base", nargs="*", default=SYN_BASE, help="config overrides for every synthetic run (tuned shifts)")
     a("--camvid-base", nargs="*", default=CAMVID_BASE, help="config overrides for the CamVid runs")
     a("--skip-camvid", action="store_true")
+    a("--skip-synthetic", action="store_true")
     a("--results-md", default="docs/RESULTS.md", help="Markdown report ('' = none)")
     a("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, oversubscribed CPU)")
     a("--cache-dir", default="", help="reuse cached features from this folder (development only)")
@@ -416,8 +417,9 @@ def run(args) -> dict:
     syn = [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}"]
     if args.tune_grid:
         return _run_tuning(args, syn, log, t_start)
-    result["datasets"]["synthetic"] = run_dataset(args, "synthetic", *_datasets(args, syn)["synthetic"], variants,
-                                                  args.base, args.steps, log)
+    if not args.skip_synthetic:
+        result["datasets"]["synthetic"] = run_dataset(args, "synthetic", *_datasets(args, syn)["synthetic"],
+                                                      variants, args.base, args.steps, log)
     if not args.skip_camvid:
         cbase = args.base if args.camvid_base is None else args.camvid_base
         result["datasets"]["camvid"] = run_dataset(args, "camvid", *_datasets(args, syn)["camvid"], ["stego"], cbase,
