@@ -142,3 +142,14 @@ def test_reseed_dead_centroids_moves_only_dead_ones():
     flat = codes.permute(0, 2, 3, 1).reshape(-1, 3)
     assert (flat == after[2]).all(dim=1).any()  # moved onto one of the code vectors
     assert quality._reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 0  # now alive
+
+
+def test_split_holdout_keeps_images_together():
+    data = _fake_set(n=10)
+    data.ids = [f"img{i // 5}_c{i % 5}" for i in range(10)]  # two images x five crops
+    fit, held = qd.split_holdout(data, 0.5, knn=2)
+    assert fit.ids == [f"img0_c{k}" for k in range(5)] and held.ids == [f"img1_c{k}" for k in range(5)]
+    assert torch.equal(held.feats, data.feats[5:]) and torch.equal(fit.depth, data.depth[:5])
+    for sub in (fit, held):  # positives index into the subset, never the crop itself
+        assert sub.nn.shape == (5, 2) and int(sub.nn.max()) < 5
+        assert not (sub.nn == torch.arange(5)[:, None]).any()

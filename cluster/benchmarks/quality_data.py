@@ -1,4 +1,4 @@
-"""Feature caches for the quality benchmark: every crop through the frozen backbone exactly once.
+"""Feature caches (and the Markdown report) for the quality benchmark: every crop through the backbone once.
 
 The backbone is frozen and training uses no augmentation, so the features of every training crop and
 every validation image are computed once and kept in memory (float16), together with the crop's depth,
@@ -12,6 +12,7 @@ times cheaper on a 2-core CPU. The retained energy is reported.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -124,3 +125,103 @@ def upsample_chunks(x: torch.Tensor, size, chunk: int = 4):
     """Yield (start, bilinear upsample of ``x[start:start+chunk]`` to ``size``) in float32."""
     for start in range(0, x.shape[0], chunk):
         yield start, F.interpolate(x[start:start + chunk].float(), size=size, mode="bilinear", align_corners=False)
+
+
+def split_holdout(data: FeatureSet, fraction: float, knn: int):
+    """(fit, held-out) subsets of a train set, split by source image (all crops of an image together)."""
+    images = sorted({i.rsplit("_c", 1)[0] for i in data.ids})
+    held = set(images[int(len(images) * (1 - fraction)):])
+    rows = torch.tensor([i.rsplit("_c", 1)[0] in held for i in data.ids])
+    parts = []
+    for mask in (~rows, rows):
+        idx = torch.nonzero(mask).flatten()
+        sub = FeatureSet(data.feats[idx], data.labels[idx], None if data.depth is None else data.depth[idx],
+                         None, [data.ids[i] for i in idx])
+        sub.nn = topk_cosine(sub.feats.float().mean(dim=(2, 3)), knn)[1]
+        parts.append(sub)
+    return parts
+
+
+# ----------------------------------------------------------------------------- Markdown report
+MARKER = "<!-- hand-written below: kept when the benchmark rewrites this file -->"
+LABELS = {"stego": "STEGO (no depth, random sampling)", "depth_only": "+ depth correlation only (paper, random)",
+          "fps_only": "+ FPS only (no depth loss)", "depthg": "DepthG (paper depth loss + FPS)",
+          "depthg_lhp": "DepthG + 3D-LHP", "depthg_distance": "DepthG, distance mode (+ FPS)",
+          "depthg_reference": "DepthG, reference mode (+ FPS)"}
+
+
+def _pm(s: dict, key: str) -> str:
+    if f"{key}_mean" not in s:
+        return "-"
+    return f"{100 * s[f'{key}_mean']:.1f} +- {100 * s[f'{key}_std']:.1f}"
+
+
+def _table(ds: dict) -> list[str]:
+    rows = ["| method | unsup. acc | unsup. mIoU | linear acc | linear mIoU | k-means on codes mIoU | s / run |",
+            "|---|---|---|---|---|---|---|"]
+    for fit_on, s in ds["kmeans_raw"].items():
+        rows.append(f"| raw-feature k-means ({fit_on.replace('_', ' ')}) | {_pm(s, 'unsupervised_accuracy')} | "
+                    f"{_pm(s, 'unsupervised_miou')} | - | - | - | - |")
+    for name, s in ds["variants"].items():
+        secs = np.mean([r["seconds"] for r in s["runs"]])
+        rows.append(f"| {LABELS.get(name, name)} | {_pm(s, 'unsupervised_accuracy')} | {_pm(s, 'unsupervised_miou')} | "
+                    f"{_pm(s, 'linear_accuracy')} | {_pm(s, 'linear_miou')} | {_pm(s, 'codes_kmeans_miou')} | {secs:.0f} |")
+    return rows
+
+
+def headline(result: dict) -> dict:
+    """The two targets of the benchmark, as numbers (percentage points)."""
+    out = {}
+    syn = result["datasets"].get("synthetic", {}).get("variants", {})
+    if "stego" in syn and "depthg" in syn:
+        a, b = syn["depthg"], syn["stego"]
+        gain = 100 * (a["unsupervised_miou_mean"] - b["unsupervised_miou_mean"])
+        std = 100 * max(a["unsupervised_miou_std"], b["unsupervised_miou_std"])
+        out["synthetic_depthg_minus_stego_miou"] = gain
+        out["synthetic_seed_std"] = std
+        out["synthetic_target_met"] = bool(gain >= 2.0 + std)
+    cam = result["datasets"].get("camvid")
+    if cam and "stego" in cam["variants"]:
+        gain = 100 * (cam["variants"]["stego"]["unsupervised_miou_mean"]
+                      - cam["kmeans_raw"]["fit_train"]["unsupervised_miou_mean"])
+        out["camvid_head_minus_kmeans_miou"] = gain
+        out["camvid_target_met"] = bool(gain >= 5.0)
+    return out
+
+
+def write_markdown(result: dict, path: str) -> None:
+    """Tables, setup and timing as Markdown; text after ``MARKER`` in an existing file is kept."""
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = fh.read()
+        if MARKER in old:
+            kept = old[old.index(MARKER) + len(MARKER):]
+    a = result["args"]
+    lines = ["# Quality benchmark: does depth guidance help?", "",
+             f"Backbone: **{result['backbone']}**. All numbers are % on the *val* splits, mean +- std over "
+             f"{a['seeds']} seeds (population std). Unsupervised = cluster probe, one Hungarian matching over the "
+             "whole val split; linear = linear probe on the same codes. No CRF, no flip averaging.", ""]
+    hl = headline(result)
+    if hl:
+        lines += ["## Headline", "", "```", *(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}"
+                                               for k, v in hl.items()), "```", ""]
+    for name, ds in result["datasets"].items():
+        st = ds["setup"]
+        lines += [f"## {name}", "", *_table(ds), "",
+                  f"- {st['train_crops']} train crops at {st['train_res']}x{st['train_res']}, {st['val_images']} val "
+                  f"images at {st['val_res']}x{st['val_res']} ({st['n_classes']} classes: {', '.join(st['classes'])}); "
+                  f"{ds['steps']} batches of {a['batch']} per run.",
+                  f"- features: {st['raw_dim']} channels, uncentred PCA to {st['pca_dim'] or st['raw_dim']} "
+                  f"(keeps {100 * st['pca_energy_kept']:.1f}% of the second moment); cache built in "
+                  f"{st['cache_seconds']:.0f} s.",
+                  f"- shared overrides: `{' '.join(st['base_overrides'])}`",
+                  "- pointwise-centred feature correlations on train (mean / median): " + ", ".join(
+                      f"{k} {v['mean']:.3f} / {v['median']:.3f}" for k, v in st["correlations"].items()), ""]
+    m = result.get("machine", {})
+    lines += ["## Run", "", f"- total time: {result['seconds_total'] / 60:.1f} min on {m.get('cores', '?')} CPU cores "
+              f"({m.get('cpu', '?')}, torch {m.get('torch', '?')}, GPU: {m.get('gpu')}), shared with other jobs.",
+              f"- command: `{result.get('command', '')}`", "", MARKER]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + (kept if kept else "\n"))
