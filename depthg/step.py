@@ -86,7 +86,6 @@ def compute_losses(backbone, segmenter, batch: dict, cfg, batch_idx: int,
                    generator: torch.Generator | None = None, training: bool = True) -> dict:
     """All loss terms of one micro batch (see the module docstring); ``total`` is what to backprop."""
     device = next(segmenter.parameters()).device
-    dtype = next(segmenter.head.parameters()).dtype
     image, pos_image = _to(batch, "image", device), _to(batch, "pos_image", device)
     depth, pos_depth = _to(batch, "depth", device), _to(batch, "pos_depth", device)
     labels = _to(batch, "label", device)
