@@ -21,7 +21,7 @@ host synchronisation; only the S*S greedy FPS iterations are a Python loop, vect
 
 FPS backends (``farthest_point_sample(backend=...)``): ``torch`` on the tensor's device (CUDA in training) and,
 for CPU tensors, the same batched loop in NumPy, which has less per-operation overhead than eager torch
-(about 2x faster on a 2-core CPU; ``cluster/benchmarks/fps.py`` measures both against the reference's
+(about 2x faster on a 2-core CPU; ``bench/fps.py`` measures both against the reference's
 per-image loop). Both return identical indices.
 
 Every mode returns ``Locations`` whose ``depth`` (and ``points``) are the values at the locations the

@@ -3,7 +3,7 @@
     python launch/benchmark.py fps [--out bench/fps.json]
     python launch/benchmark.py depthgen | train | eval | quality
 
-Each name maps to ``cluster/benchmarks/<name>.py`` exposing ``add_arguments(parser)`` and
+Each name maps to ``bench/<name>.py`` exposing ``add_arguments(parser)`` and
 ``run(args) -> dict`` (the dict is written as JSON to ``--out``).
 """
 from __future__ import annotations
@@ -12,24 +12,10 @@ import argparse
 import importlib
 import json
 import os
-import platform
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import machine
 
 NAMES = ("fps", "depthgen", "train", "eval", "quality")
-
-
-def machine() -> dict:
-    import torch
-
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def main(argv=None) -> dict:
@@ -37,12 +23,7 @@ def main(argv=None) -> dict:
     sub = parser.add_subparsers(dest="name", required=True)
     modules = {}
     for name in NAMES:
-        try:
-            modules[name] = importlib.import_module(f"cluster.benchmarks.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cluster.benchmarks.{name}":
-                raise
-            continue
+        modules[name] = importlib.import_module(f"bench.{name}")
         p = sub.add_parser(name, help=(modules[name].__doc__ or "").strip().splitlines()[0])
         p.add_argument("--out", default=f"bench/{name}.json", help="where to write the JSON result")
         modules[name].add_arguments(p)

@@ -14,11 +14,9 @@ import os
 import posixpath
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cluster import evaluator  # noqa: E402
-from depthg import io, report  # noqa: E402
-from depthg.config import load_config, save_config, split_cli, to_dict  # noqa: E402
+from cluster import evaluator
+from depthg import io, report
+from depthg.config import load_config, save_config, split_cli, to_dict
 
 
 def parse(argv):

@@ -20,13 +20,10 @@ import logging
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from depthg import io
+from depthg.config import load_config, save_config, split_cli
+from launch import DEMO_CONFIG
 
-from depthg import io  # noqa: E402
-from depthg.config import load_config, save_config, split_cli  # noqa: E402
-
-DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 log = logging.getLogger("generate_depth")
 
 

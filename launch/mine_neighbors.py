@@ -12,10 +12,7 @@ import logging
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from launch.generate_depth import check_backbone, parse_args, resolve_config, run_mining  # noqa: E402
+from launch.generate_depth import check_backbone, parse_args, resolve_config, run_mining
 
 
 def main(argv=None) -> dict:

@@ -19,12 +19,9 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from depthg import io  # noqa: E402
-from depthg.config import split_cli  # noqa: E402
-from launch import evaluate, generate_depth, train  # noqa: E402
+from depthg import io
+from depthg.config import split_cli
+from launch import evaluate, generate_depth, train
 
 
 def parse_args(argv):

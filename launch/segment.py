@@ -16,14 +16,12 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from depthg import evaluation, io, report  # noqa: E402
-from depthg.config import load_config, split_cli, to_dict  # noqa: E402
+from depthg import evaluation, io, report
+from depthg.config import load_config, split_cli, to_dict
 
 
 def parse(argv):

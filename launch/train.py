@@ -22,12 +22,8 @@ import socket
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from depthg.config import load_config, split_cli  # noqa: E402
-
-DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+from depthg.config import load_config, split_cli
+from launch import DEMO_CONFIG, REPO
 
 
 def parse_args(argv):

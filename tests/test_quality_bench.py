@@ -1,4 +1,4 @@
-"""Smoke and unit tests of the quality benchmark (cluster/benchmarks/quality.py), tiny sizes."""
+"""Smoke and unit tests of the quality benchmark (bench/quality.py), tiny sizes."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.benchmarks import quality, quality_data as qd
+from bench import quality, quality_data as qd
 from depthg.config import load_config
 
 

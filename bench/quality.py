@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from cluster.benchmarks import quality_data as qd
-from cluster.benchmarks.quality_data import MARKER, headline, write_markdown  # noqa: F401 (re-exported)
+from bench import quality_data as qd
+from bench.quality_data import MARKER, headline, write_markdown  # noqa: F401 (re-exported)
 from depthg import losses, metrics
 from depthg.config import load_config
 from depthg.data import build_source
@@ -414,7 +414,7 @@ def run(args) -> dict:
     log(f"total {result['seconds_total']:.0f} s")
     result["command"] = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     if args.results_md:
-        from launch.benchmark import machine
+        from bench import machine
 
         write_markdown({**result, "machine": machine()}, args.results_md)
     return result
