@@ -310,9 +310,7 @@ def _val_spec(cfg: Config, world: World, batches: int):
 
 def validate(backbone, segmenter, cfg: Config, world: World, batches: int = 4) -> dict:
     """Quick validation: cluster-probe mIoU (no CRF) and the held-out STEGO loss, over all ranks."""
-    import torch.nn.functional as F
-
-    from depthg import metrics
+    from depthg import evaluation, metrics
     from depthg.step import compute_losses
 
     spec = _val_spec(cfg, world, batches)
@@ -324,8 +322,8 @@ def validate(backbone, segmenter, cfg: Config, world: World, batches: int = 4) -
         for batch in streaming.make_loader(spec, 0):
             out = compute_losses(backbone, segmenter, batch, cfg, 0, gen, training=False)
             labels = batch["label"]
-            codes = F.interpolate(out["codes"], size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            pred = segmenter.cluster_probe.predict(codes.to(segmenter.cluster_probe.centroids.dtype)).cpu()
+            scores = evaluation.probe_scores(segmenter, out["codes"], labels.shape[-2:], ("cluster",))
+            pred = scores["cluster"].argmax(dim=1).cpu()
             conf += torch.from_numpy(metrics.confusion(pred.numpy(), labels.numpy(), n_pred, n_cls)).double()
             sums += torch.tensor([float(out["stego"]), 1.0], dtype=torch.float64)
     all_reduce_sum(conf, world)

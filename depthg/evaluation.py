@@ -73,6 +73,26 @@ def upsample(codes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
 
 
+PROBES = ("cluster", "linear")
+
+
+def probe_scores(segmenter, codes: torch.Tensor, size: tuple[int, int],
+                 probes: Sequence[str] = PROBES) -> dict[str, torch.Tensor]:
+    """The one evaluation path from codes to scores: codes ``[B,Q,h,w]`` bilinearly upsampled to ``size``,
+    then each probe -> ``{"cluster": log-probs [B,K,*size], "linear": logits [B,n_classes,*size]}``.
+
+    Used by evaluation (``predict``), inference (``segment_images``), the trainer's validation and the
+    quality benchmark; argmax of a score map is that probe's prediction.
+    """
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown:
+        raise ValueError(f"probe must be one of {', '.join(PROBES)}, got {unknown[0]!r}")
+    dtype = next(segmenter.cluster_probe.parameters()).dtype  # bf16 under a bf16 engine
+    up = upsample(codes.to(dtype), tuple(size))
+    modules = {"cluster": segmenter.cluster_probe, "linear": segmenter.linear_probe}
+    return {name: modules[name](up).float() for name in probes}
+
+
 @dataclass
 class EvalOptions:
     n_classes: int
@@ -90,14 +110,14 @@ def predict(backbone, segmenter, images: torch.Tensor, opts: EvalOptions) -> dic
     ``kmeans``. Cluster ids are raw (not yet matched to classes).
     """
     size = tuple(images.shape[2:])
-    codes = upsample(compute_codes(backbone, segmenter.head, images, opts.flip), size)
-    scores = {"cluster": segmenter.cluster_probe(codes), "linear": segmenter.linear_probe(codes)}
+    codes = compute_codes(backbone, segmenter.head, images, opts.flip)
+    scores = probe_scores(segmenter, codes, size)
     preds = {name: s.argmax(dim=1).cpu() for name, s in scores.items()}
     if opts.crf:
         for name, s in scores.items():
             preds[name + "_crf"] = crf_mod.crf_batch(images.cpu(), s.cpu(), opts.crf_params).argmax(dim=1)
     if opts.centroids is not None:
-        preds["kmeans"] = kmeans_assign(codes, opts.centroids.to(codes.device)).cpu()
+        preds["kmeans"] = kmeans_assign(upsample(codes, size), opts.centroids.to(codes.device)).cpu()
     return preds
 
 
@@ -213,12 +233,10 @@ def segment_images(backbone, segmenter, images: Sequence[np.ndarray], resolution
     """
     from PIL import Image
 
-    if probe not in ("cluster", "linear"):
-        raise ValueError(f"probe must be 'cluster' or 'linear', got {probe!r}")
     resized = [np.array(Image.fromarray(im).resize((resolution, resolution), Image.BILINEAR)) for im in images]
     x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div(255).to(device)
-    codes = upsample(compute_codes(backbone, segmenter.head, x, flip), (resolution, resolution))
-    scores = (segmenter.cluster_probe if probe == "cluster" else segmenter.linear_probe)(codes).float().cpu()
+    codes = compute_codes(backbone, segmenter.head, x, flip)
+    scores = probe_scores(segmenter, codes, (resolution, resolution), (probe,))[probe].cpu()
     out = []
     for im, s in zip(images, scores):
         s = F.interpolate(s[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
