@@ -90,7 +90,7 @@ class MiningWorker:
         """``(index, ids, feats [n, C] float32)`` of depth shard ``url``, in shard order."""
         import torch
 
-        from depthg.data import resize_short_center_crop, to_tensor_image
+        from depthg.data import resize_center_crop, to_tensor_image
 
         ids, images = [], []
         for raw in shards.iter_shard(url):
@@ -100,8 +100,8 @@ class MiningWorker:
         out = []
         with torch.no_grad():
             for start in range(0, len(images), size):
-                # the training transform (shorter side, centre crop), so features match what training sees
-                x = torch.stack([to_tensor_image(resize_short_center_crop(im, res)) for im in images[start:start + size]])
+                # the one resize of training (depthg.data.transforms.resize_center_crop): features match training
+                x = torch.stack([to_tensor_image(resize_center_crop(im, res)) for im in images[start:start + size]])
                 f = self.backbone()(x.to(self.device)).float().mean(dim=(2, 3))
                 out.append(torch.nn.functional.normalize(f, dim=1).cpu().numpy())
         dim = self.backbone().dim

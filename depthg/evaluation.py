@@ -1,7 +1,7 @@
 """The per-batch evaluation math (METHOD.md section 9), pure torch / numpy.
 
 For every validation image: resize the shorter side to ``resolution`` (nearest) and centre-crop
-a square; codes = head(backbone(x)), averaged with the codes of the horizontally flipped image
+a square (``depthg.data.transforms.resize_center_crop``); codes = head(backbone(x)), averaged with the codes of the horizontally flipped image
 (flipped back); codes bilinearly upsampled to the image size; then
 
 * cluster head: ``cluster_probe`` log-probs -> argmax (and, with CRF, dense-CRF refined);
@@ -22,27 +22,13 @@ import torch.nn.functional as F
 
 from depthg import crf as crf_mod
 from depthg import metrics
+from depthg.data.transforms import resize_center_crop
 
 
 # ----------------------------------------------------------------------------- inputs
-def _nearest_index(src: int, dst: int) -> np.ndarray:
-    # pixel-centre nearest neighbour, as PIL / torch "nearest-exact" resize
-    return np.minimum(((np.arange(dst) + 0.5) * src / dst).astype(np.int64), src - 1)
-
-
-def resize_center_crop(array: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-resize the shorter side of ``array`` ``[H,W,...]`` to ``size``, centre-crop ``size^2``."""
-    h, w = array.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    top, left = (nh - size) // 2, (nw - size) // 2
-    rows = _nearest_index(h, nh)[top: top + size]
-    cols = _nearest_index(w, nw)[left: left + size]
-    return array[rows][:, cols]
-
-
 def prepare(sample: dict, size: int) -> dict:
-    """Resize + crop one decoded sample (``image``, optional ``depth`` / ``label``) to ``size``."""
+    """Resize + crop one decoded sample (``image``, optional ``depth`` / ``label``) to ``size``
+    with the project's one resize (``depthg.data.transforms.resize_center_crop``)."""
     out = {"id": sample.get("id", ""), "image": resize_center_crop(sample["image"], size)}
     for key in ("depth", "label"):
         value = sample.get(key)
@@ -187,65 +173,3 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 def kmeans_assign(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Cosine argmax of codes ``[B,Q,H,W]`` against centroids ``[K,Q]`` -> ``[B,H,W]``."""
     return torch.einsum("bqhw,kq->bkhw", F.normalize(codes, dim=1), F.normalize(centroids, dim=1)).argmax(dim=1)
-
-
-# ----------------------------------------------------------------------------- inference on own images
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(pattern: str) -> list[str]:
-    """Image files of a folder (sorted) or of a glob pattern; a clear error when there are none."""
-    import glob
-    import os
-
-    if os.path.isdir(pattern):
-        files = [os.path.join(pattern, f) for f in sorted(os.listdir(pattern))
-                 if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {pattern}")
-        return files
-    files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
-    if not files:
-        raise FileNotFoundError(f"input {pattern} is neither a folder nor a glob matching any file")
-    return files
-
-
-def read_image(path: str) -> np.ndarray:
-    """uint8 ``[H,W,3]`` RGB of an image file; ValueError naming the file when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
-
-
-@torch.no_grad()
-def segment_images(backbone, segmenter, images: Sequence[np.ndarray], resolution: int, probe: str = "cluster",
-                   flip: bool = True, crf: bool = False, device: torch.device | str = "cpu") -> list[np.ndarray]:
-    """Label maps int64 ``[H,W]`` (at each image's own size) for a batch of uint8 RGB images.
-
-    Each image is resized to ``resolution`` x ``resolution`` (bilinear) for the model; codes are
-    upsampled to that size before the probe (as in evaluation), the probe's scores are then
-    resized to the image and optionally CRF-refined there. ``probe``: ``cluster`` (raw cluster
-    ids) or ``linear`` (class ids).
-    """
-    from PIL import Image
-
-    resized = [np.array(Image.fromarray(im).resize((resolution, resolution), Image.BILINEAR)) for im in images]
-    x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().div(255).to(device)
-    codes = compute_codes(backbone, segmenter.head, x, flip)
-    scores = probe_scores(segmenter, codes, (resolution, resolution), (probe,))[probe].cpu()
-    out = []
-    for im, s in zip(images, scores):
-        s = F.interpolate(s[None], size=im.shape[:2], mode="bilinear", align_corners=False)[0]
-        probs = torch.from_numpy(crf_mod.dense_crf(im, s)) if crf else s
-        out.append(probs.argmax(dim=0).numpy().astype(np.int64))
-    return out
-
-
-def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend an RGB image with a colour map of the same size (uint8)."""
-    mixed = (1 - alpha) * image.astype(np.float32) + alpha * colours.astype(np.float32)
-    return mixed.round().clip(0, 255).astype(np.uint8)

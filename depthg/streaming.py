@@ -9,7 +9,7 @@ Stages, in order, each a small generator function (``STAGES`` lists them)::
     -> cycle (a slot that runs short starts another pass over its own shards)
     -> pick a positive uniformly from the K embedded ones (a draw per use, per sample)
     -> decode (only the anchor and the chosen positive)
-    -> resize shorter side + centre-crop to ``data.resolution`` (nearest, as the reference)
+    -> resize shorter side + centre-crop to ``data.resolution`` (``depthg.data.transforms.resize_center_crop``)
     -> batch (``image, depth, label, pos_image, pos_depth`` tensors + ``id`` list)
 
 The shuffle buffer sits before decoding (not after, as in the textbook order) so that a resumed run
@@ -33,9 +33,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from depthg import shards as shardfmt
+from depthg.data.transforms import resize_center_crop, to_tensor_image
 
 log = logging.getLogger(__name__)
 
@@ -185,31 +185,20 @@ def decode_stage(samples: Iterable[dict], skipped: list | None = None) -> Iterat
         yield sample
 
 
-def resize_center_crop(x: torch.Tensor, size: int, mode: str = "nearest") -> torch.Tensor:
-    """[C,H,W] -> [C,size,size]: shorter side to ``size`` then centre crop (reference transform)."""
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        kwargs = {} if mode == "nearest" else {"align_corners": False}
-        x = F.interpolate(x[None].float(), size=(nh, nw), mode=mode, **kwargs)[0].to(x.dtype)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[..., top:top + size, left:left + size]
-
-
 def to_tensors(sample: dict, resolution: int) -> dict:
-    """numpy sample -> tensors at ``resolution``: image/pos_image [3,R,R] in [0,1], depth [1,R,R], label [R,R]."""
+    """numpy sample -> tensors at ``resolution`` through the project's one resize
+    (``depthg.data.transforms.resize_center_crop``): image/pos_image [3,R,R] in [0,1], depth [1,R,R], label [R,R]."""
     def img(a):
-        return resize_center_crop(torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1), resolution).float() / 255.0
+        return to_tensor_image(resize_center_crop(a, resolution))
 
     def dep(a):
-        return resize_center_crop(torch.from_numpy(np.ascontiguousarray(a))[None], resolution)
+        return torch.from_numpy(resize_center_crop(a, resolution))[None]
 
     label = sample["label"]
     if label is None:
         label = np.full(sample["depth"].shape, -1, np.int64)
     return {"id": sample["id"], "image": img(sample["image"]), "depth": dep(sample["depth"]),
-            "label": resize_center_crop(torch.from_numpy(np.ascontiguousarray(label))[None], resolution)[0],
+            "label": torch.from_numpy(resize_center_crop(label, resolution)),
             "pos_image": img(sample["pos_image"]), "pos_depth": dep(sample["pos_depth"])}
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from depthg import evaluation, io, report
+from depthg import inference, io, report
 from depthg.config import load_config, split_cli, to_dict
 
 
@@ -70,7 +70,7 @@ def output_names(files: list[str]) -> list[str]:
 
 def main(argv=None) -> list[str]:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    files = evaluation.list_images(args.input)  # fail before loading the model
+    files = inference.list_images(args.input)  # fail before loading the model
     ckpt_cfg, backbone, segmenter = load_model(args.checkpoint)
     cfg = load_config(None, overrides, base=ckpt_cfg)
     from cluster.evaluator import pick_device
@@ -90,8 +90,8 @@ def main(argv=None) -> list[str]:
     with tqdm(total=len(files), desc="segment", unit="img") as bar:
         for start in range(0, len(files), batch):
             chunk = files[start: start + batch]
-            images = [evaluation.read_image(f) for f in chunk]
-            labels = evaluation.segment_images(backbone, segmenter, images, cfg.eval.resolution, args.probe,
+            images = [inference.read_image(f) for f in chunk]
+            labels = inference.segment_images(backbone, segmenter, images, cfg.eval.resolution, args.probe,
                                                cfg.eval.flip, crf, device)
             for name, image, label in zip(names[start: start + batch], images, labels):
                 if args.probe == "cluster" and mapping is not None:
@@ -107,7 +107,7 @@ def write_outputs(folder: str, name: str, image: np.ndarray, label: np.ndarray, 
     overlay_path = os.path.join(folder, f"{name}_overlay.png")
     dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
     Image.fromarray(label.astype(dtype)).save(label_path)
-    Image.fromarray(evaluation.overlay(image, report.colorize(label, palette))).save(overlay_path)
+    Image.fromarray(inference.overlay(image, report.colorize(label, palette))).save(overlay_path)
     return [label_path, overlay_path]
 
 

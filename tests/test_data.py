@@ -10,7 +10,7 @@ from PIL import Image
 
 from depthg.config import DataConfig
 from depthg.data import (Record, SourceError, build_source, crop_boxes, five_crop, read_depth,
-                         resize_short_center_crop, to_tensor_image, transform_record)
+                         resize_center_crop, to_tensor_image, transform_record)
 from depthg.data import palettes as P
 
 CAMVID = "/work/shared/data/camvid"
@@ -246,24 +246,44 @@ def test_five_crop_geometry(hw):
     assert crop_boxes(h, w)[4] == (tops[4], lefts[4], ch, cw)
 
 
-def test_resize_short_center_crop():
-    img = _rgb(36, 48)
-    out = resize_short_center_crop(img, 24)  # nearest by default, 36x48 -> 24x32 -> crop 24x24
-    rows = ((np.arange(24) + 0.5) * 36 / 24).astype(int)
-    cols = ((np.arange(32) + 0.5) * 48 / 32).astype(int)[4:28]
+def test_resize_center_crop_pins_the_reference_pixels():
+    """The one resize reads exactly the pixels of the reference's T.Resize(size, NEAREST) + T.CenterCrop(size)
+    (PIL's nearest, torchvision's int() long side and round() crop offset)."""
+    from PIL import Image
+
+    img = _rgb(120, 160)  # a 120x160 five-crop at 112 px: 112 x int(112 * 160 / 120) = 112 x 149, crop left 18
+    out = resize_center_crop(img, 112)
+    rows = ((np.arange(112) + 0.5) * 120 / 112).astype(int)
+    cols = ((np.arange(149) + 0.5) * 160 / 149).astype(int)[18:130]
     np.testing.assert_array_equal(out, img[rows][:, cols])
-    label = np.random.default_rng(0).integers(-1, 5, (36, 48))
-    lab = resize_short_center_crop(label, 24)
-    assert lab.dtype == label.dtype and set(np.unique(lab)) <= set(np.unique(label))
-    with pytest.raises(ValueError, match="nearest"):
-        resize_short_center_crop(label, 24, nearest=False)
-    assert resize_short_center_crop(img, 24, nearest=False).shape == (24, 24, 3)
-    # bilinear depth upsampling equals torch's half-pixel bilinear interpolation
-    depth = np.random.default_rng(1).random((6, 8)).astype(np.float32)
-    up = resize_short_center_crop(depth, 12)  # 6x8 -> 12x16 -> crop cols 2..14
-    ref = torch.nn.functional.interpolate(torch.from_numpy(depth)[None, None], size=(12, 16), mode="bilinear",
-                                          align_corners=False)[0, 0].numpy()[:, 2:14]
-    np.testing.assert_allclose(up, ref, atol=1e-5)
+    pil = np.asarray(Image.fromarray(img).resize((149, 112), Image.NEAREST))[:, 18:130]
+    np.testing.assert_array_equal(out, pil)
+    assert cols[:6].tolist() == [19, 20, 22, 23, 24, 25] and rows[:4].tolist() == [0, 1, 2, 3]
+    # every kind of array takes the same pixels: labels keep their values, depth is not blended
+    label = np.random.default_rng(0).integers(-1, 5, (120, 160))
+    np.testing.assert_array_equal(resize_center_crop(label, 112), label[rows][:, cols])
+    depth = np.random.default_rng(1).random((120, 160)).astype(np.float32)
+    np.testing.assert_array_equal(resize_center_crop(depth, 112), depth[rows][:, cols])
+    # portrait images, and crop=False keeps the whole (resized) image for inference
+    assert resize_center_crop(_rgb(50, 30), 20).shape == (20, 20, 3)
+    assert resize_center_crop(_rgb(50, 30), 20, crop=False).shape == (33, 20, 3)
+
+
+def test_training_evaluation_mining_and_inference_read_the_same_pixels():
+    from depthg import evaluation, streaming
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    depth = rng.random((120, 160)).astype(np.float32)
+    label = rng.integers(-1, 4, (120, 160))
+    sample = {"id": "a", "image": image, "depth": depth, "label": label, "pos_image": image, "pos_depth": depth}
+    train = streaming.to_tensors(sample, 112)
+    ev = evaluation.prepare(sample, 112)
+    expected = resize_center_crop(image, 112)
+    np.testing.assert_array_equal(ev["image"], expected)
+    np.testing.assert_array_equal((train["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), expected)
+    np.testing.assert_array_equal(train["label"].numpy(), ev["label"])
+    np.testing.assert_array_equal(train["depth"][0].numpy(), ev["depth"])
 
 
 def test_transform_record_and_to_tensor():

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from cluster import evaluator
-from depthg import evaluation, shards
+from depthg import inference, shards
+from depthg.checkpoint import save_segmenter
 from depthg.config import Config
 from launch import evaluate as evaluate_script
 from launch import segment as segment_script
@@ -18,14 +19,13 @@ from launch import segment as segment_script
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    checkpoint_mod = pytest.importorskip("depthg.checkpoint")
     cfg = Config()
     cfg.model.backbone, cfg.model.weights = "tiny_vit", "random"
     cfg.model.code_dim, cfg.model.n_classes, cfg.model.extra_clusters = 16, 3, 1
     cfg.eval.resolution, cfg.eval.batch_size, cfg.eval.crf, cfg.eval.report_images = 32, 2, False, 2
     _, segmenter = evaluator.RandomModel("tiny_vit", "random", 16, 3, 1, seed=3)()
     url = str(tmp_path_factory.mktemp("run") / "segmenter.pt")
-    checkpoint_mod.save_segmenter(url, cfg, segmenter, {})
+    save_segmenter(url, cfg, segmenter, {})
     return url
 
 
@@ -57,8 +57,8 @@ def test_segment_labels_equal_library_prediction(checkpoint, tmp_path):
     segment_script.main(["--checkpoint", checkpoint, "--input", os.path.join(src, "*.png"), "--output", out,
                          "--no-crf", "--probe", "linear"])
     _, backbone, segmenter = segment_script.load_model(checkpoint)
-    image = evaluation.read_image(os.path.join(src, "img0.png"))
-    expect = evaluation.segment_images(backbone.eval(), segmenter.eval(), [image], 32, "linear", True, False)[0]
+    image = inference.read_image(os.path.join(src, "img0.png"))
+    expect = inference.segment_images(backbone.eval(), segmenter.eval(), [image], 32, "linear", True, False)[0]
     np.testing.assert_array_equal(np.array(Image.open(os.path.join(out, "img0_label.png"))), expect)
 
 
@@ -70,7 +70,7 @@ def test_segment_bad_paths_give_clear_errors(tmp_path):
         segment_script.main(["--checkpoint", "x.pt", "--input", str(tmp_path / "empty"), "--output", "o"])
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image .*bad.png"):
-        evaluation.read_image(str(tmp_path / "bad.png"))
+        inference.read_image(str(tmp_path / "bad.png"))
 
 
 def test_segment_missing_checkpoint(tmp_path):

@@ -72,14 +72,6 @@ def test_positive_stage_uniform_over_k():
     assert abs(picks / 3000 - 1 / 3).max() < 0.04  # 3000 draws: sd ~0.009
 
 
-def test_resize_center_crop_shapes_and_nearest():
-    x = torch.arange(2 * 4 * 6).reshape(2, 4, 6)
-    y = st.resize_center_crop(x, 2)
-    assert y.shape == (2, 2, 2) and y.dtype == x.dtype
-    assert set(y.unique().tolist()) <= set(x.unique().tolist())  # nearest: no new values
-    assert st.resize_center_crop(torch.zeros(3, 30, 40), 16).shape == (3, 16, 16)
-
-
 def _collect(spec, workers):
     return list(st.make_loader(spec, workers))
 

@@ -8,12 +8,10 @@ from depthg.data.base import Record, Source, SourceError, minmax
 from depthg.data.sources import (CamVidSource, CityscapesSource, CocoStuff27Source, FolderSource,
                                  PotsdamSource, build_source, read_depth, read_image)
 from depthg.data.synthetic import SyntheticSource, render_scene
-from depthg.data.transforms import (crop_boxes, five_crop, resize_center_crop, resize_short_center_crop,
-                                    to_tensor_image, transform_record)
+from depthg.data.transforms import crop_boxes, five_crop, resize_center_crop, to_tensor_image, transform_record
 
 __all__ = [
     "Record", "Source", "SourceError", "minmax", "build_source", "read_image", "read_depth",
     "FolderSource", "CamVidSource", "CocoStuff27Source", "CityscapesSource", "PotsdamSource",
-    "SyntheticSource", "render_scene", "five_crop", "crop_boxes", "resize_short_center_crop",
-    "resize_center_crop", "transform_record", "to_tensor_image",
+    "SyntheticSource", "render_scene", "five_crop", "crop_boxes", "resize_center_crop", "transform_record", "to_tensor_image",
 ]

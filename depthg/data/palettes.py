@@ -140,9 +140,3 @@ SYNTHETIC_PALETTE = np.array([
     [70, 130, 180], [128, 64, 128], [244, 35, 232], [70, 70, 70], [107, 142, 35],
     [153, 153, 153], [0, 0, 142], [220, 20, 60]], np.uint8)
 
-
-def colorize(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """int label [H,W] (-1 = ignore, drawn black) -> uint8 RGB [H,W,3]."""
-    lut = np.concatenate([np.asarray(palette, np.uint8), np.zeros((1, 3), np.uint8)])
-    idx = np.where((label < 0) | (label >= len(palette)), len(palette), label)
-    return lut[idx]

@@ -4,9 +4,9 @@
   depth and label together; depth is *not* renormalised (it was normalised on the full image).
   Crop size ``int(H * ratio) x int(W * ratio)``; the centre crop's offset is
   ``round((H - h) / 2)``, ``round((W - w) / 2)`` (torchvision's convention).
-- ``resize_short_center_crop``: shorter side -> ``size`` (longer side ``int(size * long / short)``),
-  then a centre ``size x size`` crop. Images default to nearest neighbour as in the reference
-  (``nearest=False`` gives bilinear); depth is bilinear; labels are always nearest.
+- ``resize_center_crop``: the one resize used everywhere (streaming, evaluation, mining, inference):
+  shorter side -> ``size`` (longer side ``int(size * long / short)``) with nearest neighbour, then a
+  centre ``size x size`` crop, exactly the reference's transform.
 """
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from PIL import Image
 
 from depthg.data.base import Record
-
-CROP_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
-
 
 def crop_boxes(height: int, width: int, ratio: float = 0.5) -> list[tuple[int, int, int, int]]:
     """(top, left, h, w) of the five crops, in order TL, TR, BL, BR, centre."""
@@ -48,54 +44,43 @@ def five_crop(record: Record, ratio: float = 0.5) -> list[Record]:
 
 
 def _short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(size)`` rule: shorter side -> ``size``, longer side ``int(size * long / short)``."""
     if height <= width:
         return size, max(int(size * width / height), size)
     return max(int(size * height / width), size), size
 
 
-def _nearest(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    # source index of output pixel i: floor((i + 0.5) * in / out), the pixel-centre rule
-    rows = np.minimum(((np.arange(out_h) + 0.5) * arr.shape[0] / out_h).astype(np.int64), arr.shape[0] - 1)
-    cols = np.minimum(((np.arange(out_w) + 0.5) * arr.shape[1] / out_w).astype(np.int64), arr.shape[1] - 1)
-    return arr[rows[:, None], cols[None, :]]
+def _nearest_index(src: int, dst: int) -> np.ndarray:
+    """Source index of each of ``dst`` output pixels: ``floor((i + 0.5) * src / dst)``, PIL's NEAREST rule."""
+    return np.minimum(((np.arange(dst) + 0.5) * src / dst).astype(np.int64), src - 1)
 
 
-def _bilinear(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        mode = "RGB" if arr.ndim == 3 else "L"
-        return np.asarray(Image.fromarray(arr, mode).resize((out_w, out_h), Image.BILINEAR))
-    if arr.ndim != 2:
-        raise ValueError(f"bilinear resize of float arrays expects [H,W], got {arr.shape}")
-    img = Image.fromarray(arr.astype(np.float32), mode="F")
-    return np.asarray(img.resize((out_w, out_h), Image.BILINEAR)).astype(arr.dtype)
+def resize_center_crop(arr: np.ndarray, size: int, crop: bool = True) -> np.ndarray:
+    """THE resize of the project: nearest-neighbour shorter side -> ``size``, then a centre ``size x size`` crop.
 
-
-def resize_short_center_crop(arr: np.ndarray, size: int, nearest: bool | None = None) -> np.ndarray:
-    """Resize the shorter side to ``size`` and centre-crop ``size x size``.
-
-    ``nearest=None`` picks by kind: uint8 images -> nearest (the reference), float depth -> bilinear,
-    integer labels -> nearest. Labels refuse ``nearest=False``."""
+    ``arr`` is ``[H,W]`` or ``[H,W,C]`` of any dtype (image, depth or label alike), so training
+    (``depthg.streaming``), evaluation, neighbour mining and inference see the same pixels. It is the
+    reference's ``T.Resize(size, NEAREST)`` + ``T.CenterCrop(size)`` on a PIL image: longer side
+    ``int(size * long / short)``, PIL's pixel-centre nearest rule, crop offset ``round((H' - size) / 2)``.
+    ``crop=False`` stops after the resize (inference on whole images of any aspect ratio).
+    Nearest for every kind keeps labels exact and depth unblended at object edges.
+    """
     arr = np.asarray(arr)
-    is_label = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8
-    if nearest is None:
-        nearest = not np.issubdtype(arr.dtype, np.floating)
-    if is_label and not nearest:
-        raise ValueError("labels must be resized with nearest neighbour")
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"resize_center_crop: expected [H,W] or [H,W,C], got shape {arr.shape}")
     out_h, out_w = _short_side_size(arr.shape[0], arr.shape[1], size)
-    if (out_h, out_w) != arr.shape[:2]:
-        arr = _nearest(arr, out_h, out_w) if nearest else _bilinear(arr, out_h, out_w)
-    top, left = int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
-    return np.ascontiguousarray(arr[top:top + size, left:left + size])
+    rows, cols = _nearest_index(arr.shape[0], out_h), _nearest_index(arr.shape[1], out_w)
+    if crop:
+        top, left = int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
+        rows, cols = rows[top:top + size], cols[left:left + size]
+    return np.ascontiguousarray(arr[rows[:, None], cols[None, :]])
 
 
-resize_center_crop = resize_short_center_crop  # the name DESIGN.md uses
-
-
-def transform_record(record: Record, size: int, nearest_image: bool = True) -> Record:
-    """``resize_short_center_crop`` of image (nearest by default), depth (bilinear), label (nearest)."""
-    return replace(record, image=resize_short_center_crop(record.image, size, nearest_image),
-                   depth=None if record.depth is None else resize_short_center_crop(record.depth, size, False),
-                   label=None if record.label is None else resize_short_center_crop(record.label, size, True))
+def transform_record(record: Record, size: int) -> Record:
+    """``resize_center_crop`` of a record's image, depth and label."""
+    return replace(record, image=resize_center_crop(record.image, size),
+                   depth=None if record.depth is None else resize_center_crop(record.depth, size),
+                   label=None if record.label is None else resize_center_crop(record.label, size))
 
 
 def to_tensor_image(image: np.ndarray) -> torch.Tensor:
