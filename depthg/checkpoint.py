@@ -17,12 +17,13 @@ import torch
 
 from depthg import io
 from depthg.config import Config, ConfigError, from_dict, to_dict
+from depthg.errors import DepthgError
 from depthg.models.heads import Segmenter
 
 FORMAT = "depthg-segmenter/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DepthgError, ValueError):
     """A checkpoint that cannot be read or does not match; the message names the file."""
 
 

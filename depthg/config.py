@@ -16,8 +16,10 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from depthg.errors import DepthgError
 
-class ConfigError(ValueError):
+
+class ConfigError(DepthgError, ValueError):
     """A config key or value that cannot be accepted; the message names the key."""
 
 

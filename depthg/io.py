@@ -14,8 +14,10 @@ from typing import Any
 
 import fsspec
 
+from depthg.errors import DepthgError
 
-class StorageError(OSError):
+
+class StorageError(DepthgError, OSError):
     """Storage could not be reached or written; the message names the URL."""
 
 

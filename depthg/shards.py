@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image
 
 from depthg import io
+from depthg.errors import DepthgError
 
 SCHEMA = "depthg-shards/1"
 KINDS = ("depth", "train")
@@ -54,7 +55,7 @@ DEPTH_SCALE = 65535.0
 IGNORE_ON_DISK = 255
 
 
-class ShardError(ValueError):
+class ShardError(DepthgError, ValueError):
     """A shard, sample or manifest that does not follow the format; the message names it."""
 
 

@@ -14,6 +14,7 @@ import json
 import os
 
 from bench import machine
+from launch import run
 
 NAMES = ("fps", "depthgen", "train", "eval", "quality")
 
@@ -38,4 +39,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,6 +17,7 @@ import sys
 from cluster import evaluator
 from depthg import io, report
 from depthg.config import load_config, save_config, split_cli, to_dict
+from launch import run
 
 
 def parse(argv):
@@ -73,4 +74,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,7 +22,7 @@ import sys
 
 from depthg import io
 from depthg.config import load_config, save_config, split_cli
-from launch import DEMO_CONFIG
+from launch import DEMO_CONFIG, run
 
 log = logging.getLogger("generate_depth")
 
@@ -105,4 +105,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from launch import run
 from launch.generate_depth import check_backbone, parse_args, resolve_config, run_mining
 
 
@@ -33,4 +34,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -21,7 +21,7 @@ import time
 
 from depthg import io
 from depthg.config import split_cli
-from launch import evaluate, generate_depth, train
+from launch import evaluate, generate_depth, run, train
 
 
 def parse_args(argv):
@@ -70,4 +70,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from depthg import inference, io, report
 from depthg.config import load_config, split_cli, to_dict
+from launch import run
 
 
 def parse(argv):
@@ -112,4 +113,4 @@ def write_outputs(folder: str, name: str, image: np.ndarray, label: np.ndarray, 
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

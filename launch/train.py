@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 from depthg.config import load_config, split_cli
-from launch import DEMO_CONFIG, REPO
+from launch import DEMO_CONFIG, REPO, run
 
 
 def parse_args(argv):
@@ -141,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

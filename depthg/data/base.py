@@ -12,8 +12,10 @@ from typing import Optional
 
 import numpy as np
 
+from depthg.errors import DepthgError
 
-class SourceError(ValueError):
+
+class SourceError(DepthgError, ValueError):
     """A dataset file or folder that cannot be used; the message names it and what was expected."""
 
 

@@ -27,12 +27,13 @@ from typing import Sequence
 import numpy as np
 
 from depthg.data.base import Record, minmax
+from depthg.errors import DepthgError
 
 INVERSE_TYPES = {"dpt", "depth_anything"}  # relative disparity unless depth_estimation_type == "metric"
 METRIC_TYPES = {"zoedepth", "glpn", "depth_pro", "prompt_depth_anything"}
 
 
-class DepthError(ValueError):
+class DepthError(DepthgError, ValueError):
     """An estimator could not produce depth; the message names the image id or the model."""
 
 
