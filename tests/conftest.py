@@ -21,6 +21,19 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
+# Tiers: a test that uses one of these fixtures gets the markers, so `-m "not slow"` is the fast tier
+# (pure unit tests) and `-m ray` / `-m s3` select the integration tests by what they start.
+FIXTURE_MARKERS = {"ray_local": ("ray", "slow"), "s3": ("s3", "slow"), "s3_server": ("s3", "slow")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, markers in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                for marker in markers:
+                    item.add_marker(marker)
+
+
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # moto accepts any
 
 
@@ -78,7 +91,8 @@ def s3(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray with 2 CPUs and 2 logical GPUs, shared by the session's tests."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         # Workers of a local Ray inherit the raylet's environment: that is how the dummy moto

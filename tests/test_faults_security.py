@@ -146,6 +146,7 @@ def test_ray_train_worker_env_forwards_no_secrets(monkeypatch):
     assert extra["AWS_ACCESS_KEY_ID"] == KEY_ID and "AWS_SECRET_ACCESS_KEY" not in extra
 
 
+@pytest.mark.slow
 def test_storage_errors_do_not_leak_credentials(monkeypatch):
     from depthg import io
 
