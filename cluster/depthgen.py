@@ -133,10 +133,9 @@ def unit_complete(folder: str, index: int, ids: list[str], digest: str) -> dict 
 def source_info(cfg: Config, split: str) -> dict:
     """Ids and class facts of the split's source (read on the driver; cheap: no images loaded)."""
     from depthg.data import build_source
-    from depthg.data.base import apply_limit
 
-    source = build_source(cfg.data, split, n_classes=cfg.model.n_classes or None)
-    return {"ids": apply_limit(list(source.ids()), cfg.data.limit), "n_classes": int(source.n_classes),
+    source = build_source(cfg.data, split, n_classes=cfg.model.n_classes or None)  # data.limit applied there
+    return {"ids": source.ids(), "n_classes": int(source.n_classes),
             "class_names": list(getattr(source, "class_names", []) or [])}
 
 

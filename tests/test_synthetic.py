@@ -118,7 +118,7 @@ def test_source_normalises_depth_and_splits_are_disjoint():
     np.testing.assert_allclose(rec.depth, (metric - metric.min()) / (metric.max() - metric.min()), atol=1e-6)
     val = SyntheticSource(3, H, W, seed=1, split="val")
     assert not np.array_equal(val.load(val.ids()[1]).image, rec.image)
-    with pytest.raises(SourceError, match="unknown synthetic id"):
+    with pytest.raises(SourceError, match="unknown image id .* synthetic"):
         src.load("syn-train-000003")
     with pytest.raises(SourceError, match="split"):
         SyntheticSource(3, H, W, split="test")

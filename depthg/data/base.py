@@ -30,8 +30,9 @@ class Record:
 class Source:
     """A list of image ids and a way to load each one.
 
-    Subclasses set ``name, n_classes, class_names, palette, has_depth, has_labels`` and
-    implement ``ids()`` and ``load(id)``.
+    Subclasses set ``name, n_classes, class_names, palette, has_depth, has_labels``, call
+    ``self.use_ids(ids, limit, where)`` once in ``__init__`` and implement ``read(id) -> (Record, path)``;
+    ``load(id)`` rejects unknown ids and checks that depth and label match the image's size.
     """
 
     name: str = "source"
@@ -40,15 +41,34 @@ class Source:
     palette: np.ndarray = np.zeros((0, 3), np.uint8)
     has_depth: bool = False
     has_labels: bool = False
+    _ids: list[str] = []
+
+    def use_ids(self, ids: list[str], limit: int, where: str) -> None:
+        """Keep the first ``limit`` ids (``data.limit``, 0 = all); none at all is an error naming ``where``."""
+        ids = list(ids[:limit]) if limit and limit > 0 else list(ids)
+        if not ids:
+            raise SourceError(f"no images found in {where}")
+        self._ids, self._known = ids, set(ids)
 
     def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def read(self, id: str) -> tuple[Record, str]:
+        """The record of a known id and the path to name in errors."""
         raise NotImplementedError
 
     def load(self, id: str) -> Record:
-        raise NotImplementedError
+        if id not in getattr(self, "_known", ()):
+            raise SourceError(f"unknown image id {id!r} in the {self.name} source")
+        record, where = self.read(id)
+        h, w = record.image.shape[:2]
+        for name, arr in (("label", record.label), ("depth", record.depth)):
+            if arr is not None and arr.shape != (h, w):
+                raise SourceError(f"{where}: {name} shape {arr.shape} does not match image {h}x{w}")
+        return record
 
     def __len__(self) -> int:
-        return len(self.ids())
+        return len(self._ids)
 
     def __iter__(self):
         for id_ in self.ids():
@@ -57,11 +77,6 @@ class Source:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n={len(self)}, n_classes={self.n_classes}, "
                 f"depth={self.has_depth}, labels={self.has_labels})")
-
-
-def apply_limit(ids: list[str], limit: int) -> list[str]:
-    """``data.limit``: keep the first ``limit`` ids (0 = all)."""
-    return list(ids[:limit]) if limit and limit > 0 else list(ids)
 
 
 def check_label_range(label: np.ndarray, n_classes: int, where: str) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from depthg.data import palettes as P
-from depthg.data.base import Record, Source, SourceError, apply_limit, check_label_range, minmax
+from depthg.data.base import Record, Source, SourceError, check_label_range, minmax
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -92,20 +92,6 @@ def _require_dir(path: str, what: str) -> str:
     return path
 
 
-def _check_nonempty(ids, where: str):
-    if not ids:
-        raise SourceError(f"no images found in {where}")
-    return ids
-
-
-def _check_shapes(rec: Record, where: str) -> Record:
-    h, w = rec.image.shape[:2]
-    for name, arr in (("label", rec.label), ("depth", rec.depth)):
-        if arr is not None and arr.shape != (h, w):
-            raise SourceError(f"{where}: {name} shape {arr.shape} does not match image {h}x{w}")
-    return rec
-
-
 def _lut_map(raw: np.ndarray, lut: dict, path: str, ignore=(255,)) -> np.ndarray:
     """Map raw label values through ``lut`` (value -> class); ignore values -> -1; others are errors."""
     out = np.full(raw.shape, -1, np.int64)
@@ -141,7 +127,7 @@ class FolderSource(Source):
                 raise SourceError(f"{img_dir}: two images map to the id {key!r}: "
                                   f"{os.path.basename(self.paths[key])} and {name}")
             self.paths[key] = os.path.join(img_dir, name)
-        self._ids = _check_nonempty(apply_limit(list(self.paths), limit), f"{img_dir} (*.png, *.jpg, *.jpeg)")
+        self.use_ids(list(self.paths), limit, f"{img_dir} (*.png, *.jpg, *.jpeg)")
         self.depth_dir, self.label_dir = os.path.join(base, "depth"), os.path.join(base, "labels")
         self.has_depth = os.path.isdir(self.depth_dir)
         self.has_labels = os.path.isdir(self.label_dir) and any(
@@ -166,16 +152,9 @@ class FolderSource(Source):
         self.n_classes = len(self.class_names)
         self.palette = P.default_palette(self.n_classes)
 
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
-    def _stem(self, id: str) -> str:
-        if id not in self.paths:
-            raise SourceError(f"unknown image id {id!r} in folder source")
-        return os.path.splitext(os.path.basename(self.paths[id]))[0]
-
-    def load(self, id: str) -> Record:
-        path, stem = self.paths.get(id), self._stem(id)
+    def read(self, id: str) -> tuple[Record, str]:
+        path = self.paths[id]
+        stem = os.path.splitext(os.path.basename(path))[0]
         image = read_image(path)
         label = depth = None
         label_path = os.path.join(self.label_dir, stem + ".png")
@@ -188,7 +167,7 @@ class FolderSource(Source):
             if not found:
                 raise SourceError(f"missing depth for image {path}: expected {cands[0]} or {cands[1]}")
             depth = read_depth(found[0])
-        return _check_shapes(Record(id, image, depth, label), path)
+        return Record(id, image, depth, label), path
 
 
 # ----------------------------------------------------------------------------- CamVid
@@ -216,19 +195,14 @@ class CamVidSource(Source):
                     raise SourceError(f"{list_file}:{lineno}: expected 'image label', got {line.strip()!r}")
                 key = os.path.splitext(os.path.basename(parts[0]))[0].replace(".", "_")
                 self.pairs[key] = tuple(os.path.join(root, p) for p in parts)
-        self._ids = _check_nonempty(apply_limit(list(self.pairs), limit), list_file)
+        self.use_ids(list(self.pairs), limit, list_file)
         self.lut = {i: i for i in range(self.n_classes)}
 
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
-    def load(self, id: str) -> Record:
-        if id not in self.pairs:
-            raise SourceError(f"unknown CamVid id {id!r}")
+    def read(self, id: str) -> tuple[Record, str]:
         img_path, lbl_path = self.pairs[id]
         image = read_image(img_path)
         label = _lut_map(read_label_png(lbl_path), self.lut, lbl_path, ignore=(P.CAMVID_VOID, 255))
-        return _check_shapes(Record(id, image, None, label), img_path)
+        return Record(id, image, None, label), img_path
 
 
 # ----------------------------------------------------------------------------- COCO-Stuff-27
@@ -254,11 +228,8 @@ class CocoStuff27Source(Source):
         else:
             ids = sorted(os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
                          if n.lower().endswith((".jpg", ".jpeg", ".png")))
-        self._ids = _check_nonempty(apply_limit(ids, limit), self.list_file if os.path.isfile(self.list_file) else self.img_dir)
+        self.use_ids(ids, limit, self.list_file if os.path.isfile(self.list_file) else self.img_dir)
         self.has_labels = os.path.isdir(self.ann_dir)
-
-    def ids(self) -> list[str]:
-        return list(self._ids)
 
     def _image_path(self, id: str) -> str:
         for ext in (".jpg", ".png", ".jpeg"):
@@ -267,7 +238,7 @@ class CocoStuff27Source(Source):
                 return path
         raise SourceError(f"COCO image for id {id!r} not found: expected {os.path.join(self.img_dir, id)}.jpg")
 
-    def load(self, id: str) -> Record:
+    def read(self, id: str) -> tuple[Record, str]:
         img_path = self._image_path(id)
         image = read_image(img_path)
         label = None
@@ -279,7 +250,7 @@ class CocoStuff27Source(Source):
                 raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
                                   f"out of range (expected fine ids 0..181 or 255)")
             label = P.COCO_FINE_TO_COARSE[raw]
-        return _check_shapes(Record(id, image, None, label), img_path)
+        return Record(id, image, None, label), img_path
 
 
 # ----------------------------------------------------------------------------- Cityscapes-27
@@ -298,16 +269,11 @@ class CityscapesSource(Source):
         self.paths = {}
         for path in sorted(glob.glob(os.path.join(img_root, "*", "*" + self.SUFFIX))):
             self.paths[os.path.basename(path)[: -len(self.SUFFIX)]] = path
-        self._ids = _check_nonempty(apply_limit(list(self.paths), limit), f"{img_root}/*/*{self.SUFFIX}")
+        self.use_ids(list(self.paths), limit, f"{img_root}/*/*{self.SUFFIX}")
         self.gt_root = os.path.join(root, "gtFine", split)
         self.has_labels = os.path.isdir(self.gt_root)
 
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
-    def load(self, id: str) -> Record:
-        if id not in self.paths:
-            raise SourceError(f"unknown Cityscapes id {id!r}")
+    def read(self, id: str) -> tuple[Record, str]:
         img_path = self.paths[id]
         image = read_image(img_path)
         label = None
@@ -320,7 +286,7 @@ class CityscapesSource(Source):
                 raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
                                   f"out of range (expected Cityscapes labelIds 0..33 or 255)")
             label = np.where((raw < P.CITYSCAPES_FIRST_ID) | (raw == 255), -1, raw - P.CITYSCAPES_FIRST_ID)
-        return _check_shapes(Record(id, image, None, label), img_path)
+        return Record(id, image, None, label), img_path
 
 
 # ----------------------------------------------------------------------------- Potsdam-3
@@ -369,11 +335,8 @@ class PotsdamSource(Source):
         else:
             ids = sorted({os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
                           if n.lower().endswith((".mat", ".png"))})
-        self._ids = _check_nonempty(apply_limit(ids, limit), list_file if os.path.isfile(list_file) else self.img_dir)
+        self.use_ids(ids, limit, list_file if os.path.isfile(list_file) else self.img_dir)
         self.has_labels = os.path.isdir(self.gt_dir)
-
-    def ids(self) -> list[str]:
-        return list(self._ids)
 
     @staticmethod
     def _find(folder: str, id: str) -> str | None:
@@ -382,7 +345,7 @@ class PotsdamSource(Source):
                 return os.path.join(folder, id + ext)
         return None
 
-    def load(self, id: str) -> Record:
+    def read(self, id: str) -> tuple[Record, str]:
         img_path = self._find(self.img_dir, id)
         if img_path is None:
             raise SourceError(f"Potsdam image for id {id!r} not found: expected {self.img_dir}/{id}.mat or .png")
@@ -396,7 +359,7 @@ class PotsdamSource(Source):
             raw = _read_mat(gt_path, "gt") if gt_path.endswith(".mat") else read_label_png(gt_path)
             raw = np.squeeze(raw).astype(np.int64)
             label = _lut_map(raw, P.POTSDAM_FINE_TO_COARSE, gt_path, ignore=(255, -1))
-        return _check_shapes(Record(id, image, None, label), img_path)
+        return Record(id, image, None, label), img_path
 
 
 # ----------------------------------------------------------------------------- factory

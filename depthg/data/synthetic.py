@@ -375,17 +375,8 @@ class SyntheticSource(Source):
         if num < 1 or height < 16 or width < 16:
             raise SourceError(f"synthetic source needs num >= 1 and a size >= 16x16, got {num} x {height}x{width}")
         self.num, self.height, self.width, self.seed, self.split = num, height, width, seed, split
-        self._ids = [f"syn-{split}-{i:06d}" for i in range(num)]
+        self.use_ids([f"syn-{split}-{i:06d}" for i in range(num)], 0, f"the synthetic {split} split")
 
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
-    def index_of(self, id: str) -> int:
-        prefix = f"syn-{self.split}-"
-        if not id.startswith(prefix) or not id[len(prefix):].isdigit() or int(id[len(prefix):]) >= self.num:
-            raise SourceError(f"unknown synthetic id {id!r} (expected {prefix}000000..{self.num - 1:06d})")
-        return int(id[len(prefix):])
-
-    def load(self, id: str) -> Record:
-        scene = render_scene(self.seed, self.index_of(id), self.height, self.width, self.split)
-        return Record(id, scene.image, minmax(scene.depth), scene.label)
+    def read(self, id: str) -> tuple[Record, str]:
+        scene = render_scene(self.seed, int(id.rsplit("-", 1)[1]), self.height, self.width, self.split)
+        return Record(id, scene.image, minmax(scene.depth), scene.label), id
