@@ -100,7 +100,8 @@ def ray_local():
         saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
         os.environ.update(MOTO_CREDENTIALS)
         try:
-            ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+            # address="local": always a fresh Ray of our own, never one another process started on this machine
+            ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": REPO}})
         finally:
             for key, value in saved.items():
