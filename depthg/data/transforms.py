@@ -18,8 +18,6 @@ from PIL import Image
 
 from depthg.data.base import Record
 
-CROP_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
-
 
 def crop_boxes(height: int, width: int, ratio: float = 0.5) -> list[tuple[int, int, int, int]]:
     """(top, left, h, w) of the five crops, in order TL, TR, BL, BR, centre."""
