@@ -57,7 +57,7 @@ class DataConfig:
     resolution: int = 224  # training resolution (shorter side resize + centre crop)
     limit: int = 0  # use at most this many source images per split (0 = all)
     seed: int = 0  # synthetic scene seed
-    # How the training step reads depth (docs/METHOD.md "Depth input"): none = float in [0, 1] as stored;
+    # How the training step reads depth (docs/METHOD.md section 7): none = float in [0, 1] as stored;
     # uint8 = the reference's 8-bit PNG read as integers 0..255 (COCO, Cityscapes); int = the reference's
     # Potsdam loader, [0, 1] cast to integers (1 only at the farthest 8-bit level, 0 elsewhere).
     depth_cast: DepthCast = "none"
@@ -119,7 +119,7 @@ class DepthLossConfig:
 class LHPConfig:
     enabled: bool = False
     # improved: weighted average, anchor and positive mixed, projection trained; reference: weighted sum / N,
-    # only the anchor mixed, projection never trained (docs/METHOD.md "3D local hidden positives").
+    # only the anchor mixed, projection never trained (docs/METHOD.md section 6).
     mode: LHPMode = "improved"
     weight: float = 0.2
     quantile: float = 0.01

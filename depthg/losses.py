@@ -1,6 +1,7 @@
 """STEGO feature-correlation distillation, DepthG's depth-feature correlation and 3D-LHP mixing.
 
-Pure functions of explicit tensors, weights, shifts and a ``torch.Generator`` (docs/METHOD.md).
+Pure functions of explicit tensors, weights, shifts and a ``torch.Generator`` (docs/METHOD.md sections 2, 3
+and 6).
 Shapes: feature maps ``[B,C,h,w]``, codes ``[B,Q,h,w]``, sampling coordinates ``[B,S,S,2]`` (from
 ``depthg.sampling``), sampled maps ``[B,C,S,S]``, correlations ``[B,S,S,S,S]``. Every loss is a *mean*
 (the reference's reduction). The probes' losses live on the probe modules (``depthg.models.heads``).
@@ -145,7 +146,8 @@ def depth_correlation_loss(mode: str, codes_sampled_a, codes_sampled_b, depth_a,
 def reference_effective_shift(self_weight: float, self_shift: float, lam: float, depth_shift: float) -> float:
     """The self shift that the reference depth term amounts to: b_self - (lam / w_self) * (1 - b_depth).
 
-    w_self * L_self(b_self) + lam * L_depth_reference(b_depth) == w_self * L_self(b_eff) (docs/METHOD.md, depth term).
+    w_self * L_self(b_self) + lam * L_depth_reference(b_depth) == w_self * L_self(b_eff) (docs/METHOD.md
+    section 3).
     """
     if self_weight == 0:
         raise ValueError("reference_effective_shift: loss.self_weight is 0, the identity does not apply")

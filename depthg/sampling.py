@@ -7,7 +7,7 @@ host synchronisation; only the S*S greedy FPS iterations are a Python loop, vect
   patch is lifted to a 3D point with a correct pinhole camera (field of view in *degrees*), greedy FPS picks
   S*S patches (start at patch 0 or at a random patch drawn from ``generator``), and the coordinates read the
   chosen patch *centres* (x = column, y = row).
-- ``fps_reference``: identical selections and read-out to the public DepthG code (docs/METHOD.md, FPS):
+- ``fps_reference``: identical selections and reads to the public DepthG code (docs/METHOD.md section 4):
   camera factor ``2*tan(45)`` evaluated in radians (3.2396), ``X = f*d*(j - W/2)/W``, ``Y = f*d*(i - H/2)/H``,
   ``Z = -5*d``, squared distance, start at patch 0, first-max tie-break, chosen patches re-sorted to raster
   order, and each (row, col) pair handed to ``grid_sample`` as (x, y), so the locations actually read are the

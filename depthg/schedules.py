@@ -1,4 +1,4 @@
-"""Training schedules as pure functions of the batch index (docs/METHOD.md "Guidance scheduling").
+"""Training schedules as pure functions of the batch index (docs/METHOD.md section 5).
 
 Every schedule here counts *batches*, numbered from 0 (one optimizer step of the head per batch). A
 schedule multiplies its value by a factor every ``every`` batches, the first time at ``first``:

@@ -1,7 +1,7 @@
 """One DepthG training step as a pure function of (models, batch, config, batch index, generator).
 
 This is the one module that reads the loss / sampling / model config for training; the loss functions it
-calls take explicit arguments. ``compute_losses`` runs, in order (docs/METHOD.md):
+calls take explicit arguments. ``compute_losses`` runs, in order (docs/METHOD.md sections 2-7):
 
 1. the frozen backbone on anchor and positive crops in one forward (no grad; bf16 autocast on CUDA);
 2. ``data.depth_cast``: depth as the reference read it (8-bit integers, or Potsdam's integer cast), if asked;
@@ -81,8 +81,8 @@ def _correlation(cfg, target, target_pos, codes, codes_pos, loc, loc_pos, depth,
                  generator) -> dict:
     """STEGO terms + depth term for one set of codes; ``loss`` = stego + lambda * depth.
 
-    The depth term pairs the anchor crop with itself (crops of the same image, docs/METHOD.md), at the anchor's
-    sampled locations (``reference``: at a regular S x S grid of ``depth``, as the public code).
+    The depth term pairs the anchor crop with itself (crops of the same image, docs/METHOD.md section 3), at the
+    anchor's sampled locations (``reference``: at a regular S x S grid of ``depth``, as the public code).
     """
     lc = cfg.loss
     terms = losses.stego_losses(target, target_pos, codes, codes_pos, loc.coords, loc_pos.coords,
@@ -120,7 +120,7 @@ def _features_and_codes(segmenter, feats, model_cfg, generator, training: bool, 
 
 
 def _lhp_codes(segmenter, cfg, codes, codes_pos, depth, pos_depth, grid, dtype):
-    """Projected mixed codes of anchor and positive (``loss.lhp.mode``, docs/METHOD.md)."""
+    """Projected mixed codes of anchor and positive (``loss.lhp.mode``, docs/METHOD.md section 6)."""
     lc, fov = cfg.loss.lhp, cfg.sampling.fov_deg
     if segmenter.lhp is None:
         raise ValueError("loss.lhp.enabled=true but the segmenter has no LHP projection (build_segmenter lhp_enabled)")

@@ -1,4 +1,4 @@
-"""Schedules as functions of the batch index (docs/METHOD.md "Guidance scheduling").
+"""Schedules as functions of the batch index (docs/METHOD.md section 5).
 
 The comparison of every paper config with the reference's own counting is in test_golden_reference.py.
 """
