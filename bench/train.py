@@ -26,7 +26,7 @@ import torch
 
 from depthg import io, losses, sampling, schedules, shards, streaming
 from depthg.config import load_config
-from depthg.step import backbone_features, dropout2d, probe_losses
+from depthg.step import backbone_features, dropout2d, probe_losses, stego_options
 
 STAGES = ("data_wait", "backbone", "head", "sampling", "loss", "probes", "backward", "optimizer")
 
@@ -79,14 +79,15 @@ def step_breakdown(args, root: str) -> dict:
             f, fp = dropout2d(feats, cfg.model.dropout, gen), dropout2d(feats_pos, cfg.model.dropout, gen)
             return f, fp, seg.head(f), seg.head(fp)
         f, fp, codes, codes_pos = _timed(times, "head", head)
-        grid, s = tuple(feats.shape[-2:]), schedules.fps_samples_from(sp, step)
+        grid = tuple(feats.shape[-2:])
+        lam, b, s = schedules.values_at(cfg, step)
         loc, loc_pos = _timed(times, "sampling", lambda: (
             sampling.sample_locations(sp.mode, batch["depth"], grid, s, sp.fov_deg, sp.start, gen),
             sampling.sample_locations(sp.mode, batch["pos_depth"], grid, s, sp.fov_deg, sp.start, gen)))
-        lam, b = schedules.depth_schedule_from(lc.depth, step)
 
         def loss():
-            terms = losses.stego_losses(f, fp, codes, codes_pos, loc.coords, loc_pos.coords, lc, generator=gen)
+            terms = losses.stego_losses(f, fp, codes, codes_pos, loc.coords, loc_pos.coords, generator=gen,
+                                        **stego_options(lc))
             sc = losses.sample_features(codes, loc.coords)
             depth = losses.depth_correlation_loss(lc.depth.mode, sc, sc, loc.depth, loc.depth, loc.points, loc.points, b)
             return terms["stego"] + lam * depth["depth"]

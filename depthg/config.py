@@ -12,7 +12,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, get_args, get_origin
 
 import yaml
 
@@ -23,10 +23,32 @@ class ConfigError(DepthgError, ValueError):
     """A config key or value that cannot be accepted; the message names the key."""
 
 
+# ----------------------------------------------------------------------------- allowed values
+# The one list of allowed values per key: fields are typed with these, ``from_dict`` checks them, and the
+# library modules that take the same values (losses, sampling, backbones) derive their tuples from them.
+Dataset = Literal["synthetic", "folder", "camvid", "cocostuff27", "cityscapes", "potsdam"]
+DepthCast = Literal["none", "uint8", "int"]
+DepthSource = Literal["dataset", "transformers"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+BackboneName = Literal["dino_vits8", "dino_vits8_800ep", "dino_vitb8", "dinov2_vits14", "effnet_lite0", "tiny_vit"]
+DropoutMasks = Literal["shared", "independent"]
+DepthMode = Literal["none", "paper", "distance", "reference"]
+LHPMode = Literal["improved", "reference"]
+SamplingMode = Literal["fps", "fps_reference", "random"]
+SamplingStart = Literal["first", "random"]
+Precision = Literal["auto", "fp32", "bf16"]
+Selection = Literal["none", "label_free"]
+
+
+def choices(alias) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` alias above, e.g. ``choices(DepthMode)``."""
+    return tuple(get_args(alias))
+
+
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # synthetic | folder | camvid | cocostuff27 | cityscapes | potsdam
+    dataset: Dataset = "synthetic"
     root: str = ""  # dataset folder (unused for synthetic)
     num_train: int = 240  # synthetic scenes in the train split
     num_val: int = 60  # synthetic scenes in the val split
@@ -37,6 +59,10 @@ class DataConfig:
     resolution: int = 224  # training resolution (shorter side resize + centre crop)
     limit: int = 0  # use at most this many source images per split (0 = all)
     seed: int = 0  # synthetic scene seed
+    # How the training step reads depth (docs/METHOD.md section 7): none = float in [0, 1] as stored;
+    # uint8 = the reference's 8-bit PNG read as integers 0..255 (COCO, Cityscapes); int = the reference's
+    # Potsdam loader, [0, 1] cast to integers (1 only at the farthest 8-bit level, 0 elsewhere).
+    depth_cast: DepthCast = "none"
 
 
 @dataclass
@@ -49,12 +75,12 @@ class ShardConfig:
 
 @dataclass
 class DepthGenConfig:
-    source: str = "dataset"  # dataset (depth shipped with the data) | transformers
+    source: DepthSource = "dataset"  # dataset (depth shipped with the data) | transformers
     model: str = "Intel/zoedepth-nyu"  # transformers model id or local folder
     batch_size: int = 8
     flip_average: bool = True
     num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
-    device: str = "auto"  # auto | cpu | cuda
+    device: DeviceChoice = "auto"
 
 
 @dataclass
@@ -68,27 +94,35 @@ class MiningConfig:
 @dataclass
 class ModelConfig:
     # The code defaults are the embedded demo (offline, CPU): EfficientNet-Lite0 ImageNet weights stand
-    # in for DINO. The paper settings in configs/ select dino_vits8 / dino_vitb8.
-    backbone: str = "effnet_lite0"  # dino_vits8 | dino_vitb8 | dinov2_vits14 | effnet_lite0 | tiny_vit
-    weights: str = ""  # local weights file/folder; empty = the hub name of the backbone
+    # in for DINO. The paper settings in configs/ select dino_vits8 (DINO's 300-epoch ViT-S/8, the one
+    # STEGO and DepthG load) or dino_vitb8; dino_vits8_800ep is timm's 800-epoch ViT-S/8.
+    backbone: BackboneName = "effnet_lite0"
+    weights: str = ""  # local weights file/folder or https URL; empty = the backbone's default source
     code_dim: int = 70
     n_classes: int = 0  # 0 = taken from the dataset (shard manifest / source)
     extra_clusters: int = 0  # over-clustering: cluster probe gets n_classes + extra_clusters
     dropout: float = 0.1  # Dropout2d on the frozen features in training
+    # shared: one mask per image for the head input and the correlation target; independent: the
+    # reference's three masks (correlation target, linear branch, nonlinear branch).
+    dropout_masks: DropoutMasks = "shared"
 
 
 @dataclass
 class DepthLossConfig:
-    mode: str = "paper"  # none | paper | distance | reference
+    mode: DepthMode = "paper"
     weight: float = 0.19  # lambda_depth at batch 0
     shift: float = 0.03  # b_depth at batch 0
-    decay_every: int = 84  # batches between decays (0 = constant)
+    decay_every: int = 250  # batches between decays (0 = constant)
+    first_decay: int = 0  # first batch that uses a decayed value (0 = decay_every); see depthg/schedules.py
     gamma: float = 0.6
 
 
 @dataclass
 class LHPConfig:
     enabled: bool = False
+    # improved: weighted average, anchor and positive mixed, projection trained; reference: weighted sum / N,
+    # only the anchor mixed, projection never trained (docs/METHOD.md section 6).
+    mode: LHPMode = "improved"
     weight: float = 0.2
     quantile: float = 0.01
 
@@ -110,13 +144,14 @@ class LossConfig:
 
 @dataclass
 class SamplingConfig:
-    mode: str = "fps"  # fps | fps_reference | random
+    mode: SamplingMode = "fps"
     samples: int = 11  # S: S*S locations per image
-    min_samples: int = 9
-    decay_every: int = 0  # batches between S <- max(int(0.9 S), min) (0 = off)
+    min_samples: int = 1  # floor of the decay (the reference has none)
+    decay_every: int = 0  # batches between S <- max(int(decay * S), min_samples) (0 = off)
+    first_decay: int = 0  # first batch that uses a decayed value (0 = decay_every); see depthg/schedules.py
     decay: float = 0.9
     fov_deg: float = 90.0
-    start: str = "first"  # first | random
+    start: SamplingStart = "first"
 
 
 @dataclass
@@ -127,7 +162,7 @@ class TrainConfig:
     lr: float = 5e-4
     probe_lr: float = 5e-3
     zero_stage: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     loader_workers: int = 2
     shuffle_buffer: int = 256
     seed: int = 0
@@ -136,7 +171,11 @@ class TrainConfig:
     ckpt_every: int = 200
     output: str = "runs/default"  # local folder or s3:// URL
     resume: str = ""  # "" | auto | checkpoint URL
-    select: str = "none"  # none | label_free
+    select: Selection = "none"
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all ranks: micro_batch_per_gpu x grad_accum x world_size."""
+        return self.micro_batch_per_gpu * self.grad_accum * int(world_size)
 
 
 @dataclass
@@ -171,6 +210,11 @@ def _field_types(cls) -> dict[str, Any]:
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Check (and where lossless, convert) one leaf value against its declared type."""
+    if get_origin(typ) is Literal:
+        allowed = get_args(typ)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -271,28 +315,15 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | None = None, overrides: Iterable[str] = (), cls=Config, base: Mapping | None = None):
+def load_config(path: str | None = None, overrides: Iterable[str] = (), base: Mapping | None = None) -> Config:
     """Defaults < ``base`` (e.g. a checkpoint's config) < YAML ``path`` < ``overrides``."""
     data: dict[str, Any] = dict(base or {})
     if path:
         data = _merge(data, read_yaml(path))
     data = _merge(data, parse_overrides(overrides))
-    cfg = from_dict(cls, data)
+    cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
-
-
-_CHOICES = {
-    "data.dataset": ("synthetic", "folder", "camvid", "cocostuff27", "cityscapes", "potsdam"),
-    "depthgen.source": ("dataset", "transformers"),
-    "depthgen.device": ("auto", "cpu", "cuda"),
-    "model.backbone": ("dino_vits8", "dino_vitb8", "dinov2_vits14", "effnet_lite0", "tiny_vit"),
-    "loss.depth.mode": ("none", "paper", "distance", "reference"),
-    "sampling.mode": ("fps", "fps_reference", "random"),
-    "sampling.start": ("first", "random"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.select": ("none", "label_free"),
-}
 
 
 def _get(cfg, dotted: str):
@@ -302,18 +333,23 @@ def _get(cfg, dotted: str):
 
 
 def validate(cfg: Config) -> None:
-    """Reject values outside their allowed set, naming the key."""
-    if not isinstance(cfg, Config):
-        return
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    """Checks across keys and of ranges (allowed values are checked by ``from_dict`` from the field types)."""
     if cfg.train.zero_stage not in (0, 1):
         raise ConfigError("config key 'train.zero_stage': expected 0 or 1")
-    for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "shards.samples_per_shard"):
+    for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "sampling.min_samples",
+                "shards.samples_per_shard"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': expected a positive integer")
+    for section in ("loss.depth", "sampling"):
+        every, first = _get(cfg, section + ".decay_every"), _get(cfg, section + ".first_decay")
+        if every < 0 or first < 0:
+            raise ConfigError(f"config keys '{section}.decay_every' / '{section}.first_decay': expected >= 0 batches")
+        if every == 0 and first > 0:
+            raise ConfigError(f"config key '{section}.first_decay': {first} but '{section}.decay_every' is 0 "
+                              "(no decay); set decay_every or drop first_decay")
+    if cfg.data.depth_cast != "none" and cfg.loss.depth.mode == "paper":
+        raise ConfigError(f"config key 'data.depth_cast': {cfg.data.depth_cast!r} reads depth as the reference's "
+                          "integers, but loss.depth.mode=paper needs depth in [0, 1]; use depth_cast=none")
 
 
 def dump_yaml(cfg) -> str:

@@ -1,6 +1,7 @@
 """STEGO feature-correlation distillation, DepthG's depth-feature correlation and 3D-LHP mixing.
 
-Pure functions of explicit tensors, weights, shifts and a ``torch.Generator`` (METHOD.md sections 2, 3, 6).
+Pure functions of explicit tensors, weights, shifts and a ``torch.Generator`` (docs/METHOD.md sections 2, 3
+and 6).
 Shapes: feature maps ``[B,C,h,w]``, codes ``[B,Q,h,w]``, sampling coordinates ``[B,S,S,2]`` (from
 ``depthg.sampling``), sampled maps ``[B,C,S,S]``, correlations ``[B,S,S,S,S]``. Every loss is a *mean*
 (the reference's reduction). The probes' losses live on the probe modules (``depthg.models.heads``).
@@ -10,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEPTH_MODES = ("paper", "distance", "reference")
+from depthg.config import DepthMode, choices
+
+DEPTH_MODES = tuple(m for m in choices(DepthMode) if m != "none")  # "none" = the step skips the term
 NO_CLAMP = -9999.0  # the reference's lower clamp when zero_clamp is off
-_STEGO_KEYS = ("pointwise", "zero_clamp", "neg_rounds", "self_weight", "self_shift", "knn_weight",
-               "knn_shift", "neg_weight", "neg_shift")
 
 
 def sample_features(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -70,46 +71,38 @@ def permutation_without_fixed_points(n: int, generator: torch.Generator | None =
     return perm.to(device) if device is not None else perm
 
 
-def _stego_options(cfg, overrides: dict) -> dict:
-    unknown = sorted(set(overrides) - set(_STEGO_KEYS))
-    if unknown:
-        raise TypeError(f"stego_losses: unknown option {unknown[0]!r}; valid: {', '.join(_STEGO_KEYS)}")
-    if cfg is None:
-        from depthg.config import LossConfig
-
-        cfg = LossConfig()
-    opts = {key: getattr(cfg, key) for key in _STEGO_KEYS}
-    opts.update({k: v for k, v in overrides.items() if v is not None})
-    return opts
-
-
-def stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, cfg=None, *,
-                 generator: torch.Generator | None = None, **options) -> dict[str, torch.Tensor]:
+def stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, *, self_weight: float, self_shift: float,
+                 knn_weight: float, knn_shift: float, neg_weight: float, neg_shift: float, pointwise: bool = True,
+                 zero_clamp: bool = True, neg_rounds: int = 5,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """STEGO's three correlation terms -> {"self", "knn", "neg", "stego"}.
 
     feats/feats_pos [B,C,h,w] (frozen backbone, after dropout), codes/codes_pos [B,Q,h,w], coords/coords_pos
-    [B,S,S,2] for the anchor and its kNN positive. Weights, shifts, ``pointwise``, ``zero_clamp`` and
-    ``neg_rounds`` come from ``cfg`` (a ``LossConfig``, defaults if None) overridden by keyword options
-    (``self_weight=...``). Negatives: for each of ``neg_rounds`` rounds a permutation of the batch with no fixed
-    points (from ``generator``), read at the *positive's* coordinates; their losses are averaged.
-    "self", "knn", "neg" are unweighted; "stego" = w_self*self + w_knn*knn + w_neg*neg.
+    [B,S,S,2] for the anchor and its kNN positive. Negatives: for each of ``neg_rounds`` rounds a permutation of
+    the batch with no fixed points (from ``generator``), read at the *positive's* coordinates; their losses are
+    averaged. "self", "knn", "neg" are unweighted; "stego" = self_weight*self + knn_weight*knn + neg_weight*neg.
     """
-    o = _stego_options(cfg, options)
-    pair = dict(pointwise=o["pointwise"], zero_clamp=o["zero_clamp"])
+    pair = dict(pointwise=pointwise, zero_clamp=zero_clamp)
     f1, c1 = sample_features(feats, coords), sample_features(codes, coords)
     f2, c2 = sample_features(feats_pos, coords_pos), sample_features(codes_pos, coords_pos)
-    terms = {"self": stego_pair_loss(f1, f1, c1, c1, o["self_shift"], **pair)[0],
-             "knn": stego_pair_loss(f1, f2, c1, c2, o["knn_shift"], **pair)[0]}
+    terms = {"self": stego_pair_loss(f1, f1, c1, c1, self_shift, **pair)[0],
+             "knn": stego_pair_loss(f1, f2, c1, c2, knn_shift, **pair)[0]}
     neg = []
-    for _ in range(int(o["neg_rounds"])):
+    for _ in range(int(neg_rounds)):
         perm = permutation_without_fixed_points(feats.shape[0], generator, feats.device)
         f_neg = sample_features(feats[perm], coords_pos)
         c_neg = sample_features(codes[perm], coords_pos)
-        neg.append(stego_pair_loss(f1, f_neg, c1, c_neg, o["neg_shift"], **pair)[0])
+        neg.append(stego_pair_loss(f1, f_neg, c1, c_neg, neg_shift, **pair)[0])
     terms["neg"] = torch.stack(neg).mean() if neg else feats.new_zeros(())
-    terms["stego"] = (o["self_weight"] * terms["self"] + o["knn_weight"] * terms["knn"]
-                      + o["neg_weight"] * terms["neg"])
+    terms["stego"] = self_weight * terms["self"] + knn_weight * terms["knn"] + neg_weight * terms["neg"]
     return terms
+
+
+def reference_depth_grid(depth: torch.Tensor, samples: int) -> torch.Tensor:
+    """The depth the reference's depth term reads: ``depth`` [B,1,H,W] resampled bilinearly (align_corners) on
+    a regular ``samples`` x ``samples`` grid -> [B,S*S] row-major, whatever locations the features were read at."""
+    grid = F.interpolate(depth, size=(samples, samples), mode="bilinear", align_corners=True)
+    return grid.flatten(1)
 
 
 def depth_correlation_loss(mode: str, codes_sampled_a, codes_sampled_b, depth_a, depth_b, points_a, points_b,
@@ -120,10 +113,11 @@ def depth_correlation_loss(mode: str, codes_sampled_a, codes_sampled_b, depth_a,
     at the same locations in the same (row-major S x S) order (``sampling.Locations``).
     - ``paper`` (eqs. 5-7): D[hw,uv] = d_a[hw] * d_b[uv]; L = mean(-(D - shift) * clamp(Sc, 0)).
     - ``distance``: D = 1 - ||p_hw - p_uv|| / (largest such distance of that image pair); same loss form.
-    - ``reference``: the public code's D == 1 (it L2-normalises a one-channel depth map, i.e. takes its sign;
-      exactly-zero depth would give 0 there, ignored here): L = -(1 - shift) * mean(clamp(S_aa, 0)); only
-      ``codes_sampled_a`` is used (the self pair). Equals the self term with a lowered shift
-      (``reference_effective_shift``).
+    - ``reference``: the public code. depth_a is ``reference_depth_grid`` (a regular S x S grid, not the
+      sampled locations); the code L2-normalises that one-channel map over its channel, i.e. takes its sign:
+      D[hw,uv] = sign(d_a[hw]) * sign(d_a[uv]), 1 wherever depth is positive, 0 where it is exactly zero.
+      Only the self pair (``codes_sampled_a``, ``depth_a``) is used. With positive depth this is
+      -(1 - shift) * mean(clamp(S_aa, 0)), the self term with a lowered shift (``reference_effective_shift``).
     Pairs: the paper applies the term to crops of the same image; in our batch that is the anchor with itself,
     so callers pass the anchor's codes/depth/points as both a and b (the self pair) for every mode.
     """
@@ -131,12 +125,14 @@ def depth_correlation_loss(mode: str, codes_sampled_a, codes_sampled_b, depth_a,
         raise ValueError(f"loss.depth.mode: {mode!r} is not one of {', '.join(DEPTH_MODES)}")
     low = _clamp_min(zero_clamp)
     if mode == "reference":
-        code = correlation(codes_sampled_a, codes_sampled_a)
-        return {"depth": -(1.0 - shift) * code.clamp(min=low).mean()}
+        codes_sampled_b, depth_b = codes_sampled_a, depth_a
     code = correlation(codes_sampled_a, codes_sampled_b)  # [B,S,S,S',S']
     b, s1, s2, t1, t2 = code.shape
     with torch.no_grad():
-        if mode == "paper":
+        if mode == "reference":
+            sign_a = F.normalize(depth_a.reshape(b, 1, -1), dim=1)[:, 0]  # one channel: d / max(|d|, 1e-12)
+            target = sign_a.reshape(b, -1, 1) * sign_a.reshape(b, 1, -1)
+        elif mode == "paper":
             target = depth_a.reshape(b, -1, 1) * depth_b.reshape(b, 1, -1)
         else:
             dist = torch.cdist(points_a.reshape(b, -1, 3), points_b.reshape(b, -1, 3),
@@ -150,21 +146,23 @@ def depth_correlation_loss(mode: str, codes_sampled_a, codes_sampled_b, depth_a,
 def reference_effective_shift(self_weight: float, self_shift: float, lam: float, depth_shift: float) -> float:
     """The self shift that the reference depth term amounts to: b_self - (lam / w_self) * (1 - b_depth).
 
-    w_self * L_self(b_self) + lam * L_depth_reference(b_depth) == w_self * L_self(b_eff) (METHOD.md section 3).
+    w_self * L_self(b_self) + lam * L_depth_reference(b_depth) == w_self * L_self(b_eff) (docs/METHOD.md
+    section 3).
     """
     if self_weight == 0:
         raise ValueError("reference_effective_shift: loss.self_weight is 0, the identity does not apply")
     return self_shift - (lam / self_weight) * (1.0 - depth_shift)
 
 
-def lhp_mix(codes: torch.Tensor, points: torch.Tensor, quantile: float = 0.01) -> torch.Tensor:
+def lhp_mix(codes: torch.Tensor, points: torch.Tensor, quantile: float = 0.01, reference: bool = False) -> torch.Tensor:
     """3D local hidden positives: mix each patch's code with its nearest patches in 3D -> [B,Q,h,w].
 
     points [B,h*w,3] (row-major, e.g. ``sampling.lift_points``). Per row, 3D distances are min-max normalised
     to [0,1]; neighbours are the entries <= the row's ``quantile`` quantile (linear interpolation, as
-    ``torch.quantile``), weighted by 1 - normalised distance; the result is the weighted average of the
-    neighbours' codes (the patch itself is always included, with weight 1). The reference code instead divides
-    the weighted sum by the number of patches; the weighted average keeps the codes' scale.
+    ``torch.quantile``), weighted by 1 - normalised distance (the patch itself is always included, weight 1).
+    ``reference=False``: the weighted average of the neighbours' codes (keeps the codes' scale).
+    ``reference=True``: the public code's weighted *sum* divided by the number of patches h*w (784 at 28x28),
+    which shrinks the mixed codes about a hundredfold.
     """
     b, q, h, w = codes.shape
     n = h * w
@@ -178,7 +176,7 @@ def lhp_mix(codes: torch.Tensor, points: torch.Tensor, quantile: float = 0.01) -
         normed = (dist - low) / span
         threshold = _row_quantile(normed, quantile)
         weight = torch.where(normed <= threshold, 1.0 - normed, torch.zeros_like(normed))
-        weight = weight / weight.sum(dim=2, keepdim=True)
+        weight = weight / (float(n) if reference else weight.sum(dim=2, keepdim=True))
     flat = codes.flatten(2).transpose(1, 2)  # [B,N,Q]
     return torch.bmm(weight, flat).transpose(1, 2).reshape(b, q, h, w)
 

@@ -7,16 +7,17 @@ host synchronisation; only the S*S greedy FPS iterations are a Python loop, vect
   patch is lifted to a 3D point with a correct pinhole camera (field of view in *degrees*), greedy FPS picks
   S*S patches (start at patch 0 or at a random patch drawn from ``generator``), and the coordinates read the
   chosen patch *centres* (x = column, y = row).
-- ``fps_reference``: identical selections and read-out to the public DepthG code (see METHOD.md section 4):
+- ``fps_reference``: identical selections and reads to the public DepthG code (docs/METHOD.md section 4):
   camera factor ``2*tan(45)`` evaluated in radians (3.2396), ``X = f*d*(j - W/2)/W``, ``Y = f*d*(i - H/2)/H``,
   ``Z = -5*d``, squared distance, start at patch 0, first-max tie-break, chosen patches re-sorted to raster
   order, and each (row, col) pair handed to ``grid_sample`` as (x, y), so the locations actually read are the
   transposed ones. The reference also transposes the S x S grid of coordinates before sampling
   (``coords.permute(0, 2, 1, 3)``); the coordinates returned here already include that transpose, so
   ``F.grid_sample(x, coords)`` reads exactly what the reference's ``sample(x, coords)`` reads.
-  Index normalisation: the reference maps an index k on an axis of n patches to ``k / n * 2 - 1``, which with
-  ``align_corners=True`` does not land on patch centres (it reads at ``k * (n-1)/n``, up to one patch off).
-  We use ``k / (n - 1) * 2 - 1``, the mapping consistent with ``align_corners=True`` (patch k read exactly).
+  Index normalisation as the reference: an index k on an axis of n patches maps to ``k / n * 2 - 1``, which
+  with ``align_corners=True`` reads at position ``k * (n-1)/n``, not at patch k (up to 0.96 patch off at
+  n = 28), so the features are bilinear blends of neighbouring patches, exactly as the reference reads them.
+  ``fps`` uses ``k / (n - 1) * 2 - 1`` instead, the mapping consistent with ``align_corners=True``.
 - ``random``: STEGO's uniform continuous coordinates in [-1, 1] drawn from ``generator``.
 
 FPS backends (``farthest_point_sample(backend=...)``): ``torch`` on the tensor's device (CUDA in training) and,
@@ -38,8 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODES = ("fps", "fps_reference", "random")
-STARTS = ("first", "random")
+from depthg.config import SamplingMode, SamplingStart, choices
+
+MODES = choices(SamplingMode)
+STARTS = choices(SamplingStart)
 REFERENCE_FAR = 5.0  # the reference code's Z = -far * d
 
 
@@ -191,6 +194,11 @@ def _axis_coord(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor
     return index.to(dtype) / max(n - 1, 1) * 2.0 - 1.0
 
 
+def _reference_axis_coord(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reference's mapping of patch index k on an axis of n patches: k / n * 2 - 1 (not a patch centre)."""
+    return index.to(dtype) / n * 2.0 - 1.0
+
+
 def read_grid(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinearly read ``values`` [B,C,h,w] at ``coords`` [B,S,S,2] -> [B,S*S,C] (same read as the features)."""
     out = F.grid_sample(values, coords.to(values.dtype), mode="bilinear", padding_mode="border",
@@ -227,7 +235,8 @@ def _fps_reference_locations(grid, samples, fov_deg) -> Locations:
     idx = farthest_point_sample(points, samples * samples).sort(dim=1).values  # raster order
     rows, cols = idx // w, idx % w
     # (row, col) passed as (x, y): the reference reads the transposed location.
-    coords = torch.stack([_axis_coord(rows, h, grid.dtype), _axis_coord(cols, w, grid.dtype)], dim=-1)
+    coords = torch.stack([_reference_axis_coord(rows, h, grid.dtype), _reference_axis_coord(cols, w, grid.dtype)],
+                         dim=-1)
     # ... and transposes the S x S arrangement before grid_sample (coords.permute(0, 2, 1, 3)).
     coords = coords.reshape(b, samples, samples, 2).transpose(1, 2).contiguous()
     idx = idx.reshape(b, samples, samples).transpose(1, 2).reshape(b, samples * samples)

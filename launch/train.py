@@ -37,6 +37,10 @@ def parse_args(argv):
     parser.add_argument("--resume", default=None, help="auto | checkpoint URL (sets train.resume)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("--print-schedule", action="store_true",
+                        help="print the guidance schedules (lambda, b_depth, FPS samples) as JSON and exit")
+    parser.add_argument("--print-schedule-at", default=None, metavar="B0,B1,...",
+                        help="batches (from 0) for --print-schedule (default: depthg.schedules.DEFAULT_BATCHES)")
     args = parser.parse_args(rest)
     args.overrides = overrides
     return args
@@ -47,6 +51,23 @@ def resolve_config(args):
     path = None if str(path).lower() in ("", "none") else path
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     return load_config(path, overrides)
+
+
+def print_schedule(cfg, at: str | None) -> dict:
+    """``--print-schedule``: the schedule values the loss uses at the chosen batches, as one JSON line."""
+    import json
+
+    from depthg import schedules
+
+    try:
+        batches = [int(b) for b in at.split(",")] if at else list(schedules.DEFAULT_BATCHES)
+    except ValueError:
+        raise SystemExit(f"error: --print-schedule-at expects batch numbers like 0,1,250, got {at!r}")
+    if any(b < 0 for b in batches):
+        raise SystemExit(f"error: --print-schedule-at: batches count from 0, got {at!r}")
+    table = schedules.table(cfg, batches)
+    print(json.dumps(table))
+    return table
 
 
 def pick_launcher(args) -> str:
@@ -119,6 +140,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cfg = resolve_config(args)
+    if args.print_schedule or args.print_schedule_at:
+        return print_schedule(cfg, args.print_schedule_at)
     launcher = pick_launcher(args)
     if launcher == "env":
         from cluster.trainer import train

@@ -1,4 +1,4 @@
-"""depthg.losses against explicit loops and the formulas of METHOD.md sections 2, 3 and 6 (float64)."""
+"""depthg.losses against explicit loops and the formulas of docs/METHOD.md (float64)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from depthg.config import LossConfig
 from depthg.losses import (correlation, depth_correlation_loss, lhp_mix, permutation_without_fixed_points,
-                           reference_effective_shift, sample_features, stego_losses, stego_pair_loss)
+                           reference_depth_grid, reference_effective_shift, sample_features, stego_losses,
+                           stego_pair_loss)
 
 D = torch.float64
 
@@ -111,8 +112,10 @@ def test_stego_losses_terms_and_negatives():
     coords = torch.rand(b, s, s, 2, generator=torch.Generator().manual_seed(1), dtype=D) * 2 - 1
     coords_pos = torch.rand(b, s, s, 2, generator=torch.Generator().manual_seed(2), dtype=D) * 2 - 1
     cfg = LossConfig(neg_rounds=3, pointwise=False)
-    terms = stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, cfg,
-                         generator=torch.Generator().manual_seed(7), knn_weight=2.0)
+    kw = dict(self_weight=cfg.self_weight, self_shift=cfg.self_shift, knn_weight=2.0, knn_shift=cfg.knn_shift,
+              neg_weight=cfg.neg_weight, neg_shift=cfg.neg_shift, pointwise=False, neg_rounds=3)
+    terms = stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos,
+                         generator=torch.Generator().manual_seed(7), **kw)
     f1, c1 = sample_features(feats, coords), sample_features(codes, coords)
     f2, c2 = sample_features(feats_pos, coords_pos), sample_features(codes_pos, coords_pos)
     ref_self = stego_pair_loss(f1, f1, c1, c1, cfg.self_shift, pointwise=False)[0]
@@ -129,8 +132,11 @@ def test_stego_losses_terms_and_negatives():
     torch.testing.assert_close(terms["neg"], ref_neg)
     stego = cfg.self_weight * ref_self + 2.0 * ref_knn + cfg.neg_weight * ref_neg
     torch.testing.assert_close(terms["stego"], stego)
-    with pytest.raises(TypeError, match="unknown option"):
-        stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, cfg, self_wieght=1.0)
+    with pytest.raises(TypeError, match="self_wieght"):  # explicit arguments: a typo cannot pass silently
+        stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, **kw, self_wieght=1.0)
+    with pytest.raises(TypeError, match="self_weight"):  # no hidden defaults for the weights and shifts
+        stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, self_shift=0.1, knn_weight=1,
+                     knn_shift=0, neg_weight=1, neg_shift=0)
 
 
 def _codes_depth_points(b=2, q=4, s=3, seed=20):
@@ -168,13 +174,33 @@ def test_reference_depth_term_is_self_term_with_lowered_shift():
         w_self, b_self, lam, b_depth = (torch.rand(4, generator=g, dtype=D) * torch.tensor([1, 0.5, 0.3, 0.2], dtype=D)).tolist()
         w_self += 0.1
         self_term = stego_pair_loss(f, f, c, c, b_self)[0]
-        depth = depth_correlation_loss("reference", c, c, None, None, None, None, b_depth)["depth"]
+        positive = torch.rand(3, 16, generator=g, dtype=D) + 0.01  # depth > 0 everywhere: D == 1
+        depth = depth_correlation_loss("reference", c, c, positive, positive, None, None, b_depth)["depth"]
         explicit = -(1 - b_depth) * correlation(c, c).clamp(min=0).mean()
         torch.testing.assert_close(depth, explicit)
         b_eff = reference_effective_shift(w_self, b_self, lam, b_depth)
         assert b_eff == pytest.approx(b_self - lam / w_self * (1 - b_depth))
         lowered = stego_pair_loss(f, f, c, c, b_eff)[0]
         torch.testing.assert_close(w_self * self_term + lam * depth, w_self * lowered)
+
+
+def test_reference_depth_term_is_the_sign_of_the_regular_grid_depth():
+    """D[p, q] = sign(d_p) * sign(d_q) with d the depth resampled on a regular S x S grid (zeros give D = 0)."""
+    c = _rand(2, 5, 3, 3, seed=60)
+    depth = torch.rand(2, 1, 10, 10, generator=torch.Generator().manual_seed(61), dtype=D)
+    depth[0, :, :6, :6] = 0.0  # a zero region: the grid points (0, 0), (0, 1), (1, 0), (1, 1) read 0
+    grid = reference_depth_grid(depth, 3)
+    torch.testing.assert_close(grid, F.interpolate(depth, (3, 3), mode="bilinear", align_corners=True).flatten(1))
+    shift = 0.2
+    loss = depth_correlation_loss("reference", c, None, grid, None, None, None, shift)["depth"]
+    code = correlation(c, c).reshape(2, 9, 9)
+    total = 0.0
+    for n in range(2):
+        for p in range(9):
+            for q in range(9):
+                d = (1.0 if grid[n, p] > 0 else 0.0) * (1.0 if grid[n, q] > 0 else 0.0)
+                total += -(d - shift) * max(code[n, p, q].item(), 0.0)
+    assert (grid[0] == 0).sum() == 4 and loss.item() == pytest.approx(total / 162, rel=1e-10)
 
 
 def _lhp_brute(codes, points, quantile):
@@ -202,6 +228,31 @@ def test_lhp_mix_against_brute_force(quantile):
     points = _rand(2, 25, 3, seed=41)
     mixed = lhp_mix(codes, points, quantile)
     torch.testing.assert_close(mixed, _lhp_brute(codes, points, quantile))
+
+
+def _lhp_reference_transcribed(codes, points, quantile):
+    """The public code's depth propagation: min-max normalised torch.cdist rows, entries above the row's
+    quantile zeroed, weights 1 - distance, then the MEAN over all patches of weight * code (sum / N)."""
+    b, q, h, w = codes.shape
+    flat = codes.reshape(b, q, h * w).permute(0, 2, 1)
+    out = []
+    for k in range(b):
+        dist = torch.cdist(points[k], points[k], p=2)
+        lo, hi = dist.min(dim=1, keepdim=True).values, dist.max(dim=1, keepdim=True).values
+        normed = (dist - lo) / (hi - lo)
+        weight = 1 - normed
+        weight[normed > torch.quantile(normed, quantile, dim=1, keepdim=True)] = 0.0
+        out.append((weight.unsqueeze(-1) * flat[k].unsqueeze(0)).mean(dim=1))
+    return torch.stack(out).permute(0, 2, 1).reshape(b, q, h, w)
+
+
+def test_lhp_mix_reference_divides_the_weighted_sum_by_the_patch_count():
+    codes = _rand(2, 3, 6, 6, seed=44)
+    points = _rand(2, 36, 3, seed=45)
+    ref = lhp_mix(codes, points, 0.1, reference=True)
+    torch.testing.assert_close(ref, _lhp_reference_transcribed(codes, points, 0.1))
+    improved = lhp_mix(codes, points, 0.1)
+    assert not torch.allclose(ref, improved) and ref.abs().max() < improved.abs().max() / 3
 
 
 def test_lhp_mix_tiny_quantile_keeps_own_code_and_has_gradient():

@@ -4,15 +4,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 from depthg.config import ModelConfig
 from depthg.models import (BACKBONES, ClusterProbe, LHPProjection, LinearProbe, SegmentationHead, build_backbone,
                            build_segmenter)
-from depthg.models.backbones import IMAGENET_MEAN, IMAGENET_STD, cls_attention
-
-timm = pytest.importorskip("timm")
+from depthg.models.backbones import DINO_VITS8_300EP_URL, IMAGENET_MEAN, IMAGENET_STD, cls_attention
 
 
 def _normalise(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -47,10 +46,19 @@ def test_missing_weights_file_is_named(tmp_path):
 
 def test_hub_weights_offline_say_what_to_do(monkeypatch):
     """weights="" fetches from the hub; offline (the hub library's own offline switch) the error says how to fix it."""
-    constants = pytest.importorskip("huggingface_hub.constants")
+    import huggingface_hub.constants as constants
+
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match=r"vit_small_patch8_224\.dino.*model\.weights="):
+        build_backbone("dino_vits8_800ep")
+
+
+def test_dino_vits8_is_the_300_epoch_checkpoint_and_needs_its_file_or_url():
+    """dino_vits8 never downloads on its own: the error names the 300-epoch checkpoint, its URL and the key."""
+    with pytest.raises(FileNotFoundError, match=r"300-epoch.*model\.weights=https://dl\.fbaipublicfiles\.com/dino/"
+                                                r"dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain\.pth"):
         build_backbone("dino_vits8")
+    assert DINO_VITS8_300EP_URL.endswith("/dino_deitsmall8_300ep_pretrain.pth")
 
 
 def test_input_shape_checked():
@@ -152,6 +160,88 @@ def test_dino_vits8_local_weights_give_identical_features(dino_reference, layout
     feats, attn = backbone(x, return_attn=True)
     assert feats.shape == (2, 384, 4, 5) and attn.shape == (2, 6, 4, 5)
     assert torch.allclose(feats, _timm_patch_features(model, x), atol=1e-4)
+
+
+def _dino_300ep_pretrain_state(seed=7, depth=12, dim=384, mlp=1536, tokens=785):
+    """Random tensors in the key layout of DINO's released dino_deitsmall8_300ep_pretrain.pth: a plain state dict
+    of DINO's VisionTransformer(patch_size=8, num_classes=0), no wrapper, no prefix, no head."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    state = {"cls_token": rnd(1, 1, dim), "pos_embed": rnd(1, tokens, dim),
+             "patch_embed.proj.weight": rnd(dim, 3, 8, 8), "patch_embed.proj.bias": rnd(dim)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        state.update({b + "norm1.weight": 1 + rnd(dim), b + "norm1.bias": rnd(dim),
+                      b + "attn.qkv.weight": rnd(3 * dim, dim), b + "attn.qkv.bias": rnd(3 * dim),
+                      b + "attn.proj.weight": rnd(dim, dim), b + "attn.proj.bias": rnd(dim),
+                      b + "norm2.weight": 1 + rnd(dim), b + "norm2.bias": rnd(dim),
+                      b + "mlp.fc1.weight": rnd(mlp, dim), b + "mlp.fc1.bias": rnd(mlp),
+                      b + "mlp.fc2.weight": rnd(dim, mlp), b + "mlp.fc2.bias": rnd(dim)})
+    state.update({"norm.weight": 1 + rnd(dim), "norm.bias": rnd(dim)})
+    return state
+
+
+@pytest.fixture(scope="module")
+def dino_300ep_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dino_300ep") / "dino_deitsmall8_300ep_pretrain"
+    folder.mkdir()
+    path = folder / "dino_deitsmall8_300ep_pretrain.pth"
+    state = _dino_300ep_pretrain_state()
+    assert len(state) == 150
+    torch.save(state, path)
+    return state, path
+
+
+def _check_features(backbone, state):
+    model = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0, dynamic_img_size=True).eval()
+    model.load_state_dict(state, strict=True)  # same names in timm: the reference forward on the same tensors
+    x = torch.rand(2, 3, 32, 40)
+    assert backbone.name == "dino_vits8" and backbone.dim == 384
+    assert torch.allclose(backbone(x), _timm_patch_features(model, x), atol=1e-4)
+
+
+def test_dino_vits8_loads_the_300ep_checkpoint_layout_from_a_file(dino_300ep_file):
+    state, path = dino_300ep_file
+    _check_features(build_backbone("dino_vits8", weights=str(path)), state)
+
+
+def test_dino_vits8_weights_url_is_downloaded_once_into_the_hub_cache(dino_300ep_file, tmp_path, monkeypatch):
+    """model.weights=<URL> (the reproduction configs' form), served here by a real HTTP server on loopback."""
+    import functools
+    import http.server
+    import threading
+
+    state, path = dino_300ep_file
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    serve = functools.partial(Handler, directory=str(path.parent.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), serve)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dino_deitsmall8_300ep_pretrain/{path.name}"
+        _check_features(build_backbone("dino_vits8", weights=url), state)
+        _check_features(build_backbone("dino_vits8", weights=url), state)  # from the cache
+        assert len(requests) == 1
+        assert (tmp_path / "torch_home" / "hub" / "checkpoints" / path.name).is_file()
+        with pytest.raises(FileNotFoundError, match=r"cannot download backbone weights .*missing\.pth.*model\.weights"):
+            build_backbone("dino_vits8", weights=url.replace(path.name, "missing.pth"))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def test_dino_weights_of_the_wrong_model_are_rejected(tmp_path):
@@ -271,3 +361,15 @@ def test_lhp_projection_and_segmenter_layout():
     head_ids = {id(p) for p in seg.head_parameters()}
     assert head_ids.isdisjoint(id(p) for p in seg.probe_parameters())
     assert len(head_ids) + len(seg.probe_parameters()) == len(list(seg.parameters()))
+
+
+def test_head_branches_take_their_own_inputs_and_a_frozen_projection_passes_gradients_through():
+    head = SegmentationHead(6, 4)
+    a, b = torch.randn(2, 6, 3, 3), torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(head(a, b), head.linear(a) + head.nonlinear(b))
+    torch.testing.assert_close(head(a), head(a, a))
+    proj = LHPProjection(4)
+    codes = torch.randn(2, 4, 3, 3, requires_grad=True)
+    torch.testing.assert_close(proj(codes, trainable=False), proj(codes))
+    proj(codes, trainable=False).sum().backward()
+    assert codes.grad is not None and all(p.grad is None for p in proj.parameters())

@@ -45,10 +45,10 @@ def numpy_reference_fps(points: np.ndarray, n: int) -> np.ndarray:
 
 
 def numpy_reference_coords(grid: np.ndarray, s: int):
-    """Reference read-out with the align_corners-consistent mapping -> (idx laid out like coords, coords)."""
+    """Reference read-out, its mapping k / n * 2 - 1 -> (idx laid out like coords, coords)."""
     h, w = grid.shape
     idx = np.sort(numpy_reference_fps(numpy_reference_points(grid), s * s))  # raster order
-    pairs = np.stack([idx // w / (h - 1), idx % w / (w - 1)], axis=-1) * 2 - 1  # (row, col) as (x, y)
+    pairs = np.stack([idx // w / h, idx % w / w], axis=-1) * 2 - 1  # (row, col) as (x, y)
     coords = pairs.reshape(s, s, 2).transpose(1, 0, 2)  # the reference's coords.permute(0, 2, 1, 3)
     return idx.reshape(s, s).T.reshape(-1), coords
 
@@ -158,15 +158,32 @@ def test_fps_reference_matches_independent_numpy_reference(side, s, batch):
     assert loc.coords.shape == (batch, s, s, 2) and loc.depth.shape == (batch, s * s)
 
 
-def test_fps_reference_reads_the_transposed_patches():
+def _bilinear(img: torch.Tensor, row: float, col: float) -> float:
+    """img [h,w] at a continuous (row, col) position, by hand."""
+    r0, c0 = int(math.floor(row)), int(math.floor(col))
+    r1, c1 = min(r0 + 1, img.shape[0] - 1), min(c0 + 1, img.shape[1] - 1)
+    fr, fc = row - r0, col - c0
+    top = img[r0, c0] * (1 - fc) + img[r0, c1] * fc
+    bottom = img[r1, c0] * (1 - fc) + img[r1, c1] * fc
+    return float(top * (1 - fr) + bottom * fr)
+
+
+def test_fps_reference_reads_the_transposed_patches_where_the_reference_reads():
+    """Chosen patch (r, c) is read at column r * (n-1)/n and row c * (n-1)/n: transposed, and k/n * 2 - 1 under
+    align_corners lands k/n of a patch short of patch k (up to 0.875 patch at n = 8, 0.96 at n = 28)."""
     depth = _depth(2, 32, 32, seed=4)
-    loc = sample_locations("fps_reference", depth, (8, 8), 3)
-    grid = pool_depth(depth, (8, 8))
-    rows, cols = loc.idx // 8, loc.idx % 8
-    transposed = grid.reshape(2, 64).gather(1, cols * 8 + rows)
-    torch.testing.assert_close(loc.depth, transposed)
+    n = 8
+    loc = sample_locations("fps_reference", depth, (n, n), 3)
+    grid = pool_depth(depth, (n, n))
+    rows, cols = loc.idx // n, loc.idx % n
+    for b in range(2):
+        for k in range(9):
+            r, c = int(rows[b, k]), int(cols[b, k])
+            expected = _bilinear(grid[b], c * (n - 1) / n, r * (n - 1) / n)
+            assert loc.depth[b, k].item() == pytest.approx(expected, abs=1e-6)
     read = F.grid_sample(grid[:, None], loc.coords, align_corners=True, padding_mode="border")
-    torch.testing.assert_close(read.flatten(1), transposed)
+    torch.testing.assert_close(read.flatten(1), loc.depth)
+    assert (loc.coords[..., 0] == rows.reshape(2, 3, 3).float() / n * 2 - 1).all()
 
 
 def test_fps_reads_the_chosen_patch_centres():

@@ -182,20 +182,7 @@ def test_ray_train_two_cpu_workers_checkpoint_to_s3_and_recover(s3, ray_local, t
 
 
 # ----------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("name,backbone,steps_every,gamma,code_dim", [
-    ("coco_vits8", "dino_vits8", 250, 0.6, 70), ("coco_vitb8", "dino_vitb8", 300, 0.64, 90),
-    ("cityscapes_vitb8", "dino_vitb8", 400, 0.8, 100), ("potsdam_vits8", "dino_vits8", 200, 1.0, 90)])
-def test_paper_configs_are_in_batches(name, backbone, steps_every, gamma, code_dim):
-    from depthg.schedules import reference_steps_to_batches
-
-    cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"))
-    assert cfg.model.backbone == backbone and cfg.model.code_dim == code_dim
-    assert cfg.train.num_batches == reference_steps_to_batches(7000) == 2334
-    assert cfg.loss.depth.decay_every == reference_steps_to_batches(steps_every)
-    assert cfg.loss.depth.gamma == gamma
-    assert cfg.sampling.mode == ("random" if name.startswith("cityscapes") else "fps")
-
-
+# (what each paper config reproduces is tested in tests/test_config.py and tests/test_golden_reference.py)
 def test_demo_config_is_small_and_the_default_of_launch_train():
     from launch import train as launch_train
 

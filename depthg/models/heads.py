@@ -12,15 +12,19 @@ from torch import nn
 
 
 class SegmentationHead(nn.Module):
-    """STEGO head: a 1x1 linear branch plus a (1x1, ReLU, 1x1) nonlinear branch, summed."""
+    """STEGO head: a 1x1 linear branch plus a (1x1, ReLU, 1x1) nonlinear branch, summed.
+
+    ``forward(feats, feats_nonlinear)`` feeds the nonlinear branch its own input (the reference trains with a
+    separate dropout mask per branch); by default both branches read ``feats``.
+    """
 
     def __init__(self, dim: int, code_dim: int):
         super().__init__()
         self.linear = nn.Conv2d(dim, code_dim, 1)
         self.nonlinear = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, code_dim, 1))
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.linear(feats) + self.nonlinear(feats)
+    def forward(self, feats: torch.Tensor, feats_nonlinear: torch.Tensor | None = None) -> torch.Tensor:
+        return self.linear(feats) + self.nonlinear(feats if feats_nonlinear is None else feats_nonlinear)
 
 
 class ClusterProbe(nn.Module):
@@ -76,14 +80,23 @@ class LinearProbe(nn.Module):
 
 
 class LHPProjection(nn.Module):
-    """3D local-hidden-positive projection: 1x1 conv, ReLU, 1x1 conv in code space."""
+    """3D local-hidden-positive projection: 1x1 conv, ReLU, 1x1 conv in code space.
+
+    ``forward(codes, trainable=False)`` uses detached weights: gradients still reach ``codes`` (the head) but
+    never the projection, which then keeps its initial weights under any optimizer (a zero or missing gradient
+    gives Adam a zero step): the reference's projection is in no optimizer.
+    """
 
     def __init__(self, code_dim: int):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(code_dim, code_dim, 1), nn.ReLU(), nn.Conv2d(code_dim, code_dim, 1))
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.net(codes)
+    def forward(self, codes: torch.Tensor, trainable: bool = True) -> torch.Tensor:
+        if trainable:
+            return self.net(codes)
+        first, last = self.net[0], self.net[2]
+        hidden = F.relu(F.conv2d(codes, first.weight.detach(), first.bias.detach()))
+        return F.conv2d(hidden, last.weight.detach(), last.bias.detach())
 
 
 class Segmenter(nn.Module):

