@@ -6,6 +6,8 @@ compared on the real hardware.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import subprocess
@@ -14,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from bench import fps as fps_bench
 from depthg import fps_kernels
 from depthg.sampling import farthest_point_sample, lift_points
 
@@ -99,6 +102,7 @@ def test_backend_errors_name_the_backend():
 
 _INTERPRETER_CHECK = """
 import torch
+from bench import fps as fps_bench
 from depthg import fps_kernels
 from depthg.sampling import farthest_point_sample
 from tests.test_fps_kernels import fps_cases
@@ -132,3 +136,16 @@ def test_triton_kernel_on_cuda_matches_the_loops():
     big = lift_points(torch.rand(64, 28, 28, device="cuda"), reference=True)
     assert torch.equal(farthest_point_sample(big, 121, backend="triton").cpu(),
                        farthest_point_sample(big.cpu(), 121, backend="numpy"))
+
+
+def test_fps_benchmark_times_every_cpu_backend_against_the_reference_loop():
+    parser = argparse.ArgumentParser()
+    fps_bench.add_arguments(parser)
+    args = parser.parse_args(["--batch-sizes", "3", "--grid", "8", "--samples", "3", "--repeats", "1",
+                              "--numpy-repeats", "1", "--device", "cpu"])
+    result = fps_bench.run(args)
+    json.dumps(result)
+    assert [(r["device"], r["backend"]) for r in result["rows"]] == [("cpu", "compiled"), ("cpu", "numpy"),
+                                                                    ("cpu", "torch")]
+    assert all(r["identical_selection"] and r["batched_best_ms"] <= r["batched_ms"] for r in result["rows"])
+    assert "triton" in result["not_timed"] and result["compiled_loop_built"]
