@@ -80,7 +80,10 @@ if triton is not None:
 
 def triton_interpreting() -> bool:
     """True when Triton runs kernels on the CPU with its interpreter (``TRITON_INTERPRET=1``)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older releases read the variable directly
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_supports(points: torch.Tensor) -> bool:
@@ -100,6 +103,8 @@ def fps_triton(points: torch.Tensor, n: int, start: torch.Tensor) -> torch.Tenso
     points = points.detach().contiguous()
     start = start.to(device=points.device, dtype=torch.long).contiguous()
     out = torch.empty((b, n), dtype=torch.long, device=points.device)
+    if b == 0:
+        return out
     block = max(32, triton.next_power_of_2(num))
     on_cuda = points.device.type == "cuda"
     with torch.cuda.device(points.device) if on_cuda else contextlib.nullcontext():

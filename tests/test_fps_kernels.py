@@ -36,6 +36,7 @@ def fps_cases(device="cpu"):
         ("fewer_than_a_vector", torch.rand(1, 5, 3, generator=g), 5, torch.tensor([3])),
         ("float64", torch.rand(3, 101, 3, generator=g, dtype=torch.float64), 30, torch.tensor([0, 50, 100])),
         ("one_point", torch.rand(2, 9, 3, generator=g), 1, torch.tensor([4, 8])),
+        ("empty_batch", torch.rand(0, 9, 3, generator=g), 4, torch.zeros(0, dtype=torch.long)),
     ]
     return [(name, p.to(device), n, s.to(device)) for name, p, n, s in cases]
 
