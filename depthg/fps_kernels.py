@@ -42,6 +42,7 @@ except ImportError:  # a CPU-only torch build comes without Triton
 log = logging.getLogger(__name__)
 
 TRITON_MAX_POINTS = 16384  # all points of an item live in one program's registers
+TRITON_OPTIONS = {"enable_fp_fusion": False}  # no fused multiply-add: the CPU loops' rounding, op by op
 DTYPES = (torch.float32, torch.float64)
 
 # ----------------------------------------------------------------------------- Triton (CUDA)
@@ -92,6 +93,11 @@ def triton_supports(points: torch.Tensor) -> bool:
     return triton is not None and on_device and points.dtype in DTYPES and points.shape[1] <= TRITON_MAX_POINTS
 
 
+def triton_num_warps(block: int) -> int:
+    """Warps per program for ``block`` points (about 8 points per thread, 1 to 16 warps)."""
+    return min(16, max(1, block // 256))
+
+
 def fps_triton(points: torch.Tensor, n: int, start: torch.Tensor) -> torch.Tensor:
     """FPS of ``n`` of the N points of each item of ``points`` [B,N,3], starting at ``start`` [B] -> [B,n] long."""
     if not triton_supports(points):
@@ -108,8 +114,8 @@ def fps_triton(points: torch.Tensor, n: int, start: torch.Tensor) -> torch.Tenso
     block = max(32, triton.next_power_of_2(num))
     on_cuda = points.device.type == "cuda"
     with torch.cuda.device(points.device) if on_cuda else contextlib.nullcontext():
-        _fps_kernel[(b,)](points, start, out, num, n, BLOCK=block, num_warps=min(16, max(1, block // 256)),
-                          enable_fp_fusion=False)
+        _fps_kernel[(b,)](points, start, out, num, n, BLOCK=block, num_warps=triton_num_warps(block),
+                          **TRITON_OPTIONS)
     return out
 
 

@@ -1,8 +1,9 @@
 """depthg.fps_kernels: the compiled CPU loop and the Triton kernel give the torch loop's indices exactly.
 
 The Triton kernel is checked on the CPU with Triton's interpreter, in a subprocess because
-``TRITON_INTERPRET=1`` must be set before the kernel is defined; on a CUDA device (``gpu`` marker) it is
-compared on the real hardware.
+``TRITON_INTERPRET=1`` must be set before the kernel is defined, and its code for an sm_90 target is checked
+free of fused multiply-adds (compiled here, no GPU needed); on a CUDA device (``gpu`` marker) it is compared
+on the real hardware.
 """
 from __future__ import annotations
 
@@ -99,6 +100,22 @@ def test_backend_errors_name_the_backend():
     if not fps_kernels.triton_interpreting():
         with pytest.raises(ValueError, match="triton backend needs"):
             farthest_point_sample(points, 3, backend="triton")
+
+
+@pytest.mark.parametrize("dtype, bits", [("fp32", 32), ("fp64", 64)])
+def test_triton_kernel_lowers_for_cuda_without_fused_multiply_add(dtype, bits):
+    # no GPU needed: Triton compiles for an sm_90 target with the ptxas it ships; the launch options must
+    # keep every multiply and add separately rounded (an FMA would change the chosen points)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"points_ptr": f"*{dtype}", "start_ptr": "*i64", "out_ptr": "*i64", "num": "i32", "n_pick": "i32",
+                 "BLOCK": "constexpr"}
+    src = ASTSource(fps_kernels._fps_kernel, signature=signature, constexprs={"BLOCK": 1024})
+    options = {"num_warps": fps_kernels.triton_num_warps(1024), **fps_kernels.TRITON_OPTIONS}
+    ptx = fps_kernels.triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    assert f"mul.rn.f{bits}" in ptx and f"add.rn.f{bits}" in ptx and f"sub.rn.f{bits}" in ptx
+    assert "fma" not in ptx and ".ftz" not in ptx
 
 
 _INTERPRETER_CHECK = """
