@@ -1,7 +1,7 @@
 """Where the correlation losses look: depth-guided farthest point sampling (FPS) and STEGO's random sampling.
 
 Three modes (``sampling.mode``), all batched on the device of ``depth`` (no per-image Python loop and no
-host synchronisation; only the S*S greedy FPS iterations are a Python loop, vectorised over the batch):
+host synchronisation; the S*S greedy FPS iterations run in one kernel call, see "FPS backends" below):
 
 - ``fps``: the method as the paper states it. The depth map is average-pooled to the feature grid, every
   patch is lifted to a 3D point with a correct pinhole camera (field of view in *degrees*), greedy FPS picks
