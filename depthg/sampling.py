@@ -1,7 +1,7 @@
 """Where the correlation losses look: depth-guided farthest point sampling (FPS) and STEGO's random sampling.
 
 Three modes (``sampling.mode``), all batched on the device of ``depth`` (no per-image Python loop and no
-host synchronisation; only the S*S greedy FPS iterations are a Python loop, vectorised over the batch):
+host synchronisation; the S*S greedy FPS iterations run in one kernel call, see "FPS backends" below):
 
 - ``fps``: the method as the paper states it. The depth map is average-pooled to the feature grid, every
   patch is lifted to a 3D point with a correct pinhole camera (field of view in *degrees*), greedy FPS picks
@@ -20,10 +20,12 @@ host synchronisation; only the S*S greedy FPS iterations are a Python loop, vect
   ``fps`` uses ``k / (n - 1) * 2 - 1`` instead, the mapping consistent with ``align_corners=True``.
 - ``random``: STEGO's uniform continuous coordinates in [-1, 1] drawn from ``generator``.
 
-FPS backends (``farthest_point_sample(backend=...)``): ``torch`` on the tensor's device (CUDA in training) and,
-for CPU tensors, the same batched loop in NumPy, which has less per-operation overhead than eager torch
-(about 2x faster on a 2-core CPU; ``bench/fps.py`` measures both against the reference's
-per-image loop). Both return identical indices.
+FPS backends (``farthest_point_sample(backend=...)``, all with identical indices): ``triton``, one fused
+kernel launch for the whole batch on CUDA (``depthg.fps_kernels``); ``compiled``, a C++ loop for CPU tensors
+built at first use (falls back to ``numpy`` with a warning when no compiler works); ``torch`` and ``numpy``,
+the same greedy loop batched with eager operations (one Python step per chosen point). ``auto`` picks triton
+on CUDA and compiled on the CPU; ``bench/fps.py`` measures every backend against the reference's per-image
+loop.
 
 Every mode returns ``Locations`` whose ``depth`` (and ``points``) are the values at the locations the
 features are actually read from, in the same S x S order as ``coords`` (flattened row-major), so the depth
@@ -104,6 +106,9 @@ def lift_points(depth_grid: torch.Tensor, fov_deg: float = 90.0, reference: bool
     return torch.stack([x, y, z], dim=-1).reshape(b, h * w, 3)
 
 
+BACKENDS = ("auto", "triton", "compiled", "torch", "numpy")
+
+
 def farthest_point_sample(points: torch.Tensor, n: int, start: torch.Tensor | None = None,
                           backend: str = "auto") -> torch.Tensor:
     """Greedy farthest point sampling of ``n`` of the N points of each batch item -> idx [B,n] (long).
@@ -113,31 +118,59 @@ def farthest_point_sample(points: torch.Tensor, n: int, start: torch.Tensor | No
     again (their distance is set to -inf), exactly like the reference's delete-from-the-candidates loop.
     ``start`` [B] gives each item's first point (default: index 0). The squared distance is evaluated as
     ``(dx**2 + dy**2) + dz**2`` with a rounding after every operation, as NumPy's ``sum((p - c)**2, -1)``.
+    Points are expected finite (the backends may differ on NaN).
 
-    ``backend``: ``torch`` runs on the points' device; ``numpy`` runs the same batched loop with NumPy on
-    the (CPU) tensor's memory, which has less per-operation overhead than eager torch on a CPU; ``auto``
-    picks ``numpy`` for CPU tensors and ``torch`` otherwise. Both give identical indices.
+    ``backend`` (all give identical indices on the same device and dtype):
+    ``triton``: one fused Triton kernel launch for the whole batch (CUDA, float32/float64, N up to
+    ``fps_kernels.TRITON_MAX_POINTS``; on a CPU only under ``TRITON_INTERPRET=1``, for tests);
+    ``compiled``: a C++ loop for CPU float32/float64 points, built at first use and cached (see
+    ``depthg.fps_kernels``), falling back to ``numpy`` with a logged warning if it cannot be built;
+    ``torch``: the batched loop in eager torch on any device; ``numpy``: the same loop in NumPy on CPU memory;
+    ``auto``: ``triton`` where it applies on CUDA, ``compiled`` for CPU float32/float64, else ``torch``.
     """
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"farthest_point_sample: expected points [B,N,3], got {tuple(points.shape)}")
     b, num, _ = points.shape
     if not 1 <= n <= num:
         raise ValueError(f"farthest_point_sample: cannot choose {n} of {num} points")
-    if backend not in ("auto", "torch", "numpy"):
-        raise ValueError(f"farthest_point_sample: backend {backend!r} is not one of auto, torch, numpy")
+    if backend not in BACKENDS:
+        raise ValueError(f"farthest_point_sample: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    from depthg import fps_kernels  # imports Triton: only when FPS runs
+
     device = points.device
-    if start is None:
-        far = torch.zeros(b, dtype=torch.long, device=device)
-    else:
-        far = start.detach().to(device=device, dtype=torch.long).reshape(b)
-    numpy_ok = device.type == "cpu" and points.dtype in (torch.float32, torch.float64)
-    if backend == "numpy" or (backend == "auto" and numpy_ok):
-        if not numpy_ok:
-            raise ValueError("farthest_point_sample: the numpy backend needs float32/float64 CPU points")
+    far = _start_index(start, b, num, device)
+    cpu_float = device.type == "cpu" and points.dtype in fps_kernels.DTYPES
+    if backend == "auto":
+        backend = ("compiled" if cpu_float else
+                   "triton" if device.type == "cuda" and fps_kernels.triton_supports(points) else "torch")
+    if backend == "triton":
+        return fps_kernels.fps_triton(points, n, far)
+    if backend in ("compiled", "numpy") and not cpu_float:
+        raise ValueError(f"farthest_point_sample: the {backend} backend needs float32/float64 CPU points, got "
+                         f"{points.dtype} on {device.type}")
+    if backend == "compiled":
+        idx = fps_kernels.fps_compiled(points, n, far)
+        if idx is not None:
+            return idx
+        backend = "numpy"  # the compiler failed (warned once by fps_kernels)
+    if backend == "numpy":
         return torch.from_numpy(_fps_numpy(points.detach().numpy(), n, far.numpy()))
     with torch.inference_mode():
         idx = _fps_torch(points.detach(), n, far)
     return idx.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+
+
+def _start_index(start: torch.Tensor | None, b: int, num: int, device) -> torch.Tensor:
+    """``start`` [B] (default zeros) as long on ``device``; a CPU ``start`` is range-checked (no device sync)."""
+    if start is None:
+        return torch.zeros(b, dtype=torch.long, device=device)
+    if start.numel() != b:
+        raise ValueError(f"farthest_point_sample: start needs one index per batch item ({b}), got "
+                         f"{tuple(start.shape)}")
+    far = start.detach().reshape(b).to(dtype=torch.long)
+    if far.device.type == "cpu" and b and not bool(((far >= 0) & (far < num)).all()):
+        raise ValueError(f"farthest_point_sample: start indices must lie in [0, {num}), got {far.tolist()}")
+    return far.to(device)
 
 
 def _fps_torch(points: torch.Tensor, n: int, far: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ def test_argmax_returns_first_maximum():
     assert x.argmax(dim=1).tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("backend", ["torch", "numpy", "compiled"])
 def test_batched_fps_equals_naive_per_image_fps(backend):
     g = torch.Generator().manual_seed(1)
     points = torch.rand(4, 40, 3, generator=g)
@@ -128,7 +128,7 @@ def test_every_chosen_point_is_the_farthest_from_those_before_it():
         assert len(set(idx[b].tolist())) == 25
 
 
-@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("backend", ["torch", "numpy", "compiled"])
 def test_fps_tie_break_and_duplicates(backend):
     # a square and duplicated points: ties go to the lowest index, chosen points are never repeated
     pts = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.float32)
@@ -136,12 +136,13 @@ def test_fps_tie_break_and_duplicates(backend):
     assert idx == naive_fps(pts, 6) == [0, 3, 1, 2, 4, 5]
 
 
-def test_torch_and_numpy_backends_agree_on_a_28x28_grid():
+def test_cpu_backends_agree_on_a_28x28_grid():
     points = lift_points(pool_depth(_depth(4, 56, 56, seed=9), (28, 28)), reference=True)
     start = torch.tensor([0, 100, 783, 5])
     a = farthest_point_sample(points, 121, start, backend="torch")
     b = farthest_point_sample(points, 121, start, backend="numpy")
-    assert torch.equal(a, b) and torch.equal(farthest_point_sample(points, 121, start), b)
+    c = farthest_point_sample(points, 121, start, backend="compiled")
+    assert torch.equal(a, b) and torch.equal(c, b) and torch.equal(farthest_point_sample(points, 121, start), b)
     with pytest.raises(ValueError, match="backend"):
         farthest_point_sample(points, 4, backend="cuda")
 
