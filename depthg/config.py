@@ -126,7 +126,7 @@ class TrainConfig:
     probe_lr: float = 5e-3
     zero_stage: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    loader_workers: int = 2
+    loader_workers: int = -1  # per rank; -1 = auto: the node's CPUs per rank (per GPU) minus one
     shuffle_buffer: int = 256
     seed: int = 0
     log_every: int = 10
@@ -134,7 +134,7 @@ class TrainConfig:
     ckpt_every: int = 200
     output: str = "runs/default"  # local folder or s3:// URL
     resume: str = ""  # "" | auto | checkpoint URL
-    select: str = "none"  # none | label_free
+    select: str = "none"  # none | label_free | val_miou (uses the val labels, as the reference)
 
 
 @dataclass
@@ -289,7 +289,7 @@ _CHOICES = {
     "sampling.mode": ("fps", "fps_reference", "random"),
     "sampling.start": ("first", "random"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "train.select": ("none", "label_free"),
+    "train.select": ("none", "label_free", "val_miou"),
 }
 
 
@@ -307,6 +307,8 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    if cfg.train.loader_workers < -1:
+        raise ConfigError("config key 'train.loader_workers': expected -1 (auto) or a count >= 0")
     if cfg.train.zero_stage not in (0, 1):
         raise ConfigError("config key 'train.zero_stage': expected 0 or 1")
     for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "shards.samples_per_shard"):
