@@ -5,7 +5,7 @@ expected, before any worker is spawned or any backbone loaded:
 
 * ``sampling.samples`` against the backbone's feature grid at ``data.resolution`` (every backbone gives a
   stride-8 grid: ``depthg.models.backbones.Backbone.stride``), and the resolution a multiple of the stride;
-* ``train.select`` without validation (``train.val_every=0``);
+* ``train.select`` without validation (``train.val_every=0``); a micro batch of one (no negatives);
 * ``train.output`` naming an existing file (it must be a folder, local or s3://);
 * ``train.resume``: a complete checkpoint written with the same model settings;
 * the shards: the train manifest, every shard it lists, enough samples for one optimizer step of
@@ -23,6 +23,9 @@ from depthg.config import Config, ConfigError
 def check(cfg: Config, world_size: int) -> None:
     if cfg.train.select != "none" and not cfg.train.val_every:
         raise ConfigError(f"train.select={cfg.train.select} chooses among validation results: set train.val_every > 0")
+    if cfg.train.micro_batch_per_gpu < 2:
+        raise ConfigError("train.micro_batch_per_gpu=1: STEGO's negatives come from the other samples of a rank's "
+                          "batch; expected at least 2")
     check_grid(cfg)
     check_output(cfg)
     manifest = check_shards(cfg, world_size)

@@ -48,24 +48,33 @@ def val_spec(cfg: Config, world: World) -> streaming.StreamSpec:
 
 
 def val_sums(backbone, segmenter, cfg: Config, world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(confusion int64 [clusters, classes], [stego loss x samples, samples] float64)`` over all ranks."""
+    """``(confusion int64 [clusters, classes], [stego loss x n, n, samples] float64)`` over all ranks; ``n``
+    counts the samples of batches with a STEGO loss (a batch of one sample has no negatives)."""
     from depthg import evaluation, metrics
-    from depthg.step import compute_losses
+    from depthg.step import backbone_features, compute_losses
 
     spec = val_spec(cfg, world)
     conf = torch.zeros(segmenter.n_clusters, segmenter.n_classes, dtype=torch.int64)
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums, samples = torch.zeros(2, dtype=torch.float64), 0
     seed = int(np.random.SeedSequence([cfg.train.seed, world.rank, VAL_SALT]).generate_state(1)[0])
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for batch in streaming.eval_batches(spec):
-            out = compute_losses(backbone, segmenter, batch, cfg, 0, gen, training=False)
+            n = len(batch["id"])
+            if n >= 2:
+                out = compute_losses(backbone, segmenter, batch, cfg, 0, gen, training=False)
+                codes = out["codes"]
+                sums += torch.tensor([float(out["stego"]) * n, n], dtype=torch.float64)
+            else:  # one sample (a short last batch) has no negatives: codes only, no STEGO loss
+                image = batch["image"].to(next(segmenter.parameters()).device)
+                dtype = next(segmenter.head.parameters()).dtype
+                codes = segmenter.head(backbone_features(backbone, image).to(dtype)).float()
             labels = batch["label"]
-            scores = evaluation.probe_scores(segmenter, out["codes"], labels.shape[-2:], ("cluster",))
+            scores = evaluation.probe_scores(segmenter, codes, labels.shape[-2:], ("cluster",))
             pred = scores["cluster"].argmax(dim=1).cpu()
             conf += torch.from_numpy(metrics.confusion(pred.numpy(), labels.numpy(), *conf.shape))
-            n = len(batch["id"])
-            sums += torch.tensor([float(out["stego"]) * n, n], dtype=torch.float64)
+            samples += n
+    sums = torch.cat([sums, torch.tensor([samples], dtype=torch.float64)])
     return all_reduce_sum(conf, world), all_reduce_sum(sums, world)
 
 
@@ -76,7 +85,24 @@ def validate(backbone, segmenter, cfg: Config, world: World) -> dict:
     conf, sums = val_sums(backbone, segmenter, cfg, world)
     scores = metrics.hungarian_scores(conf.numpy())
     return {"val/miou": float(scores["miou"]), "val/accuracy": float(scores["accuracy"]),
-            "val/stego": float(sums[0] / sums[1].clamp(min=1)), "val/samples": float(sums[1])}
+            "val/stego": float(sums[0] / sums[1].clamp(min=1)), "val/samples": float(sums[2])}
+
+
+def improved(select: str, scores: dict, best: dict) -> bool:
+    """Whether ``scores`` beat ``best`` under ``train.select`` (always, for the first scores)."""
+    key, sign = SELECT[select][:2]
+    return key not in best or sign * scores[key] > sign * best[key]
+
+
+def keep_best(cfg: Config, segmenter, scores: dict, batch: int) -> dict:
+    """Write ``segmenter_best.pt`` with metadata saying how it was chosen (and whether labels were used)."""
+    from cluster.engine import fp32_copy
+    from depthg.checkpoint import save_segmenter
+
+    _, _, uses_labels, criterion = SELECT[cfg.train.select]
+    meta = {**scores, "batch": batch, "select": cfg.train.select, "uses_labels": uses_labels, "criterion": criterion}
+    save_segmenter(io.join(cfg.train.output, "segmenter_best.pt"), cfg, fp32_copy(segmenter), meta)
+    return meta
 
 
 def validate_and_select(backbone, segmenter, cfg: Config, world: World, log, batch_idx: int, best: dict) -> dict:
@@ -84,16 +110,8 @@ def validate_and_select(backbone, segmenter, cfg: Config, world: World, log, bat
     scores = validate(backbone, segmenter, cfg, world)
     log.metrics(batch_idx, scores)
     log.print(f"batch {batch_idx + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-    if cfg.train.select not in SELECT:
+    if cfg.train.select not in SELECT or not improved(cfg.train.select, scores, best):
         return best
-    key, sign, uses_labels, criterion = SELECT[cfg.train.select]
-    if key in best and sign * scores[key] <= sign * best[key]:
-        return best
-    best = {**scores, "batch": batch_idx + 1}
     if world.is_main:
-        from cluster.engine import fp32_copy
-        from depthg.checkpoint import save_segmenter
-
-        meta = {**best, "select": cfg.train.select, "uses_labels": uses_labels, "criterion": criterion}
-        save_segmenter(io.join(cfg.train.output, "segmenter_best.pt"), cfg, fp32_copy(segmenter), meta)
-    return best
+        keep_best(cfg, segmenter, scores, batch_idx + 1)
+    return {**scores, "batch": batch_idx + 1}
