@@ -145,6 +145,7 @@ def launch(cfg: Config, num_workers: int, address: str | None = None, use_gpu: b
     (a picklable ``cluster.trainer.Hooks``) reaches every worker's loop.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     env = worker_env(extra_env)
     if not ray.is_initialized():
@@ -155,5 +156,8 @@ def launch(cfg: Config, num_workers: int, address: str | None = None, use_gpu: b
         env.setdefault("DS_ACCELERATOR", "cpu")
     if cpus_per_worker is None:
         cpus_per_worker = cpus_per_gpu(ray.nodes()) if use_gpu else 1.0
-    fit = ray.remote(num_cpus=0)(_fit).options(runtime_env={"env_vars": env})
+    # the Train controller lives where trainer.fit() runs: keep it on the driver's node (the head), not on a
+    # worker node that may go away
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    fit = ray.remote(num_cpus=0)(_fit).options(runtime_env={"env_vars": env}, scheduling_strategy=here)
     return ray.get(fit.remote(to_dict(cfg), num_workers, use_gpu, max_failures, cpus_per_worker, hooks))

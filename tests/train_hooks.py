@@ -3,7 +3,8 @@
 As a script it is what torchrun / ``deepspeed`` run in the multi-process tests (``launch/train.py``'s
 ``main`` with hooks built from this script's own options)::
 
-    python tests/train_hooks.py --trace DIR [--fail RANK:BATCH:MARKER [--kill]] <launch/train.py arguments>
+    python tests/train_hooks.py [--trace DIR] [--fail RANK:BATCH:MARKER [--kill]] [--pause BATCH:DIR] \
+        <launch/train.py arguments>
 
 Ray Train workers get the hook objects pickled by value (``cloudpickle.register_pickle_by_value``).
 """
@@ -63,19 +64,23 @@ class FailOnce(Hooks):
 
 
 class PauseAt(Hooks):
-    """Before ``batch``, each rank writes ``folder/paused-{rank}`` and waits until ``release`` exists
-    (the test's signal); once it exists the hook passes straight through (a restarted run)."""
+    """A process that started at batch 0 writes ``folder/paused-{rank}`` before ``batch`` and waits there
+    (at most ``limit`` seconds) for the test to act, e.g. remove its node; a process that resumed later
+    (a restarted group) passes straight through."""
 
-    def __init__(self, batch: int, folder: str, release: str):
-        self.batch, self.folder, self.release = batch, folder, release
+    def __init__(self, batch: int, folder: str, limit: float = 900.0):
+        self.batch, self.folder, self.limit, self.first = batch, folder, limit, None
 
     def on_batch(self, world, batch_idx: int, batch: dict) -> None:
-        if batch_idx != self.batch or os.path.exists(self.release):
+        self.first = batch_idx if self.first is None else self.first
+        if batch_idx != self.batch or self.first != 0:
             return
         os.makedirs(self.folder, exist_ok=True)
         open(os.path.join(self.folder, f"paused-{world.rank}"), "w").close()
-        while not os.path.exists(self.release):  # waits for an event (a file), not for time
-            time.sleep(0.05)
+        deadline = time.monotonic() + self.limit
+        while time.monotonic() < deadline:  # ended by the test (the process is killed), not by time
+            time.sleep(0.1)
+        raise RuntimeError(f"rank {world.rank}: nobody acted on the pause before batch {self.batch}")
 
 
 class HookList(Hooks):
@@ -96,8 +101,12 @@ def main(argv=None):
     parser.add_argument("--trace", default=None)
     parser.add_argument("--fail", default=None, help="RANK:BATCH:MARKER")
     parser.add_argument("--kill", action="store_true")
+    parser.add_argument("--pause", default=None, help="BATCH:FOLDER (see PauseAt)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     hooks = []
+    if args.pause:  # before the trace: a paused batch is not recorded
+        batch, folder = args.pause.split(":", 1)
+        hooks.append(PauseAt(int(batch), folder))
     if args.trace:
         hooks.append(TraceSamples(args.trace))
     if args.fail:
