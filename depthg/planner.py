@@ -1,23 +1,22 @@
-"""Which samples each (rank, loader worker) slot reads: a pure plan over the manifest's per-shard counts.
+"""Which samples each rank and loader worker reads: a pure plan over the manifest's per-shard counts.
 
-Training reads an endless sequence of epochs. Epoch ``e`` lays the split's samples out in one sequence:
-the shards in a permutation seeded by ``(seed, e)`` (``epoch_shard_order``), each shard's samples in
-stored order, positions ``0 .. N-1``. The ``S = ranks x loader workers`` slots cut that sequence into
-contiguous ranges (``slot_bounds``): after ``e`` epochs slot ``s`` has read ``A_s(e) = floor((e N + s) / S)``
-samples (``slot_offset``), within one sample of ``e N / S``, so all slots advance at the rate the trainer
-consumes them (every slot yields one micro batch per ``W`` local steps), and in epoch ``e`` it reads the
-``A_s(e+1) - A_s(e)`` positions that follow those of slots ``0 .. s-1``. Since the ``A_s`` sum to ``e N``
-(Hermite's identity), the slots together read each sample exactly once per epoch, each slot reads only
-the byte ranges of the shards its range covers (``segments``; a shard shared by several slots is read
-once in total, in disjoint ranges), also with fewer samples than slots. A slot's stream is the concatenation of its ranges, epoch after epoch; its ``k``-th micro
-batch is stream positions ``[k B, (k+1) B)``, which may straddle two epochs. Nothing is dropped and
-nothing is read twice within an epoch, for any world size, worker count and shard count.
+Training reads an endless sequence of epochs. Epoch ``e`` lays the split's ``N`` samples out in one
+sequence: the shards in a permutation seeded by ``(seed, e)`` (``epoch_shard_order``), each shard's
+samples in stored order. The ``R`` ranks cut that sequence into contiguous ranges (``slot_bounds``):
+after ``e`` epochs rank ``r`` has read ``A_r(e) = floor((e N + r) / R)`` samples (``slot_offset``), within
+one sample of ``e N / R``, and in epoch ``e`` it reads the ``A_r(e+1) - A_r(e)`` positions that follow
+those of ranks ``0 .. r-1``. The ``A_r`` sum to ``e N`` (Hermite's identity), so the ranks together read
+each sample exactly once per epoch, for any world size and shard count (also fewer samples than ranks),
+and a shard shared by ranks is read once in total, in disjoint byte ranges.
 
-Worker ``w`` of a rank yields the rank's local steps ``t`` with ``t % W == w`` (its batch ``k = t // W``);
-``worker_steps`` lists them and ``locate`` turns a batch index into (epoch, samples to skip), which makes
-a resumed run exact to the sample. Validation uses the same ranges over the manifest order, read once
-(``eval_segments``). ``steps_per_epoch`` is the whole optimizer steps one epoch of samples fills, for
-logging and the check that a training split can fill one step.
+A rank's stream is the concatenation of its ranges, epoch after epoch, and local step ``t`` trains stream
+positions ``[t B, (t+1) B)`` (a chunk, which may straddle two epochs): ranks advance exactly with the
+steps, so the first ``floor(N / (R B))`` steps hold no sample twice. Loader worker ``w`` reads the chunks
+of the steps ``t % W == w`` (``worker_steps``) and only their byte ranges (``stream_segments``);
+``worker_start`` says where a worker's replay starts, which makes a resumed run exact to the sample.
+Validation reads each rank's range of the manifest order once (``eval_segments``). ``steps_per_epoch``
+is the whole optimizer steps one epoch of samples fills (logging, and the check that a training split
+can fill one step).
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-SHARD_ORDER_SALT = 0x5A  # separates the shard-order stream from the per-slot streams of the same seed + epoch
+SHARD_ORDER_SALT = 0x5A  # separates the shard-order stream from the per-worker streams of the same seed + epoch
 
 
 def steps_per_epoch(total: int, global_micro_batch: int, grad_accum: int = 1) -> int:
@@ -96,20 +95,47 @@ def segments(counts: Sequence[int], order: Sequence[int], lo: int, hi: int) -> l
     return out
 
 
-def slot_segments(counts: Sequence[int], seed: int, epoch: int, slot: int, slots: int) -> list[tuple[int, int, int]]:
-    """The shard ranges ``slot`` reads in training epoch ``epoch``."""
-    lo, hi = slot_bounds(sum(counts), slots, slot, epoch)
-    return segments(counts, epoch_shard_order(len(counts), seed, epoch), lo, hi)
+def stream_segments(counts: Sequence[int], seed: int, slots: int, slot: int, lo: int,
+                    hi: int) -> list[tuple[int, int, int, int]]:
+    """``[(epoch, shard, start, stop), ...]``: the shard ranges holding positions ``[lo, hi)`` of ``slot``'s
+    stream (its epoch ranges one after another), in stream order."""
+    total, out = sum(counts), []
+    epoch, _ = locate(total, slots, slot, lo)
+    while lo < hi:
+        begin = slot_offset(total, slots, slot, epoch)
+        a, b = slot_bounds(total, slots, slot, epoch)
+        take = min(hi - begin, b - a)
+        if lo - begin < take:
+            order = epoch_shard_order(len(counts), seed, epoch)
+            out += [(epoch, *seg) for seg in segments(counts, order, a + lo - begin, a + take)]
+            lo = begin + take
+        epoch += 1
+    return out
+
+
+def worker_steps(start_step: int, end_step: int, num_workers: int, worker: int) -> range:
+    """Local steps ``t`` in ``[start_step, end_step)`` that loader worker ``worker`` yields (``t % W == w``)."""
+    first = start_step + (worker - start_step) % num_workers
+    return range(first, end_step, num_workers)
+
+
+def worker_start(total: int, slots: int, slot: int, batch: int, num_workers: int, worker: int,
+                 first_step: int) -> tuple[int, int, int]:
+    """Where loader ``worker`` of ``slot`` (a rank) starts so that its batch of step ``first_step`` comes out
+    exactly as in an uninterrupted run: ``(first chunk, first stream position, samples to skip)``.
+
+    A worker shuffles the samples of each epoch that its chunks hold (``t % W == w``); it replays, raw,
+    the chunks of the epoch containing step ``first_step`` from that epoch's start, and drops the ``skip``
+    samples its earlier batches took from that epoch.
+    """
+    epoch, _ = locate(total, slots, slot, first_step * batch)
+    begin = slot_offset(total, slots, slot, epoch)
+    chunk = begin // batch + (worker - begin // batch) % num_workers
+    skip = sum(t * batch + batch - max(t * batch, begin) for t in range(chunk, first_step, num_workers))
+    return chunk, begin, skip
 
 
 def eval_segments(counts: Sequence[int], slot: int, slots: int) -> list[tuple[int, int, int]]:
     """The shard ranges ``slot`` reads in a single pass over the split in manifest order (validation)."""
     lo, hi = slot_bounds(sum(counts), slots, slot, 0)
     return segments(counts, range(len(counts)), lo, hi)
-
-
-def worker_steps(start_step: int, end_step: int, num_workers: int, worker: int) -> range:
-    """Local steps ``t`` in ``[start_step, end_step)`` that loader worker ``worker`` yields (``t % W == w``);
-    step ``t`` is that worker's batch ``t // W``."""
-    first = start_step + (worker - start_step) % num_workers
-    return range(first, end_step, num_workers)

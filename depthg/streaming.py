@@ -1,17 +1,17 @@
 """The training data stream: WebDataset shards -> batches, as an explicit list of stages.
 
-Which samples a (rank, loader worker) slot reads is the pure plan of ``depthg.planner``: every epoch the
-slots read disjoint contiguous ranges of that epoch's shard sequence, together every sample once, and a
-slot's stream runs on from one epoch into the next (no step count per epoch, nothing dropped or cycled).
-One slot's stages, each a small generator function::
+Which samples a rank and loader worker read is the pure plan of ``depthg.planner``: every epoch the ranks
+read disjoint contiguous ranges of that epoch's shard sequence, together every sample once; a rank's
+stream runs on from one epoch into the next (nothing dropped, nothing cycled), local step ``t`` trains
+its chunk ``[t B, (t+1) B)``, and loader worker ``w`` reads the chunks of the steps ``t % W == w``.
+One worker's stages, each a small generator function::
 
-    plan (planner.slot_segments: the shard ranges of this slot's range in epoch e)
+    plan (planner.stream_segments: the shard ranges of the worker's chunks)
     -> read raw samples of each range (``shard_samples``: only those bytes, through the sidecar offsets)
     -> pick a positive uniformly from the K embedded ones (a draw per sample; the others are dropped,
        which keeps the shuffle buffer 4x smaller)
-    -> shuffle buffer (on the raw, still-compressed bytes; drained at the end of each epoch range)
-    -> next epoch's range, and so on
-    -> skip (resume: the samples of the current epoch range already trained on, replayed raw)
+    -> shuffle buffer (on the raw, still-compressed bytes; per epoch: drained when the epoch changes)
+    -> skip (resume: the samples of the current epoch already trained on, replayed raw)
     -> decode (only the anchor and the chosen positive)
     -> resize shorter side + centre-crop to ``data.resolution`` (nearest, as the reference)
     -> batch (``image, depth, label, pos_image, pos_depth`` tensors + ``id`` list, ``step``, and the
@@ -19,8 +19,8 @@ One slot's stages, each a small generator function::
 
 The shuffle buffer sits before decoding so that a resumed run can skip the batches it already trained on
 by replaying the raw stream without decoding: resume is exact to the sample (same world size and loader
-workers). Worker ``w`` of a rank yields local steps ``t % W == w``; ``OrderedLoader`` restores the order.
-Randomness comes from generators seeded by ``(seed, epoch, rank, worker, stream)``; no global RNG.
+workers). ``OrderedLoader`` restores the step order of the DataLoader's workers. Randomness comes from
+generators seeded by ``(seed, epoch, rank, worker, stream)``; no global RNG is touched.
 
 Validation reads each rank's slice of the split once, in manifest order, with a partial last batch
 (``eval_batches``): every sample exactly once over the ranks, for any world size.
@@ -240,16 +240,23 @@ class StreamSpec:
         return self.reader(segs, skipped, meter)
 
 
-def slot_stream(spec: StreamSpec, worker: int, position: int, skipped: list | None = None,
-                meter: list | None = None) -> Iterator[dict]:
-    """The raw samples of slot (``spec.rank``, ``worker``) from stream position ``position`` on, endless;
-    each tagged with ``__epoch__``."""
-    slots, slot = spec.world_size * spec.num_workers, spec.rank * spec.num_workers + worker
-    epoch, skip = planner.locate(spec.total, slots, slot, position)
-    for epoch in itertools.count(epoch):
-        segs = planner.slot_segments(spec.counts, spec.seed, epoch, slot, slots)
-        raws = positive_stage(spec.read(segs, skipped, meter),
-                              slot_rng(spec.seed, epoch, spec.rank, worker, POSITIVE_STREAM))
+def worker_stream(spec: StreamSpec, worker: int, first_step: int, skipped: list | None = None,
+                  meter: list | None = None) -> Iterator[dict]:
+    """The raw samples of loader ``worker`` of ``spec.rank`` from its batch of local step ``first_step`` on,
+    endless, each tagged with ``__epoch__``: the chunks of its steps, read range by range, with a positive
+    drawn per sample and shuffled per epoch (``planner.worker_start`` says where the replay starts)."""
+    ranks, batch, workers = spec.world_size, spec.micro_batch, spec.num_workers
+    chunk, begin, skip = planner.worker_start(spec.total, ranks, spec.rank, batch, workers, worker, first_step)
+
+    def chunks() -> Iterator[tuple[int, dict]]:
+        for t in itertools.count(chunk, workers):
+            segs = planner.stream_segments(spec.counts, spec.seed, ranks, spec.rank, max(t * batch, begin),
+                                           t * batch + batch)
+            for epoch, shard, start, stop in segs:
+                yield from ((epoch, raw) for raw in spec.read([(shard, start, stop)], skipped, meter))
+
+    for epoch, group in itertools.groupby(chunks(), key=lambda pair: pair[0]):
+        raws = positive_stage((raw for _, raw in group), slot_rng(spec.seed, epoch, spec.rank, worker, POSITIVE_STREAM))
         raws = shuffle_stage(raws, spec.shuffle_buffer, slot_rng(spec.seed, epoch, spec.rank, worker, SHUFFLE_STREAM))
         for raw in skip_stage(raws, skip):
             raw["__epoch__"] = epoch
@@ -265,8 +272,8 @@ def worker_batches(spec: StreamSpec, worker: int) -> Iterator[dict]:
         return
     skipped: list = []
     meter = [0]
-    raws = slot_stream(spec, worker, (steps[0] // spec.num_workers) * spec.micro_batch, skipped, meter)
-    samples = resize_stage(decode_stage(raws, skipped), spec.resolution)
+    samples = resize_stage(decode_stage(worker_stream(spec, worker, steps[0], skipped, meter), skipped),
+                           spec.resolution)
     for step, batch in zip(steps, batch_stage(samples, spec.micro_batch, len(steps), skipped, meter)):
         batch["step"] = step
         yield batch

@@ -21,21 +21,60 @@ LAYOUTS = {  # name -> samples per shard
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("ranks,workers", [(1, 1), (2, 2), (3, 1), (16, 2), (64, 4)])
-def test_every_sample_once_per_epoch_and_every_shard_byte_once(layout, ranks, workers):
-    counts, slots = LAYOUTS[layout], ranks * workers
+@pytest.mark.parametrize("ranks", [1, 2, 3, 16, 64])
+def test_every_sample_once_per_epoch_and_every_shard_byte_once(layout, ranks):
+    counts = LAYOUTS[layout]
     total = sum(counts)
     for epoch in range(3):
-        seen = collections.Counter()
-        for slot in range(slots):
-            segs = planner.slot_segments(counts, 7, epoch, slot, slots)
-            lo, hi = planner.slot_bounds(total, slots, slot, epoch)
+        order, seen = planner.epoch_shard_order(len(counts), 7, epoch), collections.Counter()
+        for rank in range(ranks):
+            lo, hi = planner.slot_bounds(total, ranks, rank, epoch)
+            segs = planner.segments(counts, order, lo, hi)
             assert sum(stop - start for _, start, stop in segs) == hi - lo
             for shard, start, stop in segs:
                 assert 0 <= start < stop <= counts[shard]
                 seen.update((shard, i) for i in range(start, stop))
-        # every sample of every shard exactly once: no slot reads a byte another slot reads
+        # every sample of every shard exactly once: no rank reads a byte another rank reads
         assert seen == collections.Counter((s, i) for s, c in enumerate(counts) for i in range(c))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ranks,workers,batch", [(1, 1, 4), (2, 2, 3), (3, 4, 2), (16, 2, 32), (64, 4, 32)])
+def test_worker_chunks_read_each_sample_once_per_epoch(layout, ranks, workers, batch):
+    """Each loader worker reads the chunks of its steps; over all ranks and workers every epoch's samples
+    come once, and the first floor(N / (R B)) steps hold no sample twice."""
+    counts = LAYOUTS[layout]
+    total = sum(counts)
+    steps = -(-3 * total // (ranks * batch))  # about three epochs
+    per_epoch, window = collections.defaultdict(collections.Counter), collections.Counter()
+    for rank, worker in itertools.product(range(ranks), range(workers)):
+        for t in planner.worker_steps(0, steps, workers, worker):
+            segs = planner.stream_segments(counts, 7, ranks, rank, t * batch, t * batch + batch)
+            assert sum(b - a for _, _, a, b in segs) == batch
+            for epoch, shard, a, b in segs:
+                per_epoch[epoch].update((shard, i) for i in range(a, b))
+                if t < total // (ranks * batch):
+                    window.update((shard, i) for i in range(a, b))
+    every = collections.Counter((s, i) for s, c in enumerate(counts) for i in range(c))
+    complete = min(planner.locate(total, ranks, r, steps * batch)[0] for r in range(ranks))
+    assert complete >= 2
+    for epoch in range(complete):
+        assert per_epoch[epoch] == every, epoch
+    assert max(window.values(), default=1) == 1
+
+
+@pytest.mark.parametrize("total,ranks,workers,batch", [(13, 2, 2, 2), (50, 3, 4, 4), (7, 4, 3, 5), (1000, 1, 2, 32)])
+def test_worker_start_matches_an_uninterrupted_worker(total, ranks, workers, batch):
+    """Brute force: the samples a worker's earlier batches took from the epoch of its first resumed chunk."""
+    for rank, worker in itertools.product(range(ranks), range(workers)):
+        for first in planner.worker_steps(0, 40, workers, worker):
+            chunk, begin, skip = planner.worker_start(total, ranks, rank, batch, workers, worker, first)
+            epoch = planner.locate(total, ranks, rank, first * batch)[0]
+            assert begin == planner.slot_offset(total, ranks, rank, epoch)
+            taken = [p for t in range(worker, first, workers) for p in range(t * batch, t * batch + batch)]
+            assert skip == sum(p >= begin for p in taken)
+            mine = [t for t in range(worker, first + 1, workers) if t * batch + batch > begin]
+            assert chunk == mine[0]
 
 
 @pytest.mark.parametrize("total,slots", [(13, 4), (15000, 32), (3, 256), (1000003, 256), (1, 1)])
