@@ -97,3 +97,9 @@ def test_training_with_select_val_miou_keeps_the_labelled_pick(tmp_path):
     assert extra["select"] == "val_miou" and extra["uses_labels"] is True
     assert extra["val/miou"] == max(r["val/miou"] for r in val)
     assert load_segmenter(os.path.join(out, "segmenter_last.pt"))[2]["select"] == "none"
+    from launch import evaluate  # the evaluation report says so too
+
+    result = evaluate.main(["--checkpoint", os.path.join(out, "segmenter.pt"), "--workers", "0", "--shards", root,
+                            "eval.crf=false", "eval.resolution=32", "eval.batch_size=4"])
+    assert "USES THE VALIDATION LABELS" in result["meta"]["checkpoint selection"]
+    assert "USES THE VALIDATION LABELS" in open(result["paths"]["eval.md"]).read()
