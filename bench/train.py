@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import urllib.request
 
 import torch
 
-from cluster.distributed import loader_workers
+from cluster.distributed import free_port, loader_workers
 from depthg import io, losses, sampling, schedules, shards, streaming
 from depthg.config import load_config
 from depthg.step import backbone_features, dropout2d, probe_losses
@@ -128,9 +127,7 @@ def stream_rate(root: str, args, batches: int) -> dict:
 
 def _moto():
     exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(150):
