@@ -52,12 +52,14 @@ def pick_device(world: World | None = None, device: str = "auto") -> torch.devic
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def loader_workers(setting: int, world: World) -> int:
-    """``train.loader_workers``; -1 (auto): the CPUs of this node per rank (on a GPU node, the CPUs per
-    GPU) minus one for the training process itself, at most ``MAX_AUTO_LOADER_WORKERS``."""
+def loader_workers(setting: int, world: World, cpus: int | None = None) -> int:
+    """``train.loader_workers``; -1 (auto): the CPUs of this node (``cpus``, default: those this process
+    may use) per rank (on a GPU node, the CPUs per GPU) minus one for the training process itself, at most
+    ``MAX_AUTO_LOADER_WORKERS``."""
     if setting >= 0:
         return setting
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_rank = cpus // max(1, world.world_size // world.num_nodes)
     return max(0, min(per_rank - 1, MAX_AUTO_LOADER_WORKERS))
 

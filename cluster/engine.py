@@ -6,13 +6,15 @@
 * ``build_engine``: a torch Adam with two parameter groups (head lr, probes lr) handed to
   ``deepspeed.initialize``, not a DeepSpeed optimizer (FusedAdam would JIT-compile for minutes on CPU).
   The process group is created here when the launcher has not made one (torchrun, ``deepspeed``, a single
-  process) with ``cluster.distributed.process_group_backend``: ``cpu:gloo,cuda:nccl`` on GPUs. On CPU the
+  process, with a loopback rendezvous whose variables do not outlive the build) with
+  ``cluster.distributed.process_group_backend``: ``cpu:gloo,cuda:nccl`` on GPUs. On CPU the
   shared-memory comm op, which DeepSpeed would JIT-compile (~60 s) on first use, is switched off
   (``_skip_cpu_shm_op``; gloo does the all-reduce); ``DEPTHG_DS_SHM=1`` keeps it.
 * ``build_models``: the frozen backbone (outside the engine) and the trainable segmenter, seeded.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -66,39 +68,50 @@ def _skip_cpu_shm_op() -> None:
     ops["deepspeed_shm_comm"] = False
 
 
+@contextlib.contextmanager
+def _launcher_env(world: World):
+    """A single process still needs a 1-rank group and the launcher variables DeepSpeed reads (LOCAL_RANK,
+    a loopback rendezvous on a free port): set while the engine is built, removed afterwards, so that they
+    do not leak into processes started later from this one (a launcher would take them for its own)."""
+    added = {}
+    if not world.distributed:
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
+                           ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            if key not in os.environ:
+                os.environ[key] = added[key] = value
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def start_process_group(world: World, device: torch.device, backend: str | None = None) -> None:
     """Create the process group through DeepSpeed unless the launcher made one (Ray Train does).
-
-    ``backend`` defaults to ``process_group_backend(device.type)``. A single process still needs a
-    1-rank group for DeepSpeed: it gets a loopback rendezvous on a free port.
-    """
+    ``backend`` defaults to ``process_group_backend(device.type)``."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_cpu_shm_op()
     import deepspeed
 
-    if torch.distributed.is_initialized():
-        return
-    if not world.distributed:
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
-                           ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend=backend or process_group_backend(device.type))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend or process_group_backend(device.type))
 
 
 def build_engine(cfg: Config, world: World, segmenter: torch.nn.Module, device: torch.device):
     """``(engine, optimizer)``: torch Adam (head lr, probes lr) wrapped by ``deepspeed.initialize``."""
-    start_process_group(world, device)
-    import deepspeed
+    with _launcher_env(world):
+        start_process_group(world, device)
+        import deepspeed
 
-    segmenter.to(device)
-    optimizer = torch.optim.Adam([
-        {"params": segmenter.head_parameters(), "lr": cfg.train.lr, "name": "head"},
-        {"params": segmenter.probe_parameters(), "lr": cfg.train.probe_lr, "name": "probes"},
-    ])
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=segmenter, optimizer=optimizer, config=ds_config(cfg, world, use_bf16(cfg, device)),
-        dist_init_required=False)
+        segmenter.to(device)
+        optimizer = torch.optim.Adam([
+            {"params": segmenter.head_parameters(), "lr": cfg.train.lr, "name": "head"},
+            {"params": segmenter.probe_parameters(), "lr": cfg.train.probe_lr, "name": "probes"},
+        ])
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=segmenter, optimizer=optimizer, config=ds_config(cfg, world, use_bf16(cfg, device)),
+            dist_init_required=False)
     return engine, optimizer
 
 

@@ -114,6 +114,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tiny_root):
     _train_in_process(tiny_root, full, "train.num_batches=5", "train.ckpt_every=2")
     _train_in_process(tiny_root, part, "train.num_batches=3", "train.ckpt_every=2")  # "interrupted" after 3
     assert checkpoints.latest_checkpoint(part).endswith("step-00000003")
+    # the 1-rank rendezvous of an in-process run leaves no launcher variable behind (a later launch from this
+    # process would take them for its own: RANK + WORLD_SIZE select --launcher env)
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"} & set(os.environ)
     _train_in_process(tiny_root, part, "train.num_batches=5", "train.ckpt_every=2", "train.resume=auto")
     a, b = _metrics(os.path.join(full, "metrics.jsonl")), _metrics(os.path.join(part, "metrics.jsonl"))
     assert [m["batch"] for m in b] == [0, 1, 2, 3, 4]  # the resumed run continued at batch 3
