@@ -3,8 +3,10 @@
 * ``{output}/ckpt/step-NNNNNNNN/``: written by ``engine.save_checkpoint`` (each rank its files; for
   ``s3://`` outputs into a local staging folder, then uploaded through ``depthg.io``), then a ``COMPLETE``
   marker written LAST by rank 0 after a barrier: only marked folders count (``latest_checkpoint``).
-  The marker is ``{"batch", "model": model_signature(cfg)}``; a resume with other model settings fails
-  naming the checkpoint and the keys (``check_resume_config``).
+  The marker is ``{"batch", "model": model_signature(cfg), "run"}``; a resume with other model settings
+  fails naming the checkpoint and the keys (``check_resume_config``). ``run`` names the launch that wrote
+  it (Ray Train: one id per ``fit``), so a restarted worker group finds the newest checkpoint of its own
+  run (``latest_checkpoint(output, run)``) even when it died before Ray registered that checkpoint.
 * The client state holds the batch index, the step generator state and the selection's best scores, so
   a resumed run continues with the same schedule values, random draws and data position.
 * ``write_final``: ``segmenter_last.pt``, ``segmenter.pt`` (the selected one, see
@@ -29,11 +31,15 @@ def tag_name(batch_idx: int) -> str:
     return f"step-{batch_idx:08d}"
 
 
-def latest_checkpoint(output: str) -> str | None:
-    """URL of the newest COMPLETE checkpoint under ``{output}/ckpt`` (None when there is none)."""
+def latest_checkpoint(output: str, run: str | None = None) -> str | None:
+    """URL of the newest COMPLETE checkpoint under ``{output}/ckpt`` (None when there is none); with ``run``
+    only those written by that run."""
     root = io.join(output, "ckpt")
-    tags = [t for t in io.listdir(root) if t.startswith("step-") and io.exists(io.join(root, t, COMPLETE))]
-    return io.join(root, max(tags)) if tags else None
+    for tag in sorted((t for t in io.listdir(root) if t.startswith("step-")), reverse=True):
+        marker = io.join(root, tag, COMPLETE)
+        if io.exists(marker) and (run is None or json.loads(io.read_bytes(marker)).get("run") == run):
+            return io.join(root, tag)
+    return None
 
 
 def resolve_resume(cfg: Config) -> str | None:
@@ -76,7 +82,7 @@ def _upload_tree(local: str, url: str) -> None:
             io.put_file(os.path.join(dirpath, name), io.join(url, *rel.split(os.sep)))
 
 
-def save_checkpoint(engine, cfg: Config, world: World, batch_idx: int, client_state: dict) -> str:
+def save_checkpoint(engine, cfg: Config, world: World, batch_idx: int, client_state: dict, run: str = "") -> str:
     """Every rank saves its part; rank 0 writes the COMPLETE marker last. Returns the checkpoint URL."""
     root = io.join(cfg.train.output, "ckpt")
     tag = tag_name(batch_idx)
@@ -91,7 +97,7 @@ def save_checkpoint(engine, cfg: Config, world: World, batch_idx: int, client_st
         engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     barrier(world)
     if world.is_main:  # the marker also records the model settings, checked on resume
-        marker = {"batch": batch_idx, "model": model_signature(cfg)}
+        marker = {"batch": batch_idx, "model": model_signature(cfg), "run": run}
         io.write_bytes(io.join(root, tag, COMPLETE), json.dumps(marker).encode())
     barrier(world)
     return io.join(root, tag)

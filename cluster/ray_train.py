@@ -12,8 +12,10 @@ On GPU clusters each worker reserves the CPUs per GPU of the smallest GPU node (
 Checkpoints: the DeepSpeed checkpoints live under ``{train.output}/ckpt`` (local path or s3://, written by
 the trainer). At every checkpoint all workers call ``ray.train.report`` (the same number of times, as Ray
 requires); rank 0 attaches a tiny Ray ``Checkpoint`` holding ``pointer.json`` = the DeepSpeed checkpoint
-URL. After a worker failure Ray restarts the group (``FailureConfig(max_failures)``) and
-``ray.train.get_checkpoint()`` hands that pointer back, so the run resumes where it stopped. Ray's own
+URL. After a worker failure Ray restarts the group (``FailureConfig(max_failures)``), which resumes from the
+newest complete checkpoint written by this ``fit`` (its markers carry the run id passed to every worker):
+that also covers a group that died after the checkpoint but before Ray's controller had registered the
+report. Without one, ``ray.train.get_checkpoint()`` hands the pointer back (a run Ray restored). Ray's own
 run folder is ``{train.output}/ray`` (``RunConfig(storage_path=...)``; multi-node runs need shared storage
 such as s3://; a custom S3 endpoint from AWS_ENDPOINT_URL / DEPTHG_S3_ENDPOINT is honoured through a pyarrow
 filesystem). The workers get the driver's non-secret AWS_* / DEPTHG_* variables (endpoint, region) through
@@ -25,6 +27,7 @@ import json
 import os
 import re
 import tempfile
+import uuid
 
 from cluster.distributed import process_group_backend
 from depthg import io
@@ -76,7 +79,7 @@ def train_worker(config: dict) -> None:
     from cluster.trainer import train
     from cluster.world import detect
 
-    cfg, hooks = from_dict(Config, config["cfg"]), config.get("hooks")
+    cfg, hooks, run = from_dict(Config, config["cfg"]), config.get("hooks"), config.get("run", "")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder, open(os.path.join(folder, POINTER)) as fh:
@@ -93,7 +96,7 @@ def train_worker(config: dict) -> None:
                 ray_ckpt = ray.train.Checkpoint.from_directory(folder)
             ray.train.report({"batch": batch, **metrics}, checkpoint=ray_ckpt)
 
-    train(cfg, world, on_checkpoint=on_checkpoint, hooks=hooks)
+    train(cfg, world, on_checkpoint=on_checkpoint, hooks=hooks, run=run)
 
 
 def torch_config(use_gpu: bool):
@@ -122,7 +125,7 @@ def _fit(cfg_dict: dict, num_workers: int, use_gpu: bool, max_failures: int, cpu
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg_dict, "hooks": hooks},
+        train_loop_config={"cfg": cfg_dict, "hooks": hooks, "run": uuid.uuid4().hex},
         torch_config=torch_config(use_gpu),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="ray", storage_path=path, storage_filesystem=filesystem,

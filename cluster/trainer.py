@@ -86,9 +86,10 @@ def _scalars(out: dict) -> dict:
             for k, v in out.items() if not torch.is_tensor(v) or v.dim() == 0}
 
 
-def _resume(cfg: Config, engine, gen: torch.Generator) -> tuple[int, dict, str | None]:
-    """``(start batch, best scores, checkpoint URL)``; loads the checkpoint when there is one to resume."""
-    url = checkpoints.resolve_resume(cfg)
+def _resume(cfg: Config, engine, gen: torch.Generator, run: str) -> tuple[int, dict, str | None]:
+    """``(start batch, best scores, checkpoint URL)``; loads the checkpoint when there is one to resume:
+    the newest of this ``run`` (a restarted group), else ``train.resume``."""
+    url = (checkpoints.latest_checkpoint(cfg.train.output, run) if run else None) or checkpoints.resolve_resume(cfg)
     if not url:
         return 0, {}, None
     checkpoints.check_resume_config(cfg, url)
@@ -98,8 +99,9 @@ def _resume(cfg: Config, engine, gen: torch.Generator) -> tuple[int, dict, str |
 
 
 def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], None] | None = None,
-          hooks: Hooks | None = None) -> dict:
-    """Run (or resume) training; returns the last logged metrics. Same code on every rank."""
+          hooks: Hooks | None = None, run: str = "") -> dict:
+    """Run (or resume) training; returns the last logged metrics. Same code on every rank. ``run``: an id
+    shared by the restarts of one launch (``cluster.ray_train``); a restart resumes from its newest checkpoint."""
     from depthg.step import compute_losses
 
     hooks = hooks or Hooks()
@@ -109,7 +111,7 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
     backbone, segmenter = engines.build_models(cfg, device)
     engine, optimizer = engines.build_engine(cfg, world, segmenter, device)
     gen = torch.Generator().manual_seed(_seed(cfg.train.seed, world.rank, STEP_STREAM))
-    start, best, resume = _resume(cfg, engine, gen)
+    start, best, resume = _resume(cfg, engine, gen, run)
     accum, total = cfg.train.grad_accum, cfg.train.num_batches
     log = RankZeroLog(cfg, world, total, start)
     log.print(f"world {world}: {spec.total / engines.global_batch(cfg, world):.1f} batches/epoch, "
@@ -150,7 +152,7 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
             best = validate_and_select(backbone, engine.module, cfg, world, log, batch_idx, best)
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total:
             state = {"batch_idx": done, "generator": gen.get_state(), "best": best}
-            url = checkpoints.save_checkpoint(engine, cfg, world, done, state)
+            url = checkpoints.save_checkpoint(engine, cfg, world, done, state, run)
             log.flush()
             if on_checkpoint is not None:
                 on_checkpoint(url, done, last)

@@ -120,7 +120,9 @@ def test_ray_train_worker_killed_resumes_from_the_last_checkpoint(tmp_path, root
     out = str(tmp_path / "run")
     cfg = load_config(None, [f"shards.root={root}", f"train.output={out}", *TINY,
                              "train.num_batches=3", "train.ckpt_every=1"])
-    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=1,
+    # a spare restart: on a loaded machine Ray 2.60's PlacementGroupCleaner may take a slow state-API answer
+    # for a dead Train controller and remove a fresh worker group (seen once here); the test counts batches
+    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=2,
                     hooks=train_hooks.FailOnce(1, 2, str(marker), kill=True))
     assert marker.exists()  # the kill did happen
     assert result["metrics"]["batch"] == 3  # the same final step as an uninterrupted run

@@ -63,12 +63,15 @@ def test_precision_auto_is_bf16_on_gpu_only():
 
 def test_latest_checkpoint_needs_the_marker(tmp_path):
     out = str(tmp_path)
-    for step, complete in ((2, True), (4, True), (6, False)):
+    for step, complete, run in ((2, True, "a"), (4, True, "b"), (6, False, "a")):
         folder = tmp_path / "ckpt" / checkpoints.tag_name(step)
         folder.mkdir(parents=True)
         if complete:
-            (folder / checkpoints.COMPLETE).write_text("{}")
+            (folder / checkpoints.COMPLETE).write_text(json.dumps({"batch": step, "run": run}))
     assert checkpoints.latest_checkpoint(out) == io.join(out, "ckpt", "step-00000004")
+    # a restarted Ray Train group looks for the newest checkpoint of its own run (one id per fit)
+    assert checkpoints.latest_checkpoint(out, run="a") == io.join(out, "ckpt", "step-00000002")
+    assert checkpoints.latest_checkpoint(out, run="c") is None
     cfg = load_config(None, [f"train.output={out}", "train.resume=auto"])
     assert checkpoints.resolve_resume(cfg).endswith("step-00000004")
     bad = load_config(None, [f"train.output={out}", f"train.resume={tmp_path}/ckpt/step-00000006"])
@@ -180,7 +183,10 @@ def test_ray_train_two_cpu_workers_checkpoint_to_s3_and_recover(s3, ray_local, t
     out = f"{s3}/runs/ray"
     cfg = load_config(None, [f"shards.root={tiny_root}", f"train.output={out}", *TINY,
                              "train.num_batches=3", "train.ckpt_every=1"])
-    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=1, hooks=train_hooks.FailOnce(1, 2, str(marker)))
+    # a spare restart: on a loaded machine Ray 2.60's PlacementGroupCleaner may take a slow state-API answer
+    # for a dead Train controller and remove a fresh worker group (seen once here); the test counts batches
+    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=2,
+                    hooks=train_hooks.FailOnce(1, 2, str(marker)))
     assert marker.exists()  # the failure did happen
     assert result["metrics"]["batch"] == 3 and result["ray_checkpoint"]
     for step in (1, 2, 3):

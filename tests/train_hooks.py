@@ -65,18 +65,19 @@ class FailOnce(Hooks):
 
 class PauseAt(Hooks):
     """A process that started at batch 0 writes ``folder/paused-{rank}`` before ``batch`` and waits there
-    (at most ``limit`` seconds) for the test to act, e.g. remove its node; a process that resumed later
-    (a restarted group) passes straight through."""
+    (at most ``limit`` seconds) for the test to act, e.g. remove its node; once per rank: a restarted group
+    passes straight through."""
 
     def __init__(self, batch: int, folder: str, limit: float = 900.0):
         self.batch, self.folder, self.limit, self.first = batch, folder, limit, None
 
     def on_batch(self, world, batch_idx: int, batch: dict) -> None:
         self.first = batch_idx if self.first is None else self.first
-        if batch_idx != self.batch or self.first != 0:
+        mark = os.path.join(self.folder, f"paused-{world.rank}")
+        if batch_idx != self.batch or self.first != 0 or os.path.exists(mark):  # once per rank
             return
         os.makedirs(self.folder, exist_ok=True)
-        open(os.path.join(self.folder, f"paused-{world.rank}"), "w").close()
+        open(mark, "w").close()
         deadline = time.monotonic() + self.limit
         while time.monotonic() < deadline:  # ended by the test (the process is killed), not by time
             time.sleep(0.1)
