@@ -79,6 +79,7 @@ def test_select_criteria_and_the_kept_file_says_whether_labels_were_used(tmp_pat
         assert extra["batch"] == 7 and extra["select"] == select and extra["uses_labels"] is labels
 
 
+@pytest.mark.slow
 def test_training_with_select_val_miou_keeps_the_labelled_pick(tmp_path):
     """A real run (one process): validation every batch, ``segmenter.pt`` is the pick and says it used labels."""
     from depthg.checkpoint import load_segmenter
