@@ -8,14 +8,16 @@ correlation losses, probes, backward, optimizer), and reports the ratio total / 
 (target <= 1.1: the step should cost little beyond the frozen forward it cannot avoid), samples/s
 and the peak RSS of the trainer and of a DataLoader worker.
 Part 2 streams the same tiny synthetic shards through ``depthg.streaming`` from a local folder and
-from a moto S3 server on loopback (started here) and compares samples/s (target S3 >= 0.9 x local).
+from a moto S3 server on loopback (started here) and compares samples/s (target S3 >= 0.9 x local); it
+reports the loader's samples/s per DataLoader worker (what sizes ``train.loader_workers``: a GPU step of
+B samples in T s needs about B / T / rate workers) and the storage bytes read per trained sample (the
+anchor, its K embedded positives and label, of which one positive is decoded).
 """
 from __future__ import annotations
 
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,9 +26,11 @@ import urllib.request
 
 import torch
 
+from cluster.distributed import free_port, loader_workers
 from depthg import io, losses, sampling, schedules, shards, streaming
 from depthg.config import load_config
 from depthg.step import backbone_features, dropout2d, probe_losses, stego_options
+from depthg.world import World
 
 STAGES = ("data_wait", "backbone", "head", "sampling", "loss", "probes", "backward", "optimizer")
 
@@ -107,21 +111,24 @@ def step_breakdown(args, root: str) -> dict:
                             "loader_worker_max": _peak_rss_mb(resource.RUSAGE_CHILDREN)}}
 
 
-def stream_rate(root: str, args, batches: int) -> float:
+def stream_rate(root: str, args, batches: int) -> dict:
+    """Loader samples/s (in total and per loader worker) and storage bytes read per trained sample."""
     spec, _ = streaming.open_split(root, "train", micro_batch=args.batch, resolution=args.resolution,
                                    shuffle_buffer=16, num_steps=batches)
     it = iter(streaming.make_loader(spec, args.workers))
-    next(it)  # worker start-up is not streaming
+    first = next(it)  # worker start-up is not streaming
     t0 = time.perf_counter()
-    n = sum(1 for _ in it)
-    return n * args.batch / (time.perf_counter() - t0)
+    n, read = 0, first["bytes"]
+    for batch in it:
+        n, read = n + 1, read + batch["bytes"]
+    rate = n * args.batch / (time.perf_counter() - t0)
+    return {"samples_per_s": rate, "samples_per_s_per_worker": rate / max(1, args.workers),
+            "bytes_read_per_sample": read / ((n + 1) * args.batch)}
 
 
 def _moto():
     exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(150):
@@ -152,7 +159,13 @@ def streaming_local_vs_s3(args, root: str, batches: int) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return {"local_samples_per_s": local, "s3_samples_per_s": remote, "s3_over_local": remote / local}
+    return {"local_samples_per_s": local["samples_per_s"], "s3_samples_per_s": remote["samples_per_s"],
+            "s3_over_local": remote["samples_per_s"] / local["samples_per_s"],
+            "loader_samples_per_s_per_worker": {"local": local["samples_per_s_per_worker"],
+                                                "s3": remote["samples_per_s_per_worker"]},
+            "storage_bytes_read_per_trained_sample": {"local": local["bytes_read_per_sample"],
+                                                      "s3": remote["bytes_read_per_sample"]},
+            "loader_workers": args.workers, "auto_loader_workers_here": loader_workers(-1, World())}
 
 
 def _write_shards(root: str, args) -> None:
@@ -170,6 +183,10 @@ def _table(result: dict) -> str:
     s = result["streaming"]
     rows.append(f"streaming samples/s: local {s['local_samples_per_s']:.1f}, S3 (moto) {s['s3_samples_per_s']:.1f} "
                 f"-> {s['s3_over_local']:.2f}x")
+    per, read = s["loader_samples_per_s_per_worker"], s["storage_bytes_read_per_trained_sample"]
+    rows.append(f"loader samples/s per worker ({s['loader_workers']} worker(s)): local {per['local']:.1f}, "
+                f"S3 {per['s3']:.1f}; storage bytes read per trained sample: local {read['local'] / 1e3:.1f} kB, "
+                f"S3 {read['s3'] / 1e3:.1f} kB; train.loader_workers=-1 gives {s['auto_loader_workers_here']} here")
     return "\n".join(rows)
 
 

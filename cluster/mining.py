@@ -5,9 +5,10 @@
    one global feature per sample.
 2. Driver: exact cosine top-k (``mining.k``) over the whole split (``depthg.knn``), excluding the
    sample itself; positives are ranks 1..``mining.num_positives`` (cycled when the split is smaller).
-3. Writing: training shard i holds the samples of depth shard i, each with its anchor members
-   copied byte for byte plus ``pos{k}.rgb.png`` / ``pos{k}.depth.png`` of its positives, so a
-   streaming reader never needs random access. Workers fetch each depth shard once into a local
+3. Writing: training shard i holds as many samples as depth shard i, in one seeded global shuffle of
+   the split (``depthg.shards.shuffled_layout``: a loader's range never holds the crops of one image
+   together), each with its anchor members copied byte for byte plus ``pos{k}.rgb.png`` /
+   ``pos{k}.depth.png`` of its positives, so a streaming reader never needs random access. Workers fetch each depth shard once into a local
    cache and read members by tar offset.
 
 Reruns skip training shards whose sidecar digest (ids + positives) matches, and the whole split
@@ -108,14 +109,15 @@ class MiningWorker:
         return index, ids, (np.concatenate(out) if out else np.zeros((0, dim), np.float32)).astype(np.float32)
 
     def write_unit(self, index: int, depth_url: str, entries: list, where: dict, folder: str, digest: str) -> dict:
-        """Training shard ``index``: ``entries`` = [(id, neighbours, positives)] in depth-shard order;
-        ``where`` maps every positive id to the depth shard URL holding it."""
+        """Training shard ``index``: ``entries`` = [(id, neighbours, positives)] in write order;
+        ``where`` maps every anchor and positive id to the depth shard URL holding it."""
         def sample(key, neighbors, positives):
-            meta = json.loads(self.cache.read(depth_url, f"{key}.meta.json"))
+            src = where[key]  # the anchor's depth shard (shards.shuffled_layout mixes them)
+            meta = json.loads(self.cache.read(src, f"{key}.meta.json"))
             out = {"__key__": key, "meta.json": shards.encode_meta({**meta, "neighbors": neighbors})}
             for member in ("rgb.png", "depth.png", "label.png"):
-                if f"{key}.{member}" in self.cache.members(depth_url)[1]:
-                    out[member] = self.cache.read(depth_url, f"{key}.{member}")
+                if f"{key}.{member}" in self.cache.members(src)[1]:
+                    out[member] = self.cache.read(src, f"{key}.{member}")
             for k, pid in enumerate(positives):
                 out[f"pos{k}.rgb.png"] = self.cache.read(where[pid], f"{pid}.rgb.png")
                 out[f"pos{k}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
@@ -192,7 +194,8 @@ def _signature(cfg: Config, dm: dict) -> dict:
     """What the training shards of a split depend on, besides the anchors' bytes."""
     return {"depth_manifest": {"digest": dm.get("digest"), "total": dm["total"]}, "k": int(cfg.mining.k),
             "num_positives": int(cfg.mining.num_positives), "backbone": cfg.model.backbone,
-            "weights": mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution}
+            "weights": mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution,
+            "layout": "shuffled/1"}
 
 
 def _finished_manifest(cfg: Config, split: str, dm: dict) -> dict | None:
@@ -208,7 +211,8 @@ def _finished_manifest(cfg: Config, split: str, dm: dict) -> dict | None:
 
 
 def plan_train_units(cfg: Config, dm: dict, urls: list[str], per_shard: list[list[str]], feats: np.ndarray):
-    """``[(index, depth_url, entries, digest)]``: training shard i = depth shard i + positives."""
+    """``[(index, depth_url, entries, digest)]``: training shard i holds as many samples as depth shard i, taken
+    in the globally shuffled order of ``shards.shuffled_layout``, each with its positives."""
     split = dm["split"]
     ids = [i for part in per_shard for i in part]
     if len(ids) != dm["total"]:
@@ -218,7 +222,7 @@ def plan_train_units(cfg: Config, dm: dict, urls: list[str], per_shard: list[lis
     if len(ids) - 1 < npos:
         log.warning("split %s has %d samples: positives cycle through %d neighbours", split, len(ids), len(ids) - 1)
     units = []
-    for index, (url, part) in enumerate(zip(urls, per_shard)):
+    for index, (url, part) in enumerate(zip(urls, shards.shuffled_layout(per_shard))):
         entries = [(i, table[i], positives_for(table[i], npos)) for i in part]
         units.append((index, url, entries, _digest({"depth": dm.get("digest"), "entries": entries,
                                                     "backbone": [cfg.model.backbone, cfg.model.weights]})))
@@ -233,7 +237,7 @@ def write_train_shards(cfg: Config, split: str, group, units, dm: dict, urls, pe
         io.remove(io.join(folder, shards.MANIFEST))
     calls = []
     for index, url, entries, digest in pending[:max_units]:
-        needed = {p for _, _, pos in entries for p in pos}
+        needed = {p for key, _, pos in entries for p in (key, *pos)}
         calls.append((index, url, entries, {p: where[p] for p in needed}, folder, digest))
     for _ in group.map("write_unit", calls, desc=f"train shards {split}", progress=progress):
         pass

@@ -37,7 +37,7 @@ LHPMode = Literal["improved", "reference"]
 SamplingMode = Literal["fps", "fps_reference", "random"]
 SamplingStart = Literal["first", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
-Selection = Literal["none", "label_free"]
+Selection = Literal["none", "label_free", "val_miou"]
 
 
 def choices(alias) -> tuple[str, ...]:
@@ -163,7 +163,7 @@ class TrainConfig:
     probe_lr: float = 5e-3
     zero_stage: int = 0
     precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    loader_workers: int = 2
+    loader_workers: int = -1  # per rank; -1 = auto: the node's CPUs per rank (per GPU) minus one
     shuffle_buffer: int = 256
     seed: int = 0
     log_every: int = 10
@@ -171,7 +171,7 @@ class TrainConfig:
     ckpt_every: int = 200
     output: str = "runs/default"  # local folder or s3:// URL
     resume: str = ""  # "" | auto | checkpoint URL
-    select: Selection = "none"
+    select: Selection = "none"  # none | label_free | val_miou (uses the val labels, as the reference)
 
     def global_batch(self, world_size: int) -> int:
         """Images per optimizer step over all ranks: micro_batch_per_gpu x grad_accum x world_size."""
@@ -333,7 +333,6 @@ def _get(cfg, dotted: str):
 
 
 def validate(cfg: Config) -> None:
-    """Checks across keys and of ranges (allowed values are checked by ``from_dict`` from the field types)."""
     if cfg.train.zero_stage not in (0, 1):
         raise ConfigError("config key 'train.zero_stage': expected 0 or 1")
     for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "sampling.min_samples",

@@ -21,15 +21,17 @@ Tar members are written in sorted order with mtime 0 and PNGs with fixed setting
 samples always give byte-identical shards (a resumed job equals an uninterrupted one).
 
 Each shard ``shard-NNNNNN.tar`` gets a sidecar ``shard-NNNNNN.json`` written *after* the shard
-(``{"name", "count", "ids", "skipped", "digest"}``): a shard counts as complete only when both
-exist. ``manifest.json`` aggregates the sidecars and is written last::
+(``{"name", "count", "ids", "offsets", "skipped", "digest"}``; ``offsets``: each sample's first byte,
+then the end of the last, so a reader can fetch a range of samples alone): a shard counts as complete
+only when both exist. ``manifest.json`` aggregates the sidecars and is written last::
 
     {"schema": "depthg-shards/1", "kind": "depth"|"train", "split", "shards": [{"name", "count"}],
      "total", "dataset", "n_classes", "depth_source", "config", "skipped": [{"id", "error"}], ...}
 
 Readers: ``shard_urls(root, split, kind)`` (from the manifest), ``split_shards`` (pure rank/worker
-partition), ``iter_shard(url)`` (raw sample dicts from a local or s3:// shard, the same dicts
-``wds.WebDataset`` yields) and ``decode_sample(raw)`` (numpy arrays). ``register_gopen()`` lets
+partition), ``iter_shard(url, start, stop, offsets)`` (raw sample dicts of a local or s3:// shard, the
+same dicts ``wds.WebDataset`` yields; a range of samples alone with the sidecar's offsets) and
+``decode_sample(raw)`` (numpy arrays). ``shuffled_layout`` is the stage-2 write order. ``register_gopen()`` lets
 plain ``wds.WebDataset("s3://...")`` read through fsspec (custom endpoints included).
 ``write_test_shards`` writes tiny synthetic shards + manifest for other modules' tests.
 """
@@ -53,6 +55,7 @@ KINDS = ("depth", "train")
 MANIFEST = "manifest.json"
 DEPTH_SCALE = 65535.0
 IGNORE_ON_DISK = 255
+LAYOUT_SALT = 0x1A7  # separates the stage-2 layout permutation from other streams of the same seed
 
 
 class ShardError(DepthgError, ValueError):
@@ -184,18 +187,57 @@ def write_shard(local_path: str, samples: Iterable[dict]) -> int:
     return count
 
 
-def open_shard_stream(url: str):
-    """A binary file object for a local or s3:// shard (endpoint from the environment)."""
-    return io.open_url(url, "rb")
-
-
-def iter_shard(url: str) -> Iterator[dict]:
-    """Raw sample dicts (``__key__``, ``__url__``, member bytes) from one shard, streamed."""
+def iter_shard(url: str, start: int = 0, stop: int | None = None, offsets: Sequence[int] | None = None,
+               meter: list | None = None) -> Iterator[dict]:
+    """Raw sample dicts (``__key__``, ``__url__``, member bytes) of samples ``[start, stop)`` of one shard,
+    streamed. With the sidecar's ``offsets`` only those bytes are read (a seek, then a bounded read);
+    without them the samples before ``start`` are read and dropped. ``meter[0]`` grows by the bytes read."""
     from webdataset import tariterators
 
-    with open_shard_stream(url) as stream:
-        files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
-        yield from tariterators.group_by_keys(files)
+    with io.open_url(url, "rb") as stream:
+        limit = None
+        if offsets is not None and len(offsets) > (stop if stop is not None else 0):
+            stream.seek(offsets[start])
+            limit = (offsets[stop] if stop is not None else offsets[-1]) - offsets[start]
+            stop, start = (None if stop is None else stop - start), 0
+        source = _Metered(stream, limit, meter)
+        files = tariterators.tar_file_expander([{"url": url, "stream": source}])
+        for index, raw in enumerate(tariterators.group_by_keys(files)):
+            if stop is not None and index >= stop:
+                return
+            if index >= start:
+                yield raw
+
+
+class _Metered:
+    """A read-only stream that counts the bytes read and ends after ``limit`` bytes (None: at EOF)."""
+
+    def __init__(self, stream, limit: int | None, meter: list | None):
+        self.stream, self.left, self.meter = stream, limit, meter
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left is not None:
+            size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.stream.read(size)
+        self.left = None if self.left is None else self.left - len(data)
+        if self.meter is not None:
+            self.meter[0] += len(data)
+        return data
+
+
+def sample_offsets(local_path: str) -> list[int]:
+    """Each sample's first tar header offset in a local shard, then the end of the last (count + 1)."""
+    import tarfile
+
+    offsets, last = [], None
+    with tarfile.open(local_path, "r:") as tar:
+        for member in tar.getmembers():
+            key = member.name.split(".", 1)[0]
+            if key != last:
+                offsets.append(member.offset)
+                last = key
+        offsets.append(tar.offset)  # after the last member's data: where the end-of-archive blocks start
+    return offsets
 
 
 def _gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
@@ -268,6 +310,20 @@ def split_shards(names: Sequence[str], rank: int, world: int, worker: int = 0, n
     return list(names)[slot::slots]
 
 
+def shuffled_layout(per_shard: Sequence[Sequence[str]], seed: int = 0) -> list[list[str]]:
+    """The ids of ``per_shard`` (one id list per shard) in one seeded global permutation, cut into shards
+    of the same sizes. Stage-2 shards are written in this order: the five crops of an image (adjacent in
+    depth shards) then never share a loader's range, so they do not become each other's negatives."""
+    ids = [i for part in per_shard for i in part]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, LAYOUT_SALT]))
+    order = [ids[j] for j in rng.permutation(len(ids))]
+    out, start = [], 0
+    for part in per_shard:
+        out.append(order[start:start + len(part)])
+        start += len(part)
+    return out
+
+
 # ----------------------------------------------------------------------------- tiny test shards
 def _synthetic_sample(rng: np.random.Generator, size: tuple[int, int], n_classes: int):
     h, w = size
@@ -322,10 +378,12 @@ def put_shard(folder_url: str, name: str, samples: Iterable[dict], sidecar: dict
     try:
         samples = list(samples)
         count = write_shard(tmp, samples)
+        offsets = sample_offsets(tmp)
         io.put_file(tmp, io.join(folder_url, name))
     finally:
         os.remove(tmp)
-    info = {"name": name, "count": count, "ids": [s["__key__"] for s in samples], **(sidecar or {})}
+    info = {"name": name, "count": count, "ids": [s["__key__"] for s in samples], "offsets": offsets,
+            **(sidecar or {})}
     write_json(io.join(folder_url, sidecar_name(name)), info)
     return info
 

@@ -1,79 +1,48 @@
 """The training data stream: WebDataset shards -> batches, as an explicit list of stages.
 
-Stages, in order, each a small generator function (``STAGES`` lists them)::
+Which samples a rank and loader worker read is the pure plan of ``depthg.planner``: every epoch the ranks
+read disjoint contiguous ranges of that epoch's shard sequence, together every sample once; a rank's
+stream runs on from one epoch into the next (nothing dropped, nothing cycled), local step ``t`` trains
+its chunk ``[t B, (t+1) B)``, and loader worker ``w`` reads the chunks of the steps ``t % W == w``.
+One worker's stages, each a small generator function::
 
-    shard list (manifest, order shuffled by seed + epoch)
-    -> split by rank / loader worker (``plan_split``: pure, disjoint, complete)
-    -> read raw samples (``depthg.shards.iter_shard``, local or s3://)
-    -> shuffle buffer (on the raw, still-compressed bytes: cheap to hold, and exact to replay)
-    -> cycle (a slot that runs short starts another pass over its own shards)
-    -> pick a positive uniformly from the K embedded ones (a draw per use, per sample)
+    plan (planner.stream_segments: the shard ranges of the worker's chunks)
+    -> read raw samples of each range (``shard_samples``: only those bytes, through the sidecar offsets)
+    -> pick a positive uniformly from the K embedded ones (a draw per sample; the others are dropped,
+       which keeps the shuffle buffer 4x smaller)
+    -> shuffle buffer (on the raw, still-compressed bytes; per epoch: drained when the epoch changes)
+    -> skip (resume: the samples of the current epoch already trained on, replayed raw)
     -> decode (only the anchor and the chosen positive)
     -> resize shorter side + centre-crop to ``data.resolution`` (``depthg.data.transforms.resize_center_crop``)
-    -> batch (``image, depth, label, pos_image, pos_depth`` tensors + ``id`` list)
+    -> batch (``image, depth, label, pos_image, pos_depth`` tensors + ``id`` list, ``step``, and the
+       ``skipped`` damage events and storage ``bytes`` read since the previous batch)
 
-The shuffle buffer sits before decoding (not after, as in the textbook order) so that a resumed run
-can skip the batches it already trained on by replaying the raw stream without decoding: resume is
-exact to the sample, not just to the shard.
+The shuffle buffer sits before decoding so that a resumed run can skip the batches it already trained on
+by replaying the raw stream without decoding: resume is exact to the sample (same world size and loader
+workers). ``OrderedLoader`` restores the step order of the DataLoader's workers. Randomness comes from
+generators seeded by ``(seed, epoch, rank, worker, stream)``; no global RNG is touched.
 
-Equal steps per rank: an epoch is ``steps_per_epoch(total, global_micro_batch, grad_accum)`` micro
-batches for every rank; within a rank, DataLoader worker ``w`` yields ``worker_steps(steps, W)[w]``
-batches, cycling over its own shards if they run short, so no rank ever waits for another at the
-end of an epoch. Randomness comes from generators seeded by ``(seed, epoch, rank, worker)`` (a
-``numpy.random.SeedSequence`` of the tuple, so e.g. epoch 1 / rank 0 and epoch 0 / rank 1 differ);
-no global RNG is touched.
+Validation reads each rank's slice of the split once, in manifest order, with a partial last batch
+(``eval_batches``): every sample exactly once over the ranks, for any world size.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import tarfile
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from depthg import planner
 from depthg import shards as shardfmt
 from depthg.data.transforms import resize_center_crop, to_tensor_image
 
 log = logging.getLogger(__name__)
 
-
-# ----------------------------------------------------------------------------- pure planning
-def steps_per_epoch(total: int, global_micro_batch: int, grad_accum: int = 1) -> int:
-    """Micro batches per rank per epoch: whole optimizer steps that fit in ``total`` samples."""
-    steps = (total // (global_micro_batch * grad_accum)) * grad_accum
-    if steps < 1:
-        raise ValueError(f"{total} samples cannot fill one optimizer step of "
-                         f"{global_micro_batch} x {grad_accum} samples: write more shards or lower "
-                         "train.micro_batch_per_gpu / train.grad_accum")
-    return steps
-
-
-def worker_steps(steps: int, num_workers: int) -> list[int]:
-    """Batches each DataLoader worker yields so that the rank yields exactly ``steps``."""
-    return [steps // num_workers + (w < steps % num_workers) for w in range(num_workers)]
-
-
-def plan_split(names: Sequence[str], rank: int, world: int, worker: int, num_workers: int):
-    """``(shard names, stride, offset)`` read by one (rank, worker) slot; pure.
-
-    With at least as many shards as slots, whole shards are split (``depthg.shards.split_shards``)
-    and every sample of them is kept (stride 1). With fewer shards than slots (tiny tests, a small
-    val split) every slot reads all shards and keeps sample ``i`` when ``i % slots == slot``.
-    Either way the slots are disjoint and together complete.
-    """
-    slots = world * num_workers
-    if len(names) >= slots:
-        return shardfmt.split_shards(names, rank, world, worker, num_workers), 1, 0
-    return list(names), slots, rank * num_workers + worker
-
-
-def epoch_shard_order(names: Sequence[str], seed: int, epoch: int) -> list[str]:
-    """The global shard order of an epoch: the same permutation on every rank (seed + epoch)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5A]))
-    return [names[i] for i in rng.permutation(len(names))]
+SHUFFLE_STREAM, POSITIVE_STREAM = 1, 3  # the ``stream`` of slot_rng: shuffle buffer, positive draws
 
 
 def slot_rng(seed: int, epoch: int, rank: int, worker: int, stream: int) -> np.random.Generator:
@@ -81,15 +50,16 @@ def slot_rng(seed: int, epoch: int, rank: int, worker: int, stream: int) -> np.r
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, worker, stream]))
 
 
-# ----------------------------------------------------------------------------- stages
-def shard_samples(url: str, skipped: list | None = None) -> Iterator[dict]:
-    """Raw samples of one shard. A damaged shard (truncated, not a tar, missing) ends where it breaks
-    and a sample lacking ``rgb.png`` / ``depth.png`` is dropped: each is logged naming the shard and
-    appended to ``skipped``; training goes on. Storage that cannot be reached is still an error."""
+# ----------------------------------------------------------------------------- reading
+def shard_samples(url: str, start: int = 0, stop: int | None = None, offsets: Sequence[int] | None = None,
+                  skipped: list | None = None, meter: list | None = None) -> Iterator[dict]:
+    """Raw samples ``[start, stop)`` of one shard. A damaged shard (truncated, not a tar, missing) ends where
+    it breaks and a sample lacking ``rgb.png`` / ``depth.png`` is dropped: each is logged naming the shard
+    and appended to ``skipped``; training goes on. Storage that cannot be reached is still an error."""
     from depthg.io import StorageError
 
     try:
-        for raw in shardfmt.iter_shard(url):
+        for raw in shardfmt.iter_shard(url, start, stop, offsets, meter):
             missing = [m for m in ("rgb.png", "depth.png") if m not in raw]
             if missing:
                 _skip(skipped, url, f"sample {raw.get('__key__')} lacks {', '.join(missing)}")
@@ -107,36 +77,34 @@ def _skip(skipped: list | None, url: str, error: str) -> None:
         skipped.append({"url": str(url), "error": error})
 
 
-def read_stage(urls: Sequence[str], stride: int, offset: int, skipped: list | None = None) -> Iterator[dict]:
-    """One pass over the slot's raw samples; with stride > 1 keep sample ``i`` if ``i % stride == offset``."""
-    index = 0
-    for url in urls:
-        for raw in shard_samples(url, skipped):
-            if index % stride == offset:
-                yield raw
-            index += 1
+class ShardReader:
+    """Reads planned shard ranges of one split; fetches a shard's sidecar offsets (once per process) when
+    a range starts or stops inside the shard, so that only the range's bytes are read."""
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int]):
+        self.urls, self.counts, self.offsets = list(urls), list(counts), {}
+
+    def _offsets(self, shard: int):
+        if shard not in self.offsets:
+            url = self.urls[shard]
+            folder, name = url.rsplit("/", 1)
+            try:
+                info = shardfmt.read_sidecar(folder, name)
+            except (OSError, ValueError):
+                info = None
+            offsets = (info or {}).get("offsets")
+            self.offsets[shard] = offsets if offsets and len(offsets) == self.counts[shard] + 1 else None
+        return self.offsets[shard]
+
+    def __call__(self, segs: Sequence[tuple[int, int, int]], skipped: list | None = None,
+                 meter: list | None = None) -> Iterator[dict]:
+        for shard, start, stop in segs:
+            whole = start == 0 and stop == self.counts[shard]
+            offsets = None if whole else self._offsets(shard)
+            yield from shard_samples(self.urls[shard], start, stop, offsets, skipped, meter)
 
 
-def cycle_stage(urls: Sequence[str], stride: int, offset: int, buffer: int,
-                rng: np.random.Generator, skipped: list | None = None) -> Iterator[dict]:
-    """Endless passes of read -> shuffle buffer, so a slot that runs short repeats its OWN samples.
-
-    The buffer drains at the end of each pass, so the first pass holds each sample exactly once.
-    Later passes visit the slot's shards in a new order (stride 1; with stride > 1 every slot must
-    keep the same order for the slots to stay disjoint).
-    """
-    if not urls:
-        raise ValueError("a data-loader slot got no shards: write more shards or use fewer workers")
-    for pass_ in itertools.count():
-        order = list(urls) if (pass_ == 0 or stride > 1) else [urls[i] for i in rng.permutation(len(urls))]
-        kept = 0
-        for raw in shuffle_stage(read_stage(order, stride, offset, skipped), buffer, rng):
-            kept += 1
-            yield raw
-        if kept == 0:
-            raise ValueError(f"slot {offset} of {stride} got no samples from {len(urls)} shard(s)")
-
-
+# ----------------------------------------------------------------------------- stages
 def shuffle_stage(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
     """Classic reservoir-style shuffle buffer: fill to ``size``, then emit a random slot per input."""
     if size <= 1:
@@ -207,34 +175,33 @@ def resize_stage(samples: Iterable[dict], resolution: int) -> Iterator[dict]:
         yield to_tensors(sample, resolution)
 
 
-def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int,
-                skipped: list | None = None) -> Iterator[dict]:
-    """Stack ``batch_size`` samples per batch; stop after exactly ``num_batches`` batches.
-    ``batch["skipped"]``: damage events (see ``shard_samples``) since the previous batch."""
-    samples = iter(samples)
-    skipped = [] if skipped is None else skipped
-    for _ in range(num_batches):
+def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int | None,
+                skipped: list | None = None, meter: list | None = None) -> Iterator[dict]:
+    """Stack ``batch_size`` samples per batch: exactly ``num_batches`` batches, or (``None``) until the
+    samples end, the last batch possibly smaller. ``batch["skipped"]``: damage events (``shard_samples``)
+    since the previous batch; ``batch["bytes"]``: storage bytes read since the previous batch."""
+    samples, skipped, meter = iter(samples), [] if skipped is None else skipped, [0] if meter is None else meter
+    for _ in itertools.count() if num_batches is None else range(num_batches):
         chunk = list(itertools.islice(samples, batch_size))
-        if len(chunk) < batch_size:
-            raise RuntimeError("the sample stream ended early (the read stage cycles, so this is a bug)")
+        if not chunk and num_batches is None:
+            return
+        if len(chunk) < batch_size and num_batches is not None:
+            raise RuntimeError("the sample stream ended early (it runs over epochs, so this is a bug)")
         batch = {key: torch.stack([s[key] for s in chunk]) for key in chunk[0] if key != "id"}
         batch["id"] = [s["id"] for s in chunk]
-        batch["skipped"] = len(skipped)
+        batch["skipped"], batch["bytes"] = len(skipped), meter[0]
         skipped.clear()
+        meter[0] = 0
         yield batch
 
 
-STAGES = (epoch_shard_order, plan_split, read_stage, shuffle_stage, cycle_stage, positive_stage, skip_stage,
-          decode_stage, resize_stage, batch_stage)
-
-
-# ----------------------------------------------------------------------------- the dataset
+# ----------------------------------------------------------------------------- one slot, one rank
 @dataclass
 class StreamSpec:
     """Everything one rank's stream depends on (picklable: it travels to DataLoader workers)."""
 
     urls: Sequence[str]  # shard URLs of the split, manifest order
-    total: int  # samples in the split (manifest)
+    counts: Sequence[int]  # samples per shard (manifest)
     rank: int = 0
     world_size: int = 1
     micro_batch: int = 8
@@ -242,54 +209,67 @@ class StreamSpec:
     resolution: int = 224
     shuffle_buffer: int = 256
     seed: int = 0
-    start_step: int = 0  # global micro-batch index to start from (resume)
-    num_steps: int = 0  # micro batches to yield in total (0 = one epoch)
+    start_step: int = 0  # local micro-batch index to start from (resume)
+    num_steps: int = 0  # micro batches to yield in total (0 = one epoch's whole steps)
     num_workers: int = 1  # DataLoader workers of this rank (>= 1; 0 loader workers counts as 1)
+    reader: Callable | None = field(default=None, repr=False)  # None: ShardReader(urls, counts)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts))
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.total, self.micro_batch * self.world_size, self.grad_accum)
+        """Micro batches per rank that one epoch of samples fills (whole optimizer steps)."""
+        return planner.steps_per_epoch(self.total, self.micro_batch * self.world_size, self.grad_accum)
+
+    def read(self, segs, skipped=None, meter=None) -> Iterator[dict]:
+        if self.reader is None:
+            self.reader = ShardReader(self.urls, self.counts)
+        return self.reader(segs, skipped, meter)
 
 
-def worker_epoch(spec: StreamSpec, epoch: int, worker: int, skip: int, count: int) -> Iterator[dict]:
-    """The batches one worker yields in ``epoch``: ``count`` of them after skipping ``skip``."""
-    names = epoch_shard_order(list(spec.urls), spec.seed, epoch)
-    urls, stride, offset = plan_split(names, spec.rank, spec.world_size, worker, spec.num_workers)
-    skipped: list = []  # damaged shards met by this worker, reported with the next batch
-    samples = cycle_stage(urls, stride, offset, spec.shuffle_buffer, slot_rng(spec.seed, epoch, spec.rank, worker, 1),
-                          skipped)
-    samples = positive_stage(samples, slot_rng(spec.seed, epoch, spec.rank, worker, 3))
-    samples = skip_stage(samples, skip * spec.micro_batch)
-    samples = resize_stage(decode_stage(samples, skipped), spec.resolution)
-    return batch_stage(samples, spec.micro_batch, count, skipped)
+def worker_stream(spec: StreamSpec, worker: int, first_step: int, skipped: list | None = None,
+                  meter: list | None = None) -> Iterator[dict]:
+    """The raw samples of loader ``worker`` of ``spec.rank`` from its batch of local step ``first_step`` on,
+    endless, each tagged with ``__epoch__``: the chunks of its steps, read range by range, with a positive
+    drawn per sample and shuffled per epoch (``planner.worker_start`` says where the replay starts)."""
+    ranks, batch, workers = spec.world_size, spec.micro_batch, spec.num_workers
+    chunk, begin, skip = planner.worker_start(spec.total, ranks, spec.rank, batch, workers, worker, first_step)
+
+    def chunks() -> Iterator[tuple[int, dict]]:
+        for t in itertools.count(chunk, workers):
+            segs = planner.stream_segments(spec.counts, spec.seed, ranks, spec.rank, max(t * batch, begin),
+                                           t * batch + batch)
+            for epoch, shard, start, stop in segs:
+                yield from ((epoch, raw) for raw in spec.read([(shard, start, stop)], skipped, meter))
+
+    for epoch, group in itertools.groupby(chunks(), key=lambda pair: pair[0]):
+        raws = positive_stage((raw for _, raw in group), slot_rng(spec.seed, epoch, spec.rank, worker, POSITIVE_STREAM))
+        raws = shuffle_stage(raws, spec.shuffle_buffer, slot_rng(spec.seed, epoch, spec.rank, worker, SHUFFLE_STREAM))
+        for raw in skip_stage(raws, skip):
+            raw["__epoch__"] = epoch
+            yield raw
+        skip = 0
 
 
-def worker_plan(spec: StreamSpec, worker: int) -> list[tuple[int, int, list[int]]]:
-    """``[(epoch, skip, [global batch indices]), ...]``: what one DataLoader worker yields.
-
-    Global micro batch ``g`` belongs to epoch ``g // E`` and to worker ``g % W``; within the epoch it
-    is that worker's ``#{g' in [eE, g): g' % W == w}``-th batch. ``skip`` counts the batches of the
-    worker before ``start_step`` in that epoch (replayed raw, not decoded, on resume).
-    """
-    per_epoch, workers = spec.steps_per_epoch, spec.num_workers
-    end = spec.start_step + (spec.num_steps or per_epoch)
-    plan = []
-    for epoch in range(spec.start_step // per_epoch, (end - 1) // per_epoch + 1):
-        first, stop = epoch * per_epoch, (epoch + 1) * per_epoch
-        lo, hi = max(spec.start_step, first), min(end, stop)
-        mine = [g for g in range(lo, hi) if g % workers == worker]
-        skip = sum(1 for g in range(first, lo) if g % workers == worker)
-        if mine:
-            plan.append((epoch, skip, mine))
-    return plan
+def worker_batches(spec: StreamSpec, worker: int) -> Iterator[dict]:
+    """The micro batches loader worker ``worker`` yields, each with its local ``step``."""
+    end = spec.start_step + (spec.num_steps or spec.steps_per_epoch)
+    steps = planner.worker_steps(spec.start_step, end, spec.num_workers, worker)
+    if not steps:
+        return
+    skipped: list = []
+    meter = [0]
+    samples = resize_stage(decode_stage(worker_stream(spec, worker, steps[0], skipped, meter), skipped),
+                           spec.resolution)
+    for step, batch in zip(steps, batch_stage(samples, spec.micro_batch, len(steps), skipped, meter)):
+        batch["step"] = step
+        yield batch
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """One rank's micro batches; decoding runs in the DataLoader workers (``batch_size=None``).
-
-    Each batch carries ``step`` (its global micro-batch index); ``OrderedLoader`` restores the
-    global order, which the DataLoader's round-robin may rotate when a run resumes mid-epoch.
-    """
+    """One rank's micro batches; decoding runs in the DataLoader workers (``batch_size=None``)."""
 
     def __init__(self, spec: StreamSpec):
         super().__init__()
@@ -304,10 +284,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if num_workers != self.spec.num_workers:
             raise ValueError(f"StreamSpec.num_workers={self.spec.num_workers} but the DataLoader has "
                              f"{num_workers} workers")
-        for epoch, skip, steps in worker_plan(self.spec, worker):
-            for step, batch in zip(steps, worker_epoch(self.spec, epoch, worker, skip, len(steps))):
-                batch["step"] = step
-                yield batch
+        yield from worker_batches(self.spec, worker)
 
 
 class OrderedLoader:
@@ -331,11 +308,21 @@ class OrderedLoader:
 
 
 def make_loader(spec: StreamSpec, num_workers: int) -> OrderedLoader:
-    """Batches of ``spec`` in global order; ``num_workers=0`` decodes in the main process."""
+    """Batches of ``spec`` in local step order; ``num_workers=0`` decodes in the main process."""
     spec.num_workers = max(1, num_workers)
     loader = torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
                                          prefetch_factor=2 if num_workers else None)
     return OrderedLoader(loader, spec.start_step)
+
+
+def eval_batches(spec: StreamSpec) -> Iterator[dict]:
+    """This rank's slice of the split, read once in manifest order, in batches of ``spec.micro_batch`` with
+    a partial last one (no shuffling; positives drawn from a fixed seed). In-process."""
+    segs = planner.eval_segments(spec.counts, spec.rank, spec.world_size)
+    skipped: list = []
+    raws = positive_stage(spec.read(segs, skipped), slot_rng(spec.seed, 0, spec.rank, 0, POSITIVE_STREAM))
+    samples = resize_stage(decode_stage(raws, skipped), spec.resolution)
+    return batch_stage(samples, spec.micro_batch, None, skipped)
 
 
 def open_split(root: str, split: str, **spec_kwargs) -> tuple[StreamSpec, dict]:
@@ -345,4 +332,5 @@ def open_split(root: str, split: str, **spec_kwargs) -> tuple[StreamSpec, dict]:
     folder = shardfmt.split_dir(root, split, "train")
     manifest = shardfmt.read_manifest(folder)
     urls = [io.join(folder, s["name"]) for s in manifest["shards"]]
-    return StreamSpec(urls=urls, total=int(manifest["total"]), **spec_kwargs), manifest
+    counts = [int(s["count"]) for s in manifest["shards"]]
+    return StreamSpec(urls=urls, counts=counts, **spec_kwargs), manifest

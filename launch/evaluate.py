@@ -41,6 +41,18 @@ def checkpoint_config(url: str) -> dict:
     return cfg if isinstance(cfg, dict) else to_dict(cfg)
 
 
+def selection(url: str) -> str:
+    """How training chose this checkpoint (``train.select``), saying when the val labels were used."""
+    from depthg.checkpoint import load_segmenter
+
+    extra = load_segmenter(url)[2]
+    if extra.get("uses_labels"):
+        return f"{extra.get('criterion', extra.get('select'))}, batch {extra.get('batch')}: USES THE VALIDATION LABELS"
+    if extra.get("select") in (None, "none"):
+        return "the last segmenter of training"
+    return f"{extra.get('criterion', extra.get('select'))}, batch {extra.get('batch')}"
+
+
 def describe(cfg, args, manifest: dict, result: dict) -> dict:
     backbone = cfg.model.backbone
     if backbone == "effnet_lite0":
@@ -51,6 +63,7 @@ def describe(cfg, args, manifest: dict, result: dict) -> dict:
             "split": args.split, "images": result["images"], "classes": cfg.model.n_classes,
             "clusters": cfg.model.n_classes + cfg.model.extra_clusters, "resolution": cfg.eval.resolution,
             "flip averaging": cfg.eval.flip, "crf": cfg.eval.crf, "workers": result["workers"],
+            "checkpoint selection": selection(args.checkpoint),
             "seconds": round(result["seconds"], 2)}
 
 

@@ -7,27 +7,26 @@
     deepspeed --no_ssh --hostfile H --node_rank 0 launch/train.py ... # accepts --local_rank=N
 
 ``--launcher``: ``env`` runs this process as one rank of an existing launch (torchrun, deepspeed);
-``local`` starts ``nodes x gpus-per-node`` workers here with torchrun (one agent per emulated node);
-``ray`` submits a Ray Train ``TorchTrainer`` (``cluster.ray_train``); ``auto`` picks ``env`` when
-RANK/WORLD_SIZE are set, ``ray`` for ``--nodes > 1`` or when RAY_ADDRESS is set, else ``local``.
+``local`` starts ``nodes x gpus-per-node`` workers here with torchrun (``cluster.torchrun``, one agent
+per emulated node); ``ray`` submits a Ray Train ``TorchTrainer`` (``cluster.ray_train``); ``auto`` picks
+``env`` when RANK/WORLD_SIZE are set, ``ray`` for ``--nodes > 1`` or when RAY_ADDRESS is set, else ``local``.
 Without ``--config`` the demo config (``configs/demo.yaml``, a tiny budget) is used; ``--config none``
 gives the bare code defaults. ``--resume auto`` continues from the newest complete checkpoint under
 ``train.output``; ``--resume URL`` from that one. Needs the shards of ``python launch/generate_depth.py``.
+Every check that needs no worker (``cluster.preflight``) runs here before anything starts and raises
+``depthg.config.ConfigError`` naming the key or file.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 
 from depthg.config import load_config, split_cli
-from launch import DEMO_CONFIG, REPO, run
+from launch import DEMO_CONFIG, run
 
 
-def parse_args(argv):
-    overrides, rest = split_cli(argv)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (sparse diff); default configs/demo.yaml")
     parser.add_argument("--nodes", type=int, default=1)
@@ -41,7 +40,12 @@ def parse_args(argv):
                         help="print the guidance schedules (lambda, b_depth, FPS samples) as JSON and exit")
     parser.add_argument("--print-schedule-at", default=None, metavar="B0,B1,...",
                         help="batches (from 0) for --print-schedule (default: depthg.schedules.DEFAULT_BATCHES)")
-    args = parser.parse_args(rest)
+    return parser
+
+
+def parse_args(argv):
+    overrides, rest = split_cli(argv)
+    args = build_parser().parse_args(rest)
     args.overrides = overrides
     return args
 
@@ -88,55 +92,10 @@ def workers_per_node(args) -> int:
     return torch.cuda.device_count() or 2
 
 
-def check_shards(cfg) -> None:
-    """Fail early, in the launching process, when the training shards are missing."""
-    from depthg import shards
+def main(argv=None, hooks=None):
+    """``hooks``: a ``cluster.trainer.Hooks`` for the loop (``env`` and ``ray`` launchers; tests)."""
+    from cluster import preflight
 
-    shards.read_manifest(shards.split_dir(cfg.shards.root, "train", "train"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _without_option(argv, name: str) -> list[str]:
-    """``argv`` minus ``name VALUE`` / ``name=VALUE``."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
-def run_local(argv, nodes: int, per_node: int) -> int:
-    """Start one torchrun agent per emulated node on this machine, each with ``per_node`` workers."""
-    port = _free_port()
-    child = _without_option(argv, "--launcher") + ["--launcher", "env"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    if not any(os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES",)) and not _has_cuda():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (nodes * per_node))))
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
-                               f"--node_rank={node}", f"--nproc_per_node={per_node}", "--master_addr=127.0.0.1",
-                               f"--master_port={port}", os.path.abspath(__file__), *child], env=env)
-             for node in range(nodes)]
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cfg = resolve_config(args)
@@ -147,17 +106,18 @@ def main(argv=None):
         from cluster.trainer import train
         from cluster.world import detect
 
-        return train(cfg, detect(local_rank=args.local_rank))
-    try:
-        check_shards(cfg)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"error: {exc}")
+        world = detect(local_rank=args.local_rank)
+        preflight.check(cfg, world.world_size)
+        return train(cfg, world, hooks=hooks)
     per_node = workers_per_node(args)
+    preflight.check(cfg, args.nodes * per_node)
     if launcher == "ray":
         from cluster.ray_train import launch
 
-        return launch(cfg, num_workers=args.nodes * per_node, address=args.address)
-    code = run_local(argv, args.nodes, per_node)
+        return launch(cfg, num_workers=args.nodes * per_node, address=args.address, hooks=hooks)
+    from cluster.torchrun import run_local
+
+    code = run_local(__file__, argv, args.nodes, per_node)
     if code:
         raise SystemExit(f"error: a training worker exited with status {code}")
     return {"output": cfg.train.output}

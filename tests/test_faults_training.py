@@ -12,10 +12,14 @@ import shutil
 
 import pytest
 import torch
+from ray import cloudpickle
 
-from cluster import trainer
+import train_hooks
+
+from cluster import checkpoints
 from depthg import shards
 
+cloudpickle.register_pickle_by_value(train_hooks)  # Ray workers get the hook classes by value
 TINY = ["model.backbone=tiny_vit", "data.resolution=32", "model.code_dim=8", "sampling.samples=3",
         "sampling.min_samples=2", "loss.neg_rounds=2", "train.micro_batch_per_gpu=2", "train.log_every=1",
         "train.loader_workers=0", "train.shuffle_buffer=4"]
@@ -28,11 +32,11 @@ def root(tmp_path_factory):
     return folder
 
 
-def _train(root: str, output: str, *extra: str):
+def _train(root: str, output: str, *extra: str, hooks=None):
     from launch import train as launch_train
 
     return launch_train.main(["--launcher", "env", "--config", "none", f"shards.root={root}",
-                              f"train.output={output}", *TINY, *extra])
+                              f"train.output={output}", *TINY, *extra], hooks=hooks)
 
 
 def _rows(output: str) -> list[dict]:
@@ -51,7 +55,7 @@ def _readable(url: str) -> dict[str, set]:
     return out
 
 
-def test_corrupt_shards_are_skipped_counted_and_logged(tmp_path, root, caplog, monkeypatch):
+def test_corrupt_shards_are_skipped_counted_and_logged(tmp_path, root, caplog):
     bad = str(tmp_path / "shards")
     shutil.copytree(root, bad)
     urls = shards.shard_urls(bad, "train")
@@ -66,9 +70,8 @@ def test_corrupt_shards_are_skipped_counted_and_logged(tmp_path, root, caplog, m
     partial = {k for k in intact if cut.get(k) != intact[k]}
     assert 0 < len(partial) < len(intact)
     trace, out = str(tmp_path / "trace"), str(tmp_path / "run")
-    monkeypatch.setenv("DEPTHG_TRACE_SAMPLES", trace)
     with caplog.at_level(logging.WARNING):
-        _train(bad, out, "train.num_batches=6")
+        _train(bad, out, "train.num_batches=6", hooks=train_hooks.TraceSamples(trace))
     rows = [r for r in _rows(out) if "total" in r]
     assert [r["batch"] for r in rows] == list(range(6))  # training went on to the end
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in rows)
@@ -89,7 +92,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(FloatingPointError, match=r"non-finite loss at batch 1.*step-00000001") as info:
         _train(root, out, "train.num_batches=5", "train.ckpt_every=1", "train.lr=1e30")
     assert "train.lr" in str(info.value)  # says what to change
-    assert trainer.latest_checkpoint(out).endswith("step-00000001")
+    assert checkpoints.latest_checkpoint(out).endswith("step-00000001")
     assert sorted(os.listdir(os.path.join(out, "ckpt"))) == ["step-00000001"]  # nothing written after the NaN
     assert not os.path.exists(os.path.join(out, "segmenter.pt"))  # no final model from NaN weights
     rows = [r for r in _rows(out) if "total" in r]
@@ -107,22 +110,23 @@ def test_resume_from_a_checkpoint_of_another_model_config_names_both(tmp_path, r
 
 
 @pytest.mark.slow
-def test_ray_train_worker_killed_resumes_from_the_last_checkpoint(tmp_path, root, ray_local, monkeypatch):
+def test_ray_train_worker_killed_resumes_from_the_last_checkpoint(tmp_path, root, ray_local):
     """Rank 1's process SIGKILLs itself at batch 2 (no exception, no cleanup, like an OOM kill): Ray Train's
     FailureConfig restarts the group, which resumes from the checkpoint of batch 2 and ends at batch 3."""
     from cluster.ray_train import launch
     from depthg.config import load_config
 
     marker = tmp_path / "killed"
-    monkeypatch.setenv("DEPTHG_FAIL_ONCE", f"1:2:{marker}")
-    monkeypatch.setenv("DEPTHG_FAIL_SIGNAL", "KILL")
     out = str(tmp_path / "run")
     cfg = load_config(None, [f"shards.root={root}", f"train.output={out}", *TINY,
                              "train.num_batches=3", "train.ckpt_every=1"])
-    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=1)
+    # a spare restart: on a loaded machine Ray 2.60's PlacementGroupCleaner may take a slow state-API answer
+    # for a dead Train controller and remove a fresh worker group (seen once here); the test counts batches
+    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=2,
+                    hooks=train_hooks.FailOnce(1, 2, str(marker), kill=True))
     assert marker.exists()  # the kill did happen
     assert result["metrics"]["batch"] == 3  # the same final step as an uninterrupted run
-    assert [trainer.tag_name(b) for b in (1, 2, 3)] == sorted(os.listdir(os.path.join(out, "ckpt")))
-    assert trainer.latest_checkpoint(out).endswith("step-00000003")
+    assert [checkpoints.tag_name(b) for b in (1, 2, 3)] == sorted(os.listdir(os.path.join(out, "ckpt")))
+    assert checkpoints.latest_checkpoint(out).endswith("step-00000003")
     assert [r["batch"] for r in _rows(out) if "total" in r] == [0, 1, 2]  # resumed at 2, nothing twice
     assert os.path.exists(os.path.join(out, "segmenter.pt"))

@@ -66,7 +66,8 @@ def test_mining_end_to_end(tmp_path, ray_local):
                 assert raw[f"pos{k}.rgb.png"] == raw_depth[pid]["rgb.png"]
                 assert raw[f"pos{k}.depth.png"] == raw_depth[pid]["depth.png"]
             assert shards.num_positives(raw) == 3
-    assert seen == ids  # every sample exactly once, in depth-shard order
+    assert sorted(seen) == sorted(ids) and seen != ids  # every sample exactly once, globally shuffled
+    assert seen == [i for part in shards.shuffled_layout([ids[:4], ids[4:8], ids[8:]]) for i in part]
 
 
 def test_mining_resume_is_byte_identical(tmp_path, ray_local):

@@ -1,8 +1,11 @@
-"""The streaming pipeline: split plans are disjoint + complete, every rank runs the same number of
-steps, positives are drawn per use from the embedded K, and resume replays the stream exactly."""
+"""The streaming pipeline on real tiny shards: ranks read disjoint samples, every sample equally often over
+epochs, shards shared by slots are read once, validation reads each sample once for any world size,
+positives are drawn per use from the embedded K, and resume replays the stream exactly (the pure plan
+is tested in test_planner.py)."""
 from __future__ import annotations
 
-import itertools
+import collections
+import os
 
 import numpy as np
 import pytest
@@ -10,47 +13,6 @@ import torch
 
 from depthg import shards as shardfmt
 from depthg import streaming as st
-
-
-@pytest.mark.parametrize("n_shards,world,workers", [(8, 2, 2), (3, 2, 2), (1, 2, 1), (5, 4, 1), (7, 1, 3)])
-def test_plan_split_disjoint_and_complete(n_shards, world, workers):
-    names = [f"s{i}" for i in range(n_shards)]
-    sizes = {n: 5 for n in names}
-    owner = {}
-    for rank, worker in itertools.product(range(world), range(workers)):
-        urls, stride, offset = st.plan_split(names, rank, world, worker, workers)
-        index = 0
-        for name in urls:  # brute force over the global sample index the read stage uses
-            for j in range(sizes[name]):
-                if index % stride == offset:
-                    assert (name, j) not in owner, "a sample read by two slots"
-                    owner[(name, j)] = (rank, worker)
-                index += 1
-    assert len(owner) == n_shards * 5
-
-
-def test_steps_per_epoch_formula_and_worker_steps():
-    assert st.steps_per_epoch(100, 8) == 12
-    assert st.steps_per_epoch(100, 8, grad_accum=5) == 10  # whole optimizer steps only
-    with pytest.raises(ValueError, match="micro_batch_per_gpu"):
-        st.steps_per_epoch(3, 8)
-    for steps, workers in [(7, 2), (12, 3), (1, 4)]:
-        counts = st.worker_steps(steps, workers)
-        assert sum(counts) == steps and max(counts) - min(counts) <= 1
-
-
-@pytest.mark.parametrize("start,num,workers", [(0, 0, 2), (3, 9, 2), (5, 7, 3), (0, 14, 1)])
-def test_worker_plan_covers_each_step_once(start, num, workers):
-    spec = st.StreamSpec(urls=["a"], total=40, micro_batch=4, start_step=start, num_steps=num, num_workers=workers)
-    per_epoch = spec.steps_per_epoch  # 10
-    got = []
-    for w in range(workers):
-        for epoch, skip, steps in st.worker_plan(spec, w):
-            assert all(g // per_epoch == epoch and g % workers == w for g in steps)
-            # skip = this worker's batches earlier in the epoch
-            assert skip == sum(1 for g in range(epoch * per_epoch, steps[0]) if g % workers == w)
-            got += steps
-    assert sorted(got) == list(range(start, start + (num or per_epoch)))
 
 
 def test_shuffle_stage_is_a_permutation_and_seeded():
@@ -102,23 +64,59 @@ def test_ranks_see_disjoint_samples_and_equal_steps(tiny_shards):
     assert len(set(seen[0]) | set(seen[1])) == 24
 
 
-def test_short_worker_cycles_its_own_shards(tmp_path):
-    """Unequal shards: a rank that runs short repeats its own samples, never another rank's."""
+def test_every_sample_equally_often_over_epochs_with_uneven_shards(tmp_path):
+    """13 samples in shards of 4, 4, 4, 1 over 2 ranks x 2 loader workers, micro batch 2: the 4 slots read
+    13 / 4 samples per epoch each, so 26 local steps per rank (8 epochs) train every sample exactly 8
+    times; the old planner's equal-steps rule cycled short slots and left samples out instead."""
     shardfmt.write_test_shards(str(tmp_path), n_samples=13, size=(8, 8), num_positives=1, samples_per_shard=4)
     ids = []
     for rank in range(2):
-        spec, _ = st.open_split(str(tmp_path), "train", rank=rank, world_size=2, micro_batch=3, resolution=4,
-                                shuffle_buffer=2)
-        batches = _collect(spec, workers=0)
-        assert len(batches) == 2  # 13 // 6: same count on both ranks although they hold 8 and 5 samples
-        ids.append([i for b in batches for i in b["id"]])
-    assert not set(ids[0]) & set(ids[1])
-    assert sorted(len(set(i)) for i in ids) == [5, 6]  # the short rank repeated one of its own
+        spec, _ = st.open_split(str(tmp_path), "train", rank=rank, world_size=2, micro_batch=2, resolution=4,
+                                shuffle_buffer=3, num_steps=26)
+        batches = _collect(spec, workers=2)
+        assert [b["step"] for b in batches] == list(range(26))
+        ids += [i for b in batches for i in b["id"]]
+    assert collections.Counter(ids) == {f"train-{i:05d}": 8 for i in range(13)}
+
+
+def test_fewer_shards_than_slots_read_each_shard_once(tmp_path):
+    """2 shards over 2 ranks x 2 workers: each slot reads its half of one shard through the sidecar offsets,
+    so one epoch reads the shards' bytes once in total (the old planner read every shard in every slot)."""
+    shardfmt.write_test_shards(str(tmp_path), n_samples=16, size=(8, 8), num_positives=1, samples_per_shard=8)
+    urls = shardfmt.shard_urls(str(tmp_path), "train")
+    sidecars = [shardfmt.read_sidecar(str(tmp_path / "train"), os.path.basename(u)) for u in urls]
+    size = sum(info["offsets"][-1] for info in sidecars)  # the samples' bytes (the end-of-archive padding aside)
+    assert size > 0.9 * sum(os.path.getsize(u) for u in urls)
+    read, ids = 0, []
+    for rank in range(2):
+        spec, _ = st.open_split(str(tmp_path), "train", rank=rank, world_size=2, micro_batch=2, resolution=4,
+                                shuffle_buffer=0, num_steps=4)
+        batches = _collect(spec, workers=2)
+        read += sum(b["bytes"] for b in batches)
+        ids += [i for b in batches for i in b["id"]]
+    assert sorted(ids) == [f"train-{i:05d}" for i in range(16)]  # one epoch, each sample once
+    assert read == size
+
+
+def test_eval_batches_count_every_sample_once_for_any_world_size(tmp_path):
+    """Validation: 10 samples, micro batch 4, 3 ranks: slices of 3, 3, 4, partial batches, each sample once."""
+    shardfmt.write_test_shards(str(tmp_path), n_samples=10, size=(8, 8), num_positives=1, samples_per_shard=4,
+                               split="val")
+    for world in (1, 2, 3, 4, 11):
+        ids, sizes = [], []
+        for rank in range(world):
+            spec, _ = st.open_split(str(tmp_path), "val", rank=rank, world_size=world, micro_batch=4, resolution=4)
+            for batch in st.eval_batches(spec):
+                ids += batch["id"]
+                sizes.append(len(batch["id"]))
+                assert batch["image"].shape[0] == len(batch["id"]) <= 4
+        assert sorted(ids) == [f"val-{i:05d}" for i in range(10)], world
+    assert sizes.count(0) == 0
 
 
 def test_resume_replays_the_same_batches(tiny_shards):
     kw = dict(rank=1, world_size=2, micro_batch=2, resolution=8, shuffle_buffer=4, seed=5)
-    spec, _ = st.open_split(tiny_shards, "train", num_steps=12, **kw)  # crosses an epoch (E=6)
+    spec, _ = st.open_split(tiny_shards, "train", num_steps=12, **kw)  # crosses an epoch (6 steps each)
     full = _collect(spec, workers=2)
     spec2, _ = st.open_split(tiny_shards, "train", num_steps=5, start_step=7, **kw)
     tail = _collect(spec2, workers=2)

@@ -1,0 +1,95 @@
+"""Errors a user reads (issue 11 section 7): every training check that needs no worker runs in the launching
+process (``launch/train.py`` main -> ``cluster.preflight``) and raises ``ConfigError`` naming the key or file,
+before any worker is spawned or backbone loaded. Before, ``sampling.samples=100`` and an existing file as
+``train.output`` surfaced only as ``error: a training worker exited with status 1`` after the spawn."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cluster import distributed
+from depthg import shards
+from depthg.config import ConfigError
+from depthg.world import World
+from launch import train as launch_train
+
+TINY = ["model.backbone=tiny_vit", "data.resolution=32", "model.code_dim=8", "sampling.samples=3",
+        "sampling.min_samples=2", "train.micro_batch_per_gpu=2", "train.val_every=0"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("shards"))
+    shards.write_test_shards(folder, 12, size=(32, 32), num_positives=2, samples_per_shard=3)
+    return folder
+
+
+def _main(root, tmp_path, *extra, launcher="local"):
+    # --launcher local would spawn torchrun workers after the checks: a ConfigError proves none was spawned
+    return launch_train.main(["--launcher", launcher, "--gpus-per-node", "2", "--config", "none",
+                              f"shards.root={root}", f"train.output={tmp_path / 'run'}", *TINY, *extra])
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["data.resolution=112", "sampling.samples=100"],
+     r"sampling\.samples=100: 100\^2 locations do not fit the 14x14 feature grid .*data\.resolution=112"),
+    (["data.resolution=36"], r"data\.resolution=36: expected a multiple of the backbone stride 8"),
+    (["train.micro_batch_per_gpu=1"], r"train\.micro_batch_per_gpu=1: .*at least 2"),
+    (["train.select=label_free"], r"train\.select=label_free .*train\.val_every > 0"),
+    (["train.val_every=5"], r"train\.val_every=5 .* need a val split: found no .*val/manifest\.json"),
+    (["train.micro_batch_per_gpu=8"], r"with 2 rank\(s\): 12 samples cannot fill one optimizer step of 16"),
+    (["train.resume=/nowhere/ckpt/step-00000002"], r"train\.resume=/nowhere/ckpt/step-00000002: not a complete"),
+])
+def test_bad_settings_fail_in_the_launching_process(root, tmp_path, extra, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        _main(root, tmp_path, *extra)
+    assert not os.path.exists(tmp_path / "run")  # nothing started, nothing written
+
+
+def test_output_naming_an_existing_file(root, tmp_path):
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(ConfigError, match=r"train\.output=.*run: an existing file; expected a folder"):
+        _main(root, tmp_path)
+    with pytest.raises(ConfigError, match=r"an existing file"):  # the env launcher checks too
+        _main(root, tmp_path, launcher="env")
+
+
+def test_missing_shards_and_manifest_name_the_files(root, tmp_path):
+    with pytest.raises(ConfigError, match=r"no shard manifest at .*nowhere/train/manifest\.json: run generate_depth"):
+        _main(str(tmp_path / "nowhere"), tmp_path)
+    broken = tmp_path / "broken"
+    shards.write_test_shards(str(broken), 12, size=(32, 32), num_positives=2, samples_per_shard=3)
+    os.remove(broken / "train" / "shard-000002.tar")
+    with pytest.raises(ConfigError, match=r"manifest\.json lists shards that are missing: shard-000002\.tar"):
+        _main(str(broken), tmp_path)
+
+
+def test_resume_from_another_model_names_the_keys(root, tmp_path):
+    ckpt = tmp_path / "run" / "ckpt" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    marker = {"batch": 2, "model": {"model.backbone": "tiny_vit", "model.code_dim": 16, "model.n_classes": 3,
+                                    "model.extra_clusters": 0, "loss.lhp.enabled": False}}
+    (ckpt / "COMPLETE").write_text(json.dumps(marker))
+    with pytest.raises(ConfigError, match=r"step-00000002 was written with other model settings \(model\.code_dim: "
+                                          r"checkpoint 16, this run 8\)"):
+        _main(root, tmp_path, "train.resume=auto")
+
+
+def test_loader_workers_auto_from_the_cpus_per_rank():
+    assert distributed.loader_workers(3, World(), cpus=64) == 3  # an explicit count is kept
+    node4x4 = World(rank=5, world_size=16, local_rank=1, node=1, num_nodes=4)
+    assert distributed.loader_workers(-1, node4x4, cpus=48) == 11  # g5.12xlarge: 48 vCPUs / 4 GPUs, one for the trainer
+    assert distributed.loader_workers(-1, node4x4, cpus=192) == distributed.MAX_AUTO_LOADER_WORKERS
+    assert distributed.loader_workers(-1, World(rank=1, world_size=2, local_rank=1), cpus=2) == 0
+
+
+def test_ray_workers_reserve_the_cpus_per_gpu_of_the_smallest_gpu_node():
+    from cluster.ray_train import cpus_per_gpu
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8}},  # the head: no GPU
+             {"Alive": True, "Resources": {"CPU": 48, "GPU": 4}}, {"Alive": True, "Resources": {"CPU": 32, "GPU": 4}},
+             {"Alive": False, "Resources": {"CPU": 4, "GPU": 4}}]
+    assert cpus_per_gpu(nodes) == 8.0
+    assert cpus_per_gpu(nodes[:1]) == 1.0

@@ -1,0 +1,98 @@
+"""``launch/train.py --nodes 4 --gpus-per-node 1`` on a simulated 4-node Ray cluster (``ray.cluster_utils``:
+a head without CPUs for the driver and the Train controller, 4 nodes of 1 CPU each), checkpoints on moto S3.
+
+The run pauses before batch 2 (after the checkpoint of batch 2 is complete: the event the test waits on);
+the test removes the node of rank 1 and adds a fresh one, as an autoscaler would. Ray Train restarts the
+group, which resumes from the last checkpoint and ends at the same final batch, with no batch trained twice.
+Every simulated node has the same IP, so Ray Train gives all workers NODE_RANK 0: placement is checked with
+Ray node ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from cluster.distributed import free_port
+from depthg import io, shards
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+
+
+def _wait_for(condition, proc, what: str, timeout: float = 900.0) -> None:
+    """Poll ``condition`` (an event: a file, an object) while the run is alive; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.s3
+def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    root, out, trace, pause = str(tmp_path / "shards"), f"{s3}/runs/nodes4", str(tmp_path / "trace"), str(tmp_path / "pause")
+    shards.write_test_shards(root, 64, size=(32, 32), num_positives=2, samples_per_shard=8)
+    ray_tmp = tempfile.mkdtemp(prefix="dg-", dir="/tmp")  # its own Ray temp dir, short (socket paths <= 107 bytes)
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": False, "temp_dir": ray_tmp})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(4)]
+        cluster.wait_for_nodes()
+        cmd = [sys.executable, os.path.join(REPO, "tests", "train_hooks.py"), "--pause", f"2:{pause}", "--trace", trace,
+               "--nodes", "4", "--gpus-per-node", "1", "--address", cluster.address,
+               "--config", os.path.join(REPO, "configs", "smoke.yaml"), f"shards.root={root}", f"train.output={out}",
+               "train.num_batches=5", "train.ckpt_every=2", "train.val_every=0", "train.log_every=1"]
+        env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_for(lambda: io.exists(f"{out}/ckpt/step-00000002/COMPLETE")
+                      and len([n for n in os.listdir(pause)] if os.path.isdir(pause) else []) == 4,
+                      proc, "checkpoint 2 with every rank paused before batch 2")
+            first = {r["rank"]: r["node_id"] for r in _rows(os.path.join(trace, "start.jsonl"))}
+            assert sorted(first) == [0, 1, 2, 3] and len(set(first.values())) == 4  # 4 workers on 4 distinct nodes
+            victim = next(n for n in workers if n.node_id == first[1])
+            cluster.remove_node(victim)
+            replacement = cluster.add_node(num_cpus=1)
+            proc.wait(timeout=900)
+            log = proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, log[-4000:]
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    starts = _rows(os.path.join(trace, "start.jsonl"))
+    assert len(starts) == 8  # the first group and the restarted one
+    second = {r["rank"]: r["node_id"] for r in starts[4:]}
+    assert len(set(second.values())) == 4 and replacement.node_id in second.values() and first[1] not in second.values()
+    trained = {}  # rank -> [(pid, batch)] of the batches each process started
+    for rank in range(4):
+        rows = _rows(os.path.join(trace, f"rank{rank}.jsonl"))
+        batches = [r["batch"] for r in rows]
+        assert batches == [0, 1, 2, 3, 4], (rank, batches)  # resumed at the last checkpoint (2), nothing twice
+        assert len({r["pid"] for r in rows if r["batch"] < 2} & {r["pid"] for r in rows if r["batch"] >= 2}) == 0
+        trained[rank] = {i for r in rows for i in r["ids"]}
+    assert sum(map(len, trained.values())) == len(set().union(*trained.values())) == 5 * 4 * 2  # disjoint samples
+    metrics = [json.loads(line) for line in io.read_bytes(f"{out}/metrics.jsonl").decode().splitlines()]
+    assert [m["batch"] for m in metrics if "total" in m] == [0, 1, 2, 3, 4]
+    for step in (2, 4, 5):
+        assert io.exists(f"{out}/ckpt/step-{step:08d}/COMPLETE")  # on S3
+    assert io.exists(f"{out}/segmenter.pt")
