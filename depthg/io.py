@@ -60,20 +60,21 @@ def _wrap(url: str, exc: Exception) -> Exception:
     return StorageError(f"storage error at {url}: {type(exc).__name__}: {exc}")
 
 
-def open_url(url: str, mode: str = "rb"):
+def _call(url: str, action):
+    """``action(fs, path)`` on the filesystem of ``url``; any failure rewrapped as a StorageError naming it."""
     fs, path = filesystem(url)
     try:
-        return fs.open(path, mode)
+        return action(fs, path)
     except Exception as exc:  # noqa: BLE001 - rewrapped with the URL
         raise _wrap(url, exc) from exc
 
 
+def open_url(url: str, mode: str = "rb"):
+    return _call(url, lambda fs, path: fs.open(path, mode))
+
+
 def exists(url: str) -> bool:
-    fs, path = filesystem(url)
-    try:
-        return fs.exists(path)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap(url, exc) from exc
+    return _call(url, lambda fs, path: fs.exists(path))
 
 
 def makedirs(url: str) -> None:
@@ -83,23 +84,19 @@ def makedirs(url: str) -> None:
 
 def listdir(url: str) -> list[str]:
     """Base names of the entries directly under ``url`` (empty when it does not exist)."""
-    fs, path = filesystem(url)
-    try:
+    def names(fs, path):
         # ls, not exists() + ls: s3fs's exists() on a bucket root swallows connection errors
         # (an unreachable endpoint would look like an empty folder)
-        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return []
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap(url, exc) from exc
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    return _call(url, names)
 
 
 def read_bytes(url: str) -> bytes:
-    fs, path = filesystem(url)
-    try:
-        return fs.cat_file(path)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap(url, exc) from exc
+    return _call(url, lambda fs, path: fs.cat_file(path))
 
 
 def _atomic_local(url: str, write) -> None:
@@ -118,18 +115,10 @@ def _atomic_local(url: str, write) -> None:
             os.remove(tmp)
 
 
-def _remote(url: str, action) -> None:
-    fs, path = filesystem(url)
-    try:
-        action(fs, path)
-    except Exception as exc:  # noqa: BLE001 - rewrapped with the URL
-        raise _wrap(url, exc) from exc
-
-
 def write_bytes(url: str, data: bytes) -> None:
     """Atomically write ``data`` to ``url``."""
     if is_remote(url):
-        _remote(url, lambda fs, path: fs.pipe_file(path, data))
+        _call(url, lambda fs, path: fs.pipe_file(path, data))
     else:
         _atomic_local(url, lambda fh: fh.write(data))
 
@@ -137,7 +126,7 @@ def write_bytes(url: str, data: bytes) -> None:
 def put_file(local_path: str, url: str) -> None:
     """Atomically copy a finished local file to ``url`` (rename locally, single upload on S3)."""
     if is_remote(url):
-        _remote(url, lambda fs, path: fs.put_file(local_path, path))
+        _call(url, lambda fs, path: fs.put_file(local_path, path))
         return
 
     def copy(fh):
@@ -149,9 +138,8 @@ def put_file(local_path: str, url: str) -> None:
 
 
 def remove(url: str) -> None:
-    fs, path = filesystem(url)
-    try:
+    def rm(fs, path):
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    except Exception as exc:  # noqa: BLE001
-        raise _wrap(url, exc) from exc
+
+    _call(url, rm)

@@ -92,6 +92,13 @@ def _require_dir(path: str, what: str) -> str:
     return path
 
 
+def _refuse(raw: np.ndarray, bad: np.ndarray, path: str, expected: str) -> None:
+    """Raise naming the label file and (up to 20 of) the raw ids marked ``bad``."""
+    if bad.any():
+        raise SourceError(f"{path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
+                          f"out of range (expected {expected})")
+
+
 def _lut_map(raw: np.ndarray, lut: dict, path: str, ignore=(255,)) -> np.ndarray:
     """Map raw label values through ``lut`` (value -> class); ignore values -> -1; others are errors."""
     out = np.full(raw.shape, -1, np.int64)
@@ -101,9 +108,7 @@ def _lut_map(raw: np.ndarray, lut: dict, path: str, ignore=(255,)) -> np.ndarray
     for src, dst in lut.items():
         m = raw == src
         out[m], known = dst, known | m
-    if not known.all():
-        bad = sorted(int(v) for v in np.unique(raw[~known]))
-        raise SourceError(f"{path}: label ids {bad[:20]} out of range (expected {sorted(lut)} or {list(ignore)})")
+    _refuse(raw, ~known, path, f"{sorted(lut)} or {list(ignore)}")
     return out
 
 
@@ -245,10 +250,7 @@ class CocoStuff27Source(Source):
         if self.has_labels:
             lbl_path = os.path.join(self.ann_dir, id + ".png")
             raw = read_label_png(lbl_path)
-            bad = (raw < 0) | (raw > 255) | ((raw > 181) & (raw != 255))
-            if bad.any():
-                raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
-                                  f"out of range (expected fine ids 0..181 or 255)")
+            _refuse(raw, (raw < 0) | (raw > 255) | ((raw > 181) & (raw != 255)), lbl_path, "fine ids 0..181 or 255")
             label = P.COCO_FINE_TO_COARSE[raw]
         return Record(id, image, None, label), img_path
 
@@ -281,10 +283,7 @@ class CityscapesSource(Source):
             city = os.path.basename(os.path.dirname(img_path))
             lbl_path = os.path.join(self.gt_root, city, id + "_gtFine_labelIds.png")
             raw = read_label_png(lbl_path)
-            bad = (raw > 33) & (raw != 255) | (raw < 0)
-            if bad.any():
-                raise SourceError(f"{lbl_path}: label ids {sorted(int(v) for v in np.unique(raw[bad]))[:20]} "
-                                  f"out of range (expected Cityscapes labelIds 0..33 or 255)")
+            _refuse(raw, (raw > 33) & (raw != 255) | (raw < 0), lbl_path, "Cityscapes labelIds 0..33 or 255")
             label = np.where((raw < P.CITYSCAPES_FIRST_ID) | (raw == 255), -1, raw - P.CITYSCAPES_FIRST_ID)
         return Record(id, image, None, label), img_path
 
