@@ -52,7 +52,9 @@ class DepthGenConfig:
     batch_size: int = 8
     flip_average: bool = True
     num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (GPU when the cluster has or may add GPUs) | cpu | cuda
+    precision: str = "auto"  # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    cpus_per_actor: int = 0  # torch + PNG-encoding threads per actor; 0 = the GPU node's CPUs per GPU
 
 
 @dataclass
@@ -61,6 +63,8 @@ class MiningConfig:
     num_positives: int = 7  # positives embedded per training sample (ranks 1..K)
     batch_size: int = 16
     num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
+    device: str = "auto"  # auto | cpu | cuda (as depthgen.device)
+    cache_dir: str = ""  # per-node depth-shard cache; "" = $DEPTHG_CACHE_DIR, else the system temp dir
 
 
 @dataclass
@@ -144,7 +148,8 @@ class EvalConfig:
     crf: bool = True
     kmeans: bool = False
     batch_size: int = 8
-    num_workers: int = 2  # Ray evaluation actors
+    num_workers: int = 0  # Ray evaluation actors; 0 = one per GPU (2 on a CPU-only cluster)
+    device: str = "auto"  # auto | cpu | cuda (as depthgen.device)
     report_images: int = 8
 
 
@@ -284,6 +289,9 @@ _CHOICES = {
     "data.dataset": ("synthetic", "folder", "camvid", "cocostuff27", "cityscapes", "potsdam"),
     "depthgen.source": ("dataset", "transformers"),
     "depthgen.device": ("auto", "cpu", "cuda"),
+    "depthgen.precision": ("auto", "fp32", "bf16", "fp16"),
+    "mining.device": ("auto", "cpu", "cuda"),
+    "eval.device": ("auto", "cpu", "cuda"),
     "model.backbone": ("dino_vits8", "dino_vitb8", "dinov2_vits14", "effnet_lite0", "tiny_vit"),
     "loss.depth.mode": ("none", "paper", "distance", "reference"),
     "sampling.mode": ("fps", "fps_reference", "random"),
