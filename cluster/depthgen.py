@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from cluster.raycluster import node_id
 from depthg import io, shards
 from depthg.config import Config, from_dict, mask_secrets, to_dict
 
@@ -138,16 +139,7 @@ class DepthWorker:
         records = self.add_depth(records)
         extra = {"source_ids": list(ids), "skipped": skipped, "digest": depth_digest(self.cfg, split)}
         info = shards.put_shard(folder, shards.shard_name(index), self.samples(split, records), extra)
-        return {**info, "seconds": time.perf_counter() - start, "node": _node(), "pid": os.getpid()}
-
-
-def _node() -> str | None:
-    try:
-        from cluster.raycluster import node_id
-
-        return node_id()
-    except Exception:  # noqa: BLE001 - not inside Ray (the benchmark's plain loop)
-        return None
+        return {**info, "seconds": time.perf_counter() - start, "node": node_id(), "pid": os.getpid()}
 
 
 def unit_complete(folder: str, index: int, ids: list[str], digest: str) -> dict | None:

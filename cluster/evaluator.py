@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from cluster.raycluster import node_id
 from depthg import evaluation, io, metrics, shards
 
 KMEANS_PER_IMAGE = 64  # code vectors sampled per image for k-means fitting
@@ -137,7 +138,7 @@ class EvalWorker:
     def run(self, url: str, centroids: np.ndarray | None = None) -> dict:
         """One shard: ``{"confusion": {head: int64 [rows, n_classes]}, "images", "seconds", "samples", "node"}``."""
         opts = evaluation.EvalOptions(self.n_classes, flip=bool(self.cfg["flip"]), crf=bool(self.cfg["crf"]),
-                                      centroids=None if centroids is None else torch.as_tensor(centroids))
+                                      centroids=None if centroids is None else torch.tensor(centroids))
         rows = evaluation.n_predictions(self.segmenter, opts)
         start, cpu_start = time.perf_counter(), time.process_time()
         total, done, crf = {}, [], []  # crf: per image, a pending task (or its result)
@@ -162,7 +163,7 @@ class EvalWorker:
                 preds = {**preds, **{k: torch.cat([p[k] for _, p in parts]) for k in parts[0][1]}}
             keep = _keep_first(keep, _report_samples(batch, preds, opts.crf), int(self.cfg["report_images"]))
         return {"confusion": total, "images": sum(len(b) for b, _ in done), "seconds": time.perf_counter() - start,
-                "cpu_seconds": time.process_time() - cpu_start, "samples": keep, "node": _node()}
+                "cpu_seconds": time.process_time() - cpu_start, "samples": keep, "node": node_id()}
 
     def _crf(self, image, scores, label, rows, opts, pending: list):
         if not self.crf_tasks:
@@ -206,15 +207,6 @@ def _crf_remote():
 def _add(total: dict, confs: dict) -> None:
     for k, v in confs.items():
         total[k] = total[k] + v if k in total else v
-
-
-def _node() -> str | None:
-    try:
-        from cluster.raycluster import node_id
-
-        return node_id()
-    except Exception:  # noqa: BLE001 - in-process evaluation
-        return None
 
 
 def _report_samples(batch: list[dict], preds: dict, crf: bool) -> list[dict]:

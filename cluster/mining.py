@@ -24,11 +24,13 @@ import io as _pyio
 import json
 import logging
 import uuid
+from typing import Callable
 
 import numpy as np
 
 from cluster.depthgen import _digest
 from cluster.nodecache import NodeShardCache, cache_dir
+from cluster.raycluster import node_id
 from depthg import io, shards
 from depthg.config import Config, from_dict, mask_secrets, to_dict
 
@@ -47,7 +49,7 @@ class MiningWorker:
         self.cfg = from_dict(Config, cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._backbone = None
-        self.cache = NodeShardCache(cache_dir(self.cfg.mining.cache_dir, job, _node()))
+        self.cache = NodeShardCache(cache_dir(self.cfg.mining.cache_dir, job, node_id() or "local"))
 
     def backbone(self):
         if self._backbone is None:
@@ -77,7 +79,7 @@ class MiningWorker:
         buf = _pyio.BytesIO()
         np.savez(buf, ids=np.array(ids, dtype=str), feats=np.concatenate(out).astype(np.float32))
         io.write_bytes(out_url, buf.getvalue())
-        return {"index": index, "count": len(ids), "node": _node()}
+        return {"index": index, "count": len(ids), "node": node_id()}
 
     def neighbours(self, feature_urls: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
         """``(ids per shard, indices [N, k] int32)``: exact cosine top-k over all the split's features."""
@@ -108,7 +110,7 @@ class MiningWorker:
 
         samples = [sample(*entry) for entry in entries]
         info = shards.put_shard(folder, shards.shard_name(index), samples, {"digest": digest, "skipped": []})
-        return {**info, "node": _node()}
+        return {**info, "node": node_id()}
 
     def close(self) -> None:
         """Remove this job's shard cache on this node (``ActorGroup`` calls it before killing the actor)."""
@@ -119,15 +121,6 @@ def read_features(url: str) -> tuple[list[str], np.ndarray]:
     """``(ids, feats [n, C] float32)`` of one kept feature file."""
     with np.load(_pyio.BytesIO(io.read_bytes(url)), allow_pickle=False) as data:
         return [str(i) for i in data["ids"]], data["feats"]
-
-
-def _node() -> str:
-    try:
-        from cluster.raycluster import node_id
-
-        return node_id()
-    except Exception:  # noqa: BLE001 - outside Ray (tests' in-process reference)
-        return "local"
 
 
 # ----------------------------------------------------------------------------- driver
@@ -167,10 +160,11 @@ def mining_group(cfg: Config, max_actors: int | None = None):
 
 
 def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progress: bool = True,
-                   group=None) -> dict | None:
+                   group=None, on_unit: Callable[[dict], None] | None = None) -> dict | None:
     """Run stage 2 for one split; returns the training manifest (None when stopped by ``max_units``).
 
-    ``group``: a ``mining_group`` to reuse (otherwise one is started for this call).
+    ``group``: a ``mining_group`` to reuse (otherwise one is started for this call). ``on_unit``:
+    called on the driver with each training shard's result (sidecar + ``node``) once it is written.
     """
     depth_folder = shards.split_dir(cfg.shards.root, split, "depth")
     dm = shards.read_manifest(depth_folder)
@@ -180,13 +174,13 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
         return done
     if group is None:
         with mining_group(cfg, max_actors=len(urls)) as own:
-            return mine_neighbors(cfg, split, max_units, progress, own)
+            return mine_neighbors(cfg, split, max_units, progress, own, on_unit)
     group.check((to_dict(cfg),))
     feature_urls = compute_features(cfg, group, dm, urls, progress)
     per_shard, idx = group.call("neighbours", feature_urls, int(cfg.mining.k))
     units = plan_train_units(cfg, dm, per_shard, idx)
     where = {i: url for url, part in zip(urls, per_shard) for i in part}
-    return write_train_shards(cfg, split, group, units, dm, where, max_units, progress)
+    return write_train_shards(cfg, split, group, units, dm, where, max_units, progress, on_unit)
 
 
 def _signature(cfg: Config, dm: dict) -> dict:
@@ -230,7 +224,8 @@ def plan_train_units(cfg: Config, dm: dict, per_shard: list[list[str]], idx: np.
     return units
 
 
-def write_train_shards(cfg: Config, split: str, group, units, dm: dict, where: dict, max_units, progress):
+def write_train_shards(cfg: Config, split: str, group, units, dm: dict, where: dict, max_units, progress,
+                       on_unit=None):
     folder = shards.split_dir(cfg.shards.root, split, "train")
     pending = [u for u in units if cfg.shards.overwrite or not _complete(folder, u[0], u[2])]
     if pending:
@@ -239,8 +234,9 @@ def write_train_shards(cfg: Config, split: str, group, units, dm: dict, where: d
     for index, entries, digest in pending[:max_units]:
         needed = {i for i, _, pos in entries for i in (i, *pos)}
         calls.append((index, entries, {i: where[i] for i in needed}, folder, digest))
-    for _ in group.map("write_unit", calls, desc=f"train shards {split}", progress=progress):
-        pass
+    for result in group.map("write_unit", calls, desc=f"train shards {split}", progress=progress):
+        if on_unit is not None:
+            on_unit(result)
     if max_units is not None and len(calls) < len(pending):
         return None
     return write_train_manifest(cfg, split, folder, units, dm)

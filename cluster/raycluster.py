@@ -56,19 +56,22 @@ def running_cluster_address() -> str | None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
-    """Make sure this process is connected to Ray; True when this call started a local Ray."""
+    """Make sure this process is connected to Ray; True when this call started a local Ray.
+
+    ``address="local"`` always starts a private local Ray (never attaching to a cluster that a
+    ``ray start`` on this machine recorded)."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or running_cluster_address()
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return False
     # actors of a private local cluster must import depthg / cluster from this checkout
     pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     return True
 
@@ -78,11 +81,13 @@ def storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
 
 
-def node_id() -> str:
-    """Ray node id of the calling worker (actors report it with their results)."""
+def node_id() -> str | None:
+    """Ray node id of the calling process (actors report it with their results); None outside Ray.
+
+    Never starts or attaches Ray itself (a bare ``ray.get_runtime_context()`` would)."""
     import ray
 
-    return ray.get_runtime_context().get_node_id()
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 # ----------------------------------------------------------------------------- what the cluster may hold

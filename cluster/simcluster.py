@@ -41,9 +41,10 @@ def _short_tmp(prefix: str) -> str:
 
 
 @contextlib.contextmanager
-def private_cluster(nodes: list[dict], pythonpath: str = ""):
-    """Start ``nodes`` (``{"num_cpus", "num_gpus", ...}``, the first is the head), connect, yield the
-    ``Cluster``; shut everything down afterwards. Needs a process without Ray initialised."""
+def private_cluster(nodes: list[dict], pythonpath: str = "", runtime_env: dict | None = None):
+    """Start ``nodes`` (``{"num_cpus", "num_gpus", ...}``, the first is the head), connect this
+    process (with the job's ``runtime_env``), yield the ``Cluster``; shut everything down afterwards.
+    Needs a process without Ray initialised."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -60,7 +61,7 @@ def private_cluster(nodes: list[dict], pythonpath: str = ""):
         for node in nodes[1:]:
             cluster.add_node(**node)
         cluster.wait_for_nodes(timeout=180)
-        ray.init(address=cluster.address, log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
         yield cluster
     finally:
         ray.shutdown()
@@ -134,11 +135,17 @@ class FakeAutoscaler:
                f"--dashboard-agent-listen-port={free_port()}"]
         env = {**self.env(), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         # its own session: every process of this cluster (head, monitor, fake nodes, workers) is in it
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, start_new_session=True, timeout=300)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         self.session = proc.pid  # the session id of a session leader is its pid
+        try:
+            _, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
         if proc.returncode != 0:
             self.stop()
-            raise RuntimeError(f"ray start --head failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            raise RuntimeError(f"ray start --head failed ({proc.returncode}): {err[-2000:]}")
         return self
 
     def processes(self) -> list:

@@ -53,3 +53,23 @@ def test_node_types_from_an_autoscaler_config():
     assert capped == [{"name": "g", "CPU": 8, "GPU": 1, "max_workers": 1}]
     assert raycluster.resolve_device("auto", {"CPU": 4}, capped) == "cuda"
     assert raycluster.resolve_device("auto", {"CPU": 4}, []) == "cpu"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_calls_go_only_to_actors_the_cluster_has_placed(ray_local):
+    class Echo:  # defined here so Ray ships it by value (workers cannot import test modules)
+        def __init__(self, threads: int = 1):
+            self.pid = os.getpid()
+
+        def call(self, i: int) -> tuple[int, int]:
+            return i, self.pid
+
+    # two actors asking for 2 CPUs each on a 2-CPU cluster: the second is never placed (on a real
+    # cluster it would wait for the autoscaler). Every call still completes, on the placed actor.
+    group = raycluster.ActorGroup(Echo, (), num_actors=2, device="cpu", options_fn=lambda device, plan: {"num_cpus": 2})
+    with group:
+        results = list(group.map("call", [(i,) for i in range(6)], progress=False))
+        assert len(group.actors) == 2
+    assert sorted(i for i, _ in results) == list(range(6))
+    assert len({pid for _, pid in results}) == 1
