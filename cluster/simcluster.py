@@ -11,7 +11,8 @@
   (never ``ray stop``, which would stop every Ray on the machine).
 
 All nodes share this machine's IP; Ray node ids tell them apart (Ray Train's node rank does not).
-Both clusters disable Ray's token authentication (loopback test clusters).
+The fake autoscaler's processes and its drivers (``env()``) run with Ray's token authentication
+disabled (a loopback test cluster); ``private_cluster`` keeps the calling process's mode.
 """
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ def private_cluster(nodes: list[dict], pythonpath: str = "", runtime_env: dict |
     if ray.is_initialized():
         raise RuntimeError("private_cluster: this process is already connected to a Ray")
     tmp = _short_tmp("dg-ray-")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH", *AUTH_OFF)}
-    os.environ.update({"RAY_TMPDIR": tmp, **AUTH_OFF})
+    # authentication is left as this process has it: Ray read RAY_AUTH_MODE when it was imported, and a
+    # cluster started from here with another mode would refuse this driver
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
+    os.environ.update({"RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"})
     if pythonpath:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, saved["PYTHONPATH"] or "") if p)
     cluster = None

@@ -25,9 +25,15 @@ SCENARIOS = os.path.join(REPO, "tests", "sim_scenarios.py")
 
 
 def _run(args: list[str], env: dict, out: str) -> dict:
-    proc = subprocess.run([sys.executable, SCENARIOS, *args, out], env=env, capture_output=True, text=True,
-                          timeout=1500)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    log = out + ".log"
+    with open(log, "w") as fh:
+        proc = subprocess.run([sys.executable, SCENARIOS, *args, out], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                              text=True, timeout=1500)
+    if proc.returncode != 0:
+        with open(log) as fh:
+            lines = [line for line in fh if not line.lstrip().startswith("[20")]  # drop raylet log lines
+        trace = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+        raise AssertionError("".join(lines[trace[0]:] if trace else lines[-80:])[-8000:])
     with open(out) as fh:
         return json.load(fh)
 
