@@ -205,12 +205,12 @@ def run(args) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     base = rows["plain loop"]["samples"] / rows["plain loop"]["warm_s"]
     crops = 5  # five-cropped train split: samples = 5 x source images
-    print(f"{'pipeline':<26}{'samples':>8}{'warm s':>9}{'samples/s':>11}{'images/s/actor':>16}{'vs plain':>10}{'cold s':>9}")
+    print(f"{'pipeline':<32}{'samples':>8}{'warm s':>9}{'samples/s':>11}{'images/s/actor':>16}{'vs plain':>10}{'cold s':>9}")
     for name, r in rows.items():
         r["samples_per_s"] = r["samples"] / r["warm_s"]
         r["images_per_s_per_actor"] = r["samples_per_s"] / crops / r.get("actors", 1)
         r["vs_plain"] = r["samples_per_s"] / base
-        print(f"{name:<26}{r['samples']:>8}{r['warm_s']:>9.2f}{r['samples_per_s']:>11.2f}"
+        print(f"{name:<32}{r['samples']:>8}{r['warm_s']:>9.2f}{r['samples_per_s']:>11.2f}"
               f"{r['images_per_s_per_actor']:>16.2f}{r['vs_plain']:>9.2f}x{r['cold_s']:>9.2f}")
     print(f"\n{'model (CPU, tiny, random)':<46}{'precision':>10}{'max |d - fp32|':>16}{'mean':>9}")
     for p in precision:
