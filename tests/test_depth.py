@@ -19,19 +19,6 @@ def _images():
     return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 50, 3), (24, 36, 3), (40, 50, 3)]]
 
 
-@pytest.fixture(scope="module")
-def tiny_dpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-                                 image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
-                                 neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8)
-    model = transformers.DPTForDepthEstimation(cfg).eval()
-    folder = str(tmp_path_factory.mktemp("tiny_dpt"))
-    model.save_pretrained(folder)
-    transformers.DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
-    return folder
-
-
 def _save_dpt(folder, initializer_range=0.02):
     torch.manual_seed(0)
     cfg = transformers.DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
@@ -44,6 +31,11 @@ def _save_dpt(folder, initializer_range=0.02):
 
 
 @pytest.fixture(scope="module")
+def tiny_dpt(tmp_path_factory):
+    return _save_dpt(str(tmp_path_factory.mktemp("tiny_dpt")))
+
+
+@pytest.fixture(scope="module")
 def varied_dpt(tmp_path_factory):
     """A tiny random DPT whose depth maps have a real range (default init gives near-constant maps,
     ~1e-9 apart, which min-max normalisation would turn into noise)."""
@@ -52,19 +44,9 @@ def varied_dpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_zoe(tmp_path_factory):
-    torch.manual_seed(0)
-    backbone = transformers.BeitConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                                       intermediate_size=32, image_size=32, patch_size=8,
-                                       out_features=["stage1", "stage2", "stage3", "stage4"],
-                                       use_auxiliary_head=False, reshape_hidden_states=False)
-    cfg = transformers.ZoeDepthConfig(backbone_config=backbone, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
-                                      bottleneck_features=8, num_relative_features=8, bin_embedding_dim=8,
-                                      num_attractors=[4, 4, 2, 1],
-                                      bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0}])
-    folder = str(tmp_path_factory.mktemp("tiny_zoe"))
-    transformers.ZoeDepthForDepthEstimation(cfg).eval().save_pretrained(folder)
-    transformers.ZoeDepthImageProcessor(size={"height": 32, "width": 32}, ensure_multiple_of=8).save_pretrained(folder)
-    return folder
+    from bench.depthgen import make_tiny_zoe  # the benchmark's tiny random ZoeDepth (BEiT backbone)
+
+    return make_tiny_zoe(str(tmp_path_factory.mktemp("tiny_zoe")))
 
 
 def test_normalize_depth_minmax_and_inverse():
