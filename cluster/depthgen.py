@@ -2,10 +2,14 @@
 
 The split's source ids are cut, in order, into work units of ``shards.samples_per_shard`` source
 images; unit i becomes ``shard-{i:06d}.tar`` (all five crops of an image land in the same shard).
-A pool of ``DepthWorker`` actors (one per GPU, or CPU shares) reads its unit's images itself (only
-the config and ids travel through the object store), estimates depth on the full images in batches
-of ``depthgen.batch_size``, crops (train split, ``data.five_crop``), writes the shard to a local
-temp file and uploads it atomically, then its sidecar. The manifest is written last.
+A pool of ``DepthWorker`` actors (``cluster.raycluster.ActorGroup``: one GPU each when
+``depthgen.device`` resolves to cuda, so a cluster's autoscaler starts GPU nodes for them; CPU
+shares otherwise) reads its unit's images itself (only the config and ids travel through the object
+store), estimates depth on the full images (batched across image sizes, autocast per
+``depthgen.precision``), crops (train split, ``data.five_crop``), PNG-encodes the crops in a thread
+pool, writes the shard to a local temp file and uploads it atomically, then its sidecar. Each actor
+takes two units at a time: one unit's encoding and upload overlap the next unit's depth model
+(which one lock keeps to one unit at a time). The manifest is written last.
 
 Rerunning skips units whose shard and sidecar exist and whose sidecar matches the unit (same ids,
 same depth settings); ``shards.overwrite=true`` redoes them. Unreadable images are skipped and
@@ -16,12 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import threading
 import time
-from typing import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
 
 import numpy as np
 
+from cluster.raycluster import node_id
 from depthg import io, shards
 from depthg.config import Config, from_dict, mask_secrets, to_dict
 
@@ -35,7 +43,7 @@ def _digest(data) -> str:
 def depth_digest(cfg: Config, split: str) -> str:
     """Fingerprint of everything that changes the depth shards' bytes (not batch size, actors...)."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("resolution",)}
-    gen = {k: getattr(cfg.depthgen, k) for k in ("source", "model", "flip_average")}
+    gen = {k: getattr(cfg.depthgen, k) for k in ("source", "model", "flip_average", "precision")}
     return _digest({"data": data, "depthgen": gen, "split": split, "schema": shards.SCHEMA})
 
 
@@ -50,8 +58,10 @@ def sample_key(source_id: str) -> str:
 
 
 class DepthWorker:
-    """Turns one work unit into one complete depth shard. Plain class: Ray wraps it as an actor,
-    the benchmark's in-process loop uses it directly."""
+    """Turns one work unit into one complete depth shard. Plain class: Ray wraps it as an actor
+    (threaded: two units at a time), the benchmark's in-process loop uses it directly.
+
+    ``threads``: torch threads and PNG-encoding threads (the actor's CPU share)."""
 
     def __init__(self, cfg_dict: dict, threads: int = 0):
         import torch
@@ -61,20 +71,25 @@ class DepthWorker:
         self.cfg = from_dict(Config, cfg_dict)
         self._sources: dict = {}
         self._estimator = None
+        self._build = threading.Lock()  # lazy construction, shared by the actor's threads
+        self._model = threading.Lock()  # one unit at a time on the depth model (the GPU)
+        self._encoders = ThreadPoolExecutor(max(int(threads), 1), thread_name_prefix="png")
 
     def source(self, split: str):
-        if split not in self._sources:
-            from depthg.data import build_source
+        with self._build:
+            if split not in self._sources:
+                from depthg.data import build_source
 
-            self._sources[split] = build_source(self.cfg.data, split, n_classes=self.cfg.model.n_classes or None)
-        return self._sources[split]
+                self._sources[split] = build_source(self.cfg.data, split, n_classes=self.cfg.model.n_classes or None)
+            return self._sources[split]
 
     def estimator(self):
-        if self._estimator is None:
-            from depthg.depth import build_estimator
+        with self._build:
+            if self._estimator is None:
+                from depthg.depth import build_estimator
 
-            self._estimator = build_estimator(self.cfg.depthgen)
-        return self._estimator
+                self._estimator = build_estimator(self.cfg.depthgen)
+            return self._estimator
 
     def load(self, split: str, ids: list[str]):
         """Records that load, plus ``[{"id","error"}]`` for those that do not (or raise if strict)."""
@@ -92,35 +107,39 @@ class DepthWorker:
         return records, skipped
 
     def add_depth(self, records: list) -> list:
-        """Depth of the full images (before cropping), ``depthgen.batch_size`` images at a time."""
-        est, size = self.estimator(), max(int(self.cfg.depthgen.batch_size), 1)
-        for start in range(0, len(records), size):
-            batch = records[start:start + size]
-            items = batch if getattr(est, "needs_records", False) else [r.image for r in batch]
-            for rec, depth in zip(batch, est(items)):
-                rec.depth = np.asarray(depth, np.float32)
+        """Depth of the full images (before cropping); the estimator batches them across sizes."""
+        est = self.estimator()
+        items = records if getattr(est, "needs_records", False) else [r.image for r in records]
+        with self._model:
+            depths = est(items) if records else []
+        for rec, depth in zip(records, depths):
+            rec.depth = np.asarray(depth, np.float32)
         return records
 
     def samples(self, split: str, records: list) -> Iterable[dict]:
+        """Encoded samples in shard order, PNG-encoded by the actor's encoding threads."""
         from depthg.data import five_crop
 
         crop = split == "train" and self.cfg.data.five_crop  # val is never cropped
+        jobs = []
         for rec in records:
             crops = five_crop(rec, self.cfg.data.crop_ratio) if crop else [rec]
             for k, part in enumerate(crops):
                 meta = {"source_id": str(rec.id), "crop": k if crop else -1, "split": split,
                         "dataset": self.cfg.data.dataset, "neighbors": []}
                 key = sample_key(f"{rec.id}_c{k}" if crop else rec.id)
-                yield shards.encode_sample(key, part.image, part.depth, part.label, meta)
+                jobs.append((key, part.image, part.depth, part.label, meta))
+        return list(self._encoders.map(lambda job: shards.encode_sample(*job), jobs))
 
     def run_unit(self, split: str, index: int, ids: list[str], folder: str) -> dict:
-        """Write unit ``index`` of ``split`` as ``folder/shard-{index}.tar`` (+ sidecar); returns the sidecar."""
+        """Write unit ``index`` of ``split`` as ``folder/shard-{index}.tar`` (+ sidecar); returns the sidecar
+        plus ``seconds``, ``node`` (the Ray node id, None outside Ray) and ``pid`` (the worker process)."""
         start = time.perf_counter()
         records, skipped = self.load(split, ids)
         records = self.add_depth(records)
         extra = {"source_ids": list(ids), "skipped": skipped, "digest": depth_digest(self.cfg, split)}
         info = shards.put_shard(folder, shards.shard_name(index), self.samples(split, records), extra)
-        return {**info, "seconds": time.perf_counter() - start}
+        return {**info, "seconds": time.perf_counter() - start, "node": node_id(), "pid": os.getpid()}
 
 
 def unit_complete(folder: str, index: int, ids: list[str], digest: str) -> dict | None:
@@ -139,19 +158,26 @@ def source_info(cfg: Config, split: str) -> dict:
             "class_names": list(getattr(source, "class_names", []) or [])}
 
 
-def depth_group(cfg: Config, max_actors: int | None = None, threads: int | None = None):
+UNITS_IN_FLIGHT = 2  # units per depth actor at once: encoding + upload of one overlap the next's model
+
+
+def depth_group(cfg: Config, max_actors: int | None = None, threads: int | None = None,
+                in_flight: int = UNITS_IN_FLIGHT):
     """The pool of depth actors (reusable across splits); a context manager."""
     from cluster.raycluster import ActorGroup
 
-    return ActorGroup(DepthWorker, (to_dict(cfg),), cfg.depthgen.num_actors, max_actors, threads)
+    return ActorGroup(DepthWorker, (to_dict(cfg),), cfg.depthgen.num_actors, max_actors, threads,
+                      device=cfg.depthgen.device, cpus_per_actor=cfg.depthgen.cpus_per_actor, in_flight=in_flight)
 
 
 def generate_depth(cfg: Config, split: str, max_units: int | None = None, progress: bool = True,
-                   group=None) -> dict | None:
+                   group=None, on_unit: Callable[[dict], None] | None = None) -> dict | None:
     """Run stage 1 for one split; returns the manifest (None when stopped early by ``max_units``).
 
     Ray must be connected (``cluster.raycluster.connect``). ``group``: a ``depth_group`` to reuse
-    (otherwise one is started for this call when there is work).
+    (otherwise one is started for this call when there is work). ``on_unit(result)`` is called on
+    the driver after each unit is complete (its sidecar written), while the next units run: tests
+    use it to interrupt the job or lose a node at a known point.
     """
     folder = shards.split_dir(cfg.shards.root, split, "depth")
     info = source_info(cfg, split)
@@ -167,9 +193,9 @@ def generate_depth(cfg: Config, split: str, max_units: int | None = None, progre
     if calls:
         if group is None:
             with depth_group(cfg, len(calls)) as own:
-                skipped = _run(own, calls, split, progress)
+                skipped = _run(own, calls, split, progress, on_unit)
         else:
-            skipped = _run(group.check((to_dict(cfg),)), calls, split, progress)
+            skipped = _run(group.check((to_dict(cfg),)), calls, split, progress, on_unit)
         if skipped:
             log.warning("depth %s: skipped %d unreadable images (listed in the manifest), e.g. %s",
                         split, len(skipped), skipped[0]["error"])
@@ -178,8 +204,13 @@ def generate_depth(cfg: Config, split: str, max_units: int | None = None, progre
     return write_depth_manifest(cfg, split, folder, units, digest, info)
 
 
-def _run(group, calls, split: str, progress: bool) -> list[dict]:
-    return [s for info in group.map("run_unit", calls, f"depth {split}", progress) for s in info["skipped"]]
+def _run(group, calls, split: str, progress: bool, on_unit) -> list[dict]:
+    skipped = []
+    for info in group.map("run_unit", calls, f"depth {split}", progress):
+        skipped += info["skipped"]
+        if on_unit is not None:
+            on_unit(info)
+    return skipped
 
 
 def write_depth_manifest(cfg: Config, split: str, folder: str, units, digest: str, info: dict) -> dict:

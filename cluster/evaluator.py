@@ -1,13 +1,20 @@
-"""Distributed evaluation: validation shards spread over Ray actors, confusion matrices summed.
+"""Distributed evaluation: GPU actors score validation shards, the dense CRF fans out over the CPUs.
 
-Each ``EvalWorker`` (a plain class; ``ray.remote`` wraps it as an actor, one GPU each where the
-cluster has GPUs, else one CPU and one thread) streams its own list of shards, batches the samples
-of each shard (batches never cross shards, so any split of the shard list gives the same batches),
-and returns int64 confusion matrices per head (``depthg.evaluation``). The driver sums them and
-calls ``depthg.metrics.score_confusions`` once. ``workers=0`` runs the same worker in-process:
-the result is identical to any number of Ray workers.
+``EvalWorker`` actors (``cluster.raycluster.ActorGroup``, the pool every Ray stage uses: Ray
+restarts a dead actor and resubmits its call) take one shard per call. Per batch they run the one
+evaluation path (``depthg.evaluation.predict_scores``: codes -> upsample -> probe scores) and count
+the plain heads' int64 confusion matrices; with ``eval.crf`` each image's probe scores go to a
+1-CPU Ray task (``crf_task``, retried by Ray when its worker or node dies) that returns the CRF
+heads' confusions, so the CRF, the slow part, runs on every CPU of the cluster while the actors
+keep their GPUs busy (each actor keeps at most ``CRF_IN_FLIGHT`` images' tasks pending). Actors
+hold one GPU and no CPU (``eval.device`` cuda; ``eval.num_workers`` 0 = one per GPU) or, on a
+CPU-only cluster, are placed where a CPU is free but hold none, so CRF tasks can always run.
 
-    result = evaluate(cfg, CheckpointModel(url), shard_list(cfg.shards.root), workers=2)
+Batches never cross shards, so any assignment of shards to actors gives the same batches; the
+driver sums the per-shard matrices and calls ``depthg.metrics.score_confusions`` once. ``workers=0``
+runs the same worker and the same CRF function in-process: the result is identical.
+
+    result = evaluate(cfg, CheckpointModel(url), shard_list(cfg.shards.root))
 """
 from __future__ import annotations
 
@@ -18,9 +25,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from cluster.raycluster import node_id
 from depthg import evaluation, io, metrics, shards
 
 KMEANS_PER_IMAGE = 64  # code vectors sampled per image for k-means fitting
+CRF_IN_FLIGHT = 16  # CRF tasks (one image each, ~22 MB of scores at 320 px x 54 classes) pending per actor
 ModelFn = Callable[[], tuple]  # () -> (backbone, segmenter)
 
 
@@ -88,63 +97,116 @@ def _keep_first(samples: list[dict], new: list[dict], n: int) -> list[dict]:
 
 
 class EvalWorker:
-    """Evaluates lists of shards with one model copy; used in-process or as a Ray actor."""
+    """Evaluates shards with one model copy; used in-process or as a Ray actor (one shard per call).
+
+    ``crf_tasks``: send the CRF to Ray tasks (the actor's node and the rest of the cluster) instead
+    of running it here."""
 
     def __init__(self, eval_cfg: dict, n_classes: int, model_fn: ModelFn, threads: int | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", crf_tasks: bool = False):
         if threads:
-            torch.set_num_threads(threads)  # CRF and CPU inference: parallelism comes from actors
+            torch.set_num_threads(threads)
         self.cfg = dict(eval_cfg)
         self.n_classes = int(n_classes)
         self.device = pick_device(device)
+        self.crf_tasks = bool(crf_tasks)
         backbone, segmenter = model_fn()
         self.backbone = backbone.to(self.device).eval()
         self.segmenter = segmenter.to(self.device).eval()
 
-    def _batches(self, urls: Sequence[str]):
+    def _batches(self, url: str):
         size, batch = int(self.cfg["resolution"]), int(self.cfg["batch_size"])
-        for url in urls:
-            pending = []
-            for raw in shards.iter_shard(url):
-                pending.append(evaluation.prepare(shards.decode_sample(raw), size))
-                if len(pending) == batch:
-                    yield pending
-                    pending = []
-            if pending:
+        pending = []
+        for raw in shards.iter_shard(url):
+            pending.append(evaluation.prepare(shards.decode_sample(raw), size))
+            if len(pending) == batch:
                 yield pending
+                pending = []
+        if pending:
+            yield pending
 
-    def sample_codes(self, urls: Sequence[str], per_image: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Code vectors per shard for k-means fitting (``per_image`` random locations per image).
+    def sample_codes(self, url: str, per_image: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """``{url: code vectors}`` for k-means fitting (``per_image`` random locations per image).
 
         Seeded per shard name, so the codes do not depend on how shards are split over workers.
         """
-        out = {}
-        for url in urls:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(url.rsplit("/", 1)[-1].encode()))
-            parts = [evaluation.sample_codes(self.backbone, self.segmenter,
-                                             evaluation.collate(b)[0].to(self.device), per_image,
-                                             bool(self.cfg["flip"]), gen) for b in self._batches([url])]
-            if parts:
-                out[url] = torch.cat(parts).numpy()
-        return out
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(url.rsplit("/", 1)[-1].encode()))
+        parts = [evaluation.sample_codes(self.backbone, self.segmenter, evaluation.collate(b)[0].to(self.device),
+                                         per_image, bool(self.cfg["flip"]), gen) for b in self._batches(url)]
+        return {url: torch.cat(parts).numpy()} if parts else {}
 
-    def run(self, urls: Sequence[str], centroids: np.ndarray | None = None) -> dict:
-        """``{"confusion": {head: int64 [rows, n_classes]}, "images", "seconds", "samples"}``."""
+    def run(self, url: str, centroids: np.ndarray | None = None) -> dict:
+        """One shard: ``{"confusion": {head: int64 [rows, n_classes]}, "images", "seconds", "samples", "node"}``."""
         opts = evaluation.EvalOptions(self.n_classes, flip=bool(self.cfg["flip"]), crf=bool(self.cfg["crf"]),
-                                      centroids=None if centroids is None else torch.as_tensor(centroids))
-        total, n_images, keep = None, 0, []
+                                      centroids=None if centroids is None else torch.tensor(centroids))
+        rows = evaluation.n_predictions(self.segmenter, opts)
         start, cpu_start = time.perf_counter(), time.process_time()
-        for batch in self._batches(urls):
+        total, done, crf = {}, [], []  # crf: per image, a pending task (or its result)
+        for batch in self._batches(url):
             images, labels = evaluation.collate(batch)
             if labels is None:
                 raise ValueError(f"evaluation needs labels; sample {batch[0]['id']} has no label.png")
-            confs, preds = evaluation.evaluate_batch(self.backbone, self.segmenter, images.to(self.device),
-                                                     labels, opts)
-            total = confs if total is None else {k: total[k] + v for k, v in confs.items()}
-            n_images += len(batch)
+            scores, preds = evaluation.predict_scores(self.backbone, self.segmenter, images.to(self.device), opts)
+            _add(total, evaluation.batch_confusions(preds, labels, rows, opts.n_classes))
+            done.append((batch, preds))
+            if opts.crf:
+                for i in range(len(batch)):
+                    crf.append(self._crf(images[i:i + 1], {k: v[i:i + 1].cpu() for k, v in scores.items()},
+                                         labels[i:i + 1], rows, opts, crf))
+        crf = iter(self._resolve(crf))
+        keep: list[dict] = []
+        for batch, preds in done:
+            if opts.crf:
+                parts = [next(crf) for _ in batch]
+                for confs, _ in parts:
+                    _add(total, confs)
+                preds = {**preds, **{k: torch.cat([p[k] for _, p in parts]) for k in parts[0][1]}}
             keep = _keep_first(keep, _report_samples(batch, preds, opts.crf), int(self.cfg["report_images"]))
-        return {"confusion": total or {}, "images": n_images, "seconds": time.perf_counter() - start,
-                "cpu_seconds": time.process_time() - cpu_start, "samples": keep}
+        return {"confusion": total, "images": sum(len(b) for b, _ in done), "seconds": time.perf_counter() - start,
+                "cpu_seconds": time.process_time() - cpu_start, "samples": keep, "node": node_id()}
+
+    def _crf(self, image, scores, label, rows, opts, pending: list):
+        if not self.crf_tasks:
+            return crf_task(image, scores, label, rows, opts.n_classes, opts.crf_params)
+        import ray
+
+        refs = [p for p in pending if isinstance(p, ray.ObjectRef)]
+        if len(refs) >= CRF_IN_FLIGHT:  # backpressure: the scores of pending images stay in the object store
+            ray.wait(refs, num_returns=len(refs) - CRF_IN_FLIGHT + 1)
+        return _crf_remote().remote(image, scores, label, rows, opts.n_classes, opts.crf_params)
+
+    def _resolve(self, items: list) -> list:
+        if not self.crf_tasks or not items:
+            return items
+        import ray
+
+        return ray.get(items)
+
+
+def crf_task(image: torch.Tensor, scores: dict, label: torch.Tensor, rows: dict, n_classes: int,
+             params) -> tuple[dict, dict]:
+    """Dense CRF of one image's probe scores: ``(confusions, predictions as int16)`` of the CRF heads."""
+    preds = evaluation.crf_predictions(image, scores, params)
+    confs = evaluation.batch_confusions(preds, label, rows, n_classes)
+    return confs, {k: v.to(torch.int16) for k, v in preds.items()}
+
+
+_CRF_REMOTE = None
+
+
+def _crf_remote():
+    global _CRF_REMOTE
+    if _CRF_REMOTE is None:
+        import ray
+
+        # 1 CPU each (the CRF is single-threaded); Ray retries a task whose worker or node died
+        _CRF_REMOTE = ray.remote(num_cpus=1, max_retries=3)(crf_task)
+    return _CRF_REMOTE
+
+
+def _add(total: dict, confs: dict) -> None:
+    for k, v in confs.items():
+        total[k] = total[k] + v if k in total else v
 
 
 def _report_samples(batch: list[dict], preds: dict, crf: bool) -> list[dict]:
@@ -158,7 +220,7 @@ def _report_samples(batch: list[dict], preds: dict, crf: bool) -> list[dict]:
 
 
 def sum_results(results: Sequence[dict], report_images: int) -> dict:
-    """Add the workers' matrices and counts; keep the report samples with the smallest ids."""
+    """Add the per-shard matrices and counts; keep the report samples with the smallest ids."""
     results = [r for r in results if r["confusion"]]
     if not results:
         raise ValueError("evaluation saw no images: are the shards empty?")
@@ -168,56 +230,56 @@ def sum_results(results: Sequence[dict], report_images: int) -> dict:
     for r in results:
         samples = _keep_first(samples, r["samples"], report_images)
     return {"confusion": confusion, "images": sum(r["images"] for r in results),
-            "worker_seconds": [r["seconds"] for r in results],
-            "worker_cpu_seconds": [r["cpu_seconds"] for r in results], "samples": samples}
+            "shard_seconds": [r["seconds"] for r in results], "shard_cpu_seconds": [r["cpu_seconds"] for r in results],
+            "nodes": sorted({r["node"] for r in results if r.get("node")}), "samples": samples}
 
 
-def _ray_workers(ray, n: int, args: tuple) -> list:
-    # one GPU per actor where the cluster has enough, shared fractions where it has fewer
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per = {"num_cpus": 1, "num_gpus": min(1.0, gpus / n)} if gpus > 0 else {"num_cpus": 1}
-    actor = ray.remote(**per)(EvalWorker)
-    return [actor.remote(*args) for _ in range(n)]
-
-
-def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = None) -> dict:
-    """Evaluate ``urls`` with ``workers`` Ray actors (``0`` = in this process); returns summed
-    confusions, ``scores`` (``depthg.metrics``), counts, timings and report samples."""
+def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = None, progress: bool = False) -> dict:
+    """Evaluate ``urls``; returns summed confusions, ``scores`` (``depthg.metrics``), counts, timings
+    and report samples. ``workers``: None = ``eval.num_workers`` Ray actors (0 there = one per GPU,
+    or 2 on a CPU-only cluster); an explicit 0 = in this process, no Ray."""
     ev = cfg.eval
-    workers = ev.num_workers if workers is None else int(workers)
     eval_cfg = {k: getattr(ev, k) for k in ("resolution", "flip", "crf", "batch_size", "report_images")}
-    n_classes = cfg.model.n_classes
     start = time.perf_counter()
-    if workers <= 0:
-        w = EvalWorker(eval_cfg, n_classes, model_fn)
-        centroids = _kmeans_centroids(cfg, urls, [w.sample_codes(urls, KMEANS_PER_IMAGE)]) if ev.kmeans else None
-        results = [w.run(urls, centroids)]
+    if workers is not None and int(workers) <= 0:
+        w = EvalWorker(eval_cfg, cfg.model.n_classes, model_fn, device=ev.device)
+        centroids = _kmeans_centroids(cfg, urls, [w.sample_codes(u, KMEANS_PER_IMAGE) for u in urls]) if ev.kmeans else None
+        results, used = [w.run(u, centroids) for u in urls], 0
     else:
-        results = _run_ray(cfg, eval_cfg, model_fn, urls, workers)
+        results, used = _run_ray(cfg, eval_cfg, model_fn, urls, ev.num_workers if workers is None else int(workers),
+                                 progress)
     out = sum_results(results, ev.report_images)
     out["scores"] = metrics.score_confusions(out["confusion"])
     out["seconds"] = time.perf_counter() - start
-    out["workers"] = workers
+    out["workers"] = used
     return out
 
 
-def _run_ray(cfg, eval_cfg: dict, model_fn: ModelFn, urls: Sequence[str], workers: int) -> list[dict]:
-    """Split the shards over ``workers`` actors (one torch thread each) and gather their results."""
-    import ray
+def eval_group(cfg, eval_cfg: dict, model_fn: ModelFn, workers: int, max_actors: int):
+    """The pool of evaluation actors: one GPU and no CPU each, or (CPU-only) Ray's default placement."""
+    from cluster.raycluster import ActorGroup
 
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
-    parts = [p for p in (shards.split_shards(urls, i, workers) for i in range(workers)) if p]
-    actors = _ray_workers(ray, len(parts), (eval_cfg, cfg.model.n_classes, model_fn, 1))
-    try:
+    def options(device: str, planned: dict) -> dict:
+        # a held CPU would be one less for the CRF tasks: on a small cluster they could never start
+        return {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {}
+
+    crf_tasks = bool(eval_cfg["crf"])
+    return ActorGroup(EvalWorker, (eval_cfg, cfg.model.n_classes, model_fn), workers, max_actors, threads=1,
+                      device=cfg.eval.device, options_fn=options, init_kwargs={"crf_tasks": crf_tasks})
+
+
+def _run_ray(cfg, eval_cfg: dict, model_fn: ModelFn, urls: Sequence[str], workers: int, progress: bool):
+    """Shards over the actor pool (one shard per call), k-means codes first when asked for."""
+    from cluster.raycluster import connect
+
+    connect()  # joins RAY_ADDRESS / a local `ray start` when there is one, else starts a local Ray
+    with eval_group(cfg, eval_cfg, model_fn, workers, max_actors=len(urls)) as group:
         centroids = None
         if cfg.eval.kmeans:
-            codes = ray.get([a.sample_codes.remote(p, KMEANS_PER_IMAGE) for a, p in zip(actors, parts)])
+            codes = list(group.map("sample_codes", [(u, KMEANS_PER_IMAGE) for u in urls], "k-means codes", progress))
             centroids = _kmeans_centroids(cfg, urls, codes)
-        return ray.get([a.run.remote(p, centroids) for a, p in zip(actors, parts)])
-    finally:
-        for a in actors:
-            ray.kill(a)
+        results = list(group.map("run", [(u, centroids) for u in urls], "evaluation", progress))
+        return results, len(group.actors)
 
 
 def _kmeans_centroids(cfg, urls: Sequence[str], code_parts: Sequence[dict]) -> np.ndarray:

@@ -1,76 +1,49 @@
 """Stage 2 on Ray: depth shards -> neighbour mining -> training shards ``{root}/{split}``.
 
-1. Features: ``MiningWorker`` actors read depth shards, bring each crop to ``data.resolution``
-   with the training transform (shorter side, centre crop), run the frozen backbone, mean-pool and L2-normalise:
-   one global feature per sample.
-2. Driver: exact cosine top-k (``mining.k``) over the whole split (``depthg.knn``), excluding the
-   sample itself; positives are ranks 1..``mining.num_positives`` (cycled when the split is smaller).
+1. Features: ``MiningWorker`` actors (``cluster.raycluster.ActorGroup``, one GPU each when
+   ``mining.device`` resolves to cuda) bring each crop of a depth shard to ``data.resolution`` with
+   the training transform (shorter side, centre crop), run the frozen backbone, mean-pool and
+   L2-normalise: one global feature per sample. They are kept in storage,
+   ``{root}/features/{split}/{settings digest}/shard-NNNNNN.npz``, so a rerun (another ``mining.k``
+   or ``num_positives``, or after a failure while writing) skips extraction.
+2. Neighbours: exact cosine top-k (``mining.k``, ``depthg.knn``) over the whole split, excluding the
+   sample itself, as one call on one actor of the same pool (its GPU), in query blocks sized so
+   the blocks stay within ``KNN_BLOCK_BYTES`` (``depthg.knn.block_rows``); positives are ranks
+   1..``mining.num_positives`` (cycled when the split is smaller).
 3. Writing: training shard i holds as many samples as depth shard i, in one seeded global shuffle of
    the split (``depthg.shards.shuffled_layout``: a loader's range never holds the crops of one image
-   together), each with its anchor members copied byte for byte plus ``pos{k}.rgb.png`` /
-   ``pos{k}.depth.png`` of its positives, so a streaming reader never needs random access. Workers fetch each depth shard once into a local
-   cache and read members by tar offset.
+   together), each with its anchor members copied byte for byte plus
+   ``pos{k}.rgb.png`` / ``pos{k}.depth.png`` of their positives, so a streaming reader never needs
+   random access. Depth shards are read through one cache per node (``cluster.nodecache``): each
+   shard is fetched at most once per node, however many actors the node runs.
 
 Reruns skip training shards whose sidecar digest (ids + positives) matches, and the whole split
-(features included) when its manifest records the same depth shards and mining settings; the
-manifest is written last.
+when its manifest records the same depth shards and mining settings; the manifest is written last.
 """
 from __future__ import annotations
 
+import io as _pyio
 import json
 import logging
-import os
-import shutil
-import tarfile
-import tempfile
+import uuid
+from typing import Callable
 
 import numpy as np
 
 from cluster.depthgen import _digest
+from cluster.nodecache import NodeShardCache, cache_dir
+from cluster.raycluster import node_id
 from depthg import io, shards
 from depthg.config import Config, from_dict, mask_secrets, to_dict
 
 log = logging.getLogger(__name__)
-
-
-class ShardCache:
-    """Depth shards fetched once to local disk (local roots are used in place), read by offset."""
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="depthg-mining-")
-        self.index: dict[str, tuple[str, dict]] = {}
-
-    def members(self, url: str) -> tuple[str, dict]:
-        if url not in self.index:
-            path = url
-            if io.is_remote(url):
-                os.makedirs(self.dir, exist_ok=True)
-                path = os.path.join(self.dir, f"{len(self.index):06d}.tar")
-                with io.open_url(url, "rb") as src, open(path, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-            with tarfile.open(path, "r:") as tar:
-                offsets = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isreg()}
-            self.index[url] = (path, offsets)
-        return self.index[url]
-
-    def read(self, url: str, member: str) -> bytes:
-        path, offsets = self.members(url)
-        if member not in offsets:
-            raise KeyError(f"{url} has no member {member}")
-        offset, size = offsets[member]
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            return fh.read(size)
-
-    def close(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.index.clear()
+KNN_BLOCK_BYTES = 2 << 30  # device memory for the top-k query blocks (features come on top: N x C x 4 bytes)
 
 
 class MiningWorker:
-    """Features for depth shards, and training-shard writing. Plain class; Ray makes it an actor."""
+    """Features, neighbours and training-shard writing. Plain class; Ray makes it an actor."""
 
-    def __init__(self, cfg_dict: dict, threads: int = 0):
+    def __init__(self, cfg_dict: dict, job: str = "local", threads: int = 0):
         import torch
 
         if threads:
@@ -78,7 +51,7 @@ class MiningWorker:
         self.cfg = from_dict(Config, cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._backbone = None
-        self.cache = ShardCache()
+        self.cache = NodeShardCache(cache_dir(self.cfg.mining.cache_dir, job, node_id() or "local"))
 
     def backbone(self):
         if self._backbone is None:
@@ -87,52 +60,69 @@ class MiningWorker:
             self._backbone = build_backbone(self.cfg.model.backbone, self.cfg.model.weights).to(self.device)
         return self._backbone
 
-    def features(self, index: int, url: str) -> tuple[int, list[str], np.ndarray]:
-        """``(index, ids, feats [n, C] float32)`` of depth shard ``url``, in shard order."""
+    def features(self, index: int, url: str, out_url: str) -> dict:
+        """Global features of depth shard ``url`` (in shard order) written to ``out_url`` (npz: ids, feats)."""
         import torch
 
         from depthg.data import resize_center_crop, to_tensor_image
 
         ids, images = [], []
-        for raw in shards.iter_shard(url):
+        for raw in shards.iter_shard(self.cache.local(url)):
             ids.append(raw["__key__"])
             images.append(shards.decode_image(raw["rgb.png"]))
         res, size = self.cfg.data.resolution, max(int(self.cfg.mining.batch_size), 1)
-        out = []
+        out = [np.zeros((0, self.backbone().dim), np.float32)]
         with torch.no_grad():
             for start in range(0, len(images), size):
                 # the one resize of training (depthg.data.transforms.resize_center_crop): features match training
                 x = torch.stack([to_tensor_image(resize_center_crop(im, res)) for im in images[start:start + size]])
                 f = self.backbone()(x.to(self.device)).float().mean(dim=(2, 3))
                 out.append(torch.nn.functional.normalize(f, dim=1).cpu().numpy())
-        dim = self.backbone().dim
-        return index, ids, (np.concatenate(out) if out else np.zeros((0, dim), np.float32)).astype(np.float32)
+        buf = _pyio.BytesIO()
+        np.savez(buf, ids=np.array(ids, dtype=str), feats=np.concatenate(out).astype(np.float32))
+        io.write_bytes(out_url, buf.getvalue())
+        return {"index": index, "count": len(ids), "node": node_id()}
 
-    def write_unit(self, index: int, depth_url: str, entries: list, where: dict, folder: str, digest: str) -> dict:
-        """Training shard ``index``: ``entries`` = [(id, neighbours, positives)] in write order;
+    def neighbours(self, feature_urls: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+        """``(ids per shard, indices [N, k] int32)``: exact cosine top-k over all the split's features."""
+        import torch
+
+        from depthg.knn import block_rows, topk_cosine
+
+        parts = [read_features(url) for url in feature_urls]
+        per_shard = [ids for ids, _ in parts]
+        x = torch.from_numpy(np.concatenate([feats for _, feats in parts]))
+        _, idx = topk_cosine(x, k, chunk=block_rows(len(x), KNN_BLOCK_BYTES), device=self.device)
+        return per_shard, idx.numpy().astype(np.int32)
+
+    def write_unit(self, index: int, entries: list, where: dict, folder: str, digest: str) -> dict:
+        """Training shard ``index``: ``entries`` = [(id, neighbours, positives)] in shard order;
         ``where`` maps every anchor and positive id to the depth shard URL holding it."""
         def sample(key, neighbors, positives):
-            src = where[key]  # the anchor's depth shard (shards.shuffled_layout mixes them)
+            src = where[key]
             meta = json.loads(self.cache.read(src, f"{key}.meta.json"))
             out = {"__key__": key, "meta.json": shards.encode_meta({**meta, "neighbors": neighbors})}
             for member in ("rgb.png", "depth.png", "label.png"):
                 if f"{key}.{member}" in self.cache.members(src)[1]:
                     out[member] = self.cache.read(src, f"{key}.{member}")
-            for k, pid in enumerate(positives):
-                out[f"pos{k}.rgb.png"] = self.cache.read(where[pid], f"{pid}.rgb.png")
-                out[f"pos{k}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
+            for j, pid in enumerate(positives):
+                out[f"pos{j}.rgb.png"] = self.cache.read(where[pid], f"{pid}.rgb.png")
+                out[f"pos{j}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
             return out
 
         samples = [sample(*entry) for entry in entries]
-        return shards.put_shard(folder, shards.shard_name(index), samples, {"digest": digest, "skipped": []})
+        info = shards.put_shard(folder, shards.shard_name(index), samples, {"digest": digest, "skipped": []})
+        return {**info, "node": node_id()}
 
     def close(self) -> None:
-        """Remove the local shard cache (called by ``ActorGroup`` before the actor is killed)."""
-        if isinstance(getattr(self, "cache", None), ShardCache):
-            self.cache.close()
+        """Remove this job's shard cache on this node (``ActorGroup`` calls it before killing the actor)."""
+        self.cache.close()
 
-    def __del__(self):
-        self.close()
+
+def read_features(url: str) -> tuple[list[str], np.ndarray]:
+    """``(ids, feats [n, C] float32)`` of one kept feature file."""
+    with np.load(_pyio.BytesIO(io.read_bytes(url)), allow_pickle=False) as data:
+        return [str(i) for i in data["ids"]], data["feats"]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -143,38 +133,40 @@ def positives_for(neighbors: list[str], count: int) -> list[str]:
     return [neighbors[j % len(neighbors)] for j in range(count)]
 
 
-def compute_features(group, urls: list[str], progress: bool):
-    calls = [(i, url) for i, url in enumerate(urls)]
-    parts: dict[int, tuple] = {}
-    for i, ids, feats in group.map("features", calls, desc="features", progress=progress):
-        parts[i] = (ids, feats)
-    per_shard = [parts[i][0] for i in range(len(urls))]
-    feats = np.concatenate([parts[i][1] for i in range(len(urls))])
-    return per_shard, feats
+def features_folder(cfg: Config, split: str, dm: dict) -> str:
+    """Where the split's global features are kept, keyed by everything they depend on."""
+    key = {"depth": dm.get("digest"), "total": dm["total"], "shards": dm["shards"], "backbone": cfg.model.backbone,
+           "weights": mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution}
+    return io.join(cfg.shards.root, "features", split, _digest(key))
 
 
-def neighbour_table(ids: list[str], feats: np.ndarray, k: int) -> dict[str, list[str]]:
-    import torch
-
-    from depthg.knn import topk_cosine
-
-    device = "cuda" if torch.cuda.is_available() else None  # the driver's GPU, when it has one
-    _, idx = topk_cosine(torch.from_numpy(feats), k, device=device)
-    return {ids[i]: [ids[j] for j in row] for i, row in enumerate(idx.tolist())}
+def compute_features(cfg: Config, group, dm: dict, urls: list[str], progress: bool) -> list[str]:
+    """Feature file URLs of every depth shard, extracting only those not kept from an earlier run."""
+    folder = features_folder(cfg, dm["split"], dm)
+    names = [shards.shard_name(i).replace(".tar", ".npz") for i in range(len(urls))]
+    kept = set(io.listdir(folder))
+    calls = [(i, url, io.join(folder, name)) for i, (url, name) in enumerate(zip(urls, names)) if name not in kept]
+    log.info("features %s: %d shards to extract, %d kept from an earlier run", dm["split"], len(calls),
+             len(urls) - len(calls))
+    for _ in group.map("features", calls, desc=f"features {dm['split']}", progress=progress):
+        pass
+    return [io.join(folder, name) for name in names]
 
 
 def mining_group(cfg: Config, max_actors: int | None = None):
-    """The pool of mining actors (reusable across splits); a context manager."""
+    """The pool of mining actors (reusable across splits, one shard cache per node); a context manager."""
     from cluster.raycluster import ActorGroup
 
-    return ActorGroup(MiningWorker, (to_dict(cfg),), cfg.mining.num_actors, max_actors)
+    return ActorGroup(MiningWorker, (to_dict(cfg), uuid.uuid4().hex[:12]), cfg.mining.num_actors, max_actors,
+                      device=cfg.mining.device)
 
 
 def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progress: bool = True,
-                   group=None) -> dict | None:
+                   group=None, on_unit: Callable[[dict], None] | None = None) -> dict | None:
     """Run stage 2 for one split; returns the training manifest (None when stopped by ``max_units``).
 
-    ``group``: a ``mining_group`` to reuse (otherwise one is started for this call).
+    ``group``: a ``mining_group`` to reuse (otherwise one is started for this call). ``on_unit``:
+    called on the driver with each training shard's result (sidecar + ``node``) once it is written.
     """
     depth_folder = shards.split_dir(cfg.shards.root, split, "depth")
     dm = shards.read_manifest(depth_folder)
@@ -184,10 +176,13 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
         return done
     if group is None:
         with mining_group(cfg, max_actors=len(urls)) as own:
-            return mine_neighbors(cfg, split, max_units, progress, own)
-    per_shard, feats = compute_features(group.check((to_dict(cfg),)), urls, progress)
-    units = plan_train_units(cfg, dm, urls, per_shard, feats)
-    return write_train_shards(cfg, split, group, units, dm, urls, per_shard, max_units, progress)
+            return mine_neighbors(cfg, split, max_units, progress, own, on_unit)
+    group.check((to_dict(cfg),))
+    feature_urls = compute_features(cfg, group, dm, urls, progress)
+    per_shard, idx = group.call("neighbours", feature_urls, int(cfg.mining.k))
+    units = plan_train_units(cfg, dm, per_shard, idx)
+    where = {i: url for url, part in zip(urls, per_shard) for i in part}
+    return write_train_shards(cfg, split, group, units, dm, where, max_units, progress, on_unit)
 
 
 def _signature(cfg: Config, dm: dict) -> dict:
@@ -210,37 +205,41 @@ def _finished_manifest(cfg: Config, split: str, dm: dict) -> dict | None:
     return tm if same else None
 
 
-def plan_train_units(cfg: Config, dm: dict, urls: list[str], per_shard: list[list[str]], feats: np.ndarray):
-    """``[(index, depth_url, entries, digest)]``: training shard i holds as many samples as depth shard i, taken
-    in the globally shuffled order of ``shards.shuffled_layout``, each with its positives."""
+def plan_train_units(cfg: Config, dm: dict, per_shard: list[list[str]], idx: np.ndarray):
+    """``[(index, entries, digest)]``, entries ``[(id, neighbours, positives)]`` in writing order."""
     split = dm["split"]
     ids = [i for part in per_shard for i in part]
-    if len(ids) != dm["total"]:
-        raise RuntimeError(f"depth shards of split {split}: manifest lists {dm['total']} samples, shards hold {len(ids)}")
-    table = neighbour_table(ids, feats, cfg.mining.k)
+    if len(ids) != dm["total"] or len(set(ids)) != len(ids):
+        raise RuntimeError(f"depth shards of split {split}: manifest lists {dm['total']} samples, "
+                           f"features hold {len(ids)} ({len(set(ids))} distinct)")
+    table = {ids[i]: [ids[j] for j in row] for i, row in enumerate(idx.tolist())}
     npos = int(cfg.mining.num_positives)
     if len(ids) - 1 < npos:
         log.warning("split %s has %d samples: positives cycle through %d neighbours", split, len(ids), len(ids) - 1)
+    # ORDER (the one place that decides which samples each training shard holds, and in what order):
+    # training shard i holds as many samples as depth shard i, in one seeded global shuffle of the split.
+    groups = shards.shuffled_layout(per_shard)
     units = []
-    for index, (url, part) in enumerate(zip(urls, shards.shuffled_layout(per_shard))):
+    for index, part in enumerate(groups):
         entries = [(i, table[i], positives_for(table[i], npos)) for i in part]
-        units.append((index, url, entries, _digest({"depth": dm.get("digest"), "entries": entries,
-                                                    "backbone": [cfg.model.backbone, cfg.model.weights]})))
+        units.append((index, entries, _digest({"depth": dm.get("digest"), "entries": entries,
+                                               "backbone": [cfg.model.backbone, cfg.model.weights]})))
     return units
 
 
-def write_train_shards(cfg: Config, split: str, group, units, dm: dict, urls, per_shard, max_units, progress):
+def write_train_shards(cfg: Config, split: str, group, units, dm: dict, where: dict, max_units, progress,
+                       on_unit=None):
     folder = shards.split_dir(cfg.shards.root, split, "train")
-    where = {i: url for url, part in zip(urls, per_shard) for i in part}
-    pending = [u for u in units if cfg.shards.overwrite or not _complete(folder, u[0], u[3])]
+    pending = [u for u in units if cfg.shards.overwrite or not _complete(folder, u[0], u[2])]
     if pending:
         io.remove(io.join(folder, shards.MANIFEST))
     calls = []
-    for index, url, entries, digest in pending[:max_units]:
-        needed = {p for key, _, pos in entries for p in (key, *pos)}
-        calls.append((index, url, entries, {p: where[p] for p in needed}, folder, digest))
-    for _ in group.map("write_unit", calls, desc=f"train shards {split}", progress=progress):
-        pass
+    for index, entries, digest in pending[:max_units]:
+        needed = {i for i, _, pos in entries for i in (i, *pos)}
+        calls.append((index, entries, {i: where[i] for i in needed}, folder, digest))
+    for result in group.map("write_unit", calls, desc=f"train shards {split}", progress=progress):
+        if on_unit is not None:
+            on_unit(result)
     if max_units is not None and len(calls) < len(pending):
         return None
     return write_train_manifest(cfg, split, folder, units, dm)
@@ -253,7 +252,7 @@ def _complete(folder: str, index: int, digest: str) -> bool:
 
 def write_train_manifest(cfg: Config, split: str, folder: str, units, dm: dict) -> dict:
     counts = []
-    for index, _, entries, digest in units:
+    for index, entries, digest in units:
         info = shards.read_sidecar(folder, shards.shard_name(index))
         if not info or info.get("digest") != digest or info["count"] != len(entries):
             raise RuntimeError(f"{folder}/{shards.shard_name(index)} is missing or stale after mining")

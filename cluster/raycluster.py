@@ -1,15 +1,27 @@
-"""Attach to a Ray cluster (or start a local one) and size actor pools to it.
+"""Attach to a Ray cluster (or start a local one), decide CPU or GPU for a stage, run its actors.
 
 ``connect()`` attaches to a running cluster when there is one (``RAY_ADDRESS`` set, or a local
 cluster started with ``ray start`` / ``ray up``, found through its address file) and otherwise
-starts a private local Ray for the job; it returns True when it started Ray, so the job can shut it
-down again. ``actor_resources(n)`` decides how many actors to run and what each asks for: one GPU
-per actor where the cluster has GPUs, otherwise an equal share of the CPUs each.
+starts a private local Ray for the job; it returns True when it started Ray.
+
+``plan_actors`` (pure) turns a stage's device setting into ``(count, ray options, device)``. A GPU
+stage asks for ``num_gpus=1`` per actor even when no GPU node is up yet: the pending actors are the
+resource demand that makes Ray's autoscaler start GPU workers. ``auto`` means GPU whenever the
+cluster has GPUs now or its autoscaler may add GPU node types (``autoscaler_node_types``).
+
+``ActorGroup`` is the one way the three Ray stages (depth, mining, evaluation) run actors. Failure
+handling is Ray's own: actors are created with ``max_restarts`` and ``max_task_retries``, so an
+actor that crashes or loses its node is restarted (same constructor arguments) and the calls that
+were running on it are resubmitted by Ray; stage calls are idempotent (each writes its own output
+atomically). ``map`` only hands calls to actors as they become ready and free (at most
+``in_flight`` each), so work never waits on an actor the cluster cannot place yet.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # storage settings the driver forwards to its actors (actors of an already running cluster do not
@@ -18,9 +30,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # on a cluster they come from the instance role or the credentials file named here.
 STORAGE_ENV = ("DEPTHG_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
-MAX_CALL_RETRIES = 3  # resubmissions of one call after its actor died
-log = logging.getLogger(__name__)
+MAX_RESTARTS = 3  # Ray restarts a dead actor (crash, lost node) this often ...
+MAX_TASK_RETRIES = -1  # ... and resubmits the calls that were running on it until it is dead for good
 CPU_ACTORS_DEFAULT = 2  # actors on a CPU-only cluster when the config says 0 ("auto")
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = ("auto: GPU actors whenever the cluster has GPUs or its autoscaler may add GPU nodes; "
+               "cuda: always ask for one GPU per actor; cpu: CPU actors")
+log = logging.getLogger(__name__)
 
 
 def running_cluster_address() -> str | None:
@@ -40,19 +56,22 @@ def running_cluster_address() -> str | None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
-    """Make sure this process is connected to Ray; True when this call started a local Ray."""
+    """Make sure this process is connected to Ray; True when this call started a local Ray.
+
+    ``address="local"`` always starts a private local Ray (never attaching to a cluster that a
+    ``ray start`` on this machine recorded)."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or running_cluster_address()
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         return False
     # actors of a private local cluster must import depthg / cluster from this checkout
     pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     return True
 
@@ -62,70 +81,167 @@ def storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
 
 
-def actor_resources(num_actors: int = 0) -> tuple[int, dict]:
-    """``(count, ray options)`` for the connected cluster (see ``plan_actors``)."""
+def node_id() -> str | None:
+    """Ray node id of the calling process (actors report it with their results); None outside Ray.
+
+    Never starts or attaches Ray itself (a bare ``ray.get_runtime_context()`` would)."""
     import ray
 
-    return plan_actors(ray.cluster_resources(), num_actors)
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def plan_actors(resources: dict, num_actors: int = 0) -> tuple[int, dict]:
-    """One GPU per actor on a GPU cluster, an equal CPU share otherwise (pure).
+# ----------------------------------------------------------------------------- what the cluster may hold
+def node_types_from_config(config: dict) -> list[dict]:
+    """``[{"name", "CPU", "GPU", "max_workers"}]`` of an autoscaler config (``ray_cluster.yaml`` form)."""
+    cap = int(config.get("max_workers", 0) or 0)
+    out = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        res = spec.get("resources") or {}
+        count = int(spec.get("max_workers", cap) or 0)
+        out.append({"name": name, "CPU": int(res.get("CPU", 0)), "GPU": int(res.get("GPU", 0)),
+                    "max_workers": min(count, cap) if cap else count})
+    return out
 
-    ``num_actors`` 0 means one per GPU (or ``CPU_ACTORS_DEFAULT`` without GPUs); the count never
-    exceeds what the cluster can place at once.
+
+def autoscaler_node_types() -> list[dict] | None:
+    """Node types the connected cluster's autoscaler may start, or None when there is no autoscaler.
+
+    Ray's own record first (``get_cluster_config``: autoscaler v2, KubeRay); else the config file of
+    the v1 autoscaler (``ray up``) monitoring *this* cluster, read from that monitor process on this
+    machine (job drivers run on the head node, where the monitor runs).
     """
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    if gpus > 0:
-        count = max(min(num_actors or gpus, gpus), 1)
-        return count, {"num_gpus": 1, "num_cpus": 1 if cpus >= count else 0}
+    import ray
+
+    try:  # private API (pinned Ray 2.60), guarded: no answer means "no autoscaler known"
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        if config is not None and config.node_group_configs:
+            return [{"name": g.name, "CPU": int(g.resources.get("CPU", 0)), "GPU": int(g.resources.get("GPU", 0)),
+                     "max_workers": int(g.max_count)} for g in config.node_group_configs]
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001
+        return None
+    path = _monitor_config_path(gcs)
+    if not path:
+        return None
+    import yaml
+
+    with open(os.path.expanduser(path)) as fh:
+        return node_types_from_config(yaml.safe_load(fh) or {})
+
+
+def _monitor_config_path(gcs_address: str) -> str | None:
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info.get("cmdline") or []
+        if any(a.endswith("monitor.py") for a in args) and f"--gcs-address={gcs_address}" in args:
+            for a in args:
+                if a.startswith("--autoscaling-config="):
+                    return a.split("=", 1)[1]
+    return None
+
+
+# ----------------------------------------------------------------------------- planning (pure)
+def resolve_device(device: str, resources: dict, node_types: list[dict] | None) -> str:
+    """``auto`` -> ``cuda`` when the cluster has GPUs or its autoscaler may add GPU nodes, else ``cpu``."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device != "auto":
+        return device
+    has_gpu = resources.get("GPU", 0) > 0 or any(t["GPU"] > 0 for t in node_types or [])
+    return "cuda" if has_gpu else "cpu"
+
+
+def _gpu_capacity(resources: dict, node_types: list[dict] | None) -> tuple[int, int]:
+    """(GPUs the cluster can reach, CPUs per GPU on a GPU node) from what is up and the autoscaler."""
+    gpu_types = [t for t in node_types or [] if t["GPU"] > 0]
+    reach = sum(t["GPU"] * max(t["max_workers"], 0) for t in gpu_types)
+    gpus = max(int(resources.get("GPU", 0)), reach)
+    if gpu_types:
+        cpus_per_gpu = min(t["CPU"] // t["GPU"] for t in gpu_types)
+    elif resources.get("GPU", 0) > 0:
+        cpus_per_gpu = int(resources.get("CPU", 0)) // int(resources["GPU"])
+    else:  # no GPU known yet: ask for little, so any GPU node that comes can hold the actor
+        cpus_per_gpu = 1
+    return gpus, max(cpus_per_gpu, 1)
+
+
+def plan_actors(resources: dict, num_actors: int = 0, device: str = "auto", cpus_per_actor: int = 0,
+                node_types: list[dict] | None = None) -> tuple[int, dict, str]:
+    """``(count, ray options, device)`` of a stage's actor pool.
+
+    GPU (``cuda``): one GPU each, ``num_actors`` or one per GPU the cluster can reach (up now or
+    addable by the autoscaler); ``cpus_per_actor`` CPUs each, 0 = the GPU nodes' CPUs per GPU.
+    CPU: ``num_actors`` or ``CPU_ACTORS_DEFAULT``, never more than the CPUs up now (at least 1), each
+    ``cpus_per_actor`` or an equal share.
+    """
+    device = resolve_device(device, resources, node_types)
+    if device == "cuda":
+        gpus, cpus_per_gpu = _gpu_capacity(resources, node_types)
+        count = max(min(num_actors or gpus, gpus) if gpus else (num_actors or 1), 1)
+        return count, {"num_gpus": 1, "num_cpus": cpus_per_actor or cpus_per_gpu}, device
+    cpus = int(resources.get("CPU", 0))
     count = max(min(num_actors or CPU_ACTORS_DEFAULT, max(cpus, 1)), 1)
-    return count, {"num_gpus": 0, "num_cpus": max(cpus // count, 1)}
+    return count, {"num_gpus": 0, "num_cpus": cpus_per_actor or max(cpus // count, 1)}, device
 
 
+def actor_resources(num_actors: int = 0, device: str = "auto", cpus_per_actor: int = 0) -> tuple[int, dict, str]:
+    """``plan_actors`` for the connected cluster."""
+    import ray
+
+    return plan_actors(ray.cluster_resources(), num_actors, device, cpus_per_actor, autoscaler_node_types())
+
+
+# ----------------------------------------------------------------------------- the actor pool
 class ActorGroup:
-    """A pool of ``actor_cls`` actors sized by ``actor_resources``; reusable for several ``map``
-    rounds (actor start-up, i.e. importing torch and building models, is paid once). The actors
-    start on the first ``map`` (at most one per call of it) and are killed when the ``with`` ends."""
+    """A pool of ``actor_cls`` actors, reusable for several ``map`` rounds (actor start-up, i.e.
+    importing torch and building models, is paid once); killed when the ``with`` ends.
+
+    ``options_fn(device, planned options)`` may replace the planned Ray options (the evaluator's
+    actors hold no CPU, for example); ``in_flight`` > 1 makes a threaded actor (``max_concurrency``)
+    that overlaps calls. Actors get ``threads=`` (torch threads: their CPU share) and ``init_kwargs``
+    as keywords.
+    """
 
     def __init__(self, actor_cls, init_args: tuple, num_actors: int = 0, max_actors: int | None = None,
-                 threads: int | None = None):
-        self.actor_cls, self.init_args = actor_cls, init_args
+                 threads: int | None = None, device: str = "auto", cpus_per_actor: int = 0,
+                 in_flight: int = 1, options_fn: Callable[[str, dict], dict] | None = None,
+                 init_kwargs: dict | None = None):
+        self.actor_cls, self.init_args, self.init_kwargs = actor_cls, init_args, dict(init_kwargs or {})
         self.num_actors, self.max_actors, self.threads = num_actors, max_actors, threads
+        self.device, self.cpus_per_actor, self.in_flight = device, cpus_per_actor, max(int(in_flight), 1)
+        self.options_fn = options_fn
         self.actors: list = []
+        self.plan: dict = {}
 
     def start(self, max_actors: int | None = None) -> list:
         import ray
 
         if self.actors:
             return self.actors
-        count, options = actor_resources(self.num_actors)
-        limits = [n for n in (self.max_actors, max_actors) if n]
-        count = max(min([count, *limits]), 1)
+        count, options, device = actor_resources(self.num_actors, self.device, self.cpus_per_actor)
+        count = max(min([count, *[n for n in (self.max_actors, max_actors) if n]]), 1)
+        if self.options_fn is not None:
+            options = dict(self.options_fn(device, options))
         threads = self.threads or max(int(options.get("num_cpus", 1)), 1)  # torch threads: the CPU share
+        options.update(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        if self.in_flight > 1:
+            options["max_concurrency"] = self.in_flight
         env = storage_env()
         if env:
             options["runtime_env"] = {"env_vars": env}
-        self._spawn_args = (ray.remote(self.actor_cls), options, threads)
-        self.actors = [self._spawn() for _ in range(count)]
+        self.plan = {"count": count, "device": device, "threads": threads, "options": options}
+        log.info("%s: %d actor(s) on %s, %s", self.actor_cls.__name__, count, device,
+                 {k: v for k, v in options.items() if k != "runtime_env"})
+        remote_cls = ray.remote(self.actor_cls).options(**options)
+        self.actors = [remote_cls.remote(*self.init_args, threads=threads, **self.init_kwargs) for _ in range(count)]
         return self.actors
 
-    def _spawn(self):
-        remote_cls, options, threads = self._spawn_args
-        return remote_cls.options(**options).remote(*self.init_args, threads=threads)
-
-    def _replace(self, dead):
-        """A fresh actor in the place of ``dead`` (killed, crashed, or its node lost)."""
-        import ray
-
-        ray.kill(dead)  # no-op when it is already gone
-        fresh = self._spawn()
-        self.actors = [fresh if a is dead else a for a in self.actors]
-        return fresh
-
     def check(self, init_args: tuple) -> "ActorGroup":
-        """Raise unless this group was built with ``init_args`` (e.g. the same config)."""
-        if tuple(init_args) != tuple(self.init_args):
+        """Raise unless this group was built with ``init_args`` first (e.g. the same config)."""
+        if tuple(init_args) != tuple(self.init_args[:len(init_args)]):
             raise ValueError(f"this {self.actor_cls.__name__} group was built for another config; "
                              "build one group per config")
         return self
@@ -133,46 +249,52 @@ class ActorGroup:
     def map(self, method: str, calls: list[tuple], desc: str = "", progress: bool = True):
         """Yield ``actor.method(*call)`` results as they complete, with one driver-side tqdm bar.
 
-        An actor that dies (``ray.kill``, a crash, a lost node) is replaced by a fresh one and its call
-        is resubmitted, at most ``MAX_CALL_RETRIES`` times per call: the calls are idempotent (each
-        writes its own shard atomically), so every unit still lands exactly once. Exceptions raised
-        by the method itself are not retried.
+        A call goes to an actor once it is ready (placed and constructed) and has a free slot; the
+        next call is handed out *before* a result is yielded, so a consumer that pauses (or kills a
+        node) always leaves work in flight. Retries after actor death are Ray's (``MAX_RESTARTS``,
+        ``MAX_TASK_RETRIES``); the error of a call that still fails, or of a method that raises,
+        ends the map.
         """
         import ray
-        from ray.exceptions import RayActorError
         from tqdm import tqdm
 
         if not calls:
             return
-        idle, todo = list(self.start(len(calls))), list(enumerate(calls))[::-1]
-        running: dict = {}
-        retries = [0] * len(calls)
-        with tqdm(total=len(calls), desc=desc, unit="shard", disable=not progress) as bar:
+        waiting = {actor.__ray_ready__.remote(): actor for actor in self.start(len(calls))}
+        idle, todo, running = [], deque(enumerate(calls)), {}
+        log.info("%s: %d calls; each goes to an actor once it is placed and free", desc or method, len(calls))
+
+        def hand_out():
+            while idle and todo:
+                actor, (i, call) = idle.pop(), todo.popleft()
+                running[getattr(actor, method).remote(*call)] = actor
+
+        with tqdm(total=len(calls), desc=desc, unit="call", disable=not progress) as bar:
             while todo or running:
-                while idle and todo:
-                    actor, (i, call) = idle.pop(), todo.pop()
-                    running[getattr(actor, method).remote(*call)] = (actor, i, call)
-                (ref,), _ = ray.wait(list(running), num_returns=1)
-                actor, i, call = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except RayActorError as exc:
-                    retries[i] += 1
-                    if retries[i] > MAX_CALL_RETRIES:
-                        raise
-                    log.warning("%s: actor died during call %d (%s); replacing it and resubmitting the call",
-                                desc or method, i, type(exc).__name__)
-                    idle.append(self._replace(actor))
-                    todo.append((i, call))
+                (ref,), _ = ray.wait([*waiting, *running], num_returns=1)
+                if ref in waiting:
+                    actor = waiting.pop(ref)
+                    ray.get(ref)  # raises when the actor cannot be constructed
+                    idle.extend([actor] * self.in_flight)
+                    hand_out()
                     continue
-                idle.append(actor)
+                idle.append(running.pop(ref))
+                result = ray.get(ref)
+                hand_out()
                 bar.update(1)
                 yield result
+
+    def call(self, method: str, *args):
+        """One call on one actor of the pool (the first ready one), with the same retries."""
+        return list(self.map(method, [args], progress=False))[0]
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
         import ray
 
         if self.actors and callable(getattr(self.actor_cls, "close", None)):

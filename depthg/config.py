@@ -37,6 +37,7 @@ LHPMode = Literal["improved", "reference"]
 SamplingMode = Literal["fps", "fps_reference", "random"]
 SamplingStart = Literal["first", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
+DepthPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 Selection = Literal["none", "label_free", "val_miou"]
 
 
@@ -80,7 +81,9 @@ class DepthGenConfig:
     batch_size: int = 8
     flip_average: bool = True
     num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
-    device: DeviceChoice = "auto"
+    device: DeviceChoice = "auto"  # auto (GPU when the cluster has or may add GPUs) | cpu | cuda
+    precision: DepthPrecision = "auto"  # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    cpus_per_actor: int = 0  # torch + PNG-encoding threads per actor; 0 = the GPU node's CPUs per GPU
 
 
 @dataclass
@@ -89,6 +92,8 @@ class MiningConfig:
     num_positives: int = 7  # positives embedded per training sample (ranks 1..K)
     batch_size: int = 16
     num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
+    device: DeviceChoice = "auto"  # as depthgen.device
+    cache_dir: str = ""  # per-node depth-shard cache; "" = $DEPTHG_CACHE_DIR, else the system temp dir
 
 
 @dataclass
@@ -185,7 +190,8 @@ class EvalConfig:
     crf: bool = True
     kmeans: bool = False
     batch_size: int = 8
-    num_workers: int = 2  # Ray evaluation actors
+    num_workers: int = 0  # Ray evaluation actors; 0 = one per GPU (2 on a CPU-only cluster)
+    device: DeviceChoice = "auto"  # as depthgen.device
     report_images: int = 8
 
 

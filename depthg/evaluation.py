@@ -95,16 +95,28 @@ def predict(backbone, segmenter, images: torch.Tensor, opts: EvalOptions) -> dic
     Keys: ``cluster``, ``linear``, with CRF also ``cluster_crf``, ``linear_crf``, with centroids
     ``kmeans``. Cluster ids are raw (not yet matched to classes).
     """
+    scores, preds = predict_scores(backbone, segmenter, images, opts)
+    if opts.crf:
+        preds.update(crf_predictions(images, scores, opts.crf_params))
+    return preds
+
+
+@torch.no_grad()
+def predict_scores(backbone, segmenter, images: torch.Tensor, opts: EvalOptions):
+    """``(scores, preds)``: each probe's scores ``[B,C,S,S]`` (``probe_scores``) and the predictions of
+    ``predict`` without the CRF heads, whose input the scores are (the CRF can then run elsewhere)."""
     size = tuple(images.shape[2:])
     codes = compute_codes(backbone, segmenter.head, images, opts.flip)
     scores = probe_scores(segmenter, codes, size)
     preds = {name: s.argmax(dim=1).cpu() for name, s in scores.items()}
-    if opts.crf:
-        for name, s in scores.items():
-            preds[name + "_crf"] = crf_mod.crf_batch(images.cpu(), s.cpu(), opts.crf_params).argmax(dim=1)
     if opts.centroids is not None:
         preds["kmeans"] = kmeans_assign(upsample(codes, size), opts.centroids.to(codes.device)).cpu()
-    return preds
+    return scores, preds
+
+
+def crf_predictions(images: torch.Tensor, scores: dict[str, torch.Tensor], params: crf_mod.CRFParams):
+    """``{name + "_crf": [B,S,S]}``: dense-CRF refined predictions of each probe's scores."""
+    return {name + "_crf": crf_mod.crf_batch(images.cpu(), s.cpu(), params).argmax(dim=1) for name, s in scores.items()}
 
 
 def n_predictions(segmenter, opts: EvalOptions) -> dict[str, int]:

@@ -5,7 +5,9 @@
 similarities over the whole set. Row i never contains i itself (``exclude_self``): rank 0 of our
 result is rank 1 of the reference, which keeps the anchor as its own top hit. Ties are broken by
 the lower index, so results do not depend on the chunk size. Cost: one ``chunk x N`` matmul and
-top-k per block (on ``device``, e.g. a GPU, when given).
+top-k per block (on ``device``, e.g. a GPU, when given). Memory: the normalised features
+(``4 N C`` bytes) plus at most ``17 chunk N`` bytes per block; ``block_rows(N, budget)`` picks the
+chunk for a budget.
 """
 from __future__ import annotations
 
@@ -55,3 +57,14 @@ def _stable_topk(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         fs, fi = torch.sort(sim[tied], dim=1, descending=True, stable=True)
         s[tied], i[tied] = fs[:, :k], fi[:, :k]
     return s, i
+
+
+def block_rows(n: int, budget_bytes: int) -> int:
+    """Query rows per block so that one block's working memory stays within ``budget_bytes``.
+
+    Per query row ``topk_cosine`` holds the similarity row (4 bytes per candidate), a comparison
+    mask (1 byte) and, for rows tied at the k-th value, a full sort (4-byte values + 8-byte indices):
+    at most 17 bytes per candidate, so a block of ``r`` rows needs <= 17 * r * n bytes on top of
+    the normalised features (4 * n * C bytes).
+    """
+    return max(1, int(budget_bytes) // (17 * max(int(n), 1)))

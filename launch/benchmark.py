@@ -1,10 +1,10 @@
 """Benchmarks: print a table and write JSON. Never timed assertions in tests.
 
     python launch/benchmark.py fps [--out bench/fps.json]
-    python launch/benchmark.py depthgen | train | eval | quality | coverage
+    python launch/benchmark.py depthgen | train | eval | quality | coverage | mining-io
 
-Each name maps to ``bench/<name>.py`` exposing ``add_arguments(parser)`` and
-``run(args) -> dict`` (the dict is written as JSON to ``--out``).
+Each name maps to ``bench/<name>.py`` (``-`` read as ``_``) exposing ``add_arguments(parser)`` and
+``run(args) -> dict`` (the dict is written as JSON to ``--out``, default ``bench/<name>.json``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 from bench import machine
 from launch import run
 
-NAMES = ("fps", "depthgen", "train", "eval", "quality", "coverage")
+NAMES = ("fps", "depthgen", "train", "eval", "quality", "coverage", "mining-io")
 
 
 def main(argv=None) -> dict:
@@ -24,9 +24,9 @@ def main(argv=None) -> dict:
     sub = parser.add_subparsers(dest="name", required=True)
     modules = {}
     for name in NAMES:
-        modules[name] = importlib.import_module(f"bench.{name}")
+        modules[name] = importlib.import_module(f"bench.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=(modules[name].__doc__ or "").strip().splitlines()[0])
-        p.add_argument("--out", default=f"bench/{name}.json", help="where to write the JSON result")
+        p.add_argument("--out", default=f"bench/{name.replace('-', '_')}.json", help="where to write the JSON result")
         modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     result = modules[args.name].run(args)

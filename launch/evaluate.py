@@ -1,11 +1,13 @@
 """Evaluate a segmenter checkpoint on validation shards; write the report beside it (or to --output).
 
     python launch/evaluate.py --checkpoint runs/demo/segmenter.pt [--shards shards/demo] [--output DIR]
-        [--workers 2] [--config FILE] [eval.crf=false eval.kmeans=true ...]
+        [--workers N] [--device auto|cpu|cuda] [--config FILE] [eval.crf=false eval.kmeans=true ...]
 
 The checkpoint's own config is the base; ``--config`` and ``key=value`` overrides go on top.
-``--workers 0`` evaluates in this process (no Ray); otherwise Ray actors (``eval.num_workers``
-by default) connect to ``RAY_ADDRESS`` when set, else start a local Ray.
+``--workers 0`` evaluates in this process (no Ray); otherwise Ray actors (``eval.num_workers`` by
+default: one per GPU, or 2 on a CPU-only cluster) score the shards and the dense CRF runs as
+1-CPU Ray tasks over every CPU of the cluster; they attach to ``RAY_ADDRESS`` / a local
+``ray start`` when there is one, else start a local Ray.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import posixpath
 import sys
 
 from cluster import evaluator
+from cluster.raycluster import DEVICE_HELP, DEVICES
 from depthg import io, report
 from depthg.config import load_config, save_config, split_cli, to_dict
 from launch import run
@@ -29,7 +32,9 @@ def parse(argv):
     p.add_argument("--config", default="", help="YAML applied on top of the checkpoint's config")
     p.add_argument("--split", default="val")
     p.add_argument("--workers", type=int, default=None, help="Ray actors (0 = in-process; default eval.num_workers)")
-    return p.parse_args(rest), overrides
+    p.add_argument("--device", choices=DEVICES, default=None, help=f"sets eval.device ({DEVICE_HELP})")
+    args = p.parse_args(rest)
+    return args, overrides + ([f"eval.device={args.device}"] if args.device else [])
 
 
 def checkpoint_config(url: str) -> dict:

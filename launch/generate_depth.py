@@ -9,7 +9,9 @@ Writes ``{root}/depth/{split}/`` (one sample per crop, depth in [0,1]) and then
 ``{root}/{split}/`` (each sample + its ``mining.num_positives`` nearest neighbours embedded), each
 folder's ``manifest.json`` last. Reruns skip complete shards (``shards.overwrite=true`` redoes
 them). Ray: attaches to a running cluster (``--address``, ``RAY_ADDRESS`` or a local ``ray start``),
-else starts a local one for the job; one depth actor per GPU, or CPU shares without GPUs.
+else starts a local one for the job. ``--device`` (``depthgen.device`` and ``mining.device``):
+``auto`` runs one actor per GPU whenever the cluster has GPUs or its autoscaler may add GPU nodes
+(the actors' GPU requests make it start them), ``cuda`` always asks for GPUs, ``cpu`` uses CPU shares.
 Without ``--config`` the demo config (``configs/demo.yaml``, the one ``launch/train.py`` uses) is
 read; ``--config none`` gives the bare code defaults.
 """
@@ -20,6 +22,7 @@ import logging
 import os
 import sys
 
+from cluster.raycluster import DEVICE_HELP, DEVICES
 from depthg import io
 from depthg.config import load_config, save_config, split_cli
 from launch import DEMO_CONFIG, run
@@ -34,10 +37,13 @@ def parse_args(argv, description=__doc__, mining_flag=True):
     parser.add_argument("--splits", default="train,val", help="comma-separated splits (default train,val)")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a local `ray start`, or new)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help=f"sets depthgen.device and mining.device ({DEVICE_HELP})")
     if mining_flag:
         parser.add_argument("--skip-mining", action="store_true", help="stop after the depth shards")
     args = parser.parse_args(rest)
-    args.overrides = overrides
+    args.overrides = overrides + ([f"depthgen.device={args.device}", f"mining.device={args.device}"]
+                                  if args.device else [])
     return args
 
 
@@ -73,7 +79,8 @@ def run_mining(cfg, splits, quiet: bool) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def main(argv=None, on_unit=None) -> dict:
+    """``on_unit(result)``: called on the driver after each depth shard is complete (tests' hook)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = resolve_config(args)
@@ -91,7 +98,7 @@ def main(argv=None) -> dict:
         out = {}
         with depth_group(cfg) as group:  # one pool of actors for all splits
             for split in splits:
-                m = generate_depth(cfg, split, progress=not args.quiet, group=group)
+                m = generate_depth(cfg, split, progress=not args.quiet, group=group, on_unit=on_unit)
                 log.info("depth %s: %d samples in %d shards, %d skipped", split, m["total"], len(m["shards"]),
                          len(m["skipped"]))
                 out[f"depth/{split}"] = m

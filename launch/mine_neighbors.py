@@ -1,10 +1,12 @@
 """Stage 2 alone: neighbour mining over existing depth shards -> training shards.
 
-    python launch/mine_neighbors.py [--config FILE] [--splits train,val] [key=value ...]
+    python launch/mine_neighbors.py [--config FILE] [--splits train,val] [--device auto|cpu|cuda] [key=value ...]
 
 Reads ``{root}/depth/{split}/manifest.json`` (written by ``launch/generate_depth.py``), computes
-global backbone features on Ray actors, exact cosine top-``mining.k`` over the split, and writes
-``{root}/{split}/`` with ``mining.num_positives`` positives embedded per sample (manifest last).
+global backbone features on Ray actors (kept under ``{root}/features/``, so a rerun with another
+``mining.k`` skips them), exact cosine top-``mining.k`` over the split on one of those actors (its
+GPU), and writes ``{root}/{split}/`` with ``mining.num_positives`` positives embedded per sample
+(manifest last).
 """
 from __future__ import annotations
 

@@ -95,7 +95,8 @@ def ray_local():
         saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
         os.environ.update(MOTO_CREDENTIALS)
         try:
-            # address="local": always a fresh Ray of our own, never one another process started on this machine
+            # address="local": always a private Ray, never a cluster another process recorded in
+            # /tmp/ray/ray_current_cluster (ray.cluster_utils.Cluster and `ray start` write it)
             ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": REPO}})
         finally:

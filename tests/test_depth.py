@@ -19,34 +19,34 @@ def _images():
     return [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 50, 3), (24, 36, 3), (40, 50, 3)]]
 
 
-@pytest.fixture(scope="module")
-def tiny_dpt(tmp_path_factory):
+def _save_dpt(folder, initializer_range=0.02):
     torch.manual_seed(0)
     cfg = transformers.DPTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
                                  image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3],
-                                 neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8)
-    model = transformers.DPTForDepthEstimation(cfg).eval()
-    folder = str(tmp_path_factory.mktemp("tiny_dpt"))
-    model.save_pretrained(folder)
+                                 neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
+                                 initializer_range=initializer_range)
+    transformers.DPTForDepthEstimation(cfg).eval().save_pretrained(folder)
     transformers.DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
+def tiny_dpt(tmp_path_factory):
+    return _save_dpt(str(tmp_path_factory.mktemp("tiny_dpt")))
+
+
+@pytest.fixture(scope="module")
+def varied_dpt(tmp_path_factory):
+    """A tiny random DPT whose depth maps have a real range (default init gives near-constant maps,
+    ~1e-9 apart, which min-max normalisation would turn into noise)."""
+    return _save_dpt(str(tmp_path_factory.mktemp("varied_dpt")), initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
 def tiny_zoe(tmp_path_factory):
-    torch.manual_seed(0)
-    backbone = transformers.BeitConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                                       intermediate_size=32, image_size=32, patch_size=8,
-                                       out_features=["stage1", "stage2", "stage3", "stage4"],
-                                       use_auxiliary_head=False, reshape_hidden_states=False)
-    cfg = transformers.ZoeDepthConfig(backbone_config=backbone, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
-                                      bottleneck_features=8, num_relative_features=8, bin_embedding_dim=8,
-                                      num_attractors=[4, 4, 2, 1],
-                                      bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0}])
-    folder = str(tmp_path_factory.mktemp("tiny_zoe"))
-    transformers.ZoeDepthForDepthEstimation(cfg).eval().save_pretrained(folder)
-    transformers.ZoeDepthImageProcessor(size={"height": 32, "width": 32}, ensure_multiple_of=8).save_pretrained(folder)
-    return folder
+    from bench.depthgen import make_tiny_zoe  # the benchmark's tiny random ZoeDepth (BEiT backbone)
+
+    return make_tiny_zoe(str(tmp_path_factory.mktemp("tiny_zoe")))
 
 
 def test_normalize_depth_minmax_and_inverse():
@@ -138,6 +138,48 @@ def test_depth_anything_keep_aspect_ratio_mixed_sizes(tmp_path):
     np.testing.assert_allclose(out[0], TransformersDepth(str(tmp_path), "cpu", batch_size=1)([images[0]])[0], atol=1e-5)
 
 
+def test_batches_are_formed_across_image_sizes(tiny_dpt):
+    # three image sizes, one model-input size (32 x 32): one batch of 3, not one batch per image size
+    est = TransformersDepth(tiny_dpt, "cpu", batch_size=3)
+    shapes, forward = [], est._forward
+    est._forward = lambda batch: (shapes.append(tuple(batch.shape)), forward(batch))[1]
+    images = _images() + [np.zeros((32, 64, 3), np.uint8)]
+    out = est(images)
+    assert shapes == [(3, 3, 32, 32), (1, 3, 32, 32)]
+    assert [d.shape for d in out] == [img.shape[:2] for img in images]
+    for a, b in zip(out, TransformersDepth(tiny_dpt, "cpu", batch_size=1)(images)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_autocast_precisions_on_cpu(varied_dpt):
+    from depthg.depth.estimators import autocast_dtype
+
+    images = _images()
+    fp32 = TransformersDepth(varied_dpt, "cpu", precision="fp32")(images)
+    auto = TransformersDepth(varied_dpt, "cpu")  # auto = fp32 on the CPU, fp16 on a GPU
+    assert auto.amp is None and all(np.array_equal(a, b) for a, b in zip(auto(images), fp32))
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.float16
+    # measured on this model: fp16 moves normalised depth by <= 0.004, bf16 by <= 0.04 (bench/depthgen.py)
+    for precision, bound in (("fp16", 0.02), ("bf16", 0.1)):
+        est = TransformersDepth(varied_dpt, "cpu", precision=precision)
+        out = est(images)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(out, fp32))
+        assert est.amp is not None and 0 < diff < bound, (precision, diff)
+    with pytest.raises(DepthError, match="depthgen.precision"):
+        TransformersDepth(varied_dpt, "cpu", precision="int8")
+
+
+def test_autocast_overflow_falls_back_to_fp32(tmp_path):
+    # large random weights overflow fp16 (inf/nan): the estimator reruns the batch in fp32 and stays there
+    folder = _save_dpt(str(tmp_path), initializer_range=1.0)
+    images = _images()
+    est = TransformersDepth(folder, "cpu", precision="fp16")
+    out = est(images)
+    assert est.amp is None
+    for a, b in zip(out, TransformersDepth(folder, "cpu", precision="fp32")(images)):
+        assert np.isfinite(a).all() and np.array_equal(a, b)
+
+
 def test_transformers_depth_errors(tmp_path, tiny_dpt):
     with pytest.raises(DepthError, match=str(tmp_path)):
         TransformersDepth(str(tmp_path), "cpu")
@@ -153,7 +195,7 @@ def test_transformers_depth_errors(tmp_path, tiny_dpt):
 def test_transformers_depth_on_gpu_matches_cpu(tiny_dpt):
     images = _images()
     cpu = TransformersDepth(tiny_dpt, "cpu", batch_size=2)(images)
-    gpu_est = TransformersDepth(tiny_dpt, "cuda", batch_size=2)
+    gpu_est = TransformersDepth(tiny_dpt, "cuda", batch_size=2, precision="fp32")
     assert gpu_est.device.type == "cuda"
     for a, b in zip(cpu, gpu_est(images)):
         np.testing.assert_allclose(a, b, atol=2e-3)

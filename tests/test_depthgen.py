@@ -174,22 +174,19 @@ def test_transformers_depth_is_estimated_on_the_full_image_then_cropped(tmp_path
 def test_raycluster_sizes_actors_to_the_cluster(ray_local, monkeypatch):
     from cluster import raycluster
 
-    # ray_local declares 2 logical GPUs: one GPU per actor, never more actors than GPUs
-    assert raycluster.actor_resources(0) == (2, {"num_gpus": 1, "num_cpus": 1})
+    # ray_local declares 2 logical GPUs and has no autoscaler: one GPU per actor, never more actors than GPUs
+    assert raycluster.autoscaler_node_types() is None
+    assert raycluster.actor_resources(0) == (2, {"num_gpus": 1, "num_cpus": 1}, "cuda")
     assert raycluster.actor_resources(1)[0] == 1 and raycluster.actor_resources(5)[0] == 2
+    assert raycluster.actor_resources(0, device="cpu") == (2, {"num_gpus": 0, "num_cpus": 1}, "cpu")
     assert raycluster.connect() is False  # already connected: attaches, starts nothing
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert raycluster.running_cluster_address() == "10.0.0.1:6379"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.delenv("DEPTHG_S3_ENDPOINT", raising=False)
     assert raycluster.storage_env()["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1"
-    # CPU-only clusters: CPU shares; GPU clusters: one GPU each
-    assert raycluster.plan_actors({"CPU": 16}, 0) == (2, {"num_gpus": 0, "num_cpus": 8})
-    assert raycluster.plan_actors({"CPU": 2}, 1) == (1, {"num_gpus": 0, "num_cpus": 2})
-    assert raycluster.plan_actors({"CPU": 2}, 4) == (2, {"num_gpus": 0, "num_cpus": 1})
-    assert raycluster.plan_actors({"CPU": 64, "GPU": 8}, 0) == (8, {"num_gpus": 1, "num_cpus": 1})
-    assert raycluster.plan_actors({"CPU": 4, "GPU": 8}, 0) == (8, {"num_gpus": 1, "num_cpus": 0})
-    group = raycluster.ActorGroup(depthgen.DepthWorker, ({"a": 1},))
+    group = raycluster.ActorGroup(depthgen.DepthWorker, ({"a": 1}, "job"))
+    group.check(({"a": 1},))
     with pytest.raises(ValueError, match="another config"):
         group.check(({"a": 2},))
 

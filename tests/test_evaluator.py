@@ -89,12 +89,21 @@ def test_ray_two_workers_equal_single_process(val_shards, ray_local):
     single = evaluator.evaluate(cfg, model, urls, workers=0)
     dist = evaluator.evaluate(cfg, model, urls, workers=2)
     assert dist["images"] == single["images"] == 7
-    assert len(dist["worker_seconds"]) == 2
+    assert dist["workers"] == 2 and single["workers"] == 0 and len(dist["shard_seconds"]) == len(urls)
     for name, conf in single["confusion"].items():
         np.testing.assert_array_equal(dist["confusion"][name], conf, err_msg=name)
         assert dist["scores"][name] == single["scores"][name]
     assert (single["confusion"]["cluster"].sum(axis=1) > 0).sum() >= 2  # a non-trivial prediction
     assert [s["id"] for s in dist["samples"]] == [s["id"] for s in single["samples"]]
+
+
+def test_eval_actors_hold_a_gpu_and_no_cpu_so_crf_tasks_can_run():
+    cfg = _cfg(crf=True)
+    group = evaluator.eval_group(cfg, {"crf": True}, evaluator.RandomModel("tiny_vit"), 0, 4)
+    assert group.init_kwargs == {"crf_tasks": True} and group.device == "auto"
+    assert group.options_fn("cuda", {"num_gpus": 1, "num_cpus": 12}) == {"num_gpus": 1, "num_cpus": 0}
+    assert group.options_fn("cpu", {"num_gpus": 0, "num_cpus": 1}) == {}  # Ray's default: placed on a free CPU, holds none
+    assert cfg.eval.num_workers == 0  # one actor per GPU by default
 
 
 def test_shard_list_names_what_it_looked_for(tmp_path):

@@ -1,10 +1,12 @@
 """Faults in depth generation (stage 1) on a real local Ray and in real processes.
 
-* SIGINT: ``launch/generate_depth.py`` runs as its own process (its own Ray) and is interrupted with
-  SIGINT once the first shard is on disk; it leaves no manifest, and a rerun resumes (complete
-  shards untouched) to the same bytes as an uninterrupted run.
-* A depth actor killed mid-run (``ray.kill``): the job still completes and every sample is present
-  exactly once (``ActorGroup.map`` replaces the dead actor and resubmits its unit).
+* SIGINT: ``launch/generate_depth.py``'s ``main`` runs as its own process (its own Ray) with a hook
+  that pauses the job after its first complete shard (``tests/events.py``); the test sends SIGINT
+  while it is paused, so the job can never finish first. It leaves no manifest, and a rerun
+  resumes (complete shards untouched) to the same bytes as an uninterrupted run.
+* Depth actors crashing mid-run (``ray.kill(..., no_restart=False)`` right after the first shard,
+  while the next units are in flight): Ray restarts them and resubmits their units
+  (``cluster.raycluster``: ``max_restarts`` / ``max_task_retries``); every sample is present exactly once.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import time
 import pytest
 
 from cluster import depthgen
-from cluster.raycluster import ActorGroup
 from depthg import shards
 from depthg.config import load_config
+from events import wait_for_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 synthetic scenes of 96x128, one per shard, five-cropped: ~0.17 s of work per shard on this CPU
@@ -46,17 +48,6 @@ def _manifest(data: bytes, root: str) -> dict:
     return manifest
 
 
-def _wait_for(predicate, timeout: float, proc=None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc is not None and proc.poll() is not None:
-            return predicate()
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.slow
 def test_sigint_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local):
     from launch import generate_depth
@@ -66,22 +57,23 @@ def test_sigint_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local):
     depthgen.generate_depth(_cfg(full), "train", progress=False)
     t1 = time.monotonic()
     folder = shards.split_dir(part, "train", "depth")
-    cmd = [sys.executable, os.path.join(REPO, "launch", "generate_depth.py"), "--config", "none", "--quiet",
-           "--skip-mining", "--splits", "train", "--address", "local", *SLOW, f"shards.root={part}"]
+    events = str(tmp_path / "events")
+    cmd = [sys.executable, os.path.join(REPO, "tests", "events.py"), events, "generate_depth", "--config", "none",
+           "--quiet", "--skip-mining", "--splits", "train", "--address", "local", *SLOW, f"shards.root={part}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"})
-    try:
-        first = lambda: os.path.isdir(folder) and any(n.endswith(".json") for n in os.listdir(folder))  # noqa: E731
-        assert _wait_for(first, 180, proc), "no shard appeared: " + (proc.stdout.read() if proc.poll() is not None else "")
+    try:  # the job pauses after its first complete shard until "go" exists: it never does
+        paused = wait_for_file(os.path.join(events, "first.json"), proc)
+        assert paused, "the job never paused: " + (proc.stdout.read() if proc.poll() is not None else "")
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
+        output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     t2 = time.monotonic()
     assert proc.returncode != 0, output[-2000:]  # interrupted, not finished
-    assert "KeyboardInterrupt" in output
+    assert "KeyboardInterrupt" in output or "interrupted" in output
     assert not os.path.exists(os.path.join(folder, shards.MANIFEST))  # nothing claims to be complete
     done = {n for n in os.listdir(folder) if n.endswith(".tar") and os.path.exists(
         os.path.join(folder, shards.sidecar_name(n)))}
@@ -105,33 +97,24 @@ def test_sigint_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local):
           f"reference {t1 - t0:.1f} s, interrupted process {t2 - t1:.1f} s, rerun {time.monotonic() - t2:.1f} s")
 
 
-class _KillAfterFirst(ActorGroup):
-    """An actor group that ``ray.kill``s one of its (busy) actors as soon as the first unit is done."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.killed: list = []
-
-    def map(self, method, calls, desc="", progress=True):
-        import ray
-
-        for i, result in enumerate(super().map(method, calls, desc, progress)):
-            if i == 0:
-                victim = self.actors[0]
-                ray.kill(victim)
-                self.killed.append(victim)
-            yield result
-
-
 @pytest.mark.slow
 def test_depth_actor_killed_mid_run_every_sample_once(tmp_path, ray_local):
-    from depthg.config import to_dict
+    import ray
 
     cfg = _cfg(str(tmp_path / "out"))
-    group = _KillAfterFirst(depthgen.DepthWorker, (to_dict(cfg),), 2)
-    with group:
-        manifest = depthgen.generate_depth(cfg, "train", progress=False, group=group)
-    assert len(group.killed) == 1
+    killed, pids = [], []
+
+    with depthgen.depth_group(cfg) as group:
+        def crash_all_after_first(result):  # runs after the first shard, with the next units in flight
+            pids.append(result["pid"])
+            if not killed:
+                killed.extend(group.actors)
+                for actor in group.actors:
+                    ray.kill(actor, no_restart=False)  # like a crash: Ray restarts it and resubmits its calls
+
+        manifest = depthgen.generate_depth(cfg, "train", progress=False, group=group, on_unit=crash_all_after_first)
+    assert len(killed) == 2
+    assert len(set(pids)) >= 3, "two actors without a restart run in at most two processes"
     assert manifest["total"] == 16 * 5 and len(manifest["shards"]) == 16 and manifest["skipped"] == []
     keys = [raw["__key__"] for url in shards.shard_urls(cfg.shards.root, "train", "depth")
             for raw in shards.iter_shard(url)]

@@ -46,7 +46,9 @@ def test_mining_end_to_end(tmp_path, ray_local):
     depth_urls = shards.shard_urls(root, "val", "depth")
     ids, feats = [], []
     for i, url in enumerate(depth_urls):
-        _, part_ids, part = worker.features(i, url)
+        out = os.path.join(str(tmp_path), f"ref-{i}.npz")
+        assert worker.features(i, url, out)["count"] == len(shards.read_sidecar(os.path.dirname(url), f"shard-{i:06d}.tar")["ids"])
+        part_ids, part = mining.read_features(out)
         ids += part_ids
         feats.append(part)
     expected = _brute_neighbours(ids, np.concatenate(feats).astype(np.float64), 5)
@@ -93,16 +95,59 @@ def test_mining_without_depth_manifest_says_what_to_run(tmp_path, ray_local):
         mining.mine_neighbors(_cfg(str(tmp_path)), "val", progress=False)
 
 
-def test_shard_cache_reads_s3_members_by_offset_and_cleans_up(s3):
+def test_features_are_kept_and_a_rerun_skips_extraction(tmp_path, ray_local):
+    root = str(tmp_path)
+    shards.write_test_shards(root, 8, size=(16, 16), with_positives=False, samples_per_shard=3, split="train")
+    first = mining.mine_neighbors(_cfg(root), "train", progress=False)
+    dm = shards.read_manifest(shards.split_dir(root, "train", "depth"))
+    folder = mining.features_folder(_cfg(root), "train", dm)
+    kept = {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)}
+    assert sorted(kept) == [f"shard-{i:06d}.npz" for i in range(3)]
+    # other positives: the training shards are redone, the features are read back, not recomputed
+    second = mining.mine_neighbors(_cfg(root, **{"mining.num_positives": 2}), "train", progress=False)
+    assert second["num_positives"] == 2 and first["num_positives"] == 3
+    assert {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)} == kept
+    raw = next(shards.iter_shard(shards.shard_urls(root, "train", "train")[0]))
+    assert shards.num_positives(raw) == 2
+    # another backbone resolution is another feature set
+    assert mining.features_folder(_cfg(root, **{"data.resolution": 16}), "train", dm) != folder
+
+
+def test_node_cache_fetches_each_s3_shard_once_per_node(s3, tmp_path):
+    import threading
+
+    from cluster.nodecache import NodeShardCache, cache_dir
+
     root = f"{s3}/cache"
     shards.write_test_shards(root, 5, size=(8, 12), with_positives=False, samples_per_shard=3, split="val")
-    cache = mining.ShardCache()
-    for url in shards.shard_urls(root, "val", "depth"):
-        for raw in shards.iter_shard(url):
-            for member in ("rgb.png", "depth.png", "label.png", "meta.json"):
-                assert cache.read(url, f"{raw['__key__']}.{member}") == raw[member]
-    assert len(os.listdir(cache.dir)) == 2  # each remote shard fetched once
+    urls = shards.shard_urls(root, "val", "depth")
+    sizes = sum(len(io.read_bytes(u)) for u in urls)
+    node_a = cache_dir(str(tmp_path), "job", "node-a")
+    # two actors of one node read every member, racing on the same shards: one download per shard
+    actors = [NodeShardCache(node_a), NodeShardCache(node_a)]
+
+    errors = []
+
+    def read_all(cache):
+        for url in urls:
+            for raw in shards.iter_shard(url):
+                for member in ("rgb.png", "depth.png", "label.png", "meta.json"):
+                    if cache.read(url, f"{raw['__key__']}.{member}") != raw[member]:
+                        errors.append((url, raw["__key__"], member))
+
+    threads = [threading.Thread(target=read_all, args=(c,)) for c in actors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(c.fetched_bytes for c in actors) == sizes
+    assert len([n for n in os.listdir(node_a) if n.endswith(".tar")]) == 2
+    other = NodeShardCache(cache_dir(str(tmp_path), "job", "node-b"))  # another node fetches its own copy
+    read_all(other)
+    assert other.fetched_bytes == sizes
     with pytest.raises(KeyError, match="no member"):
-        cache.read(url, "nope.rgb.png")
-    cache.close()
-    assert not os.path.exists(cache.dir)
+        actors[0].read(urls[0], "nope.rgb.png")
+    for cache in (*actors, other):
+        cache.close()
+    assert not os.path.exists(os.path.join(str(tmp_path), "depthg-cache-job"))

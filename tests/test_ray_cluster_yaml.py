@@ -1,5 +1,6 @@
 """ray_cluster.yaml, checked offline: Ray's own autoscaler config validation plus the facts the schema
-cannot know (instance sizes, what the setup commands install, where S3 credentials come from).
+cannot know (instance sizes, what the image and setup commands install, where S3 credentials come
+from, the IAM and bucket files in cluster/iam/ the recipe creates).
 
 PRIVATE API: ``ray.autoscaler._private.util.prepare_config`` and ``validate_config`` are what
 ``ray up`` runs first, but they are internal and change between Ray releases, so the tests that call
@@ -23,6 +24,7 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML_PATH = os.path.join(REPO, "ray_cluster.yaml")
 README_PATH = os.path.join(REPO, "cluster", "README.md")
+IAM_DIR = os.path.join(REPO, "cluster", "iam")
 
 # Published EC2 sizes (vCPU, NVIDIA GPUs) of the instance types this file may use: a node type that
 # advertises other numbers would make Ray over- or under-schedule actors on it.
@@ -82,12 +84,17 @@ def _own_checks(cfg: dict) -> None:
         node = spec["node_config"]
         assert node["InstanceType"] in INSTANCE_SPECS, f"{name}.node_config.InstanceType unknown to the test"
         cpus, gpus = INSTANCE_SPECS[node["InstanceType"]]
-        assert spec["resources"] == {"CPU": cpus, "GPU": gpus}, f"{name}.resources != {node['InstanceType']}"
-        assert DLAMI.match(node["ImageId"]), f"{name}.node_config.ImageId is not a Deep Learning AMI"
-        if name != head:
-            assert "IamInstanceProfile" in node, f"{name}: workers need an instance profile for s3://"
+        if name == head:  # the head does no work: no task or actor may be placed on it
+            assert spec["resources"] == {"CPU": 0, "GPU": 0}, f"{name}.resources must be CPU 0, GPU 0"
+        else:
+            assert spec["resources"] == {"CPU": cpus, "GPU": gpus}, f"{name}.resources != {node['InstanceType']}"
             assert 0 <= spec["min_workers"] <= spec["max_workers"] <= cfg["max_workers"], f"{name} bounds"
-    assert types[head]["resources"]["GPU"] == 0, "the head node must stay CPU-only"
+        assert DLAMI.match(node["ImageId"]), f"{name}.node_config.ImageId is not a Deep Learning AMI"
+        assert "IamInstanceProfile" in node, f"{name}: every node needs an instance profile for s3://"
+        for dev in node["BlockDeviceMappings"]:
+            ebs = dev["Ebs"]
+            assert ebs["VolumeType"] == "gp3" and ebs.get("Throughput", 0) > 125, f"{name}: gp3 throughput not set"
+            assert ebs["Throughput"] <= 0.25 * ebs.get("Iops", 3000), f"{name}: gp3 allows 0.25 MiB/s per IOPS"
     gpu_types = [t for t in types.values() if t["resources"]["GPU"] > 0]
     assert gpu_types, "no GPU worker node type"
     reachable = max(min(t["max_workers"], cfg["max_workers"]) * t["resources"]["GPU"] for t in gpu_types)
@@ -118,17 +125,62 @@ def test_own_checks_pass():
 
 
 def test_setup_installs_this_project_with_matching_ray():
+    import ray
+
     cfg = _load()
     assert cfg["file_mounts"] == {"~/depthg": "."}, "repository root synced to ~/depthg"
     assert os.path.exists(os.path.join(REPO, "pyproject.toml"))
     assert ".venv" in cfg["rsync_exclude"], "the local venv (GBs) must not be synced"
-    install = [c for c in cfg["setup_commands"] if "pip install -e" in c]
+    install = [c for c in cfg["setup_commands"] if "pip install" in c and "-e" in c]
     assert len(install) == 1 and "cd ~/depthg" in install[0] and '".[all]"' in install[0]
     pin = re.search(r'ray\[default,train\]==([\d.]+)', install[0])
     assert pin, "Ray must be pinned on the cluster"
-    ray = pytest.importorskip("ray")
     assert pin.group(1) == ray.__version__, "cluster Ray pin differs from the local Ray (the `ray` CLI)"
     assert any("boto3" in c for c in cfg["head_setup_commands"]), "the autoscaler on the head needs boto3"
+    # the image brings Python, Ray (same version) and the CUDA runtime; so does the baked alternative
+    image = cfg["docker"]["image"]
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-(gpu|cu\d+)", image), image
+    with open(os.path.join(REPO, "cluster", "Dockerfile")) as fh:
+        assert f"FROM {image}" in fh.read()
+
+
+def test_nodes_mount_datasets_from_s3_and_a_fast_cache_disk():
+    cfg = _load()
+    init = "\n".join(cfg["initialization_commands"])
+    assert "mount-s3 --read-only" in init and "BUCKET /mnt/datasets" in init, "datasets are read from S3, not copied"
+    assert "aws s3 sync" not in _text() and "aws s3 cp" not in _text(), "no copy of the datasets per node"
+    assert "Instance Storage" in init and "/mnt/local" in init, "the NVMe instance store is the cache disk"
+    assert "580.65.06" in init, "the driver check for torch's CUDA 13.0 build"
+    run = " ".join(cfg["docker"]["run_options"])
+    assert "/mnt/local:/mnt/local" in run and "/mnt/datasets:/mnt/datasets" in run
+    assert "DEPTHG_CACHE_DIR=/mnt/local" in run, "mining's per-node cache goes to the fast disk"
+    assert cfg["provider"]["cache_stopped_nodes"] is False, "restarted nodes would skip the mounts"
+
+
+def test_iam_files_are_least_privilege_and_created_by_the_script():
+    import json
+
+    with open(os.path.join(IAM_DIR, "s3-policy.json")) as fh:
+        s3_policy = json.load(fh)
+    for statement in s3_policy["Statement"]:
+        assert all(a.startswith("s3:") and "*" not in a for a in statement["Action"]), statement
+        assert statement["Resource"] in ("arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"), statement
+    with open(os.path.join(IAM_DIR, "head-policy.json")) as fh:
+        head = json.load(fh)
+    passrole = [s for s in head["Statement"] if "iam:PassRole" in s["Action"]]
+    assert passrole and all("depthg-worker" in r for s in passrole for r in s["Resource"])
+    assert not any(a.startswith("s3:") for s in head["Statement"] for a in s["Action"]), "S3 comes from s3-policy.json"
+    with open(os.path.join(IAM_DIR, "bucket-lifecycle.json")) as fh:
+        rule = json.load(fh)["Rules"][0]
+    assert rule["Status"] == "Enabled" and rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] >= 1
+    with open(os.path.join(IAM_DIR, "create.sh")) as fh:
+        script = fh.read()
+    for name in ("ec2-trust.json", "s3-policy.json", "head-policy.json", "bucket-lifecycle.json"):
+        assert name in script, f"create.sh does not use {name}"
+    profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for t in _load()["available_node_types"].values()}
+    assert profiles == {"depthg-head", "depthg-worker"}
+    assert all(f"role {p} " in script for p in profiles), "create.sh creates every profile the YAML names"
+    assert os.access(os.path.join(IAM_DIR, "create.sh"), os.X_OK)
 
 
 def test_start_commands():
@@ -136,6 +188,7 @@ def test_start_commands():
     head = " ".join(cfg["head_start_ray_commands"])
     worker = " ".join(cfg["worker_start_ray_commands"])
     assert "ray start --head" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "--num-cpus=0" in head, "the head does no work"
     assert "--address=$RAY_HEAD_IP:6379" in worker
     assert cfg["head_start_ray_commands"][0] == cfg["worker_start_ray_commands"][0] == "ray stop"
 
@@ -166,6 +219,9 @@ BROKEN = [
     ("negative max_workers", ("max_workers",), -1),
     ("GPU count that does not match g5.12xlarge", ("available_node_types", "gpu_a10g_x4", "resources", "GPU"), 8),
     ("worker without S3 role", ("available_node_types", "gpu_a10g_x4", "node_config", "IamInstanceProfile"), _DELETE),
+    ("head that takes work", ("available_node_types", "head_cpu", "resources", "CPU"), 8),
+    ("gp3 throughput left at the baseline",
+     ("available_node_types", "gpu_a10g_x4", "node_config", "BlockDeviceMappings", 0, "Ebs", "Throughput"), _DELETE),
     ("autoscaling bound too small for 16 GPUs", ("available_node_types", "gpu_a10g_x4", "max_workers"), 2),
 ]
 

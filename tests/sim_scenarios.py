@@ -1,0 +1,94 @@
+"""Job drivers for the simulated-cluster tests (tests/test_cluster_sim.py), each run in its own
+process: a driver connects to one cluster for its lifetime, and the test process keeps its own
+local Ray (``ray_local``) untouched. Each scenario writes a JSON of what it observed.
+
+    python tests/sim_scenarios.py fake-driver ADDRESS ROOT OUT.json
+    python tests/sim_scenarios.py multinode ROOT OUT.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from depthg.config import load_config  # noqa: E402
+
+BASE = ["data.dataset=synthetic", "data.height=48", "data.width=64", "shards.samples_per_shard=1",
+        "model.backbone=tiny_vit", "data.resolution=32", "mining.k=4", "mining.num_positives=2",
+        "mining.batch_size=8", "eval.resolution=32", "eval.batch_size=2", "eval.crf=true", "eval.report_images=2"]
+
+
+def fake_driver(address: str, root: str, out: str) -> None:
+    """generate_depth on the fake autoscaling cluster: GPU actors requested, fake GPU nodes added."""
+    import ray
+
+    from cluster.depthgen import depth_group, generate_depth
+    from cluster.raycluster import connect
+
+    connect(address)
+    before = ray.cluster_resources()
+    cfg = load_config(None, BASE + ["data.num_train=4", f"shards.root={root}", "depthgen.device=auto"])
+    units = []
+    with depth_group(cfg) as group:
+        manifest = generate_depth(cfg, "train", progress=False, group=group,
+                                  on_unit=lambda r: units.append(r["node"]))
+        plan = {k: v for k, v in group.plan.items() if k != "options"}
+        plan["options"] = {k: v for k, v in group.plan["options"].items() if k in ("num_gpus", "num_cpus")}
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    head = next(n for n, r in nodes.items() if "node:__internal_head__" in r)
+    _write(out, {"resources_before": before, "plan": plan, "unit_nodes": units, "nodes": nodes, "head": head,
+                 "total": manifest["total"]})
+
+
+def multinode(root: str, out: str) -> None:
+    """Depth (losing a node after the first shard), mining and evaluation on a 3-node cluster."""
+    from cluster import evaluator
+    from cluster.depthgen import generate_depth
+    from cluster.mining import mine_neighbors, mining_group
+    from cluster.simcluster import node_of, private_cluster
+    from depthg import shards
+
+    nodes = [{"num_cpus": 1, "num_gpus": 0}, {"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1, "num_gpus": 1}]
+    cfg = load_config(None, BASE + ["data.num_train=8", "data.num_val=4", f"shards.root={root}",
+                                    "depthgen.num_actors=2", "mining.num_actors=2", "eval.num_workers=2"])
+    seen = {"depth": [], "mining": [], "killed": None, "added": None}
+    with private_cluster(nodes, pythonpath=REPO) as cluster:
+        seen["head"] = cluster.head_node.node_id
+
+        def lose_a_node(result):  # after the first complete shard, while the next units run
+            seen["depth"].append(result["node"])
+            if seen["killed"] is None:
+                seen["killed"] = result["node"]
+                cluster.remove_node(node_of(cluster, result["node"]), allow_graceful=False)
+                seen["added"] = cluster.add_node(num_cpus=1, num_gpus=1).node_id  # the autoscaler's replacement
+
+        depth = generate_depth(cfg, "train", progress=False, on_unit=lose_a_node)
+        generate_depth(cfg, "val", progress=False)
+        seen["depth_keys"] = [raw["__key__"] for url in shards.shard_urls(root, "train", "depth")
+                              for raw in shards.iter_shard(url)]
+        with mining_group(cfg) as group:
+            mined = {s: mine_neighbors(cfg, s, progress=False, group=group,
+                                       on_unit=lambda r: seen["mining"].append(r["node"])) for s in ("train", "val")}
+        cfg.model.n_classes = depth["n_classes"]
+        model = evaluator.RandomModel("tiny_vit", "random", 16, depth["n_classes"], 0)
+        urls = evaluator.shard_list(root, "val")
+        dist = evaluator.evaluate(cfg, model, urls)
+    local = evaluator.evaluate(cfg, model, urls, workers=0)  # the same evaluation in this process, no Ray
+    seen.update({"depth_total": depth["total"], "mined": {s: m["total"] for s, m in mined.items()},
+                 "eval_nodes": dist["nodes"], "eval_workers": dist["workers"],
+                 "eval_equal": all((dist["confusion"][k] == local["confusion"][k]).all() for k in local["confusion"])
+                 and set(dist["confusion"]) == set(local["confusion"]), "eval_heads": sorted(local["confusion"])})
+    _write(out, seen)
+
+
+def _write(path: str, data: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    name, args = sys.argv[1], sys.argv[2:]
+    {"fake-driver": fake_driver, "multinode": multinode}[name](*args)

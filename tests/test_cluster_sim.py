@@ -1,0 +1,73 @@
+"""The Ray stages on clusters emulated on this machine (cluster/simcluster.py), drivers in their own
+process (tests/sim_scenarios.py).
+
+* fake_autoscaler: Ray's fake-multinode autoscaler with a CPU head (CPU 0) and a GPU worker type
+  (logical GPUs). generate_depth with depthgen.device=auto sees GPU node types in the autoscaler's
+  config, asks for GPU actors; the autoscaler adds fake GPU nodes and every unit runs there.
+* multinode: a 3-node ray.cluster_utils.Cluster (CPU head, two 1-GPU nodes) runs depth, mining and
+  evaluation with actors on several nodes; the node of the first finished depth unit is killed
+  right then (a hook, no timing) and a replacement added (the autoscaler's job on a real cluster):
+  Ray restarts the lost actor there and redoes its units; every sample is present exactly once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster.simcluster import FakeAutoscaler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCENARIOS = os.path.join(REPO, "tests", "sim_scenarios.py")
+
+
+def _run(args: list[str], env: dict, out: str) -> dict:
+    log = out + ".log"
+    with open(log, "w") as fh:
+        proc = subprocess.run([sys.executable, SCENARIOS, *args, out], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                              text=True, timeout=1500)
+    if proc.returncode != 0:
+        with open(log) as fh:
+            lines = [line for line in fh if not line.lstrip().startswith("[20")]  # drop raylet log lines
+        trace = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+        raise AssertionError("".join(lines[trace[0]:] if trace else lines[-80:])[-8000:])
+    with open(out) as fh:
+        return json.load(fh)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_fake_autoscaler_adds_gpu_nodes_for_depth_actors(tmp_path):
+    with FakeAutoscaler({"gpu_worker": {"CPU": 1, "GPU": 1, "max_workers": 2}}, head={"CPU": 0},
+                        pythonpath=REPO) as fake:
+        seen = _run(["fake-driver", fake.address, str(tmp_path / "shards")], fake.env(), str(tmp_path / "out.json"))
+    assert seen["resources_before"].get("GPU", 0) == 0  # no GPU node until the stage asked for GPUs
+    assert seen["plan"]["device"] == "cuda" and seen["plan"]["count"] == 2
+    assert seen["plan"]["options"] == {"num_gpus": 1, "num_cpus": 1}  # the GPU type's CPUs per GPU
+    gpu_nodes = {n for n, r in seen["nodes"].items() if r.get("GPU", 0) >= 1}
+    assert gpu_nodes and seen["head"] not in gpu_nodes
+    assert len(seen["unit_nodes"]) == 4 and set(seen["unit_nodes"]) <= gpu_nodes  # every unit on a fake GPU node
+    assert seen["total"] == 4 * 5
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_multinode_stages_survive_a_lost_node_every_sample_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    seen = _run(["multinode", str(tmp_path / "shards")], env, str(tmp_path / "out.json"))
+    head, killed, added = seen["head"], seen["killed"], seen["added"]
+    assert killed and killed != head and added not in (head, killed)
+    # depth: every crop exactly once although a node was lost with units in flight
+    keys = seen["depth_keys"]
+    assert seen["depth_total"] == 8 * 5 and len(keys) == 40 and len(set(keys)) == 40
+    after = seen["depth"][1:]
+    assert added in after and head not in seen["depth"]  # the restarted actor worked on the new node
+    # mining and evaluation: actors on several nodes, results complete and equal to one process
+    assert seen["mined"] == {"train": 40, "val": 4}
+    assert len(set(seen["mining"])) >= 2 and killed not in seen["mining"]
+    assert seen["eval_workers"] == 2 and len(seen["eval_nodes"]) >= 2
+    assert seen["eval_equal"] and {"cluster_crf", "linear_crf"} <= set(seen["eval_heads"])
