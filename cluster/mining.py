@@ -107,7 +107,8 @@ class MiningWorker:
                     out[member] = self.cache.read(src, f"{key}.{member}")
             for j, pid in enumerate(positives):
                 out[f"pos{j}.rgb.png"] = self.cache.read(where[pid], f"{pid}.rgb.png")
-                out[f"pos{j}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
+                if f"{pid}.depth.png" in self.cache.members(where[pid])[1]:  # none with depthgen.source=none
+                    out[f"pos{j}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
             return out
 
         samples = [sample(*entry) for entry in entries]
