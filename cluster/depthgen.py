@@ -107,7 +107,12 @@ class DepthWorker:
         return records, skipped
 
     def add_depth(self, records: list) -> list:
-        """Depth of the full images (before cropping); the estimator batches them across sizes."""
+        """Depth of the full images (before cropping); the estimator batches them across sizes.
+        ``depthgen.source=none``: no depth at all (the shards hold images and labels only)."""
+        if self.cfg.depthgen.source == "none":
+            for rec in records:
+                rec.depth = None
+            return records
         est = self.estimator()
         items = records if getattr(est, "needs_records", False) else [r.image for r in records]
         with self._model:
@@ -227,7 +232,8 @@ def write_depth_manifest(cfg: Config, split: str, folder: str, units, digest: st
         "kind": "depth", "split": split, "dataset": cfg.data.dataset,
         "shards": [{"name": s["name"], "count": s["count"]} for s in sidecars],
         "n_classes": info["n_classes"], "class_names": info["class_names"],
-        "depth_source": "dataset" if cfg.depthgen.source == "dataset" else f"transformers:{cfg.depthgen.model}",
+        "depth_source": (cfg.depthgen.source if cfg.depthgen.source != "transformers"
+                         else f"transformers:{cfg.depthgen.model}"),
         "five_crop": bool(split == "train" and cfg.data.five_crop), "digest": digest,
         "config": mask_secrets(to_dict(cfg)), "skipped": skipped,
     }

@@ -24,6 +24,8 @@ import os
 import socket
 
 import torch
+
+from depthg.device import resolve_device
 import torch.distributed as dist
 
 from depthg.world import World
@@ -42,14 +44,10 @@ def free_port() -> int:
 def pick_device(world: World | None = None, device: str = "auto") -> torch.device:
     """``device``: auto (this rank's GPU, ``local_rank`` modulo the visible GPUs, else the CPU) | cpu | cuda.
     Selecting a GPU also makes it the current CUDA device of the process."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but torch sees no CUDA device")
-    torch.cuda.set_device((world.local_rank if world else 0) % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
+    chosen = resolve_device(device, world.local_rank if world else 0)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    return chosen
 
 
 def loader_workers(setting: int, world: World, cpus: int | None = None) -> int:

@@ -27,6 +27,7 @@ import torch
 
 from cluster.raycluster import node_id
 from depthg import evaluation, io, metrics, shards
+from depthg.device import resolve_device
 
 KMEANS_PER_IMAGE = 64  # code vectors sampled per image for k-means fitting
 CRF_IN_FLIGHT = 16  # CRF tasks (one image each, ~22 MB of scores at 320 px x 54 classes) pending per actor
@@ -43,11 +44,8 @@ class CheckpointModel:
         from depthg.checkpoint import load_segmenter
         from depthg.models import build_backbone
 
-        loaded = load_segmenter(self.url)
-        cfg, segmenter = loaded[0], loaded[1]
-        model = cfg["model"] if isinstance(cfg, dict) else cfg.model
-        get = (lambda k: model[k]) if isinstance(model, dict) else (lambda k: getattr(model, k))
-        return build_backbone(get("backbone"), get("weights")), segmenter
+        cfg, segmenter, _ = load_segmenter(self.url)
+        return build_backbone(cfg.model.backbone, cfg.model.weights), segmenter
 
 
 class RandomModel:
@@ -85,12 +83,6 @@ def shard_list(url: str, split: str = "val") -> list[str]:
     return find_split(url, split)[0]
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _keep_first(samples: list[dict], new: list[dict], n: int) -> list[dict]:
     """The ``n`` samples with the smallest ids (so the choice does not depend on the split)."""
     return sorted(samples + new, key=lambda s: s["id"])[:n]
@@ -108,7 +100,7 @@ class EvalWorker:
             torch.set_num_threads(threads)
         self.cfg = dict(eval_cfg)
         self.n_classes = int(n_classes)
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.crf_tasks = bool(crf_tasks)
         backbone, segmenter = model_fn()
         self.backbone = backbone.to(self.device).eval()
@@ -130,7 +122,8 @@ class EvalWorker:
 
         Seeded per shard name, so the codes do not depend on how shards are split over workers.
         """
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(url.rsplit("/", 1)[-1].encode()))
+        shard = zlib.crc32(url.rsplit("/", 1)[-1].encode())
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, shard]).generate_state(1)[0]))
         parts = [evaluation.sample_codes(self.backbone, self.segmenter, evaluation.collate(b)[0].to(self.device),
                                          per_image, bool(self.cfg["flip"]), gen) for b in self._batches(url)]
         return {url: torch.cat(parts).numpy()} if parts else {}

@@ -46,10 +46,12 @@ class MiningWorker:
     def __init__(self, cfg_dict: dict, job: str = "local", threads: int = 0):
         import torch
 
+        from depthg.device import resolve_device
+
         if threads:
             torch.set_num_threads(threads)
         self.cfg = from_dict(Config, cfg_dict)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device(self.cfg.mining.device)
         self._backbone = None
         self.cache = NodeShardCache(cache_dir(self.cfg.mining.cache_dir, job, node_id() or "local"))
 
@@ -107,7 +109,8 @@ class MiningWorker:
                     out[member] = self.cache.read(src, f"{key}.{member}")
             for j, pid in enumerate(positives):
                 out[f"pos{j}.rgb.png"] = self.cache.read(where[pid], f"{pid}.rgb.png")
-                out[f"pos{j}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
+                if f"{pid}.depth.png" in self.cache.members(where[pid])[1]:  # none with depthgen.source=none
+                    out[f"pos{j}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
             return out
 
         samples = [sample(*entry) for entry in entries]

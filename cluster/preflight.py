@@ -9,7 +9,8 @@ expected, before any worker is spawned or any backbone loaded:
 * ``train.output`` naming an existing file (it must be a folder, local or s3://);
 * ``train.resume``: a complete checkpoint written with the same model settings;
 * the shards: the train manifest, every shard it lists, enough samples for one optimizer step of
-  ``world_size`` ranks, ``n_classes``, and a val split when validation or a checkpoint choice needs one.
+  ``world_size`` ranks, ``n_classes``, a val split when validation or a checkpoint choice needs one, and
+  no setting that reads depth when the shards have none (``depthgen.source=none``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import dataclasses
 import posixpath
 
 from depthg import io, planner, shards
-from depthg.config import Config, ConfigError
+from depthg.config import Config, ConfigError, check_depth_free
 
 
 def check(cfg: Config, world_size: int) -> None:
@@ -85,6 +86,8 @@ def check_shards(cfg: Config, world_size: int) -> dict:
         planner.steps_per_epoch(int(manifest["total"]), t.micro_batch_per_gpu * world_size, t.grad_accum)
     except ValueError as exc:
         raise ConfigError(f"shards.root={cfg.shards.root} with {world_size} rank(s): {exc}") from exc
+    if manifest.get("depth_source") == "none":
+        check_depth_free(cfg, f"shards.root={cfg.shards.root} (written with depthgen.source=none)")
     if cfg.model.n_classes == 0 and int(manifest.get("n_classes") or 0) < 1:
         raise ConfigError(f"model.n_classes=0 and {io.join(folder, shards.MANIFEST)} has no n_classes: set model.n_classes")
     if t.val_every or t.select != "none":

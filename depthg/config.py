@@ -28,7 +28,7 @@ class ConfigError(DepthgError, ValueError):
 # library modules that take the same values (losses, sampling, backbones) derive their tuples from them.
 Dataset = Literal["synthetic", "folder", "camvid", "cocostuff27", "cityscapes", "potsdam"]
 DepthCast = Literal["none", "uint8", "int"]
-DepthSource = Literal["dataset", "transformers"]
+DepthSource = Literal["dataset", "transformers", "none"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 BackboneName = Literal["dino_vits8", "dino_vits8_800ep", "dino_vitb8", "dinov2_vits14", "effnet_lite0", "tiny_vit"]
 DropoutMasks = Literal["shared", "independent"]
@@ -76,7 +76,7 @@ class ShardConfig:
 
 @dataclass
 class DepthGenConfig:
-    source: DepthSource = "dataset"  # dataset (depth shipped with the data) | transformers
+    source: DepthSource = "dataset"  # dataset (depth shipped with the data) | transformers | none (no depth)
     model: str = "Intel/zoedepth-nyu"  # transformers model id or local folder
     batch_size: int = 8
     flip_average: bool = True
@@ -338,7 +338,24 @@ def _get(cfg, dotted: str):
     return cfg
 
 
+def depth_readers(cfg: Config) -> list[str]:
+    """The settings that read depth maps, as ``key=value`` (empty: the STEGO baseline, no depth needed)."""
+    out = [f"loss.depth.mode={cfg.loss.depth.mode}"] if cfg.loss.depth.mode != "none" else []
+    out += [f"sampling.mode={cfg.sampling.mode}"] if cfg.sampling.mode != "random" else []
+    return out + (["loss.lhp.enabled=true"] if cfg.loss.lhp.enabled else [])
+
+
+def check_depth_free(cfg: Config, what: str) -> None:
+    """Raise naming the settings when data without depth maps (``what``) meets settings that read depth."""
+    readers = depth_readers(cfg)
+    if readers:
+        raise ConfigError(f"{what} has no depth maps, but {', '.join(readers)} reads depth: train without depth "
+                          "with loss.depth.mode=none sampling.mode=random loss.lhp.enabled=false (STEGO)")
+
+
 def validate(cfg: Config) -> None:
+    if cfg.depthgen.source == "none":
+        check_depth_free(cfg, "depthgen.source=none")
     if cfg.train.zero_stage not in (0, 1):
         raise ConfigError("config key 'train.zero_stage': expected 0 or 1")
     for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "sampling.min_samples",

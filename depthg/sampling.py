@@ -282,24 +282,31 @@ def _as_image(points: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return points.transpose(1, 2).reshape(points.shape[0], 3, h, w)
 
 
+def _random_coords(b: int, samples: int, generator, device, dtype) -> torch.Tensor:
+    """STEGO's uniform coordinates in [-1, 1] -> [B,S,S,2] on ``device``, drawn from ``generator``."""
+    gen_device = generator.device if generator is not None else device
+    coords = torch.rand((b, samples, samples, 2), generator=generator, device=gen_device, dtype=dtype)
+    return (coords * 2.0 - 1.0).to(device)
+
+
 def _random_locations(grid, samples, fov_deg, generator) -> Locations:
     b, h, w = grid.shape
-    gen_device = generator.device if generator is not None else grid.device
-    coords = torch.rand((b, samples, samples, 2), generator=generator, device=gen_device, dtype=grid.dtype)
-    coords = (coords * 2.0 - 1.0).to(grid.device)
+    coords = _random_coords(b, samples, generator, grid.device, grid.dtype)
     points = lift_points(grid, fov_deg)
     return Locations(coords=coords, points=read_grid(_as_image(points, h, w), coords),
                      depth=read_grid(grid.unsqueeze(1), coords)[..., 0], idx=None)
 
 
-def sample_locations(mode: str, depth: torch.Tensor, grid_hw: tuple[int, int], samples: int,
+def sample_locations(mode: str, depth: torch.Tensor | None, grid_hw: tuple[int, int], samples: int,
                      fov_deg: float = 90.0, start: str = "first",
-                     generator: torch.Generator | None = None) -> Locations:
+                     generator: torch.Generator | None = None, like: torch.Tensor | None = None) -> Locations:
     """Choose S*S = ``samples**2`` feature locations per image of ``depth`` [B,1,H,W] on a ``grid_hw`` grid.
 
     ``mode``: fps | fps_reference | random (module docstring). ``start`` (fps only): first | random.
     ``generator`` drives the random start and the random coordinates (it may live on the CPU while
-    ``depth`` is on the GPU). No gradient flows through the locations.
+    ``depth`` is on the GPU). No gradient flows through the locations. ``depth`` None (data without depth
+    maps): ``random`` only, one set per item of ``like`` (the features: batch size and device), with
+    ``points`` and ``depth`` None.
     """
     if mode not in MODES:
         raise ValueError(f"sampling.mode: {mode!r} is not one of {', '.join(MODES)}")
@@ -311,6 +318,11 @@ def sample_locations(mode: str, depth: torch.Tensor, grid_hw: tuple[int, int], s
     h, w = int(grid_hw[0]), int(grid_hw[1])
     if samples < 1 or samples * samples > h * w:
         raise ValueError(f"sampling.samples: {samples}^2 locations do not fit a {h}x{w} feature grid")
+    if depth is None:
+        if mode != "random" or like is None:
+            raise ValueError(f"sampling.mode={mode} reads depth maps and these images have none: use sampling.mode=random")
+        return Locations(coords=_random_coords(like.shape[0], samples, generator, like.device, torch.float32),
+                         points=None, depth=None, idx=None)
     with torch.no_grad():
         grid = pool_depth(depth, (h, w))
         if mode == "fps":

@@ -10,7 +10,8 @@ One WebDataset sample per crop (five-cropped train) or image (val). ``__key__`` 
 
 =================  ==========================================================================
 ``rgb.png``        uint8 RGB image, H x W x 3, stored losslessly at its native crop size
-``depth.png``      16-bit greyscale PNG of ``round(depth * 65535)``; depth float32 in [0, 1]
+``depth.png``      16-bit greyscale PNG of ``round(depth * 65535)``; depth float32 in [0, 1]; absent in
+                   shards written with ``depthgen.source=none`` (manifest ``depth_source: none``)
 ``label.png``      uint8 PNG, class id, 255 = ignore (read back as -1); absent when unlabelled
 ``meta.json``      ``{"id", "source_id", "crop", "split", "dataset", "neighbors": [ids]}``
 ``pos{k}.rgb.png`` stage 2 only: the k-th positive's crop (k = 0..K-1, neighbour ranks 1..K)
@@ -110,21 +111,24 @@ def encode_label(label: np.ndarray) -> bytes:
     return _png(np.where(label < 0, IGNORE_ON_DISK, label).astype(np.uint8))
 
 
-def encode_sample(sample_id: str, image: np.ndarray, depth: np.ndarray, label: np.ndarray | None = None,
-                  meta: dict | None = None, positives: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> dict:
-    """One sample as a dict of bytes for ``wds.TarWriter(..., encoder=False)``."""
+def encode_sample(sample_id: str, image: np.ndarray, depth: np.ndarray | None, label: np.ndarray | None = None,
+                  meta: dict | None = None, positives: Sequence[tuple[np.ndarray, np.ndarray | None]] = ()) -> dict:
+    """One sample as a dict of bytes for ``wds.TarWriter(..., encoder=False)``; ``depth`` None (and None
+    positive depths) writes a sample without depth (``depthgen.source=none``)."""
     if "." in sample_id or "/" in sample_id:
         raise ShardError(f"sample id {sample_id!r} must not contain '.' or '/'")
-    if image.shape[:2] != depth.shape:
+    if depth is not None and image.shape[:2] != depth.shape:
         raise ShardError(f"sample {sample_id}: image {image.shape[:2]} and depth {depth.shape} differ in size")
     meta = {"id": sample_id, **(meta or {})}
-    out = {"__key__": sample_id, "rgb.png": encode_image(image), "depth.png": encode_depth(depth),
-           "meta.json": encode_meta(meta)}
+    out = {"__key__": sample_id, "rgb.png": encode_image(image), "meta.json": encode_meta(meta)}
+    if depth is not None:
+        out["depth.png"] = encode_depth(depth)
     if label is not None:
         out["label.png"] = encode_label(label)
     for k, (pos_image, pos_depth) in enumerate(positives):
         out[f"pos{k}.rgb.png"] = encode_image(pos_image)
-        out[f"pos{k}.depth.png"] = encode_depth(pos_depth)
+        if pos_depth is not None:
+            out[f"pos{k}.depth.png"] = encode_depth(pos_depth)
     return out
 
 
@@ -159,17 +163,20 @@ def num_positives(raw: dict) -> int:
     return k
 
 
+def _optional_depth(raw: dict, member: str) -> np.ndarray | None:
+    return decode_depth(raw[member]) if member in raw else None
+
+
 def decode_sample(raw: dict) -> dict:
-    """Raw member bytes -> ``{"id", "image", "depth", "label" (or None), "meta", "positives"}``."""
+    """Raw member bytes -> ``{"id", "image", "depth" (or None), "label" (or None), "meta", "positives"}``."""
     key = raw.get("__key__", "?")
-    for member in ("rgb.png", "depth.png"):
-        if member not in raw:
-            raise ShardError(f"sample {key} in {raw.get('__url__', '?')} has no {member}")
+    if "rgb.png" not in raw:
+        raise ShardError(f"sample {key} in {raw.get('__url__', '?')} has no rgb.png")
     meta = json.loads(raw["meta.json"]) if "meta.json" in raw else {"id": key}
-    positives = [(decode_image(raw[f"pos{k}.rgb.png"]), decode_depth(raw[f"pos{k}.depth.png"]))
+    positives = [(decode_image(raw[f"pos{k}.rgb.png"]), _optional_depth(raw, f"pos{k}.depth.png"))
                  for k in range(num_positives(raw))]
     return {"id": meta.get("id", key), "image": decode_image(raw["rgb.png"]),
-            "depth": decode_depth(raw["depth.png"]),
+            "depth": _optional_depth(raw, "depth.png"),
             "label": decode_label(raw["label.png"]) if "label.png" in raw else None,
             "meta": meta, "positives": positives}
 

@@ -28,6 +28,7 @@ import contextlib
 import torch
 
 from depthg import losses, sampling, schedules
+from depthg.config import check_depth_free
 
 
 def dropout2d(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -75,6 +76,11 @@ def _to(batch: dict, key: str, device) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"training batch lacks '{key}' (expected image, depth, label, pos_image, pos_depth)")
     return batch[key].to(device, non_blocking=True)
+
+
+def _optional(batch: dict, key: str, device) -> torch.Tensor | None:
+    """Depth maps, absent in shards written without depth (``depthgen.source=none``)."""
+    return batch[key].to(device, non_blocking=True) if key in batch else None
 
 
 def _correlation(cfg, target, target_pos, codes, codes_pos, loc, loc_pos, depth, lam, shift, samples,
@@ -146,7 +152,7 @@ def compute_losses(backbone, segmenter, batch: dict, cfg, batch_idx: int,
     """All loss terms of one micro batch (see the module docstring); ``total`` is what to backprop."""
     device = next(segmenter.parameters()).device
     image, pos_image = _to(batch, "image", device), _to(batch, "pos_image", device)
-    depth, pos_depth = _to(batch, "depth", device), _to(batch, "pos_depth", device)
+    depth, pos_depth = _optional(batch, "depth", device), _optional(batch, "pos_depth", device)
     labels = _to(batch, "label", device)
     feats, feats_pos = backbone_features(backbone, torch.cat([image, pos_image])).chunk(2)
     return losses_from_features(segmenter, feats, feats_pos, depth, pos_depth, labels, cfg, batch_idx,
@@ -156,17 +162,22 @@ def compute_losses(backbone, segmenter, batch: dict, cfg, batch_idx: int,
 def losses_from_features(segmenter, feats: torch.Tensor, feats_pos: torch.Tensor, depth: torch.Tensor,
                          pos_depth: torch.Tensor, labels: torch.Tensor, cfg, batch_idx: int,
                          generator: torch.Generator | None = None, training: bool = True) -> dict:
-    """Everything after the frozen backbone: the entry point when features are precomputed (cached)."""
+    """Everything after the frozen backbone: the entry point when features are precomputed (cached).
+    ``depth`` / ``pos_depth`` None: data without depth maps, allowed only with settings that read none."""
     dtype = next(segmenter.head.parameters()).dtype
-    depth, pos_depth = cast_depth(depth, cfg.data.depth_cast), cast_depth(pos_depth, cfg.data.depth_cast)
+    if depth is None or pos_depth is None:
+        check_depth_free(cfg, "this batch (shards written with depthgen.source=none?)")
+    else:
+        depth, pos_depth = cast_depth(depth, cfg.data.depth_cast), cast_depth(pos_depth, cfg.data.depth_cast)
     target, codes = _features_and_codes(segmenter, feats, cfg.model, generator, training, dtype)
     target_pos, codes_pos = _features_and_codes(segmenter, feats_pos, cfg.model, generator, training, dtype)
 
     grid = tuple(feats.shape[-2:])
     lam, shift, samples = schedules.values_at(cfg, batch_idx)
     sp = cfg.sampling
-    loc = sampling.sample_locations(sp.mode, depth, grid, samples, sp.fov_deg, sp.start, generator)
-    loc_pos = sampling.sample_locations(sp.mode, pos_depth, grid, samples, sp.fov_deg, sp.start, generator)
+    loc = sampling.sample_locations(sp.mode, depth, grid, samples, sp.fov_deg, sp.start, generator, like=feats)
+    loc_pos = sampling.sample_locations(sp.mode, pos_depth, grid, samples, sp.fov_deg, sp.start, generator,
+                                        like=feats)
 
     args = (loc, loc_pos, depth, lam, shift, samples, generator)
     terms = _correlation(cfg, target, target_pos, codes, codes_pos, *args)

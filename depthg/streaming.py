@@ -51,16 +51,25 @@ def slot_rng(seed: int, epoch: int, rank: int, worker: int, stream: int) -> np.r
 
 
 # ----------------------------------------------------------------------------- reading
+WITH_DEPTH, WITHOUT_DEPTH = ("rgb.png", "depth.png"), ("rgb.png",)  # members every sample must have
+
+
+def required_members(manifest: dict) -> tuple[str, ...]:
+    """What each sample of a split holds: no ``depth.png`` in shards written with ``depthgen.source=none``."""
+    return WITHOUT_DEPTH if manifest.get("depth_source") == "none" else WITH_DEPTH
+
+
 def shard_samples(url: str, start: int = 0, stop: int | None = None, offsets: Sequence[int] | None = None,
-                  skipped: list | None = None, meter: list | None = None) -> Iterator[dict]:
+                  skipped: list | None = None, meter: list | None = None,
+                  required: Sequence[str] = WITH_DEPTH) -> Iterator[dict]:
     """Raw samples ``[start, stop)`` of one shard. A damaged shard (truncated, not a tar, missing) ends where
-    it breaks and a sample lacking ``rgb.png`` / ``depth.png`` is dropped: each is logged naming the shard
-    and appended to ``skipped``; training goes on. Storage that cannot be reached is still an error."""
+    it breaks and a sample lacking a ``required`` member is dropped: each is logged naming the shard and
+    appended to ``skipped``; training goes on. Storage that cannot be reached is still an error."""
     from depthg.io import StorageError
 
     try:
         for raw in shardfmt.iter_shard(url, start, stop, offsets, meter):
-            missing = [m for m in ("rgb.png", "depth.png") if m not in raw]
+            missing = [m for m in required if m not in raw]
             if missing:
                 _skip(skipped, url, f"sample {raw.get('__key__')} lacks {', '.join(missing)}")
                 continue
@@ -81,8 +90,8 @@ class ShardReader:
     """Reads planned shard ranges of one split; fetches a shard's sidecar offsets (once per process) when
     a range starts or stops inside the shard, so that only the range's bytes are read."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int]):
-        self.urls, self.counts, self.offsets = list(urls), list(counts), {}
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], required: Sequence[str] = WITH_DEPTH):
+        self.urls, self.counts, self.offsets, self.required = list(urls), list(counts), {}, tuple(required)
 
     def _offsets(self, shard: int):
         if shard not in self.offsets:
@@ -101,7 +110,7 @@ class ShardReader:
         for shard, start, stop in segs:
             whole = start == 0 and stop == self.counts[shard]
             offsets = None if whole else self._offsets(shard)
-            yield from shard_samples(self.urls[shard], start, stop, offsets, skipped, meter)
+            yield from shard_samples(self.urls[shard], start, stop, offsets, skipped, meter, self.required)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -129,7 +138,9 @@ def positive_stage(samples: Iterable[dict], rng: np.random.Generator) -> Iterato
         out = {key: value for key, value in raw.items() if not key.startswith("pos")}
         if k > 0:
             j = int(rng.integers(k))
-            out["pos0.rgb.png"], out["pos0.depth.png"] = raw[f"pos{j}.rgb.png"], raw[f"pos{j}.depth.png"]
+            out["pos0.rgb.png"] = raw[f"pos{j}.rgb.png"]
+            if f"pos{j}.depth.png" in raw:  # absent without depth (depthgen.source=none)
+                out["pos0.depth.png"] = raw[f"pos{j}.depth.png"]
             out["__positive__"] = j
         yield out
 
@@ -155,19 +166,20 @@ def decode_stage(samples: Iterable[dict], skipped: list | None = None) -> Iterat
 
 def to_tensors(sample: dict, resolution: int) -> dict:
     """numpy sample -> tensors at ``resolution`` through the project's one resize
-    (``depthg.data.transforms.resize_center_crop``): image/pos_image [3,R,R] in [0,1], depth [1,R,R], label [R,R]."""
+    (``depthg.data.transforms.resize_center_crop``): image/pos_image [3,R,R] in [0,1], depth/pos_depth
+    [1,R,R] (absent for samples without depth), label [R,R]."""
     def img(a):
         return to_tensor_image(resize_center_crop(a, resolution))
 
-    def dep(a):
-        return torch.from_numpy(resize_center_crop(a, resolution))[None]
-
     label = sample["label"]
     if label is None:
-        label = np.full(sample["depth"].shape, -1, np.int64)
-    return {"id": sample["id"], "image": img(sample["image"]), "depth": dep(sample["depth"]),
-            "label": torch.from_numpy(resize_center_crop(label, resolution)),
-            "pos_image": img(sample["pos_image"]), "pos_depth": dep(sample["pos_depth"])}
+        label = np.full(sample["image"].shape[:2], -1, np.int64)
+    out = {"id": sample["id"], "image": img(sample["image"]), "pos_image": img(sample["pos_image"]),
+           "label": torch.from_numpy(resize_center_crop(label, resolution))}
+    for key in ("depth", "pos_depth"):
+        if sample[key] is not None:
+            out[key] = torch.from_numpy(resize_center_crop(sample[key], resolution))[None]
+    return out
 
 
 def resize_stage(samples: Iterable[dict], resolution: int) -> Iterator[dict]:
@@ -212,7 +224,8 @@ class StreamSpec:
     start_step: int = 0  # local micro-batch index to start from (resume)
     num_steps: int = 0  # micro batches to yield in total (0 = one epoch's whole steps)
     num_workers: int = 1  # DataLoader workers of this rank (>= 1; 0 loader workers counts as 1)
-    reader: Callable | None = field(default=None, repr=False)  # None: ShardReader(urls, counts)
+    required: Sequence[str] = WITH_DEPTH  # members every sample has (``required_members(manifest)``)
+    reader: Callable | None = field(default=None, repr=False)  # None: ShardReader(urls, counts, required)
 
     @property
     def total(self) -> int:
@@ -225,7 +238,7 @@ class StreamSpec:
 
     def read(self, segs, skipped=None, meter=None) -> Iterator[dict]:
         if self.reader is None:
-            self.reader = ShardReader(self.urls, self.counts)
+            self.reader = ShardReader(self.urls, self.counts, self.required)
         return self.reader(segs, skipped, meter)
 
 
@@ -333,4 +346,4 @@ def open_split(root: str, split: str, **spec_kwargs) -> tuple[StreamSpec, dict]:
     manifest = shardfmt.read_manifest(folder)
     urls = [io.join(folder, s["name"]) for s in manifest["shards"]]
     counts = [int(s["count"]) for s in manifest["shards"]]
-    return StreamSpec(urls=urls, counts=counts, **spec_kwargs), manifest
+    return StreamSpec(urls=urls, counts=counts, required=required_members(manifest), **spec_kwargs), manifest

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from depthg import inference, io, report
 from depthg.config import load_config, split_cli, to_dict
+from depthg.device import resolve_device
 from launch import run
 
 
@@ -45,9 +46,8 @@ def load_model(url: str):
     from depthg.checkpoint import load_segmenter
     from depthg.models import build_backbone
 
-    loaded = load_segmenter(url)
-    cfg = loaded[0] if isinstance(loaded[0], dict) else to_dict(loaded[0])
-    return cfg, build_backbone(cfg["model"]["backbone"], cfg["model"]["weights"]), loaded[1]
+    cfg, segmenter, _ = load_segmenter(url)
+    return to_dict(cfg), build_backbone(cfg.model.backbone, cfg.model.weights), segmenter
 
 
 def read_assignment(path: str, n_clusters: int) -> np.ndarray:
@@ -74,9 +74,7 @@ def main(argv=None) -> list[str]:
     files = inference.list_images(args.input)  # fail before loading the model
     ckpt_cfg, backbone, segmenter = load_model(args.checkpoint)
     cfg = load_config(None, overrides, base=ckpt_cfg)
-    from cluster.evaluator import pick_device
-
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     backbone, segmenter = backbone.to(device).eval(), segmenter.to(device).eval()
     crf = cfg.eval.crf if args.crf is None else args.crf
     batch = args.batch_size or cfg.eval.batch_size

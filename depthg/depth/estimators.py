@@ -95,14 +95,6 @@ class DatasetDepth:
         return out
 
 
-def _resolve_device(device: str):
-    import torch
-
-    if device in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def autocast_dtype(precision: str, device):
     """The ``torch.autocast`` dtype for ``precision`` on ``device`` (a torch.device), None for fp32."""
     import torch
@@ -131,7 +123,9 @@ class TransformersDepth:
         except (OSError, ValueError, KeyError) as exc:
             raise DepthError(f"cannot load depth model {model!r} ({'local folder' if local else 'hub id'}): {exc}. "
                              "Without network access, pass a local folder saved with save_pretrained.") from exc
-        self.device = _resolve_device(device)
+        from depthg.device import resolve_device
+
+        self.device = resolve_device(device)
         self.model.to(self.device).eval()
         self.model_id, self.batch_size, self.flip_average = model, max(int(batch_size), 1), flip_average
         self.inverse = is_inverse_depth(self.model.config) if inverse is None else bool(inverse)
