@@ -166,7 +166,8 @@ def losses_from_features(segmenter, feats: torch.Tensor, feats_pos: torch.Tensor
     ``depth`` / ``pos_depth`` None: data without depth maps, allowed only with settings that read none."""
     dtype = next(segmenter.head.parameters()).dtype
     if depth is None or pos_depth is None:
-        check_depth_free(cfg, "this batch (shards written with depthgen.source=none?)")
+        missing = " and ".join(k for k, v in (("depth", depth), ("pos_depth", pos_depth)) if v is None)
+        check_depth_free(cfg, f"this batch (no {missing}: shards written with depthgen.source=none?)")
     else:
         depth, pos_depth = cast_depth(depth, cfg.data.depth_cast), cast_depth(pos_depth, cfg.data.depth_cast)
     target, codes = _features_and_codes(segmenter, feats, cfg.model, generator, training, dtype)

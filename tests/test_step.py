@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from depthg import losses, sampling, schedules
-from depthg.config import Config, load_config
+from depthg.config import Config, ConfigError, load_config
 from depthg.models.backbones import build_backbone
 from depthg.models.heads import build_segmenter
 from depthg.step import cast_depth, compute_losses, dropout2d, losses_from_features, stego_options
@@ -114,8 +114,8 @@ def test_missing_batch_key_is_named():
     cfg = _cfg()
     backbone, seg = _models(cfg)
     batch = _batch()
-    del batch["pos_depth"]
-    with pytest.raises(KeyError, match="pos_depth"):
+    del batch["pos_depth"]  # depth is optional (depthgen.source=none), but these settings read it
+    with pytest.raises(ConfigError, match="no pos_depth.*sampling.mode"):
         compute_losses(backbone, seg, batch, cfg, 0, None)
 
 
