@@ -39,6 +39,7 @@ SamplingStart = Literal["first", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
 DepthPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 Selection = Literal["none", "label_free", "val_miou"]
+ZeroStage = Literal[0, 1]
 
 
 def choices(alias) -> tuple[str, ...]:
@@ -166,7 +167,7 @@ class TrainConfig:
     num_batches: int = 2334  # optimizer steps
     lr: float = 5e-4
     probe_lr: float = 5e-3
-    zero_stage: int = 0
+    zero_stage: ZeroStage = 0  # DeepSpeed ZeRO: 0 (plain data parallel) or 1 (optimizer state sharded)
     precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     loader_workers: int = -1  # per rank; -1 = auto: the node's CPUs per rank (per GPU) minus one
     shuffle_buffer: int = 256
@@ -226,9 +227,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
             return int(value)
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if typ is float:
@@ -236,10 +235,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return float(value)
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
     if typ is str:
-        if isinstance(value, str):
-            return value
-        if value is None:
-            return ""
+        if isinstance(value, str) or value is None:
+            return value or ""
         raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
     raise ConfigError(f"config key '{key}': unsupported type {typ}")
 
@@ -251,9 +248,7 @@ def from_dict(cls, data: Mapping[str, Any] | None, prefix: str = ""):
     unknown = sorted(set(data) - set(types))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(types)}"
-        )
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(types)}")
     kwargs = {}
     for name, typ in types.items():
         if name not in data:
@@ -356,8 +351,6 @@ def check_depth_free(cfg: Config, what: str) -> None:
 def validate(cfg: Config) -> None:
     if cfg.depthgen.source == "none":
         check_depth_free(cfg, "depthgen.source=none")
-    if cfg.train.zero_stage not in (0, 1):
-        raise ConfigError("config key 'train.zero_stage': expected 0 or 1")
     for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "sampling.min_samples",
                 "shards.samples_per_shard"):
         if _get(cfg, key) < 1:

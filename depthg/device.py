@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from depthg.config import DeviceChoice, choices
+
+DEVICES = choices(DeviceChoice)
 
 
 def resolve_device(device: str = "auto", index: int = 0) -> torch.device:

@@ -29,8 +29,8 @@ only when both exist. ``manifest.json`` aggregates the sidecars and is written l
     {"schema": "depthg-shards/1", "kind": "depth"|"train", "split", "shards": [{"name", "count"}],
      "total", "dataset", "n_classes", "depth_source", "config", "skipped": [{"id", "error"}], ...}
 
-Readers: ``shard_urls(root, split, kind)`` (from the manifest), ``split_shards`` (pure rank/worker
-partition), ``iter_shard(url, start, stop, offsets)`` (raw sample dicts of a local or s3:// shard, the
+Readers: ``shard_urls(root, split, kind)`` (from the manifest; which ranges a rank reads is
+``depthg.planner``'s job), ``iter_shard(url, start, stop, offsets)`` (raw sample dicts of a local or s3:// shard, the
 same dicts ``wds.WebDataset`` yields; a range of samples alone with the sidecar's offsets) and
 ``decode_sample(raw)`` (numpy arrays). ``shuffled_layout`` is the stage-2 write order. ``register_gopen()`` lets
 plain ``wds.WebDataset("s3://...")`` read through fsspec (custom endpoints included).
@@ -301,22 +301,7 @@ def shard_urls(root_url: str, split: str, kind: str = "train") -> list[str]:
     return [io.join(folder, s["name"]) for s in read_manifest(folder)["shards"]]
 
 
-# ----------------------------------------------------------------------------- partition
-def split_shards(names: Sequence[str], rank: int, world: int, worker: int = 0, num_workers: int = 1) -> list[str]:
-    """The shards one (rank, loader worker) reads: a pure, disjoint and complete partition.
-
-    Global slot ``rank * num_workers + worker`` of ``world * num_workers`` takes every slot-th
-    name. With fewer shards than slots some slots get none: callers that need equal step counts
-    per rank must balance samples, not shards.
-    """
-    if world < 1 or num_workers < 1:
-        raise ValueError(f"world ({world}) and num_workers ({num_workers}) must be >= 1")
-    if not (0 <= rank < world and 0 <= worker < num_workers):
-        raise ValueError(f"rank {rank}/{world} or worker {worker}/{num_workers} out of range")
-    slot, slots = rank * num_workers + worker, world * num_workers
-    return list(names)[slot::slots]
-
-
+# ----------------------------------------------------------------------------- write order
 def shuffled_layout(per_shard: Sequence[Sequence[str]], seed: int = 0) -> list[list[str]]:
     """The ids of ``per_shard`` (one id list per shard) in one seeded global permutation, cut into shards
     of the same sizes. Stage-2 shards are written in this order: the five crops of an image (adjacent in

@@ -1,7 +1,6 @@
 """The shard contract: encode/decode round trips, plain-webdataset readability, S3, partitioning."""
 from __future__ import annotations
 
-import itertools
 import os
 
 import numpy as np
@@ -111,19 +110,3 @@ def test_s3_read_with_iter_shard_and_registered_gopen(s3):
     assert wkeys == keys
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 13, 16, 31])
-def test_split_shards_disjoint_and_complete(n):
-    names = [shards.shard_name(i) for i in range(n)]
-    for world, workers in itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 5]):
-        parts = [shards.split_shards(names, r, world, w, workers) for r in range(world) for w in range(workers)]
-        flat = [x for p in parts for x in p]
-        assert sorted(flat) == sorted(names) and len(flat) == len(set(flat))
-        sizes = [len(p) for p in parts]
-        assert max(sizes) - min(sizes) <= 1  # balanced to within one shard
-
-
-def test_split_shards_rejects_bad_slots():
-    with pytest.raises(ValueError):
-        shards.split_shards(["a"], 2, 2, 0, 1)
-    with pytest.raises(ValueError):
-        shards.split_shards(["a"], 0, 1, 1, 1)
