@@ -136,12 +136,12 @@ def test_reseed_dead_centroids_moves_only_dead_ones():
     codes = torch.rand(2, 3, 4, 4) + 0.05  # all positive: centroid 2 never wins
     codes[:, 1] += 2 * (torch.arange(4) >= 2).float().view(1, 4, 1)  # half the pixels lean to centroid 1
     before = probe.centroids.detach().clone()
-    assert quality._reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 1
+    assert quality.reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 1
     after = probe.centroids.detach()
     assert torch.equal(after[:2], before[:2])
     flat = codes.permute(0, 2, 3, 1).reshape(-1, 3)
     assert (flat == after[2]).all(dim=1).any()  # moved onto one of the code vectors
-    assert quality._reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 0  # now alive
+    assert quality.reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 0  # now alive
 
 
 def test_split_holdout_keeps_images_together():

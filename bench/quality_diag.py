@@ -1,0 +1,158 @@
+"""Why do the trained codes lose what the backbone knows? Controls on the quality benchmark's cached features.
+
+    python launch/benchmark.py quality_diag --dataset camvid --controls baseline,supervised,raw704 --seeds 3 \\
+        --cache-dir /tmp/qcache --threads 1
+
+Every control trains the quality benchmark's head (``bench.quality_train``) with one factor changed and reports,
+on the val split: the cluster probe (unsupervised mIoU), the in-training linear probe (after the benchmark's
+probe finishing), a *fresh* linear probe trained to convergence on the final train codes (``linear_fresh``: what
+the codes keep, independent of the probe's own training), k-means on the codes, and the codes' shape
+(``code_stats``: effective rank, norm). References without a head: fresh linear probes and k-means on the raw
+704-d features and on the PCA input. Defaults are the quality benchmark's (``--steps``, ``--base`` ...).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from bench import quality
+from bench import quality_train as qt
+from depthg.config import load_config
+
+# name -> (extra config overrides, options); options: steps_mult, objective, feats ("pca" | "raw"),
+# probe_steps, probe_lr, reseed. Overrides come after the dataset's base and the variant's.
+CONTROLS = {
+    "baseline": ([], {}),
+    "untrained": ([], {"steps_mult": 0}),  # the random head: what a 1x1 MLP keeps before any training
+    "supervised": ([], {"objective": "supervised"}),  # head trained by CE through the linear probe: the ceiling
+    "raw704": ([], {"feats": "raw"}),
+    "code_dim_16": (["model.code_dim=16"], {}),
+    "code_dim_256": (["model.code_dim=256"], {}),
+    "self_only": (["loss.knn_weight=0", "loss.neg_weight=0"], {}),
+    "knn_only": (["loss.self_weight=0", "loss.neg_weight=0"], {}),
+    "neg_only": (["loss.self_weight=0", "loss.knn_weight=0"], {}),
+    "no_neg": (["loss.neg_weight=0"], {}),
+    "lr_5e-4": (["train.lr=0.0005"], {}),
+    "lr_1e-2": (["train.lr=0.01"], {}),
+    "budget_3x": ([], {"steps_mult": 3}),
+    "budget_10x": ([], {"steps_mult": 10}),
+    "probe_lr_5e-2": (["train.probe_lr=0.05"], {"probe_lr": 0.05}),
+    "probe_steps_0": ([], {"probe_steps": 0}),
+    "probe_steps_2000": ([], {"probe_steps": 2000}),
+    "no_reseed": ([], {"reseed": False}),
+    "shifts_coco": (["loss.self_shift=0.07", "loss.knn_shift=0.025", "loss.neg_shift=0.761"], {}),
+    "shifts_low": (["loss.self_shift=0.0", "loss.knn_shift=0.0", "loss.neg_shift=0.0"], {}),
+    "shifts_high": (["loss.self_shift=0.55", "loss.knn_shift=0.5", "loss.neg_shift=0.45"], {}),
+    "no_pointwise": (["loss.pointwise=false"], {}),
+    "no_zero_clamp": (["loss.zero_clamp=false"], {}),
+    "no_dropout": (["model.dropout=0.0"], {}),
+    "samples_11": (["sampling.samples=11", "sampling.min_samples=11"], {}),
+}
+
+
+def add_arguments(parser) -> None:
+    quality.add_arguments(parser)
+    a = parser.add_argument
+    a("--dataset", default="camvid", choices=("camvid", "synthetic"))
+    a("--variant", default="stego", help="the quality benchmark variant the controls start from")
+    a("--controls", default="baseline,untrained,supervised", help=f"comma list of {', '.join(CONTROLS)}")
+    a("--fresh-steps", type=int, default=1500, help="steps of the fresh linear probe (batches of 64 maps)")
+    a("--fresh-lr", type=float, default=5e-3)
+    a("--references", type=int, default=1, help="also fresh probes / k-means on raw and PCA features (1) or not (0)")
+
+
+def _fresh(args, maps, train_labels, val_maps, val_labels, n_classes, seed, normalise=False) -> dict:
+    probe = qt.fit_linear_probe(maps, train_labels, n_classes, args.fresh_steps, args.fresh_lr, 64, seed, normalise)
+    return qt.evaluate_linear(probe, val_maps, val_labels, n_classes, normalise)
+
+
+def references(args, raw, praw, val, pval, n_classes, log) -> dict:
+    """Heads-free references: fresh linear probes on raw / PCA features (plain and L2-normalised input)."""
+    out = {}
+    for name, tr, va in (("raw704", raw, val), (f"pca{args.pca_dim}", praw, pval)):
+        for normalise in (False, True):
+            key = f"{name}{'_l2' if normalise else ''}"
+            runs = [{"linear_fresh": _fresh(args, tr.feats, tr.labels, va.feats, va.labels, n_classes, s, normalise)}
+                    for s in range(args.seeds)]
+            out[key] = qt.summarise(runs)
+            log(f"  reference fresh linear probe on {key}: mIoU {100 * out[key]['linear_fresh_miou_mean']:.1f} "
+                f"+- {100 * out[key]['linear_fresh_miou_std']:.1f}")
+    return out
+
+
+def run_control(args, name, cfg, data, val, n_classes, steps, seed, opts) -> dict:
+    t0 = time.perf_counter()
+    seg, terms = qt.train_variant(cfg, data, int(steps * opts.get("steps_mult", 1)), args.batch, seed,
+                                  opts.get("objective", "stego"))
+    qt.finish_probes(seg, data, opts.get("probe_steps", args.probe_steps), 64, opts.get("probe_lr", cfg.train.probe_lr),
+                     seed, opts.get("reseed", True))
+    scores = qt.evaluate(seg, val, n_classes, data)
+    codes = qt.all_codes(seg, data)
+    with torch.no_grad():
+        val_codes = torch.cat([seg.head(val.feats[i:i + 16].float()) for i in range(0, len(val), 16)])
+    scores["linear_fresh"] = _fresh(args, codes, data.labels, val_codes, val.labels, n_classes, seed)
+    scores.update(code_stats=qt.code_stats(codes), final_terms=terms, seconds=time.perf_counter() - t0)
+    return scores
+
+
+def run(args) -> dict:
+    if args.quick:
+        quality._quick(args)
+        args.fresh_steps = 5
+    torch.set_num_threads(max(1, args.threads))
+    t_start = time.perf_counter()
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    names = [c.strip() for c in args.controls.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONTROLS]
+    if unknown or args.variant not in quality.VARIANTS:
+        raise ValueError(f"--controls: unknown {unknown or args.variant}; valid: {', '.join(CONTROLS)}")
+    syn = [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}"]
+    overrides, tk, vk = quality._datasets(args, syn)[args.dataset]
+    base = args.camvid_base if args.dataset == "camvid" and args.camvid_base is not None else args.base
+    steps = args.camvid_steps or args.steps if args.dataset == "camvid" else args.steps
+    raw, val, info, n_classes = quality._prepare(args, overrides, tk, vk, log)
+    praw, pval = quality._projected(args, raw, val, info)
+    result = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "setup": info, "controls": {}}
+    if args.references:
+        result["references"] = references(args, raw, praw, val, pval, n_classes, log)
+        runs = [qt.kmeans_baseline(raw.feats, val, n_classes, s, "train") for s in range(args.seeds)]
+        result["references"]["kmeans_raw_fit_train"] = qt.summarise(runs)
+    for name in names:
+        extra, opts = CONTROLS[name]
+        cfg = load_config(None, quality.base_overrides(args, n_classes, base) + quality.VARIANTS[args.variant] + extra)
+        data, dval = (raw, val) if opts.get("feats") == "raw" else (praw, pval)
+        runs = [run_control(args, name, cfg, data, dval, n_classes, steps, seed, opts) for seed in range(args.seeds)]
+        s = qt.summarise(runs)
+        for key in ("eff_rank", "norm_mean", "top3_share"):
+            s[f"{key}_mean"] = float(np.mean([r["code_stats"][key] for r in runs]))
+        result["controls"][name] = s
+        log(f"  {name}: " + row(s) + f" ({np.mean([r['seconds'] for r in runs]):.0f} s/run)")
+    result["seconds_total"] = time.perf_counter() - t_start
+    print(table(result))
+    return result
+
+
+def _pm(s, key) -> str:
+    return f"{100 * s[f'{key}_mean']:.1f} +- {100 * s[f'{key}_std']:.1f}" if f"{key}_mean" in s else "-"
+
+
+def row(s: dict) -> str:
+    return (f"unsup {_pm(s, 'unsupervised_miou')} | linear {_pm(s, 'linear_miou')} | fresh linear "
+            f"{_pm(s, 'linear_fresh_miou')} | codes k-means {_pm(s, 'codes_kmeans_miou')} | eff. rank "
+            f"{s.get('eff_rank_mean', float('nan')):.1f} | norm {s.get('norm_mean_mean', float('nan')):.2f}")
+
+
+def table(result: dict) -> str:
+    lines = ["| control | unsup. mIoU | linear mIoU | fresh linear mIoU | k-means on codes | eff. rank | code norm |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in result.get("references", {}).items():
+        key = "linear_fresh_miou" if "linear_fresh_miou_mean" in s else "unsupervised_miou"
+        cells = ["-", "-", _pm(s, key), "-"] if key == "linear_fresh_miou" else [_pm(s, key), "-", "-", "-"]
+        lines.append(f"| ref: {name} | " + " | ".join(cells) + " | - | - |")
+    for name, s in result["controls"].items():
+        lines.append(f"| {name} | {_pm(s, 'unsupervised_miou')} | {_pm(s, 'linear_miou')} | "
+                     f"{_pm(s, 'linear_fresh_miou')} | {_pm(s, 'codes_kmeans_miou')} | {s['eff_rank_mean']:.1f} | "
+                     f"{s['norm_mean_mean']:.2f} |")
+    return "\n".join(lines)
