@@ -6,7 +6,7 @@
 Every control trains the quality benchmark's head (``bench.quality_train``) with one factor changed and reports,
 on the val split: the cluster probe (unsupervised mIoU), the in-training linear probe (after the benchmark's
 probe finishing), a *fresh* linear probe trained to convergence on the final train codes (``linear_fresh``: what
-the codes keep, independent of the probe's own training), k-means on the codes, and the codes' shape
+the codes keep, independent of the probe's own training: L-BFGS logistic regression), k-means on the codes, and the codes' shape
 (``code_stats``: effective rank, norm). References without a head: fresh linear probes and k-means on the raw
 704-d features and on the PCA input. Defaults are the quality benchmark's (``--steps``, ``--base`` ...).
 """
@@ -58,13 +58,12 @@ def add_arguments(parser) -> None:
     a("--dataset", default="camvid", choices=("camvid", "synthetic"))
     a("--variant", default="stego", help="the quality benchmark variant the controls start from")
     a("--controls", default="baseline,untrained,supervised", help=f"comma list of {', '.join(CONTROLS)}")
-    a("--fresh-steps", type=int, default=1500, help="steps of the fresh linear probe (batches of 64 maps)")
-    a("--fresh-lr", type=float, default=5e-3)
+    a("--fresh-cells", type=int, default=256, help="grid cells per train map for the fresh (L-BFGS) linear probe")
     a("--references", type=int, default=1, help="also fresh probes / k-means on raw and PCA features (1) or not (0)")
 
 
 def _fresh(args, maps, train_labels, val_maps, val_labels, n_classes, seed, normalise=False) -> dict:
-    probe = qt.fit_linear_probe(maps, train_labels, n_classes, args.fresh_steps, args.fresh_lr, 64, seed, normalise)
+    probe = qt.fit_linear_probe(maps, train_labels, n_classes, seed, args.fresh_cells, normalise=normalise)
     return qt.evaluate_linear(probe, val_maps, val_labels, n_classes, normalise)
 
 
@@ -100,7 +99,7 @@ def run_control(args, name, cfg, data, val, n_classes, steps, seed, opts) -> dic
 def run(args) -> dict:
     if args.quick:
         quality._quick(args)
-        args.fresh_steps = 5
+        args.fresh_cells = 8
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -117,8 +116,10 @@ def run(args) -> dict:
     result = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "setup": info, "controls": {}}
     if args.references:
         result["references"] = references(args, raw, praw, val, pval, n_classes, log)
-        runs = [qt.kmeans_baseline(raw.feats, val, n_classes, s, "train") for s in range(args.seeds)]
-        result["references"]["kmeans_raw_fit_train"] = qt.summarise(runs)
+        for key, tr, va in (("kmeans_raw_fit_train", raw, val), (f"kmeans_pca{args.pca_dim}_fit_train", praw, pval)):
+            runs = [qt.kmeans_baseline(tr.feats, va, n_classes, s, "train") for s in range(args.seeds)]
+            result["references"][key] = qt.summarise(runs)
+            log(f"  reference {key}: mIoU {100 * result['references'][key]['unsupervised_miou_mean']:.1f}")
     for name in names:
         extra, opts = CONTROLS[name]
         cfg = load_config(None, quality.base_overrides(args, n_classes, base) + quality.VARIANTS[args.variant] + extra)

@@ -119,24 +119,51 @@ def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, s
         opt.step()
 
 
-def fit_linear_probe(maps: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int, lr: float, batch: int,
-                     seed: int, normalise: bool = False) -> LinearProbe:
-    """A fresh ``LinearProbe`` trained by Adam on ``maps`` [N,C,h,w] (codes or features) against ``labels``.
+def probe_pixels(maps: torch.Tensor, labels: torch.Tensor, per_image: int, gen: torch.Generator):
+    """(vectors [M,C] float32, labels [M]) at ``per_image`` random grid cells of each map; the label of a cell is
+    the label pixel nearest to its centre; ignored pixels (-1) are dropped."""
+    n, c, h, w = maps.shape
+    lh, lw = labels.shape[-2:]
+    rows = torch.clamp(((torch.arange(h) + 0.5) * lh / h).long(), max=lh - 1)
+    cols = torch.clamp(((torch.arange(w) + 0.5) * lw / w).long(), max=lw - 1)
+    grid_labels = labels[:, rows][:, :, cols].reshape(n, -1)  # [N,h*w]
+    cell = torch.stack([torch.randperm(h * w, generator=gen)[:per_image] for _ in range(n)])  # [N,P]
+    x = torch.gather(maps.flatten(2), 2, cell[:, None, :].expand(-1, c, -1)).permute(0, 2, 1).reshape(-1, c)
+    y = torch.gather(grid_labels, 1, cell).reshape(-1)
+    keep = y >= 0
+    return x[keep].float(), y[keep]
 
-    ``normalise``: the probe sees L2-normalised vectors (a check that the maps' scale is not what limits it).
+
+def fit_linear_probe(maps: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int, per_image: int = 256,
+                     iters: int = 150, weight_decay: float = 1e-4, normalise: bool = False) -> LinearProbe:
+    """A fresh ``LinearProbe`` on ``maps`` [N,C,h,w] (codes or features): multinomial logistic regression
+    (the probe's cross-entropy + a small L2 penalty) fitted by full-batch L-BFGS on sampled cells
+    (``probe_pixels``): a converged probe, so its score measures the maps, not the probe's training.
+
+    ``normalise``: the probe sees L2-normalised vectors (a check that the maps' scale does not limit it).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(30_000 + seed)
-        probe = LinearProbe(maps.shape[1], n_classes)
-    opt = torch.optim.Adam(probe.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(40_000 + seed)
-    for _ in range(steps):
-        idx = torch.randint(maps.shape[0], (min(batch, maps.shape[0]),), generator=gen)
-        x = maps[idx].float()
-        loss = probe.loss(probe(F.normalize(x, dim=1) if normalise else x), labels[idx])
-        opt.zero_grad(set_to_none=True)
+    x, y = probe_pixels(maps, labels, per_image, torch.Generator().manual_seed(40_000 + seed))
+    if normalise:
+        x = F.normalize(x, dim=1)
+    mean, scale = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)  # standardised for conditioning, folded back below
+    z = (x - mean) / scale
+    weight = torch.zeros(n_classes, x.shape[1], requires_grad=True)
+    bias = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ weight.T + bias, y) + weight_decay * weight.pow(2).sum()
         loss.backward()
-        opt.step()
+        return loss
+
+    opt.step(closure)
+    probe = LinearProbe(x.shape[1], n_classes)
+    with torch.no_grad():
+        w = weight / scale
+        probe.conv.weight.copy_(w[:, :, None, None])
+        probe.conv.bias.copy_(bias - w @ mean)
     return probe.eval()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import quality, quality_data as qd
+from bench import quality, quality_data as qd, quality_diag, quality_train as qt
 from depthg.config import load_config
 
 
@@ -153,3 +153,60 @@ def test_split_holdout_keeps_images_together():
     for sub in (fit, held):  # positives index into the subset, never the crop itself
         assert sub.nn.shape == (5, 2) and int(sub.nn.max()) < 5
         assert not (sub.nn == torch.arange(5)[:, None]).any()
+
+
+def test_fresh_linear_probe_converges_on_separable_maps():
+    """The diagnosis' converged probe: classes that are linearly separable in the maps are recovered exactly,
+    and the probe's labels line up with the grid cells (labels at twice the grid, as the benchmark trains)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (12, 4, 4), generator=g)
+    centres = torch.randn(3, 6, generator=g) * 3
+    maps = centres[labels].permute(0, 3, 1, 2) + 0.1 * torch.randn(12, 6, 4, 4, generator=g)  # [N,C,h,w]
+    fine = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)  # labels at twice the grid
+    fine[0, 0, 0] = -1  # ignored pixels are dropped, not learned
+    x, y = qt.probe_pixels(maps, fine, per_image=16, gen=torch.Generator().manual_seed(1))
+    assert x.shape == (y.shape[0], 6) and (y >= 0).all()
+    probe = qt.fit_linear_probe(maps, fine, 3, seed=0, per_image=16)
+    scores = qt.evaluate_linear(probe, maps, fine, 3)
+    assert scores["accuracy"] == pytest.approx(1.0) and scores["miou"] == pytest.approx(1.0)
+    shuffled = qt.fit_linear_probe(maps, fine[torch.randperm(12, generator=g)], 3, seed=0, per_image=16)
+    assert qt.evaluate_linear(shuffled, maps, fine, 3)["accuracy"] < 0.8  # wrong labels: no free lunch
+
+
+def test_paired_interval_and_headline():
+    p = qt.paired([3.0, 4.0, 5.0], [1.0, 1.0, 1.0])
+    assert p["mean"] == pytest.approx(3.0) and p["ci95"][0] < 3.0 < p["ci95"][1]
+    assert p["ci95"][0] == pytest.approx(3.0 - 4.302653 * 1.0 / np.sqrt(3), rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
+    run = lambda m, lin=0.5: {"unsupervised": {"miou": m, "accuracy": m}, "linear": {"miou": lin, "accuracy": lin}}
+    syn = {"kmeans_raw": {"fit_train": qt.summarise([run(0.30), run(0.32)])},
+           "variants": {"stego": qt.summarise([run(0.30, 0.40), run(0.34, 0.41)]),
+                        "depthg": qt.summarise([run(0.35), run(0.37)]),
+                        "fps_only": qt.summarise([run(0.33, 0.45), run(0.35, 0.47)])}}
+    hl = quality.headline({"datasets": {"synthetic": syn}})
+    assert hl["synthetic_depthg_minus_stego_miou"] == pytest.approx(4.0)
+    assert hl["synthetic_head_minus_kmeans_miou"] == pytest.approx(5.0) and hl["synthetic_head_target_met"]
+    assert hl["synthetic_fps_linear_gain_miou"] == pytest.approx(5.5)
+    low, high = hl["synthetic_depthg_minus_stego_ci95"]
+    assert low < 4.0 < high and hl["synthetic_depthg_target_met"] == (low > 0)
+    assert "camvid_head_minus_kmeans_miou" not in hl
+
+
+def test_code_stats_sees_a_collapse():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(8, 16, 4, 4, generator=g)
+    collapsed = torch.randn(8, 1, 1, 1, generator=g).sign() * torch.ones(8, 16, 4, 4) + 0.01 * spread
+    assert qt.code_stats(spread)["eff_rank"] > 8 and qt.code_stats(collapsed)["eff_rank"] < 2
+
+
+def test_quick_diag_and_supervised_control(tmp_path):
+    parser = argparse.ArgumentParser()
+    quality_diag.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--dataset", "synthetic", "--controls", "baseline,supervised,untrained"])
+    result = quality_diag.run(args)
+    json.dumps(result)
+    assert set(result["controls"]) == {"baseline", "supervised", "untrained"}
+    assert {"raw704", "raw704_l2", "kmeans_raw_fit_train"} <= set(result["references"])
+    for s in result["controls"].values():
+        assert 0.0 <= s["linear_fresh_miou_mean"] <= 1.0 and s["eff_rank_mean"] >= 1.0
+    with pytest.raises(ValueError, match="unknown"):
+        quality_diag.run(parser.parse_args(["--quick", "--controls", "nope"]))
