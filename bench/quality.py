@@ -24,7 +24,7 @@ import torch
 from bench import quality_data as qd
 from bench.quality_data import MARKER, headline, write_markdown  # noqa: F401 (re-exported)
 from bench.quality_train import (correlation_stats, evaluate, finish_probes, kmeans_baseline,  # noqa: F401
-                                 reseed_dead_centroids, summarise, train_variant)
+                                 quantile_shifts, reseed_dead_centroids, summarise, train_variant)
 from depthg.config import load_config
 from depthg.data import SyntheticSource, build_source
 from depthg.models import build_backbone
@@ -77,6 +77,8 @@ def add_arguments(parser) -> None:
     a("--tune-grid", default="", help="JSON list of [variant, [overrides...]]: only tune on a held-out quarter "
       "of the train images of the first dataset (synthetic, or camvid with --tune-camvid)")
     a("--tune-camvid", action="store_true")
+    a("--shift-quantiles", default="", help="label-free shifts: 'q_self,q_knn,q_neg' quantiles of the train split's "
+      "feature correlations (e.g. 0.75,0.75,0.9) replace the fixed shifts of --base / --camvid-base ('' = off)")
     a("--depth-max", type=float, default=10.0, help="synthetic depth: clip metric depth here (m) before the per-image "
       "min-max, like ZoeDepth-NYU (10, the library default); 0 = full metric range (sky at 150 m)")
     a("--depth-per-crop", action="store_true", help="renormalise each train crop's depth to [0,1] (the paper's text)")
@@ -170,6 +172,29 @@ def _projected(args, train, val, info):
     return train, val
 
 
+def parse_quantiles(text: str) -> list[float]:
+    """``--shift-quantiles`` -> [q_self, q_knn, q_neg] ([] when empty); one clear error otherwise."""
+    if not text:
+        return []
+    try:
+        qs = [float(q) for q in text.split(",")]
+    except ValueError:
+        qs = []
+    if len(qs) != 3 or not all(0.0 <= q <= 1.0 for q in qs):
+        raise ValueError(f"--shift-quantiles: expected three quantiles in [0,1] (self,knn,neg), got {text!r}")
+    return qs
+
+
+def shift_overrides(args, cfg, train: qd.FeatureSet, log) -> list[str]:
+    """``--shift-quantiles``: the label-free shifts of this train split (``quantile_shifts``), or none."""
+    qs = parse_quantiles(args.shift_quantiles)
+    if not qs:
+        return []
+    extra = quantile_shifts(cfg, train, qs, args.batch)
+    log(f"  label-free shifts at quantiles {qs}: {' '.join(extra)}")
+    return extra
+
+
 def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, base, steps, log) -> dict:
     log(f"[{name}] caching features")
     train, val, info, n_classes = _prepare(args, data_overrides, train_kwargs, val_kwargs, log)
@@ -182,6 +207,7 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
     del train
     base_cfg = load_config(None, base_overrides(args, n_classes, base))
     result["setup"]["correlations"] = correlation_stats(base_cfg, ptrain, args.batch, 0)
+    base = list(base) + shift_overrides(args, base_cfg, ptrain, log)
     result["setup"]["base_overrides"] = base_overrides(args, n_classes, base)
     for vname in variants:
         cfg = load_config(None, base_overrides(args, n_classes, base) + VARIANTS[vname])
@@ -243,6 +269,7 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    parse_quantiles(args.shift_quantiles)  # fail before any work
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; valid: {', '.join(VARIANTS)}")

@@ -12,12 +12,14 @@ the codes keep, independent of the probe's own training: L-BFGS logistic regress
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import torch
 
 from bench import quality
+from bench import quality_data as qd
 from bench import quality_train as qt
 from depthg.config import load_config
 
@@ -49,6 +51,14 @@ CONTROLS = {
     "no_zero_clamp": (["loss.zero_clamp=false"], {}),
     "no_dropout": (["model.dropout=0.0"], {}),
     "samples_11": (["sampling.samples=11", "sampling.min_samples=11"], {}),
+    # features centred by their train mean (the head is affine, so only the correlation target F changes):
+    # CamVid PCA-128 pointwise-centred correlations then have medians self 0.06 / kNN 0.03 / negatives -0.03
+    "q50_q50_q90": ([], {"shift_q": (0.5, 0.5, 0.9)}),  # label-free shifts (quantile_shifts)
+    "q75_q75_q90": ([], {"shift_q": (0.75, 0.75, 0.9)}),
+    "q90_q90_q95": ([], {"shift_q": (0.9, 0.9, 0.95)}),
+    "centred": ([], {"feats": "centred"}),
+    "centred_medians": (["loss.self_shift=0.06", "loss.knn_shift=0.03", "loss.neg_shift=0.17"], {"feats": "centred"}),
+    "centred_coco": (["loss.self_shift=0.07", "loss.knn_shift=0.025", "loss.neg_shift=0.761"], {"feats": "centred"}),
 }
 
 
@@ -79,6 +89,12 @@ def references(args, raw, praw, val, pval, n_classes, log) -> dict:
             log(f"  reference fresh linear probe on {key}: mIoU {100 * out[key]['linear_fresh_miou_mean']:.1f} "
                 f"+- {100 * out[key]['linear_fresh_miou_std']:.1f}")
     return out
+
+
+def centre(train: qd.FeatureSet, val: qd.FeatureSet):
+    """Both splits minus the train split's mean feature vector (float16 maps, as cached)."""
+    mean = train.feats.float().mean(dim=(0, 2, 3), keepdim=True)
+    return tuple(dataclasses.replace(s, feats=(s.feats.float() - mean).to(torch.float16)) for s in (train, val))
 
 
 def run_control(args, name, cfg, data, val, n_classes, steps, seed, opts) -> dict:
@@ -113,6 +129,7 @@ def run(args) -> dict:
     steps = args.camvid_steps or args.steps if args.dataset == "camvid" else args.steps
     raw, val, info, n_classes = quality._prepare(args, overrides, tk, vk, log)
     praw, pval = quality._projected(args, raw, val, info)
+    centred = centre(praw, pval)
     result = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "setup": info, "controls": {}}
     if args.references:
         result["references"] = references(args, raw, praw, val, pval, n_classes, log)
@@ -123,7 +140,11 @@ def run(args) -> dict:
     for name in names:
         extra, opts = CONTROLS[name]
         cfg = load_config(None, quality.base_overrides(args, n_classes, base) + quality.VARIANTS[args.variant] + extra)
-        data, dval = (raw, val) if opts.get("feats") == "raw" else (praw, pval)
+        data, dval = {"raw": (raw, val), "centred": centred}.get(opts.get("feats"), (praw, pval))
+        if "shift_q" in opts:
+            extra = extra + qt.quantile_shifts(cfg, data, opts["shift_q"], args.batch)
+            cfg = load_config(None, quality.base_overrides(args, n_classes, base) + quality.VARIANTS[args.variant] + extra)
+            log(f"  {name}: {' '.join(extra)}")
         runs = [run_control(args, name, cfg, data, dval, n_classes, steps, seed, opts) for seed in range(args.seeds)]
         s = qt.summarise(runs)
         for key in ("eff_rank", "norm_mean", "top3_share"):

@@ -248,11 +248,9 @@ def kmeans_baseline(train_raw: torch.Tensor, val: qd.FeatureSet, n_classes: int,
 
 
 @torch.no_grad()
-def correlation_stats(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: int = 4) -> dict:
-    """Mean / quantiles of the (pointwise-centred) feature correlations of self, kNN and negative pairs.
-
-    The label-free statistic used to set the loss shifts for new data (train split only).
-    """
+def correlation_samples(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: int = 4) -> dict[str, torch.Tensor]:
+    """(Pointwise-centred, as the loss sees them) feature correlations of self, kNN and negative pairs at random
+    S x S locations of ``rounds`` random batches of the train split -> {"self", "knn", "neg"}: flat tensors."""
     gen = torch.Generator().manual_seed(seed)
     vals = {"self": [], "knn": [], "neg": []}
     s = cfg.sampling.samples
@@ -268,12 +266,26 @@ def correlation_stats(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: i
             if cfg.loss.pointwise:
                 corr = corr - corr.mean(dim=(3, 4), keepdim=True) + corr.mean()
             vals[name].append(corr.flatten())
+    sub = torch.Generator().manual_seed(seed + 1)
+    return {k: (lambda v: v[torch.randperm(v.numel(), generator=sub)[:100_000]])(torch.cat(v)) for k, v in vals.items()}
+
+
+def correlation_stats(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: int = 4) -> dict:
+    """Mean / quartiles of ``correlation_samples``: the label-free statistic used to set the loss shifts."""
     out = {}
-    for name, v in vals.items():
-        v = torch.cat(v)
-        q = torch.quantile(v[torch.randperm(v.numel(), generator=gen)[:100_000]], torch.tensor([0.25, 0.5, 0.75]))
+    for name, v in correlation_samples(cfg, data, batch, seed, rounds).items():
+        q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75]))
         out[name] = {"mean": float(v.mean()), "q25": float(q[0]), "median": float(q[1]), "q75": float(q[2])}
     return out
+
+
+def quantile_shifts(cfg, data: qd.FeatureSet, quantiles, batch: int = 32, seed: int = 0) -> list[str]:
+    """Label-free shifts: ``loss.{self,knn,neg}_shift`` at the given quantiles of their pair type's correlations
+    (``quantiles`` = (q_self, q_knn, q_neg)); e.g. (0.75, 0.75, 0.9): only the top quarter of self / kNN pairs
+    and the top tenth of negative pairs are pulled together. Returns config overrides."""
+    samples = correlation_samples(cfg, data, batch, seed)
+    return [f"loss.{name}_shift={float(torch.quantile(samples[name], float(q))):.4f}"
+            for name, q in zip(("self", "knn", "neg"), quantiles)]
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -210,3 +210,19 @@ def test_quick_diag_and_supervised_control(tmp_path):
         assert 0.0 <= s["linear_fresh_miou_mean"] <= 1.0 and s["eff_rank_mean"] >= 1.0
     with pytest.raises(ValueError, match="unknown"):
         quality_diag.run(parser.parse_args(["--quick", "--controls", "nope"]))
+
+
+def test_quantile_shifts_are_label_free_quantiles_of_the_loss_correlations(tmp_path):
+    data = _fake_set(n=8)
+    cfg = load_config(None, ["model.n_classes=3", "sampling.samples=3", "sampling.min_samples=3"])
+    samples = qt.correlation_samples(cfg, data, batch=4, seed=0)
+    shifts = qt.quantile_shifts(cfg, data, (0.5, 0.75, 0.9), batch=4, seed=0)
+    assert [x.split("=")[0] for x in shifts] == ["loss.self_shift", "loss.knn_shift", "loss.neg_shift"]
+    values = [float(x.split("=")[1]) for x in shifts]
+    for v, name, q in zip(values, ("self", "knn", "neg"), (0.5, 0.75, 0.9)):
+        assert (samples[name] <= v + 1e-4).float().mean() == pytest.approx(q, abs=0.02)
+    data.labels = torch.zeros_like(data.labels)  # labels play no part
+    assert qt.quantile_shifts(cfg, data, (0.5, 0.75, 0.9), batch=4, seed=0) == shifts
+    args = _args(tmp_path, "--shift-quantiles", "0.5,0.9")
+    with pytest.raises(ValueError, match="--shift-quantiles: expected three quantiles"):
+        quality.run(args)
