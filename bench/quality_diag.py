@@ -147,7 +147,7 @@ def run(args) -> dict:
             log(f"  {name}: {' '.join(extra)}")
         runs = [run_control(args, name, cfg, data, dval, n_classes, steps, seed, opts) for seed in range(args.seeds)]
         s = qt.summarise(runs)
-        for key in ("eff_rank", "norm_mean", "top3_share"):
+        for key in ("eff_rank", "norm_mean", "top3_share", "mean_cos"):
             s[f"{key}_mean"] = float(np.mean([r["code_stats"][key] for r in runs]))
         result["controls"][name] = s
         log(f"  {name}: " + row(s) + f" ({np.mean([r['seconds'] for r in runs]):.0f} s/run)")
@@ -163,18 +163,19 @@ def _pm(s, key) -> str:
 def row(s: dict) -> str:
     return (f"unsup {_pm(s, 'unsupervised_miou')} | linear {_pm(s, 'linear_miou')} | fresh linear "
             f"{_pm(s, 'linear_fresh_miou')} | codes k-means {_pm(s, 'codes_kmeans_miou')} | eff. rank "
-            f"{s.get('eff_rank_mean', float('nan')):.1f} | norm {s.get('norm_mean_mean', float('nan')):.2f}")
+            f"{s.get('eff_rank_mean', float('nan')):.1f} | mean cos {s.get('mean_cos_mean', float('nan')):.2f} | norm "
+            f"{s.get('norm_mean_mean', float('nan')):.2f}")
 
 
 def table(result: dict) -> str:
-    lines = ["| control | unsup. mIoU | linear mIoU | fresh linear mIoU | k-means on codes | eff. rank | code norm |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| control | unsup. mIoU | linear mIoU | fresh linear mIoU | k-means on codes | eff. rank | mean cos | "
+             "code norm |", "|---|---|---|---|---|---|---|---|"]
     for name, s in result.get("references", {}).items():
         key = "linear_fresh_miou" if "linear_fresh_miou_mean" in s else "unsupervised_miou"
         cells = ["-", "-", _pm(s, key), "-"] if key == "linear_fresh_miou" else [_pm(s, key), "-", "-", "-"]
-        lines.append(f"| ref: {name} | " + " | ".join(cells) + " | - | - |")
+        lines.append(f"| ref: {name} | " + " | ".join(cells) + " | - | - | - |")
     for name, s in result["controls"].items():
         lines.append(f"| {name} | {_pm(s, 'unsupervised_miou')} | {_pm(s, 'linear_miou')} | "
                      f"{_pm(s, 'linear_fresh_miou')} | {_pm(s, 'codes_kmeans_miou')} | {s['eff_rank_mean']:.1f} | "
-                     f"{s['norm_mean_mean']:.2f} |")
+                     f"{s.get('mean_cos_mean', float('nan')):.2f} | {s['norm_mean_mean']:.2f} |")
     return "\n".join(lines)

@@ -218,13 +218,15 @@ def evaluate_linear(probe: LinearProbe, maps: torch.Tensor, labels: torch.Tensor
 
 @torch.no_grad()
 def code_stats(codes: torch.Tensor, n_vectors: int = 20_000) -> dict:
-    """Shape of a code distribution: mean L2 norm, effective rank (participation ratio of the centred
-    covariance spectrum, 1 = all variance on one axis) and the share of the top 3 eigenvalues."""
+    """Shape of a code distribution: mean L2 norm, ``mean_cos`` (mean cosine of random pairs of code vectors:
+    1 = every code points the same way, a collapse), effective rank (participation ratio of the second-moment
+    spectrum of the unit codes: 1 = all on one axis) and the share of its top 3 eigenvalues."""
     vecs = qd.sample_vectors(codes, max(1, n_vectors // codes.shape[0]), torch.Generator().manual_seed(0)).double()
     unit = F.normalize(vecs, dim=1)
-    ev = torch.linalg.eigvalsh(torch.cov(unit.T)).clamp(min=0).flip(0)
-    return {"norm_mean": float(vecs.norm(dim=1).mean()), "eff_rank": float(ev.sum() ** 2 / (ev ** 2).sum()),
-            "top3_share": float(ev[:3].sum() / ev.sum())}
+    ev = torch.linalg.eigvalsh(unit.T @ unit / unit.shape[0]).clamp(min=0).flip(0)
+    perm = torch.randperm(unit.shape[0], generator=torch.Generator().manual_seed(1))
+    return {"norm_mean": float(vecs.norm(dim=1).mean()), "mean_cos": float((unit * unit[perm]).sum(dim=1).mean()),
+            "eff_rank": float(ev.sum() ** 2 / (ev ** 2).sum()), "top3_share": float(ev[:3].sum() / ev.sum())}
 
 
 @torch.no_grad()

@@ -196,6 +196,9 @@ def test_code_stats_sees_a_collapse():
     spread = torch.randn(8, 16, 4, 4, generator=g)
     collapsed = torch.randn(8, 1, 1, 1, generator=g).sign() * torch.ones(8, 16, 4, 4) + 0.01 * spread
     assert qt.code_stats(spread)["eff_rank"] > 8 and qt.code_stats(collapsed)["eff_rank"] < 2
+    assert abs(qt.code_stats(spread)["mean_cos"]) < 0.2
+    same_way = torch.ones(8, 16, 4, 4) + 0.01 * spread  # all codes one direction, tiny isotropic noise
+    assert qt.code_stats(same_way)["mean_cos"] > 0.99 and qt.code_stats(same_way)["eff_rank"] < 1.1
 
 
 def test_quick_diag_and_supervised_control(tmp_path):
