@@ -23,8 +23,8 @@ import torch
 
 from bench import quality_data as qd
 from bench.quality_data import MARKER, headline, write_markdown  # noqa: F401 (re-exported)
-from bench.quality_train import (correlation_stats, evaluate, finish_probes, kmeans_baseline,  # noqa: F401
-                                 quantile_shifts, reseed_dead_centroids, summarise, train_variant)
+from bench.quality_train import (correlation_stats, evaluate, finish_probes, fit_probes,  # noqa: F401
+                                 kmeans_baseline, quantile_shifts, reseed_dead_centroids, summarise, train_variant)
 from depthg.config import load_config
 from depthg.data import SyntheticSource, build_source
 from depthg.models import build_backbone
@@ -66,6 +66,9 @@ def add_arguments(parser) -> None:
     a("--pca-dim", type=int, default=128, help="project backbone features to this many channels (0 = off)")
     a("--knn", type=int, default=7)
     a("--probe-steps", type=int, default=150, help="probe-only steps on the final train codes (0 = off)")
+    a("--finish", default="adam", choices=("adam", "fit"), help="after training: adam = --probe-steps probe-only Adam "
+      "steps with dead-centroid re-seeding; fit = cluster centroids by k-means on the train codes (label-free, best of "
+      "5) and a converged (L-BFGS) linear probe (quality_train.fit_probes)")
     a("--variants", default=",".join(VARIANTS))
     a("--base", nargs="*", default=SYN_BASE, help="config overrides for every synthetic run (tuned shifts)")
     a("--camvid-base", nargs="*", default=CAMVID_BASE, help="config overrides for the CamVid runs")
@@ -107,7 +110,7 @@ def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], vari
         cfg = load_config(None, base_overrides(args, n_classes, args.base) + VARIANTS[variant] + list(extra))
         for seed in range(args.seeds):
             seg, terms = train_variant(cfg, fit, args.steps, args.batch, seed)
-            finish_probes(seg, fit, args.probe_steps, 64, cfg.train.probe_lr, seed)
+            finish(args, seg, fit, cfg, seed)
             scores = evaluate(seg, held, n_classes, fit)
             out.append({"overrides": list(extra), "variant": variant, "seed": seed, "heldout": scores,
                         "final_terms": terms, "depth_power": args.depth_power})
@@ -172,6 +175,14 @@ def _projected(args, train, val, info):
     return train, val
 
 
+def finish(args, seg, data: qd.FeatureSet, cfg, seed: int) -> None:
+    """The probes after training (``--finish``)."""
+    if args.finish == "fit":
+        fit_probes(seg, data, seed)
+    else:
+        finish_probes(seg, data, args.probe_steps, 64, cfg.train.probe_lr, seed)
+
+
 def parse_quantiles(text: str) -> list[float]:
     """``--shift-quantiles`` -> [q_self, q_knn, q_neg] ([] when empty); one clear error otherwise."""
     if not text:
@@ -215,7 +226,7 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             seg, terms = train_variant(cfg, ptrain, steps, args.batch, seed)
-            finish_probes(seg, ptrain, args.probe_steps, 64, cfg.train.probe_lr, seed)
+            finish(args, seg, ptrain, cfg, seed)
             scores = evaluate(seg, pval, n_classes, ptrain)
             scores.update(seconds=time.perf_counter() - t0, final_terms=terms)
             runs.append(scores)

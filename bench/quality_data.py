@@ -196,7 +196,8 @@ def headline(result: dict) -> dict:
     syn = result["datasets"].get("synthetic", {}).get("variants", {})
     if "stego" in syn and "depthg" in syn:
         diff("synthetic_depthg_minus_stego", syn["depthg"], syn["stego"])
-        out["synthetic_depthg_target_met"] = bool(out["synthetic_depthg_minus_stego_ci95"][0] > 0)
+        ci = out["synthetic_depthg_minus_stego_ci95"]
+        out["synthetic_depthg_target_met"] = bool(ci is not None and ci[0] > 0)
     if "stego" in syn and "fps_only" in syn:
         diff("synthetic_fps_linear_gain", syn["fps_only"], syn["stego"], "linear", "linear")
     return out

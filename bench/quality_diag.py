@@ -44,6 +44,8 @@ CONTROLS = {
     "probe_steps_0": ([], {"probe_steps": 0}),
     "probe_steps_2000": ([], {"probe_steps": 2000}),
     "no_reseed": ([], {"reseed": False}),
+    "finish_adam": ([], {"finish": "adam"}),
+    "finish_fit": ([], {"finish": "fit"}),
     "shifts_coco": (["loss.self_shift=0.07", "loss.knn_shift=0.025", "loss.neg_shift=0.761"], {}),
     "shifts_low": (["loss.self_shift=0.0", "loss.knn_shift=0.0", "loss.neg_shift=0.0"], {}),
     "shifts_high": (["loss.self_shift=0.55", "loss.knn_shift=0.5", "loss.neg_shift=0.45"], {}),
@@ -56,6 +58,11 @@ CONTROLS = {
     "q50_q50_q90": ([], {"shift_q": (0.5, 0.5, 0.9)}),  # label-free shifts (quantile_shifts)
     "q75_q75_q90": ([], {"shift_q": (0.75, 0.75, 0.9)}),
     "q90_q90_q95": ([], {"shift_q": (0.9, 0.9, 0.95)}),
+    "q75_q75_q90_fit": ([], {"shift_q": (0.75, 0.75, 0.9), "finish": "fit"}),
+    "q75_q75_q95_fit": ([], {"shift_q": (0.75, 0.75, 0.95), "finish": "fit"}),
+    "q90_q90_q95_fit": ([], {"shift_q": (0.9, 0.9, 0.95), "finish": "fit"}),
+    "q50_q50_q90_fit": ([], {"shift_q": (0.5, 0.5, 0.9), "finish": "fit"}),
+    "neg_only_fit": (["loss.self_weight=0", "loss.knn_weight=0"], {"finish": "fit"}),
     "centred": ([], {"feats": "centred"}),
     "centred_medians": (["loss.self_shift=0.06", "loss.knn_shift=0.03", "loss.neg_shift=0.17"], {"feats": "centred"}),
     "centred_coco": (["loss.self_shift=0.07", "loss.knn_shift=0.025", "loss.neg_shift=0.761"], {"feats": "centred"}),
@@ -101,8 +108,11 @@ def run_control(args, name, cfg, data, val, n_classes, steps, seed, opts) -> dic
     t0 = time.perf_counter()
     seg, terms = qt.train_variant(cfg, data, int(steps * opts.get("steps_mult", 1)), args.batch, seed,
                                   opts.get("objective", "stego"))
-    qt.finish_probes(seg, data, opts.get("probe_steps", args.probe_steps), 64, opts.get("probe_lr", cfg.train.probe_lr),
-                     seed, opts.get("reseed", True))
+    if opts.get("finish", args.finish) == "fit":
+        qt.fit_probes(seg, data, seed)
+    else:
+        qt.finish_probes(seg, data, opts.get("probe_steps", args.probe_steps), 64,
+                         opts.get("probe_lr", cfg.train.probe_lr), seed, opts.get("reseed", True))
     scores = qt.evaluate(seg, val, n_classes, data)
     codes = qt.all_codes(seg, data)
     with torch.no_grad():

@@ -119,6 +119,26 @@ def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, s
         opt.step()
 
 
+@torch.no_grad()
+def fit_probes(seg, data: qd.FeatureSet, seed: int, restarts: int = 5, n_vectors: int = 20_000) -> dict:
+    """Label-free cluster head + converged linear probe on the final train codes, in place of ``finish_probes``:
+    the cluster probe's centroids <- cosine k-means (k-means++, best of ``restarts`` by mean cosine to the nearest
+    centroid, no labels) on ~``n_vectors`` train code vectors; the linear probe <- ``fit_linear_probe``."""
+    codes = all_codes(seg, data)
+    vecs = F.normalize(qd.sample_vectors(codes, max(1, n_vectors // len(data)), torch.Generator().manual_seed(seed)), dim=1)
+    best, best_fit = None, -float("inf")
+    for r in range(restarts):
+        cent = fit_kmeans(vecs, seg.cluster_probe.n_clusters, iters=50, seed=1000 * seed + r)
+        fit = float((vecs @ cent.T).max(dim=1).values.mean())
+        if fit > best_fit:
+            best, best_fit = cent, fit
+    seg.cluster_probe.centroids.copy_(best)
+    with torch.enable_grad():
+        probe = fit_linear_probe(codes, data.labels, seg.linear_probe.n_classes, seed)
+    seg.linear_probe.load_state_dict(probe.state_dict())
+    return {"kmeans_fit": best_fit}
+
+
 def probe_pixels(maps: torch.Tensor, labels: torch.Tensor, per_image: int, gen: torch.Generator):
     """(vectors [M,C] float32, labels [M]) at ``per_image`` random grid cells of each map; the label of a cell is
     the label pixel nearest to its centre; ignored pixels (-1) are dropped."""
@@ -304,12 +324,12 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def paired(a: list[float], b: list[float]) -> dict:
-    """Paired difference a - b over seeds: mean, std and the two-sided 95% t interval of the mean."""
+    """Paired difference a - b over seeds: mean, std and the two-sided 95% t interval of the mean (None: 1 seed)."""
     from scipy import stats
 
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     if len(d) < 2:
-        return {"mean": float(d.mean()), "std": 0.0, "ci95": [float("nan"), float("nan")], "n": len(d)}
+        return {"mean": float(d.mean()), "std": 0.0, "ci95": None, "n": len(d)}  # no interval from one seed
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     return {"mean": float(d.mean()), "std": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)],
             "n": len(d)}
