@@ -102,12 +102,25 @@ def base_overrides(args, n_classes: int, extra=()) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- tuning (train split only)
-def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], variant: str, log) -> list[dict]:
-    """Cluster-probe mIoU on held-out *train* images for each override set of ``grid`` (one seed)."""
+def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], variant: str, log,
+         kmeans: bool = False) -> list[dict]:
+    """Cluster-probe mIoU on held-out *train* images for each override set of ``grid`` (``--seeds`` seeds).
+
+    A grid entry ``shift_q=a,b,c`` stands for the label-free shifts at those quantiles of the fit part
+    (``quantile_shifts``). With ``kmeans``, the first rows are k-means on the input features of the same split."""
     fit, held = qd.split_holdout(train, 0.25, args.knn)
     out = []
+    for seed in range(args.seeds if kmeans else 0):
+        scores = kmeans_baseline(fit.feats, held, n_classes, seed, "train")
+        out.append({"overrides": ["kmeans_features"], "variant": "kmeans", "seed": seed, "heldout": scores})
+        log(f"  tune k-means on the input features, seed {seed}: held-out mIoU {100 * scores['unsupervised']['miou']:.1f}")
     for extra in grid:
-        cfg = load_config(None, base_overrides(args, n_classes, args.base) + VARIANTS[variant] + list(extra))
+        extra = list(extra)
+        base = base_overrides(args, n_classes, args.base) + VARIANTS[variant]
+        for item in [x for x in extra if x.startswith("shift_q=")]:
+            extra.remove(item)
+            extra += quantile_shifts(load_config(None, base + extra), fit, parse_quantiles(item[8:]), args.batch)
+        cfg = load_config(None, base + extra)
         for seed in range(args.seeds):
             seg, terms = train_variant(cfg, fit, args.steps, args.batch, seed)
             finish(args, seg, fit, cfg, seed)
@@ -268,8 +281,8 @@ def _run_tuning(args, syn, log, t_start) -> dict:
                                              args.batch, 0)
     log(f"  correlations: {info['correlations']}")
     results = []
-    for variant, extra in grid:
-        results += tune(args, ptrain, n_classes, [extra], variant, log)
+    for k, (variant, extra) in enumerate(grid):
+        results += tune(args, ptrain, n_classes, [extra], variant, log, kmeans=k == 0)
     return {"tuning": {name: {"setup": info, "results": results}}, "seconds_total": time.perf_counter() - t_start}
 
 

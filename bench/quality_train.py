@@ -120,23 +120,20 @@ def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, s
 
 
 @torch.no_grad()
-def fit_probes(seg, data: qd.FeatureSet, seed: int, restarts: int = 5, n_vectors: int = 20_000) -> dict:
+def fit_probes(seg, data: qd.FeatureSet, seed: int, n_vectors: int = 20_000) -> None:
     """Label-free cluster head + converged linear probe on the final train codes, in place of ``finish_probes``:
-    the cluster probe's centroids <- cosine k-means (k-means++, best of ``restarts`` by mean cosine to the nearest
-    centroid, no labels) on ~``n_vectors`` train code vectors; the linear probe <- ``fit_linear_probe``."""
+    the cluster probe's centroids <- cosine k-means (``fit_kmeans``: k-means++, 30 iterations, no labels) on
+    ~``n_vectors`` train code vectors, the very procedure of the raw-feature baseline (``kmeans_baseline``), so the
+    two differ only in the representation; the linear probe <- ``fit_linear_probe``.
+
+    (Best-of-5 restarts by k-means inertia was measured and rejected: on synthetic val it gave 25.9 +- 1.3 mIoU
+    against 32.7 +- 2.5 for one run, because the lowest-inertia solutions split the large classes.)"""
     codes = all_codes(seg, data)
-    vecs = F.normalize(qd.sample_vectors(codes, max(1, n_vectors // len(data)), torch.Generator().manual_seed(seed)), dim=1)
-    best, best_fit = None, -float("inf")
-    for r in range(restarts):
-        cent = fit_kmeans(vecs, seg.cluster_probe.n_clusters, iters=50, seed=1000 * seed + r)
-        fit = float((vecs @ cent.T).max(dim=1).values.mean())
-        if fit > best_fit:
-            best, best_fit = cent, fit
-    seg.cluster_probe.centroids.copy_(best)
+    vecs = qd.sample_vectors(codes, max(1, n_vectors // len(data)), torch.Generator().manual_seed(seed))
+    seg.cluster_probe.centroids.copy_(fit_kmeans(vecs, seg.cluster_probe.n_clusters, iters=30, seed=seed))
     with torch.enable_grad():
         probe = fit_linear_probe(codes, data.labels, seg.linear_probe.n_classes, seed)
     seg.linear_probe.load_state_dict(probe.state_dict())
-    return {"kmeans_fit": best_fit}
 
 
 def probe_pixels(maps: torch.Tensor, labels: torch.Tensor, per_image: int, gen: torch.Generator):
