@@ -184,7 +184,8 @@ def test_paired_interval_and_headline():
                         "fps_only": qt.summarise([run(0.33, 0.45), run(0.35, 0.47)])}}
     hl = quality.headline({"datasets": {"synthetic": syn}})
     assert hl["synthetic_depthg_minus_stego_miou"] == pytest.approx(4.0)
-    assert hl["synthetic_head_minus_kmeans_miou"] == pytest.approx(5.0) and hl["synthetic_head_target_met"]
+    assert hl["synthetic_head_minus_kmeans_miou"] == pytest.approx(1.0) and hl["synthetic_head_target_met"]
+    assert hl["synthetic_depthg_minus_kmeans_miou"] == pytest.approx(5.0)
     assert hl["synthetic_fps_linear_gain_miou"] == pytest.approx(5.5)
     low, high = hl["synthetic_depthg_minus_stego_ci95"]
     assert low < 4.0 < high and hl["synthetic_depthg_target_met"] == (low > 0)
