@@ -205,10 +205,10 @@ def test_code_stats_sees_a_collapse():
 def test_quick_diag_and_supervised_control(tmp_path):
     parser = argparse.ArgumentParser()
     quality_diag.add_arguments(parser)
-    args = parser.parse_args(["--quick", "--dataset", "synthetic", "--controls", "baseline,supervised,untrained"])
+    args = parser.parse_args(["--quick", "--dataset", "synthetic", "--controls", "baseline,supervised,untrained,new_baseline"])
     result = quality_diag.run(args)
     json.dumps(result)
-    assert set(result["controls"]) == {"baseline", "supervised", "untrained"}
+    assert set(result["controls"]) == {"baseline", "supervised", "untrained", "new_baseline"}
     assert {"raw704", "raw704_l2", "kmeans_raw_fit_train"} <= set(result["references"])
     for s in result["controls"].values():
         assert 0.0 <= s["linear_fresh_miou_mean"] <= 1.0 and s["eff_rank_mean"] >= 1.0
