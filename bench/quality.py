@@ -23,12 +23,11 @@ import torch
 
 from bench import quality_data as qd
 from bench.quality_data import MARKER, headline, write_markdown  # noqa: F401 (re-exported)
-from depthg import losses, metrics
+from bench.quality_train import (correlation_stats, evaluate, finish_probes, fit_probes,  # noqa: F401
+                                 kmeans_baseline, quantile_shifts, reseed_dead_centroids, summarise, train_variant)
 from depthg.config import load_config
-from depthg.data import build_source
-from depthg.evaluation import fit_kmeans, kmeans_assign
-from depthg.models import build_backbone, build_segmenter
-from depthg.step import losses_from_features
+from depthg.data import SyntheticSource, build_source
+from depthg.models import build_backbone
 
 VARIANTS = {  # name -> config overrides (on top of the shared base)
     "stego": ["loss.depth.mode=none", "sampling.mode=random"],
@@ -36,16 +35,21 @@ VARIANTS = {  # name -> config overrides (on top of the shared base)
     "fps_only": ["loss.depth.mode=none", "sampling.mode=fps"],
     "depthg": ["loss.depth.mode=paper", "sampling.mode=fps"],
     "depthg_lhp": ["loss.depth.mode=paper", "sampling.mode=fps", "loss.lhp.enabled=true"],
-    # distance-mode targets 1 - d/d_max lie mostly in [0.5, 1]: b_depth 0.5 (tuned on held-out train; 0.1 -> 22 mIoU)
-    "depthg_distance": ["loss.depth.mode=distance", "sampling.mode=fps", "loss.depth.shift=0.5"],
+    # distance-mode targets 1 - d/d_max have median ~0.6 on 10 m-clipped depth: b_depth 0.6 (held-out train:
+    # 26.3 mIoU vs 24.2 at 0.5; docs/QUALITY_DIAGNOSIS.md)
+    "depthg_distance": ["loss.depth.mode=distance", "sampling.mode=fps", "loss.depth.shift=0.6"],
     "depthg_reference": ["loss.depth.mode=reference", "sampling.mode=fps"],
 }
 
-# Tuned on a held-out quarter of the *train* images (docs/RESULTS.md): self/kNN shifts at the 25% quantile
-# of their pointwise-centred feature correlations, negative shift near the 75% quantile, head lr 2e-3.
-SYN_BASE = ["loss.self_shift=0.42", "loss.knn_shift=0.38", "loss.neg_shift=0.37", "train.lr=0.002",
-            "loss.depth.shift=0.1"]
-CAMVID_BASE = ["loss.self_shift=0.25", "loss.knn_shift=0.23", "loss.neg_shift=0.33", "train.lr=0.002"]
+# Chosen on a held-out quarter of the *train* images (docs/QUALITY_DIAGNOSIS.md), the same rule for both datasets:
+# the negative term alone, its shift at the 90% quantile of the negative pairs' feature correlations
+# (--shift-quantiles; label-free), head lr 2e-3. The self / kNN terms at any shift we tried lost to it on
+# synthetic held-out crops and tied on CamVid; at the earlier fixed shifts (about their 25-35% quantiles) they
+# collapse the codes. b_depth 0.9 for the paper mode: with 10 m-clipped depth D = d_i d_j is near 1 for half the
+# pairs, and b_depth 0.03 / 0.1 collapse the codes (held-out 15.8 / 16.1 vs 28.6 mIoU).
+SYN_BASE = ["loss.self_weight=0", "loss.knn_weight=0", "train.lr=0.002", "loss.depth.shift=0.9"]
+CAMVID_BASE = ["loss.self_weight=0", "loss.knn_weight=0", "train.lr=0.002"]
+SHIFT_QUANTILES = "0.5,0.5,0.9"
 
 
 def add_arguments(parser) -> None:
@@ -67,8 +71,11 @@ def add_arguments(parser) -> None:
     a("--pca-dim", type=int, default=128, help="project backbone features to this many channels (0 = off)")
     a("--knn", type=int, default=7)
     a("--probe-steps", type=int, default=150, help="probe-only steps on the final train codes (0 = off)")
+    a("--finish", default="fit", choices=("adam", "fit"), help="after training: adam = --probe-steps probe-only Adam "
+      "steps with dead-centroid re-seeding; fit = cluster centroids by k-means on the train codes (label-free, best of "
+      "5) and a converged (L-BFGS) linear probe (quality_train.fit_probes)")
     a("--variants", default=",".join(VARIANTS))
-    a("--base", nargs="*", default=SYN_BASE, help="config overrides for every synthetic run (tuned shifts)")
+    a("--base", nargs="*", default=SYN_BASE, help="config overrides for every synthetic run (chosen on held-out train)")
     a("--camvid-base", nargs="*", default=CAMVID_BASE, help="config overrides for the CamVid runs")
     a("--skip-camvid", action="store_true")
     a("--skip-synthetic", action="store_true")
@@ -78,6 +85,11 @@ def add_arguments(parser) -> None:
     a("--tune-grid", default="", help="JSON list of [variant, [overrides...]]: only tune on a held-out quarter "
       "of the train images of the first dataset (synthetic, or camvid with --tune-camvid)")
     a("--tune-camvid", action="store_true")
+    a("--shift-quantiles", default=SHIFT_QUANTILES, help="label-free shifts: 'q_self,q_knn,q_neg' quantiles of the train split's "
+      "feature correlations (e.g. 0.75,0.75,0.9) replace the fixed shifts of --base / --camvid-base ('' = off)")
+    a("--depth-max", type=float, default=10.0, help="synthetic depth: clip metric depth here (m) before the per-image "
+      "min-max, like ZoeDepth-NYU (10, the library default); 0 = full metric range (sky at 150 m)")
+    a("--depth-per-crop", action="store_true", help="renormalise each train crop's depth to [0,1] (the paper's text)")
     a("--depth-power", type=float, default=1.0, help="experiment: train depth d -> d**p (1 = as given)")
     a("--quick", action="store_true", help="tiny smoke run (tests)")
 
@@ -94,171 +106,29 @@ def base_overrides(args, n_classes: int, extra=()) -> list[str]:
             f"sampling.min_samples={s}", "sampling.decay_every=0", *extra]
 
 
-# ----------------------------------------------------------------------------- training and evaluation
-def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int):
-    """A fresh segmenter trained for ``steps`` batches on cached features; returns (segmenter, last terms)."""
-    n, k = len(data), data.nn.shape[1]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        seg = build_segmenter(cfg.model, data.feats.shape[1], cfg.loss.lhp.enabled)
-    opt = torch.optim.Adam([{"params": seg.head_parameters(), "lr": cfg.train.lr},
-                            {"params": seg.probe_parameters(), "lr": cfg.train.probe_lr}])
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    order, pos_in_order, terms = torch.randperm(n, generator=gen), 0, {}
-    seg.train()
-    for step in range(steps):
-        if pos_in_order + batch > n:
-            order, pos_in_order = torch.randperm(n, generator=gen), 0
-        idx = order[pos_in_order:pos_in_order + batch]
-        pos_in_order += batch
-        pos = data.nn[idx, torch.randint(k, (len(idx),), generator=gen)]
-        if data.depth is not None:
-            depth, pos_depth = data.depth[idx], data.depth[pos]
-        else:
-            depth = pos_depth = torch.zeros(len(idx), 1, *data.feats.shape[-2:])
-        out = losses_from_features(seg, data.feats[idx].float(), data.feats[pos].float(), depth, pos_depth,
-                                   data.labels[idx], cfg, step, gen, training=True)
-        opt.zero_grad(set_to_none=True)
-        out["total"].backward()
-        opt.step()
-        terms = {key: float(v.detach()) if torch.is_tensor(v) else float(v) for key, v in out.items() if key in ("self", "knn", "neg", "depth", "head")}
-    seg.eval()
-    return seg, terms
-
-
-@torch.no_grad()
-def _reseed_dead_centroids(probe, codes: torch.Tensor, gen: torch.Generator) -> int:
-    """Move every centroid that wins no code vector of the batch onto a random code vector (k-means practice).
-
-    The learned k-means only moves winning centroids, so a badly initialised one stays dead for good and the
-    probe ends with fewer clusters than classes: the main source of seed variance with short budgets.
-    """
-    flat = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])
-    wins = torch.bincount(probe.cosine(codes).argmax(dim=1).flatten(), minlength=probe.n_clusters)
-    dead = torch.nonzero(wins == 0).flatten()
-    if len(dead):
-        probe.centroids[dead] = flat[torch.randint(flat.shape[0], (len(dead),), generator=gen)]
-    return len(dead)
-
-
-def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, seed: int) -> None:
-    """Extra probe-only Adam steps on the final (frozen, dropout-free) codes of the train crops.
-
-    The probes are trained on detached codes anyway; with short head budgets this lets both probes converge
-    on the final codes so that variants are compared on their codes, not on probe convergence. During the
-    first half, dead cluster centroids are re-seeded (``_reseed_dead_centroids``).
-    """
-    if steps <= 0:
-        return
-    with torch.no_grad():
-        codes = torch.cat([seg.head(data.feats[i:i + 64].float()) for i in range(0, len(data), 64)])
-    opt = torch.optim.Adam(seg.probe_parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(20_000 + seed)
-    for step in range(steps):
-        idx = torch.randint(len(data), (min(batch, len(data)),), generator=gen)
-        c = codes[idx]
-        if step < steps // 2:
-            _reseed_dead_centroids(seg.cluster_probe, c, gen)
-        loss = seg.cluster_probe.loss(c) + seg.linear_probe.loss(seg.linear_probe(c), data.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
-@torch.no_grad()
-def evaluate(seg, val: qd.FeatureSet, n_classes: int, train: qd.FeatureSet | None = None) -> dict:
-    """Cluster probe (Hungarian over the split) and linear probe (identity) on upsampled val codes.
-
-    With ``train``: also ``codes_kmeans``, cosine k-means (n_classes) fitted on train codes, a check that the
-    learned cluster probe has converged.
-    """
-    size = tuple(val.labels.shape[-2:])
-    n_clusters = seg.cluster_probe.n_clusters
-    confs = {"c": np.zeros((n_clusters, n_classes), np.int64), "l": np.zeros((n_classes, n_classes), np.int64),
-             "k": np.zeros((n_classes, n_classes), np.int64)}
-    codes = torch.cat([seg.head(val.feats[i:i + 16].float()) for i in range(0, len(val), 16)])
-    cent = None
-    if train is not None:
-        tcodes = torch.cat([seg.head(train.feats[i:i + 64].float()) for i in range(0, len(train), 64)])
-        vecs = qd.sample_vectors(tcodes, max(1, 20_000 // len(train)), torch.Generator().manual_seed(0))
-        cent = fit_kmeans(vecs, n_classes, iters=30, seed=0)
-    for start, up in qd.upsample_chunks(codes, size):
-        lab = val.labels[start:start + up.shape[0]]
-        confs["c"] += metrics.confusion(seg.cluster_probe.predict(up), lab, n_clusters, n_classes)
-        confs["l"] += metrics.confusion(seg.linear_probe(up).argmax(dim=1), lab, n_classes, n_classes)
-        if cent is not None:
-            confs["k"] += metrics.confusion(kmeans_assign(up, cent), lab, n_classes, n_classes)
-    out = {"unsupervised": _brief(metrics.hungarian_scores(confs["c"])),
-           "linear": _brief(metrics.identity_scores(confs["l"]))}
-    if cent is not None:
-        out["codes_kmeans"] = _brief(metrics.hungarian_scores(confs["k"]))
-    return out
-
-
-def _brief(s: dict) -> dict:
-    return {"accuracy": s["accuracy"], "miou": s["miou"], "iou": s["iou"]}
-
-
-@torch.no_grad()
-def kmeans_baseline(train_raw: torch.Tensor, val: qd.FeatureSet, n_classes: int, seed: int, fit_on: str) -> dict:
-    """Cosine k-means on raw backbone vectors (of ``train_raw`` or the val maps), Hungarian on val.
-
-    Centroids are fitted on about 20k vectors sampled from the train crops (``fit_on="train"``) or from the
-    val images themselves (``"val"``, transductive); val pixels take the argmax of the bilinearly upsampled
-    cosine scores.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    source = train_raw if fit_on == "train" else val.feats
-    per = max(1, 20_000 // source.shape[0])
-    cent = fit_kmeans(qd.sample_vectors(source, per, gen), n_classes, iters=30, seed=seed)
-    conf = np.zeros((n_classes, n_classes), np.int64)
-    # cosine scores on the feature grid, bilinearly upsampled (704 -> n_classes channels before upsampling)
-    scores = torch.cat([torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(val.feats[i:i + 8].float(), dim=1),
-                                     cent) for i in range(0, len(val), 8)])
-    for start, up in qd.upsample_chunks(scores, tuple(val.labels.shape[-2:]), chunk=8):
-        conf += metrics.confusion(up.argmax(dim=1), val.labels[start:start + up.shape[0]], n_classes, n_classes)
-    return {"unsupervised": _brief(metrics.hungarian_scores(conf))}
-
-
-@torch.no_grad()
-def correlation_stats(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: int = 4) -> dict:
-    """Mean / quantiles of the (pointwise-centred) feature correlations of self, kNN and negative pairs.
-
-    The label-free statistic used to set the loss shifts for new data (train split only).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    vals = {"self": [], "knn": [], "neg": []}
-    s = cfg.sampling.samples
-    for _ in range(rounds):
-        idx = torch.randperm(len(data), generator=gen)[:batch]
-        pos = data.nn[idx, torch.randint(data.nn.shape[1], (len(idx),), generator=gen)]
-        neg = idx[losses.permutation_without_fixed_points(len(idx), gen)]
-        coords = [torch.rand(len(idx), s, s, 2, generator=gen) * 2 - 1 for _ in range(2)]
-        f1 = losses.sample_features(data.feats[idx].float(), coords[0])
-        for name, other in (("self", idx), ("knn", pos), ("neg", neg)):
-            f2 = f1 if name == "self" else losses.sample_features(data.feats[other].float(), coords[1])
-            corr = losses.correlation(f1, f2)
-            if cfg.loss.pointwise:
-                corr = corr - corr.mean(dim=(3, 4), keepdim=True) + corr.mean()
-            vals[name].append(corr.flatten())
-    out = {}
-    for name, v in vals.items():
-        v = torch.cat(v)
-        q = torch.quantile(v[torch.randperm(v.numel(), generator=gen)[:100_000]], torch.tensor([0.25, 0.5, 0.75]))
-        out[name] = {"mean": float(v.mean()), "q25": float(q[0]), "median": float(q[1]), "q75": float(q[2])}
-    return out
-
-
 # ----------------------------------------------------------------------------- tuning (train split only)
-def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], variant: str, log) -> list[dict]:
-    """Cluster-probe mIoU on held-out *train* images for each override set of ``grid`` (one seed)."""
+def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], variant: str, log,
+         kmeans: bool = False) -> list[dict]:
+    """Cluster-probe mIoU on held-out *train* images for each override set of ``grid`` (``--seeds`` seeds).
+
+    A grid entry ``shift_q=a,b,c`` stands for the label-free shifts at those quantiles of the fit part
+    (``quantile_shifts``). With ``kmeans``, the first rows are k-means on the input features of the same split."""
     fit, held = qd.split_holdout(train, 0.25, args.knn)
     out = []
+    for seed in range(args.seeds if kmeans else 0):
+        scores = kmeans_baseline(fit.feats, held, n_classes, seed, "train")
+        out.append({"overrides": ["kmeans_features"], "variant": "kmeans", "seed": seed, "heldout": scores})
+        log(f"  tune k-means on the input features, seed {seed}: held-out mIoU {100 * scores['unsupervised']['miou']:.1f}")
     for extra in grid:
-        cfg = load_config(None, base_overrides(args, n_classes, args.base) + VARIANTS[variant] + list(extra))
+        extra = list(extra)
+        base = base_overrides(args, n_classes, args.base) + VARIANTS[variant]
+        for item in [x for x in extra if x.startswith("shift_q=")]:
+            extra.remove(item)
+            extra += quantile_shifts(load_config(None, base + extra), fit, parse_quantiles(item[8:]), args.batch)
+        cfg = load_config(None, base + extra)
         for seed in range(args.seeds):
             seg, terms = train_variant(cfg, fit, args.steps, args.batch, seed)
-            finish_probes(seg, fit, args.probe_steps, 64, cfg.train.probe_lr, seed)
+            finish(args, seg, fit, cfg, seed)
             scores = evaluate(seg, held, n_classes, fit)
             out.append({"overrides": list(extra), "variant": variant, "seed": seed, "heldout": scores,
                         "final_terms": terms, "depth_power": args.depth_power})
@@ -269,12 +139,23 @@ def tune(args, train: qd.FeatureSet, n_classes: int, grid: list[list[str]], vari
 
 
 # ----------------------------------------------------------------------------- one dataset
-def _prepare(args, data_overrides, n_classes_hint, train_kwargs, val_kwargs, log):
+def _sources(args, cfg):
+    """(train, val) sources; synthetic depth is clipped at ``--depth-max`` metres before its min-max."""
+    if cfg.data.dataset == "synthetic":
+        d = cfg.data
+        return tuple(SyntheticSource(num, d.height, d.width, d.seed, split, depth_max=args.depth_max)
+                     for num, split in ((d.num_train, "train"), (d.num_val, "val")))
+    return build_source(cfg.data, "train"), build_source(cfg.data, "val")
+
+
+def _prepare(args, data_overrides, train_kwargs, val_kwargs, log):
     cfg = load_config(None, data_overrides)
     backbone = build_backbone("effnet_lite0")
-    src_train, src_val = build_source(cfg.data, "train"), build_source(cfg.data, "val")
+    src_train, src_val = _sources(args, cfg)
     t0 = time.perf_counter()
     key = "_".join(x.split("=")[-1].replace("/", "") for x in data_overrides) + f"_{train_kwargs}_{val_kwargs}"
+    if cfg.data.dataset == "synthetic":
+        key += f"_dmax{args.depth_max:g}".replace(".", "p")
     path = os.path.join(args.cache_dir, "".join(c for c in key if c.isalnum() or c == "_") + ".pt")
     if args.cache_dir and os.path.exists(path):
         with torch.serialization.safe_globals([qd.FeatureSet]):  # tensors + this dataclass only
@@ -294,6 +175,8 @@ def _prepare(args, data_overrides, n_classes_hint, train_kwargs, val_kwargs, log
             "val_res": val_kwargs["res"], "raw_dim": int(train.feats.shape[1]),
             "cache_seconds": time.perf_counter() - t0, "n_classes": src_train.n_classes,
             "classes": list(src_train.class_names)}
+    if cfg.data.dataset == "synthetic":
+        info.update(depth_max=args.depth_max, depth_per_crop=bool(args.depth_per_crop))
     log(f"  cached {len(train)} train crops + {len(val)} val images in {info['cache_seconds']:.0f} s")
     return train, val, info, src_train.n_classes
 
@@ -310,9 +193,40 @@ def _projected(args, train, val, info):
     return train, val
 
 
+def finish(args, seg, data: qd.FeatureSet, cfg, seed: int) -> None:
+    """The probes after training (``--finish``)."""
+    if args.finish == "fit":
+        fit_probes(seg, data, seed)
+    else:
+        finish_probes(seg, data, args.probe_steps, 64, cfg.train.probe_lr, seed)
+
+
+def parse_quantiles(text: str) -> list[float]:
+    """``--shift-quantiles`` -> [q_self, q_knn, q_neg] ([] when empty); one clear error otherwise."""
+    if not text:
+        return []
+    try:
+        qs = [float(q) for q in text.split(",")]
+    except ValueError:
+        qs = []
+    if len(qs) != 3 or not all(0.0 <= q <= 1.0 for q in qs):
+        raise ValueError(f"--shift-quantiles: expected three quantiles in [0,1] (self,knn,neg), got {text!r}")
+    return qs
+
+
+def shift_overrides(args, cfg, train: qd.FeatureSet, log) -> list[str]:
+    """``--shift-quantiles``: the label-free shifts of this train split (``quantile_shifts``), or none."""
+    qs = parse_quantiles(args.shift_quantiles)
+    if not qs:
+        return []
+    extra = quantile_shifts(cfg, train, qs, args.batch)
+    log(f"  label-free shifts at quantiles {qs}: {' '.join(extra)}")
+    return extra
+
+
 def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, base, steps, log) -> dict:
     log(f"[{name}] caching features")
-    train, val, info, n_classes = _prepare(args, data_overrides, None, train_kwargs, val_kwargs, log)
+    train, val, info, n_classes = _prepare(args, data_overrides, train_kwargs, val_kwargs, log)
     result = {"setup": info, "kmeans_raw": {}, "variants": {}}
     for fit_on in ("train", "val"):
         runs = [kmeans_baseline(train.feats, val, n_classes, seed, fit_on) for seed in range(args.seeds)]
@@ -322,6 +236,7 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
     del train
     base_cfg = load_config(None, base_overrides(args, n_classes, base))
     result["setup"]["correlations"] = correlation_stats(base_cfg, ptrain, args.batch, 0)
+    base = list(base) + shift_overrides(args, base_cfg, ptrain, log)
     result["setup"]["base_overrides"] = base_overrides(args, n_classes, base)
     for vname in variants:
         cfg = load_config(None, base_overrides(args, n_classes, base) + VARIANTS[vname])
@@ -329,7 +244,7 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             seg, terms = train_variant(cfg, ptrain, steps, args.batch, seed)
-            finish_probes(seg, ptrain, args.probe_steps, 64, cfg.train.probe_lr, seed)
+            finish(args, seg, ptrain, cfg, seed)
             scores = evaluate(seg, pval, n_classes, ptrain)
             scores.update(seconds=time.perf_counter() - t0, final_terms=terms)
             runs.append(scores)
@@ -338,19 +253,6 @@ def run_dataset(args, name, data_overrides, train_kwargs, val_kwargs, variants, 
         log(f"  {vname}: {fmt(result['variants'][vname])} ({np.mean([r['seconds'] for r in runs]):.0f} s/run)")
     result["steps"] = steps
     return result
-
-
-def summarise(runs: list[dict]) -> dict:
-    """mean / std (population std over seeds) of accuracy and mIoU for each probe, plus the raw runs."""
-    out = {"runs": runs, "seeds": len(runs)}
-    for probe in ("unsupervised", "linear", "codes_kmeans"):
-        if probe not in runs[0]:
-            continue
-        for metric in ("accuracy", "miou"):
-            v = np.array([r[probe][metric] for r in runs], dtype=np.float64)
-            out[f"{probe}_{metric}_mean"] = float(v.mean())
-            out[f"{probe}_{metric}_std"] = float(v.std())
-    return out
 
 
 def fmt(s: dict) -> str:
@@ -364,7 +266,8 @@ def fmt(s: dict) -> str:
 
 def _datasets(args, syn):
     cam = ["data.dataset=camvid", f"data.root={args.camvid_root}"]
-    return {"synthetic": (syn, dict(res=args.crop_res, crop=True, limit=0), dict(res=args.val_res, crop=False, limit=0)),
+    syn_train = dict(res=args.crop_res, crop=True, limit=0, renormalise_depth=args.depth_per_crop)
+    return {"synthetic": (syn, syn_train, dict(res=args.val_res, crop=False, limit=0)),
             "camvid": (cam, dict(res=args.camvid_res, crop=args.camvid_crop, limit=args.camvid_train),
                        dict(res=args.camvid_res, crop=False, limit=args.camvid_val))}
 
@@ -377,14 +280,14 @@ def _run_tuning(args, syn, log, t_start) -> dict:
     overrides, tk, vk = _datasets(args, syn)[name]
     if args.tune_camvid and args.camvid_base is not None:
         args.base = args.camvid_base
-    train, val, info, n_classes = _prepare(args, overrides, None, tk, vk, log)
+    train, val, info, n_classes = _prepare(args, overrides, tk, vk, log)
     ptrain, _ = _projected(args, train, val, info)
     info["correlations"] = correlation_stats(load_config(None, base_overrides(args, n_classes, args.base)), ptrain,
                                              args.batch, 0)
     log(f"  correlations: {info['correlations']}")
     results = []
-    for variant, extra in grid:
-        results += tune(args, ptrain, n_classes, [extra], variant, log)
+    for k, (variant, extra) in enumerate(grid):
+        results += tune(args, ptrain, n_classes, [extra], variant, log, kmeans=k == 0)
     return {"tuning": {name: {"setup": info, "results": results}}, "seconds_total": time.perf_counter() - t_start}
 
 
@@ -395,6 +298,7 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    parse_quantiles(args.shift_quantiles)  # fail before any work
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; valid: {', '.join(VARIANTS)}")
@@ -410,8 +314,9 @@ def run(args) -> dict:
         cbase = args.base if args.camvid_base is None else args.camvid_base
         result["datasets"]["camvid"] = run_dataset(args, "camvid", *_datasets(args, syn)["camvid"], ["stego"], cbase,
                                                    args.camvid_steps or args.steps, log)
+    result["headline"] = headline(result)
     result["seconds_total"] = time.perf_counter() - t_start
-    log(f"total {result['seconds_total']:.0f} s")
+    log(f"total {result['seconds_total']:.0f} s; headline {result['headline']}")
     result["command"] = "python " + " ".join(shlex.quote(x) for x in sys.argv)
     if args.results_md:
         from bench import machine

@@ -44,18 +44,20 @@ class FeatureSet:
         return self.feats.shape[0]
 
 
-def _records(source, limit: int, crop: bool, ratio: float, res: int):
+def _records(source, limit: int, crop: bool, ratio: float, res: int, renormalise_depth: bool):
     ids = source.ids()[:limit] if limit else source.ids()
     for id_ in ids:
         rec = source.load(id_)
-        for r in (five_crop(rec, ratio) if crop else [rec]):
+        for r in (five_crop(rec, ratio, renormalise_depth) if crop else [rec]):
             yield transform_record(r, res)
 
 
 @torch.no_grad()
 def build_set(source, backbone, res: int, crop: bool, ratio: float = 0.5, limit: int = 0,
-              batch: int = 16, knn: int = 0) -> FeatureSet:
-    """Load (and five-crop) ``source``, resize to ``res`` x ``res``, run the backbone once per image."""
+              batch: int = 16, knn: int = 0, renormalise_depth: bool = False) -> FeatureSet:
+    """Load (and five-crop) ``source``, resize to ``res`` x ``res``, run the backbone once per image.
+
+    ``renormalise_depth``: each crop's depth is min-max normalised again (``five_crop``)."""
     t_load = t_bb = 0.0
     feats, depths, labels, ids, pending = [], [], [], [], []
 
@@ -68,7 +70,7 @@ def build_set(source, backbone, res: int, crop: bool, ratio: float = 0.5, limit:
         pending.clear()
 
     t0 = time.perf_counter()
-    for rec in _records(source, limit, crop, ratio, res):
+    for rec in _records(source, limit, crop, ratio, res, renormalise_depth):
         ids.append(rec.id)
         labels.append(torch.from_numpy(np.asarray(rec.label, dtype=np.int64)))
         if rec.depth is not None:
@@ -156,37 +158,71 @@ def _pm(s: dict, key: str) -> str:
     return f"{100 * s[f'{key}_mean']:.1f} +- {100 * s[f'{key}_std']:.1f}"
 
 
+def _vs(s: dict, ref: dict | None) -> str:
+    """Paired (by seed) unsupervised-mIoU difference to ``ref`` with its 95% interval."""
+    from bench.quality_train import paired
+
+    if ref is None or s is ref:
+        return "-"
+    p = paired(_per_seed(s), _per_seed(ref))
+    ci = "" if p["ci95"] is None else f" [{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]"
+    return f"{p['mean']:+.1f}{ci}"
+
+
 def _table(ds: dict) -> list[str]:
-    rows = ["| method | unsup. acc | unsup. mIoU | linear acc | linear mIoU | k-means on codes mIoU | s / run |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| method | unsup. acc | unsup. mIoU | vs STEGO (paired, 95% CI) | linear acc | linear mIoU | "
+            "k-means on codes mIoU | s / run |", "|---|---|---|---|---|---|---|---|"]
+    ref = ds["variants"].get("stego")
     for fit_on, s in ds["kmeans_raw"].items():
         rows.append(f"| raw-feature k-means ({fit_on.replace('_', ' ')}) | {_pm(s, 'unsupervised_accuracy')} | "
-                    f"{_pm(s, 'unsupervised_miou')} | - | - | - | - |")
+                    f"{_pm(s, 'unsupervised_miou')} | {_vs(s, ref)} | - | - | - | - |")
     for name, s in ds["variants"].items():
         secs = np.mean([r["seconds"] for r in s["runs"]])
         rows.append(f"| {LABELS.get(name, name)} | {_pm(s, 'unsupervised_accuracy')} | {_pm(s, 'unsupervised_miou')} | "
-                    f"{_pm(s, 'linear_accuracy')} | {_pm(s, 'linear_miou')} | {_pm(s, 'codes_kmeans_miou')} | {secs:.0f} |")
+                    f"{_vs(s, ref)} | {_pm(s, 'linear_accuracy')} | {_pm(s, 'linear_miou')} | "
+                    f"{_pm(s, 'codes_kmeans_miou')} | {secs:.0f} |")
     return rows
 
 
+def _per_seed(summary: dict, probe: str = "unsupervised") -> list[float]:
+    return [100 * r[probe]["miou"] for r in summary["runs"]]
+
+
 def headline(result: dict) -> dict:
-    """The two targets of the benchmark, as numbers (percentage points)."""
+    """The targets of issue 13 as numbers (percentage points, paired by seed; ci95 = the paired difference's
+    two-sided 95% t interval): trained head (STEGO, the variant without depth that both datasets run; on
+    synthetic also DepthG) - raw-feature k-means (fit on train), DepthG - STEGO on synthetic val, and FPS's
+    gain on the linear probe (FPS only - STEGO)."""
+    from bench.quality_train import paired
+
     out = {}
+
+    def diff(key, a, b, probe_a="unsupervised", probe_b="unsupervised"):
+        p = paired(_per_seed(a, probe_a), _per_seed(b, probe_b))
+        out[f"{key}_miou"], out[f"{key}_ci95"] = p["mean"], p["ci95"]
+
+    for ds, variant, key in (("camvid", "stego", "camvid_head"), ("synthetic", "stego", "synthetic_head"),
+                             ("synthetic", "depthg", "synthetic_depthg")):
+        d = result["datasets"].get(ds)
+        if d and variant in d["variants"]:
+            diff(f"{key}_minus_kmeans", d["variants"][variant], d["kmeans_raw"]["fit_train"])
+            out[f"{key}_target_met"] = bool(out[f"{key}_minus_kmeans_miou"] >= 0)
     syn = result["datasets"].get("synthetic", {}).get("variants", {})
     if "stego" in syn and "depthg" in syn:
-        a, b = syn["depthg"], syn["stego"]
-        gain = 100 * (a["unsupervised_miou_mean"] - b["unsupervised_miou_mean"])
-        std = 100 * max(a["unsupervised_miou_std"], b["unsupervised_miou_std"])
-        out["synthetic_depthg_minus_stego_miou"] = gain
-        out["synthetic_seed_std"] = std
-        out["synthetic_target_met"] = bool(gain >= 2.0 + std)
-    cam = result["datasets"].get("camvid")
-    if cam and "stego" in cam["variants"]:
-        gain = 100 * (cam["variants"]["stego"]["unsupervised_miou_mean"]
-                      - cam["kmeans_raw"]["fit_train"]["unsupervised_miou_mean"])
-        out["camvid_head_minus_kmeans_miou"] = gain
-        out["camvid_target_met"] = bool(gain >= 5.0)
+        diff("synthetic_depthg_minus_stego", syn["depthg"], syn["stego"])
+        ci = out["synthetic_depthg_minus_stego_ci95"]
+        out["synthetic_depthg_target_met"] = bool(ci is not None and ci[0] > 0)
+    if "stego" in syn and "fps_only" in syn:
+        diff("synthetic_fps_linear_gain", syn["fps_only"], syn["stego"], "linear", "linear")
     return out
+
+
+def _num(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_num(x) for x in v) + "]"
+    return str(v)
 
 
 def write_markdown(result: dict, path: str) -> None:
@@ -204,8 +240,7 @@ def write_markdown(result: dict, path: str) -> None:
              "whole val split; linear = linear probe on the same codes. No CRF, no flip averaging.", ""]
     hl = headline(result)
     if hl:
-        lines += ["## Headline", "", "```", *(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}"
-                                               for k, v in hl.items()), "```", ""]
+        lines += ["## Headline", "", "```", *(f"{k}: {_num(v)}" for k, v in hl.items()), "```", ""]
     for name, ds in result["datasets"].items():
         st = ds["setup"]
         lines += [f"## {name}", "", *_table(ds), "",
@@ -216,6 +251,9 @@ def write_markdown(result: dict, path: str) -> None:
                   f"(keeps {100 * st['pca_energy_kept']:.1f}% of the second moment); cache built in "
                   f"{st['cache_seconds']:.0f} s.",
                   f"- shared overrides: `{' '.join(st['base_overrides'])}`",
+                  *([f"- depth: metric depth clipped at {st['depth_max']:g} m (0 = not clipped) before the per-image "
+                     f"min-max; train crops {'renormalised to [0,1] each' if st['depth_per_crop'] else 'not renormalised'}."]
+                    if "depth_max" in st else []),
                   "- pointwise-centred feature correlations on train (mean / median): " + ", ".join(
                       f"{k} {v['mean']:.3f} / {v['median']:.3f}" for k, v in st["correlations"].items()), ""]
     m = result.get("machine", {})

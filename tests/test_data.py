@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from depthg.config import DataConfig
-from depthg.data import (Record, SourceError, build_source, crop_boxes, five_crop, read_depth,
+from depthg.data import (FolderSource, Record, SourceError, build_source, crop_boxes, five_crop, read_depth,
                          resize_center_crop, to_tensor_image, transform_record)
 from depthg.data import palettes as P
 
@@ -225,6 +225,39 @@ def test_folder_errors(tmp_path):
 def test_read_depth_8bit_is_not_truncated(tmp_path):
     _png(str(tmp_path / "d.png"), np.array([[0, 128, 255]], np.uint8))
     np.testing.assert_allclose(read_depth(str(tmp_path / "d.png")), [[0, 128 / 255, 1]], atol=1e-7)
+
+
+def test_read_depth_metric_npy_depth_range(tmp_path):
+    metric = np.array([[1.0, 4.0, 10.0], [20.0, 150.0, 2.5]])
+    np.save(tmp_path / "d.npy", metric)
+    full = read_depth(str(tmp_path / "d.npy"))  # no clip: the sky sets the maximum
+    np.testing.assert_allclose(full, (metric - 1.0) / 149.0, atol=1e-6)
+    clipped = read_depth(str(tmp_path / "d.npy"), depth_max=10.0)  # ZoeDepth-NYU's range
+    np.testing.assert_allclose(clipped, (np.minimum(metric, 10.0) - 1.0) / 9.0, atol=1e-6)
+    np.save(tmp_path / "n.npy", np.array([[0.0, 0.25], [0.5, 1.0]]))  # already normalised: untouched
+    np.testing.assert_allclose(read_depth(str(tmp_path / "n.npy"), depth_max=10.0), [[0, 0.25], [0.5, 1]])
+    with pytest.raises(SourceError, match=r"d\.npy: depth_max must be >= 0"):
+        read_depth(str(tmp_path / "d.npy"), depth_max=-1.0)
+    _png(str(tmp_path / "images/a.png"), _rgb(2, 3))
+    (tmp_path / "depth").mkdir()
+    np.save(tmp_path / "depth/a.npy", metric)
+    src = FolderSource(str(tmp_path), "train", n_classes=2, depth_max=10.0)
+    np.testing.assert_allclose(src.load("a").depth, clipped)
+    with pytest.raises(SourceError, match="folder source: depth_max must be >= 0"):
+        FolderSource(str(tmp_path), "train", n_classes=2, depth_max=-3.0)
+
+
+def test_five_crop_renormalises_depth_per_crop_on_request():
+    depth = np.linspace(0.0, 1.0, 8 * 12, dtype=np.float32).reshape(8, 12)
+    rec = Record("img", np.zeros((8, 12, 3), np.uint8), depth, None)
+    plain, renorm = five_crop(rec, 0.5), five_crop(rec, 0.5, renormalise_depth=True)
+    for p, r in zip(plain, renorm):
+        assert p.depth.max() < 1.0 or p.depth.min() > 0.0  # a crop of a full-image min-max: not [0,1]
+        assert r.depth.min() == 0.0 and r.depth.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(r.depth, (p.depth - p.depth.min()) / (p.depth.max() - p.depth.min()), atol=1e-6)
+        assert r.label is None and np.array_equal(r.image, p.image)
+    flat = Record("f", np.zeros((8, 12, 3), np.uint8), np.full((8, 12), 0.3, np.float32), None)
+    assert not five_crop(flat, 0.5, renormalise_depth=True)[0].depth.any()  # constant crop -> zeros
 
 
 # ----------------------------------------------------------------------------- transforms

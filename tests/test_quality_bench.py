@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import quality, quality_data as qd
+from bench import quality, quality_data as qd, quality_diag, quality_train as qt
 from depthg.config import load_config
 
 
@@ -136,12 +136,12 @@ def test_reseed_dead_centroids_moves_only_dead_ones():
     codes = torch.rand(2, 3, 4, 4) + 0.05  # all positive: centroid 2 never wins
     codes[:, 1] += 2 * (torch.arange(4) >= 2).float().view(1, 4, 1)  # half the pixels lean to centroid 1
     before = probe.centroids.detach().clone()
-    assert quality._reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 1
+    assert quality.reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 1
     after = probe.centroids.detach()
     assert torch.equal(after[:2], before[:2])
     flat = codes.permute(0, 2, 3, 1).reshape(-1, 3)
     assert (flat == after[2]).all(dim=1).any()  # moved onto one of the code vectors
-    assert quality._reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 0  # now alive
+    assert quality.reseed_dead_centroids(probe, codes, torch.Generator().manual_seed(0)) == 0  # now alive
 
 
 def test_split_holdout_keeps_images_together():
@@ -153,3 +153,80 @@ def test_split_holdout_keeps_images_together():
     for sub in (fit, held):  # positives index into the subset, never the crop itself
         assert sub.nn.shape == (5, 2) and int(sub.nn.max()) < 5
         assert not (sub.nn == torch.arange(5)[:, None]).any()
+
+
+def test_fresh_linear_probe_converges_on_separable_maps():
+    """The diagnosis' converged probe: classes that are linearly separable in the maps are recovered exactly,
+    and the probe's labels line up with the grid cells (labels at twice the grid, as the benchmark trains)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (12, 4, 4), generator=g)
+    centres = torch.randn(3, 6, generator=g) * 3
+    maps = centres[labels].permute(0, 3, 1, 2) + 0.1 * torch.randn(12, 6, 4, 4, generator=g)  # [N,C,h,w]
+    fine = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)  # labels at twice the grid
+    fine[0, 0, 0] = -1  # ignored pixels are dropped, not learned
+    x, y = qt.probe_pixels(maps, fine, per_image=16, gen=torch.Generator().manual_seed(1))
+    assert x.shape == (y.shape[0], 6) and (y >= 0).all()
+    probe = qt.fit_linear_probe(maps, fine, 3, seed=0, per_image=16)
+    scores = qt.evaluate_linear(probe, maps, fine, 3)
+    assert scores["accuracy"] == pytest.approx(1.0) and scores["miou"] == pytest.approx(1.0)
+    shuffled = qt.fit_linear_probe(maps, fine[torch.randperm(12, generator=g)], 3, seed=0, per_image=16)
+    assert qt.evaluate_linear(shuffled, maps, fine, 3)["accuracy"] < 0.8  # wrong labels: no free lunch
+
+
+def test_paired_interval_and_headline():
+    p = qt.paired([3.0, 4.0, 5.0], [1.0, 1.0, 1.0])
+    assert p["mean"] == pytest.approx(3.0) and p["ci95"][0] < 3.0 < p["ci95"][1]
+    assert p["ci95"][0] == pytest.approx(3.0 - 4.302653 * 1.0 / np.sqrt(3), rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
+    run = lambda m, lin=0.5: {"unsupervised": {"miou": m, "accuracy": m}, "linear": {"miou": lin, "accuracy": lin}}
+    syn = {"kmeans_raw": {"fit_train": qt.summarise([run(0.30), run(0.32)])},
+           "variants": {"stego": qt.summarise([run(0.30, 0.40), run(0.34, 0.41)]),
+                        "depthg": qt.summarise([run(0.35), run(0.37)]),
+                        "fps_only": qt.summarise([run(0.33, 0.45), run(0.35, 0.47)])}}
+    hl = quality.headline({"datasets": {"synthetic": syn}})
+    assert hl["synthetic_depthg_minus_stego_miou"] == pytest.approx(4.0)
+    assert hl["synthetic_head_minus_kmeans_miou"] == pytest.approx(1.0) and hl["synthetic_head_target_met"]
+    assert hl["synthetic_depthg_minus_kmeans_miou"] == pytest.approx(5.0)
+    assert hl["synthetic_fps_linear_gain_miou"] == pytest.approx(5.5)
+    low, high = hl["synthetic_depthg_minus_stego_ci95"]
+    assert low < 4.0 < high and hl["synthetic_depthg_target_met"] == (low > 0)
+    assert "camvid_head_minus_kmeans_miou" not in hl
+
+
+def test_code_stats_sees_a_collapse():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(8, 16, 4, 4, generator=g)
+    collapsed = torch.randn(8, 1, 1, 1, generator=g).sign() * torch.ones(8, 16, 4, 4) + 0.01 * spread
+    assert qt.code_stats(spread)["eff_rank"] > 8 and qt.code_stats(collapsed)["eff_rank"] < 2
+    assert abs(qt.code_stats(spread)["mean_cos"]) < 0.2
+    same_way = torch.ones(8, 16, 4, 4) + 0.01 * spread  # all codes one direction, tiny isotropic noise
+    assert qt.code_stats(same_way)["mean_cos"] > 0.99 and qt.code_stats(same_way)["eff_rank"] < 1.1
+
+
+def test_quick_diag_and_supervised_control(tmp_path):
+    parser = argparse.ArgumentParser()
+    quality_diag.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--dataset", "synthetic", "--controls", "baseline,supervised,untrained,new_baseline"])
+    result = quality_diag.run(args)
+    json.dumps(result)
+    assert set(result["controls"]) == {"baseline", "supervised", "untrained", "new_baseline"}
+    assert {"raw704", "raw704_l2", "kmeans_raw_fit_train"} <= set(result["references"])
+    for s in result["controls"].values():
+        assert 0.0 <= s["linear_fresh_miou_mean"] <= 1.0 and s["eff_rank_mean"] >= 1.0
+    with pytest.raises(ValueError, match="unknown"):
+        quality_diag.run(parser.parse_args(["--quick", "--controls", "nope"]))
+
+
+def test_quantile_shifts_are_label_free_quantiles_of_the_loss_correlations(tmp_path):
+    data = _fake_set(n=8)
+    cfg = load_config(None, ["model.n_classes=3", "sampling.samples=3", "sampling.min_samples=3"])
+    samples = qt.correlation_samples(cfg, data, batch=4, seed=0)
+    shifts = qt.quantile_shifts(cfg, data, (0.5, 0.75, 0.9), batch=4, seed=0)
+    assert [x.split("=")[0] for x in shifts] == ["loss.self_shift", "loss.knn_shift", "loss.neg_shift"]
+    values = [float(x.split("=")[1]) for x in shifts]
+    for v, name, q in zip(values, ("self", "knn", "neg"), (0.5, 0.75, 0.9)):
+        assert (samples[name] <= v + 1e-4).float().mean() == pytest.approx(q, abs=0.02)
+    data.labels = torch.zeros_like(data.labels)  # labels play no part
+    assert qt.quantile_shifts(cfg, data, (0.5, 0.75, 0.9), batch=4, seed=0) == shifts
+    args = _args(tmp_path, "--shift-quantiles", "0.5,0.9")
+    with pytest.raises(ValueError, match="--shift-quantiles: expected three quantiles"):
+        quality.run(args)

@@ -89,6 +89,23 @@ def check_label_range(label: np.ndarray, n_classes: int, where: str) -> np.ndarr
     return label
 
 
+ZOEDEPTH_NYU_MAX = 10.0  # metres: the range ZoeDepth's NYU head predicts (the paper's estimator for every dataset)
+
+
+def clip_minmax(depth: np.ndarray, max_depth: float = 0.0) -> np.ndarray:
+    """Metric depth -> [0,1] the way a bounded monocular estimator's output looks: clip at ``max_depth``
+    (metres; 0 = no clip), then per-image ``minmax``.
+
+    ZoeDepth-NYU never predicts beyond about 10 m, so on a street scene the sky and everything far is 1 and
+    the near half of the scene spreads over [0, 1); unclipped metric depth with a 150 m sky squeezes every
+    non-sky pixel near 0 (the paper's target D = d_i d_j is then nearly constant).
+    """
+    if max_depth < 0:
+        raise ValueError(f"depth range: max_depth must be >= 0 metres (0 = no clip), got {max_depth}")
+    d = np.asarray(depth, dtype=np.float64)
+    return minmax(np.minimum(d, max_depth) if max_depth > 0 else d)
+
+
 def minmax(depth: np.ndarray) -> np.ndarray:
     """Per-image min-max normalisation to [0,1] (a constant map becomes all zeros)."""
     d = np.asarray(depth, dtype=np.float64)

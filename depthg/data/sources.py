@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from depthg.data import palettes as P
-from depthg.data.base import Record, Source, SourceError, check_label_range, minmax
+from depthg.data.base import Record, Source, SourceError, check_label_range, clip_minmax
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -58,12 +58,15 @@ def read_label_png(path: str) -> np.ndarray:
     return np.asarray(img).astype(np.int64)
 
 
-def read_depth(path: str) -> np.ndarray:
+def read_depth(path: str, depth_max: float = 0.0) -> np.ndarray:
     """Depth file -> float32 [H,W] in [0,1].
 
     16-bit PNG: value / 65535; 8-bit PNG: value / 255 (as floats: never cast to integers);
-    ``.npy``: kept if already within [0,1] (e.g. pre-normalised), else min-max normalised per image
-    (metric or disparity-free depth, larger = farther)."""
+    ``.npy``: kept if already within [0,1] (e.g. pre-normalised), else taken as metric depth (larger =
+    farther): clipped at ``depth_max`` metres (0 = no clip; 10 = ZoeDepth-NYU's range, the paper's
+    estimator) and min-max normalised per image (``base.clip_minmax``)."""
+    if depth_max < 0:
+        raise SourceError(f"depth {path}: depth_max must be >= 0 metres (0 = no clip), got {depth_max}")
     if path.endswith(".npy"):
         try:
             d = np.load(path, allow_pickle=False).astype(np.float64)
@@ -73,7 +76,7 @@ def read_depth(path: str) -> np.ndarray:
         if d.ndim != 2 or not np.isfinite(d).all():
             raise SourceError(f"depth {path}: expected a finite 2-D array, got shape {d.shape}")
         if d.min() < 0 or d.max() > 1:
-            return minmax(d)
+            return clip_minmax(d, depth_max)
         return d.astype(np.float32)
     img = _open(path)
     arr = np.asarray(img)
@@ -114,12 +117,19 @@ def _lut_map(raw: np.ndarray, lut: dict, path: str, ignore=(255,)) -> np.ndarray
 
 # ----------------------------------------------------------------------------- folder
 class FolderSource(Source):
-    """The user's own images; labels and depth optional. Ids are file stems (dots -> '_')."""
+    """The user's own images; labels and depth optional. Ids are file stems (dots -> '_').
+
+    ``depth_max``: metric ``.npy`` depth is clipped at this many metres before its min-max (``read_depth``).
+    """
 
     name = "folder"
 
-    def __init__(self, root: str, split: str = "train", n_classes: int | None = None, limit: int = 0):
+    def __init__(self, root: str, split: str = "train", n_classes: int | None = None, limit: int = 0,
+                 depth_max: float = 0.0):
         _require_dir(root, "dataset root")
+        if depth_max < 0:
+            raise SourceError(f"folder source: depth_max must be >= 0 metres (0 = no clip), got {depth_max}")
+        self.depth_max = float(depth_max)
         base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split, "images")) else root
         img_dir = _require_dir(os.path.join(base, "images"), "images")
         self.paths: dict[str, str] = {}
@@ -171,7 +181,7 @@ class FolderSource(Source):
             found = [c for c in cands if os.path.isfile(c)]
             if not found:
                 raise SourceError(f"missing depth for image {path}: expected {cands[0]} or {cands[1]}")
-            depth = read_depth(found[0])
+            depth = read_depth(found[0], self.depth_max)
         return Record(id, image, depth, label), path
 
 

@@ -17,7 +17,9 @@ exposure, image-space gradient, haze) and procedural value-noise textures vary p
 Determinism: scene ``index`` of ``split`` with ``seed`` is drawn from
 ``np.random.default_rng([seed, split_code, index])``; train and val use different split codes, so
 their scene streams are disjoint. ``render_scene`` returns metric planar depth (sky = ``SKY_DEPTH``);
-``SyntheticSource.load`` min-max normalises it per image to [0,1] (0 = near), as for estimated depth.
+``SyntheticSource.load`` turns it into depth like a monocular estimator's: clipped at ``depth_max``
+(default 10 m, ZoeDepth-NYU's range; 0 = the full metric range) and min-max normalised per image to
+[0,1] (0 = near) by ``base.clip_minmax``.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from depthg.data.base import Record, Source, SourceError, minmax
+from depthg.data.base import ZOEDEPTH_NYU_MAX, Record, Source, SourceError, clip_minmax
 from depthg.data.palettes import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
 from depthg.data.raycast import Camera, Canvas, ray_box, ray_ellipsoid
 
@@ -360,7 +362,11 @@ def render_scene(seed: int, index: int, height: int = 240, width: int = 320, spl
 
 
 class SyntheticSource(Source):
-    """``num`` rendered street scenes of one split; ids ``"syn-{split}-{index:06d}"``."""
+    """``num`` rendered street scenes of one split; ids ``"syn-{split}-{index:06d}"``.
+
+    ``depth_max``: metric depth is clipped here (metres) before the per-image min-max, like the bounded
+    output of ZoeDepth-NYU (the default, 10 m); 0 keeps the full range (sky at ``SKY_DEPTH``).
+    """
 
     name = "synthetic"
     n_classes = len(SYNTHETIC_CLASSES)
@@ -369,14 +375,18 @@ class SyntheticSource(Source):
     has_depth = True
     has_labels = True
 
-    def __init__(self, num: int, height: int = 240, width: int = 320, seed: int = 0, split: str = "train"):
+    def __init__(self, num: int, height: int = 240, width: int = 320, seed: int = 0, split: str = "train",
+                 depth_max: float = ZOEDEPTH_NYU_MAX):
         if split not in SPLIT_CODES:
             raise SourceError(f"synthetic split must be one of {list(SPLIT_CODES)}, got {split!r}")
         if num < 1 or height < 16 or width < 16:
             raise SourceError(f"synthetic source needs num >= 1 and a size >= 16x16, got {num} x {height}x{width}")
+        if depth_max < 0:
+            raise SourceError(f"synthetic source: depth_max must be >= 0 metres (0 = no clip), got {depth_max}")
         self.num, self.height, self.width, self.seed, self.split = num, height, width, seed, split
+        self.depth_max = float(depth_max)
         self.use_ids([f"syn-{split}-{i:06d}" for i in range(num)], 0, f"the synthetic {split} split")
 
     def read(self, id: str) -> tuple[Record, str]:
         scene = render_scene(self.seed, int(id.rsplit("-", 1)[1]), self.height, self.width, self.split)
-        return Record(id, scene.image, minmax(scene.depth), scene.label), id
+        return Record(id, scene.image, clip_minmax(scene.depth, self.depth_max), scene.label), id

@@ -1,7 +1,9 @@
 """Crops and resizes shared by data preparation, training and evaluation (METHOD.md section 8-9).
 
 - ``five_crop``: four corner crops + the centre crop at ``ratio`` of the height and width, of image,
-  depth and label together; depth is *not* renormalised (it was normalised on the full image).
+  depth and label together; depth is *not* renormalised (it was normalised on the full image, the
+  reference code's behaviour) unless ``renormalise_depth``: then each crop's depth is min-max
+  normalised again to [0,1] (the paper's text: d in [0,1] of the cropped image).
   Crop size ``int(H * ratio) x int(W * ratio)``; the centre crop's offset is
   ``round((H - h) / 2)``, ``round((W - w) / 2)`` (torchvision's convention).
 - ``resize_center_crop``: the one resize used everywhere (streaming, evaluation, mining, inference):
@@ -15,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from depthg.data.base import Record
+from depthg.data.base import Record, minmax
 
 
 def crop_boxes(height: int, width: int, ratio: float = 0.5) -> list[tuple[int, int, int, int]]:
@@ -36,12 +38,20 @@ def _cut(arr, box):
     return np.ascontiguousarray(arr[t:t + h, l:l + w])
 
 
-def five_crop(record: Record, ratio: float = 0.5) -> list[Record]:
-    """Five crops of ``record`` with ids ``"{id}_c{k}"``, k = 0..4 (TL, TR, BL, BR, centre)."""
+def five_crop(record: Record, ratio: float = 0.5, renormalise_depth: bool = False) -> list[Record]:
+    """Five crops of ``record`` with ids ``"{id}_c{k}"``, k = 0..4 (TL, TR, BL, BR, centre).
+
+    ``renormalise_depth``: each crop's depth is min-max normalised to [0,1] again (a constant crop -> 0).
+    """
     height, width = record.image.shape[:2]
-    return [replace(record, id=f"{record.id}_c{k}", image=_cut(record.image, box),
-                    depth=_cut(record.depth, box), label=_cut(record.label, box))
-            for k, box in enumerate(crop_boxes(height, width, ratio))]
+    crops = []
+    for k, box in enumerate(crop_boxes(height, width, ratio)):
+        depth = _cut(record.depth, box)
+        if renormalise_depth and depth is not None:
+            depth = minmax(depth)
+        crops.append(replace(record, id=f"{record.id}_c{k}", image=_cut(record.image, box), depth=depth,
+                             label=_cut(record.label, box)))
+    return crops
 
 
 def _short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
