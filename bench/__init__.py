@@ -19,4 +19,5 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min when the result was written
     }

@@ -5,10 +5,8 @@ every validation image are computed once and kept in memory (float16), together 
 labels and kNN positives (cosine top-k of the global-average-pooled features, self excluded, within the
 split). Training then only runs the head (``depthg.step.losses_from_features``) on cached features.
 
-An optional uncentred PCA (``fit_projection``) maps the 704-channel EfficientNet-Lite0 features to fewer
-channels: it keeps the directions that carry most of the second moment, so cosine correlations of the
-projected features approximate those of the raw ones, and it makes the head (and the correlations) several
-times cheaper on a 2-core CPU. The retained energy is reported.
+The benchmark trains on the full 704-channel EfficientNet-Lite0 features. ``fit_projection`` / ``project`` (an
+uncentred PCA) serve only the diagnosis's older controls (``quality_diag --pca-dim``).
 """
 from __future__ import annotations
 
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 
 from depthg.data import five_crop, to_tensor_image, transform_record
 from depthg.knn import topk_cosine
+from depthg.probes import sample_vectors
 
 
 @dataclass
@@ -94,14 +93,6 @@ def build_set(source, backbone, res: int, crop: bool, ratio: float = 0.5, limit:
         out.seconds["knn"] = time.perf_counter() - t0
     out.seconds.update({"load": t_load, "backbone": t_bb})
     return out
-
-
-def sample_vectors(feats: torch.Tensor, per_image: int, generator: torch.Generator) -> torch.Tensor:
-    """``per_image`` random feature vectors of each map -> float32 [N*per_image, C]."""
-    n, c, h, w = feats.shape
-    flat = feats.flatten(2)  # [N,C,hw]
-    idx = torch.randint(h * w, (n, per_image), generator=generator)
-    return torch.gather(flat, 2, idx[:, None, :].expand(-1, c, -1)).permute(0, 2, 1).reshape(-1, c).float()
 
 
 def fit_projection(feats: torch.Tensor, dim: int, generator: torch.Generator, per_image: int = 24):
@@ -247,10 +238,11 @@ def write_markdown(result: dict, path: str) -> None:
                   f"- {st['train_crops']} train crops at {st['train_res']}x{st['train_res']}, {st['val_images']} val "
                   f"images at {st['val_res']}x{st['val_res']} ({st['n_classes']} classes: {', '.join(st['classes'])}); "
                   f"{ds['steps']} batches of {a['batch']} per run.",
-                  f"- features: {st['raw_dim']} channels, uncentred PCA to {st['pca_dim'] or st['raw_dim']} "
-                  f"(keeps {100 * st['pca_energy_kept']:.1f}% of the second moment); cache built in "
-                  f"{st['cache_seconds']:.0f} s.",
-                  f"- shared overrides: `{' '.join(st['base_overrides'])}`",
+                  f"- features: all {st['raw_dim']} channels of the frozen backbone, cached once "
+                  f"({st['cache_seconds']:.0f} s).",
+                  f"- training recipe: `{st['config']}` (loss, sampling, model, train.lr / probe_lr / finish) "
+                  f"with `model.n_classes`, the variant's switches" + (f" and `{' '.join(st['overrides'])}`"
+                                                                       if st.get("overrides") else "") + ".",
                   *([f"- depth: metric depth clipped at {st['depth_max']:g} m (0 = not clipped) before the per-image "
                      f"min-max; train crops {'renormalised to [0,1] each' if st['depth_per_crop'] else 'not renormalised'}."]
                     if "depth_max" in st else []),
@@ -258,7 +250,8 @@ def write_markdown(result: dict, path: str) -> None:
                       f"{k} {v['mean']:.3f} / {v['median']:.3f}" for k, v in st["correlations"].items()), ""]
     m = result.get("machine", {})
     lines += ["## Run", "", f"- total time: {result['seconds_total'] / 60:.1f} min on {m.get('cores', '?')} CPU cores "
-              f"({m.get('cpu', '?')}, torch {m.get('torch', '?')}, GPU: {m.get('gpu')}), shared with other jobs.",
+              f"({m.get('cpu', '?')}, torch {m.get('torch', '?')}, GPU: {m.get('gpu')}); load average "
+              f"{m.get('load_avg', '?')} (1, 5, 15 min) at the end.",
               f"- command: `{result.get('command', '')}`", "", MARKER]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:

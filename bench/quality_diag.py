@@ -1,14 +1,19 @@
 """Why do the trained codes lose what the backbone knows? Controls on the quality benchmark's cached features.
 
-    python launch/benchmark.py quality_diag --dataset camvid --controls baseline,supervised,raw704 --seeds 3 \\
+    python launch/benchmark.py quality-diag --dataset camvid --controls baseline,supervised,neg_only --seeds 3 \\
         --cache-dir /tmp/qcache --threads 1
 
-Every control trains the quality benchmark's head (``bench.quality_train``) with one factor changed and reports,
-on the val split: the cluster probe (unsupervised mIoU), the in-training linear probe (after the benchmark's
-probe finishing), a *fresh* linear probe trained to convergence on the final train codes (``linear_fresh``: what
-the codes keep, independent of the probe's own training: L-BFGS logistic regression), k-means on the codes, and the codes' shape
-(``code_stats``: effective rank, norm). References without a head: fresh linear probes and k-means on the raw
-704-d features and on the PCA input. Defaults are the quality benchmark's (``--steps``, ``--base`` ...).
+Every control trains the quality benchmark's head (``bench.quality_train``: the trainer's step on cached
+features) with one factor changed and reports, on the val split: the cluster probe (unsupervised mIoU), the
+linear probe, a *fresh* linear probe fitted to convergence on the final train codes (``linear_fresh``: what the
+codes keep, independent of the probes' training), k-means on the codes, and the codes' shape (``code_stats``:
+effective rank, norm). References without a head: fresh linear probes and k-means on the input features.
+
+Two starting points. ``new_*`` controls start from the benchmark's procedure, i.e. the config's recipe
+(``--config`` / ``--camvid-config``, ``train.finish``). The others start from the procedure of the first
+docs/RESULTS.md run (``OLD_BASE``): all three STEGO terms at fixed shifts tuned on held-out train images, the
+probes finished by ``--probe-steps`` Adam steps with dead-centroid re-seeding (``finish_probes``, a diagnostic
+here, not the product's), on a ``--pca-dim`` PCA of the features (docs/QUALITY_DIAGNOSIS.md used 128).
 """
 from __future__ import annotations
 
@@ -22,14 +27,17 @@ from bench import quality
 from bench import quality_data as qd
 from bench import quality_train as qt
 from depthg.config import load_config
+from depthg.probes import fit_linear_probe
 
 # The procedure of the earlier docs/RESULTS.md run ("old"): all three STEGO terms at fixed shifts tuned on held-out
 # train images (about the 25-35% quantile of the self / kNN correlations), probes finished by 150 Adam steps with
 # dead-centroid re-seeding. The controls below change one factor of it; "new_*" controls start from the quality
 # benchmark's current defaults instead (--base / --camvid-base, --shift-quantiles, --finish).
-OLD_BASE = {"synthetic": ["loss.self_shift=0.42", "loss.knn_shift=0.38", "loss.neg_shift=0.37", "train.lr=0.002",
-                          "loss.depth.shift=0.1"],
-            "camvid": ["loss.self_shift=0.25", "loss.knn_shift=0.23", "loss.neg_shift=0.33", "train.lr=0.002"]}
+_OLD = ["loss.self_weight=0.58", "loss.knn_weight=0.36", "loss.shift_mode=fixed", "train.lr=0.002",
+        "train.finish=none", "loss.depth.decay_every=250", "sampling.decay_every=0"]
+OLD_BASE = {"synthetic": _OLD + ["loss.self_shift=0.42", "loss.knn_shift=0.38", "loss.neg_shift=0.37",
+                                 "loss.depth.shift=0.1"],
+            "camvid": _OLD + ["loss.self_shift=0.25", "loss.knn_shift=0.23", "loss.neg_shift=0.33"]}
 
 # name -> (extra config overrides, options); options: steps_mult, objective, feats ("pca" | "raw" | "centred"),
 # probe_steps, probe_lr, reseed, finish, shift_q. Overrides come after the base and the variant's.
@@ -88,6 +96,61 @@ CONTROLS = {
 }
 
 
+@torch.no_grad()
+def reseed_dead_centroids(probe, codes: torch.Tensor, gen: torch.Generator) -> int:
+    """Move every centroid that wins no code vector of the batch onto a random code vector (k-means practice).
+
+    The learned k-means only moves winning centroids, so a badly initialised one stays dead for good and the
+    probe ends with fewer clusters than classes.
+    """
+    flat = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])
+    wins = torch.bincount(probe.cosine(codes).argmax(dim=1).flatten(), minlength=probe.n_clusters)
+    dead = torch.nonzero(wins == 0).flatten()
+    if len(dead):
+        probe.centroids[dead] = flat[torch.randint(flat.shape[0], (len(dead),), generator=gen)]
+    return len(dead)
+
+
+def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, seed: int, reseed: bool = True) -> None:
+    """Extra probe-only Adam steps on the final (frozen, dropout-free) codes of the train crops.
+
+    With ``reseed``, dead cluster centroids are re-seeded during the first half (``reseed_dead_centroids``).
+    """
+    if steps <= 0:
+        return
+    codes = qt.all_codes(seg, data)
+    opt = torch.optim.Adam(seg.probe_parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    for step in range(steps):
+        idx = torch.randint(len(data), (min(batch, len(data)),), generator=gen)
+        c = codes[idx]
+        if reseed and step < steps // 2:
+            reseed_dead_centroids(seg.cluster_probe, c, gen)
+        loss = seg.cluster_probe.loss(c) + seg.linear_probe.loss(seg.linear_probe(c), data.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def quantile_shifts(quantiles) -> list[str]:
+    """Label-free shifts at the given quantiles (q_self, q_knn, q_neg) of each batch's correlations
+    (``loss.shift_mode=quantile``; docs/QUALITY_DIAGNOSIS.md's phase 1 took them once from 4 train batches)."""
+    return ["loss.shift_mode=quantile"] + [f"loss.{n}_shift={q}" for n, q in zip(("self", "knn", "neg"), quantiles)]
+
+
+def projected(args, train, val, info):
+    """``--pca-dim``: both splits projected on the train split's uncentred PCA basis (the old controls' input)."""
+    if not args.pca_dim or args.pca_dim >= train.feats.shape[1]:
+        info.update(pca_dim=0)
+        return train, val
+    basis, kept = qd.fit_projection(train.feats, args.pca_dim, torch.Generator().manual_seed(0))
+    info.update(pca_dim=args.pca_dim, pca_energy_kept=kept)
+    return (qd.FeatureSet(qd.project(train.feats, basis), train.labels, train.depth, train.nn, train.ids),
+            qd.FeatureSet(qd.project(val.feats, basis), val.labels, val.depth, None, val.ids))
+
+
+
+
 def add_arguments(parser) -> None:
     quality.add_arguments(parser)
     a = parser.add_argument
@@ -96,10 +159,14 @@ def add_arguments(parser) -> None:
     a("--controls", default="baseline,untrained,supervised", help=f"comma list of {', '.join(CONTROLS)}")
     a("--fresh-cells", type=int, default=256, help="grid cells per train map for the fresh (L-BFGS) linear probe")
     a("--references", type=int, default=1, help="also fresh probes / k-means on raw and PCA features (1) or not (0)")
+    a("--pca-dim", type=int, default=0, help="the old controls' input: an uncentred PCA of the features (0 = off)")
+    a("--probe-steps", type=int, default=150, help="the old controls' probe finishing: probe-only Adam steps")
 
 
 def _fresh(args, maps, train_labels, val_maps, val_labels, n_classes, seed, normalise=False) -> dict:
-    probe = qt.fit_linear_probe(maps, train_labels, n_classes, seed, args.fresh_cells, normalise=normalise)
+    if normalise:
+        maps = torch.nn.functional.normalize(maps.float(), dim=1)
+    probe = fit_linear_probe(maps, train_labels, n_classes, seed, args.fresh_cells)
     return qt.evaluate_linear(probe, val_maps, val_labels, n_classes, normalise)
 
 
@@ -128,10 +195,12 @@ def run_control(args, name, cfg, data, val, n_classes, steps, seed, opts) -> dic
     seg, terms = qt.train_variant(cfg, data, int(steps * opts.get("steps_mult", 1)), args.batch, seed,
                                   opts.get("objective", "stego"))
     if opts["finish"] == "fit":
-        qt.fit_probes(seg, data, seed)
+        qt.finish(seg, data, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, finish="fit")), seed)
+    elif opts["finish"] == "adam":
+        finish_probes(seg, data, opts.get("probe_steps", args.probe_steps), 64,
+                      opts.get("probe_lr", cfg.train.probe_lr), seed, opts.get("reseed", True))
     else:
-        qt.finish_probes(seg, data, opts.get("probe_steps", args.probe_steps), 64,
-                         opts.get("probe_lr", cfg.train.probe_lr), seed, opts.get("reseed", True))
+        qt.finish(seg, data, cfg, seed)  # the config's train.finish
     scores = qt.evaluate(seg, val, n_classes, data)
     codes = qt.all_codes(seg, data)
     with torch.no_grad():
@@ -156,7 +225,8 @@ def run(args) -> dict:
     overrides, tk, vk = quality._datasets(args, syn)[args.dataset]
     steps = args.camvid_steps or args.steps if args.dataset == "camvid" else args.steps
     raw, val, info, n_classes = quality._prepare(args, overrides, tk, vk, log)
-    praw, pval = quality._projected(args, raw, val, info)
+    path = args.camvid_config if args.dataset == "camvid" else args.config
+    praw, pval = projected(args, raw, val, info)
     centred = centre(praw, pval)
     result = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "setup": info, "controls": {}}
     if args.references:
@@ -168,15 +238,14 @@ def run(args) -> dict:
     for name in names:
         extra, opts = CONTROLS[name]
         new = opts.get("base") == "new"
-        base = (args.camvid_base if args.dataset == "camvid" else args.base) if new else OLD_BASE[args.dataset]
-        head = quality.base_overrides(args, n_classes, base) + quality.VARIANTS[args.variant]
+        head = quality.VARIANTS[args.variant] + ([] if new else OLD_BASE[args.dataset])
         data, dval = {"raw": (raw, val), "centred": centred}.get(opts.get("feats"), (praw, pval))
-        quantiles = opts.get("shift_q", quality.parse_quantiles(args.shift_quantiles) if new else None)
-        if quantiles:
-            extra = extra + qt.quantile_shifts(load_config(None, head + extra), data, quantiles, args.batch)
-            log(f"  {name}: {' '.join(extra)}")
-        cfg = load_config(None, head + extra)
-        opts = {"finish": args.finish if new else "adam", **opts}
+        if new:
+            data, dval = {"centred": centred}.get(opts.get("feats"), (raw, val))
+        if "shift_q" in opts:
+            extra = extra + quantile_shifts(opts["shift_q"])
+        cfg = load_config(path, quality.recipe(args, path, n_classes, head + extra))
+        opts = {"finish": "config" if new else "adam", **opts}
         runs = [run_control(args, name, cfg, data, dval, n_classes, steps, seed, opts) for seed in range(args.seeds)]
         s = qt.summarise(runs)
         for key in ("eff_rank", "norm_mean", "top3_share", "mean_cos"):

@@ -1,15 +1,19 @@
-"""The quality benchmark's training and evaluation procedure on cached features (``quality_data.FeatureSet``).
+"""The quality benchmark's training and evaluation on cached features (``quality_data.FeatureSet``): the
+product's procedure with the frozen backbone's features read from a cache instead of recomputed.
 
-Training (``train_variant``): a fresh ``Segmenter``, ``depthg.step.losses_from_features`` (the trainer's step
-after the frozen backbone) and one Adam with two groups (head ``train.lr``, probes ``train.probe_lr``), batches
-drawn without replacement per epoch, the positive drawn uniformly from each crop's cached top-k neighbours.
-``objective="supervised"`` is a control, not the method: the head is trained through the linear probe's
-cross-entropy on *non-detached* codes (the architecture's supervised ceiling).
+Training (``train_variant``): a fresh ``Segmenter``; each batch goes through ``cached_step``, i.e. the trainer's
+own step after the backbone (``depthg.step.losses_from_features``: dropout, sampling, schedules, the STEGO and
+depth terms with ``loss.shift_mode``, the probes) and one Adam with the trainer's two groups (head ``train.lr``,
+probes ``train.probe_lr``); batches drawn without replacement per epoch (every crop once per epoch, as the
+trainer's planner), the positive drawn uniformly from each crop's cached top-k neighbours (as the stream draws
+from the K embedded positives). ``tests/test_quality_bench.py`` checks that ``cached_step`` and the trainer's
+``compute_losses`` on shards give the same losses on the same batch.
 
-Probe finishing (``finish_probes``): extra probe-only steps on the final codes, re-seeding dead cluster
-centroids (``reseed_dead_centroids``) during the first half. ``fit_linear_probe`` trains a *fresh* linear probe
-on any cached maps (codes or backbone features) with the same loss: the converged, head-independent measure
-of how much class information a representation keeps.
+Finishing (``finish``): ``train.finish=fit`` refits the probes on the codes of ``train.finish_samples`` train
+crops with the product's ``depthg.probes.fit_probes`` and seed (``cluster.finish``).
+
+``objective="supervised"`` is a diagnostic control, not the method: the head is trained through the linear
+probe's cross-entropy on *non-detached* codes (the architecture's supervised ceiling).
 
 Evaluation (``evaluate``): codes of the val maps -> ``depthg.evaluation.probe_scores`` (the product's one
 codes -> bilinear upsample -> probe path) -> confusion matrices summed over the split -> one Hungarian matching
@@ -22,16 +26,27 @@ import torch
 import torch.nn.functional as F
 
 from bench import quality_data as qd
-from depthg import losses, metrics
+from depthg import losses, metrics, probes
 from depthg.evaluation import fit_kmeans, kmeans_assign, probe_scores, upsample
 from depthg.models import build_segmenter
 from depthg.models.heads import LinearProbe
 from depthg.step import dropout2d, losses_from_features
 
 OBJECTIVES = ("stego", "supervised")
+BATCH_SALT, POSITIVE_SALT = 10_000, 1  # the batch order / positive draws of one run: (seed, salt)
 
 
-# ----------------------------------------------------------------------------- training
+def cached_step(seg, data: qd.FeatureSet, idx: torch.Tensor, pos: torch.Tensor, cfg, step: int,
+                gen: torch.Generator) -> dict:
+    """The trainer's step on cached features: anchors ``idx`` and positives ``pos`` (rows of ``data``)."""
+    if data.depth is not None:
+        depth, pos_depth = data.depth[idx], data.depth[pos]
+    else:  # data without depth (CamVid): the step accepts None only with settings that read no depth
+        depth = pos_depth = None
+    return losses_from_features(seg, data.feats[idx].float(), data.feats[pos].float(), depth, pos_depth,
+                                data.labels[idx], cfg, step, gen, training=True)
+
+
 def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int, objective: str = "stego"):
     """A fresh segmenter trained for ``steps`` batches on cached features; returns (segmenter, last terms)."""
     if objective not in OBJECTIVES:
@@ -42,7 +57,7 @@ def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int, o
         seg = build_segmenter(cfg.model, data.feats.shape[1], cfg.loss.lhp.enabled)
     opt = torch.optim.Adam([{"params": seg.head_parameters(), "lr": cfg.train.lr},
                             {"params": seg.probe_parameters(), "lr": cfg.train.probe_lr}])
-    gen = torch.Generator().manual_seed(10_000 + seed)
+    gen = torch.Generator().manual_seed(BATCH_SALT + seed)
     order, pos_in_order, terms = torch.randperm(n, generator=gen), 0, {}
     seg.train()
     for step in range(steps):
@@ -54,12 +69,7 @@ def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int, o
         if objective == "supervised":
             out = _supervised_losses(seg, data.feats[idx].float(), data.labels[idx], cfg, gen)
         else:
-            if data.depth is not None:
-                depth, pos_depth = data.depth[idx], data.depth[pos]
-            else:
-                depth = pos_depth = torch.zeros(len(idx), 1, *data.feats.shape[-2:])
-            out = losses_from_features(seg, data.feats[idx].float(), data.feats[pos].float(), depth, pos_depth,
-                                       data.labels[idx], cfg, step, gen, training=True)
+            out = cached_step(seg, data, idx, pos, cfg, step, gen)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
         opt.step()
@@ -67,6 +77,19 @@ def train_variant(cfg, data: qd.FeatureSet, steps: int, batch: int, seed: int, o
                  if key in ("self", "knn", "neg", "depth", "head")}
     seg.eval()
     return seg, terms
+
+
+def finish(seg, data: qd.FeatureSet, cfg, seed: int) -> dict:
+    """``train.finish`` as the trainer does it (``cluster.finish``): with ``fit``, the probes refitted on the
+    codes of ``train.finish_samples`` train crops spread evenly over the split, with the trainer's seed for
+    ``train.seed = seed``."""
+    if cfg.train.finish == "none":
+        return {}
+    from cluster.finish import finish_seed
+
+    rows = torch.linspace(0, len(data) - 1, min(len(data), cfg.train.finish_samples)).round().long().unique()
+    sub = qd.FeatureSet(data.feats[rows], data.labels[rows])
+    return probes.fit_probes(seg, all_codes(seg, sub), sub.labels, finish_seed(seed))
 
 
 def _supervised_losses(seg, feats, labels, cfg, gen) -> dict:
@@ -78,110 +101,9 @@ def _supervised_losses(seg, feats, labels, cfg, gen) -> dict:
 
 
 @torch.no_grad()
-def reseed_dead_centroids(probe, codes: torch.Tensor, gen: torch.Generator) -> int:
-    """Move every centroid that wins no code vector of the batch onto a random code vector (k-means practice).
-
-    The learned k-means only moves winning centroids, so a badly initialised one stays dead for good and the
-    probe ends with fewer clusters than classes.
-    """
-    flat = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])
-    wins = torch.bincount(probe.cosine(codes).argmax(dim=1).flatten(), minlength=probe.n_clusters)
-    dead = torch.nonzero(wins == 0).flatten()
-    if len(dead):
-        probe.centroids[dead] = flat[torch.randint(flat.shape[0], (len(dead),), generator=gen)]
-    return len(dead)
-
-
-@torch.no_grad()
 def all_codes(seg, data: qd.FeatureSet, chunk: int = 64) -> torch.Tensor:
     """Codes (eval mode: no dropout) of every map of ``data`` -> float32 [N,Q,h,w]."""
     return torch.cat([seg.head(data.feats[i:i + chunk].float()) for i in range(0, len(data), chunk)])
-
-
-def finish_probes(seg, data: qd.FeatureSet, steps: int, batch: int, lr: float, seed: int, reseed: bool = True) -> None:
-    """Extra probe-only Adam steps on the final (frozen, dropout-free) codes of the train crops.
-
-    With ``reseed``, dead cluster centroids are re-seeded during the first half (``reseed_dead_centroids``).
-    """
-    if steps <= 0:
-        return
-    codes = all_codes(seg, data)
-    opt = torch.optim.Adam(seg.probe_parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(20_000 + seed)
-    for step in range(steps):
-        idx = torch.randint(len(data), (min(batch, len(data)),), generator=gen)
-        c = codes[idx]
-        if reseed and step < steps // 2:
-            reseed_dead_centroids(seg.cluster_probe, c, gen)
-        loss = seg.cluster_probe.loss(c) + seg.linear_probe.loss(seg.linear_probe(c), data.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
-@torch.no_grad()
-def fit_probes(seg, data: qd.FeatureSet, seed: int, n_vectors: int = 20_000) -> None:
-    """Label-free cluster head + converged linear probe on the final train codes, in place of ``finish_probes``:
-    the cluster probe's centroids <- cosine k-means (``fit_kmeans``: k-means++, 30 iterations, no labels) on
-    ~``n_vectors`` train code vectors, the very procedure of the raw-feature baseline (``kmeans_baseline``), so the
-    two differ only in the representation; the linear probe <- ``fit_linear_probe``.
-
-    (Best-of-5 restarts by k-means inertia was measured and rejected: on synthetic val it gave 25.9 +- 1.3 mIoU
-    against 32.7 +- 2.5 for one run, because the lowest-inertia solutions split the large classes.)"""
-    codes = all_codes(seg, data)
-    vecs = qd.sample_vectors(codes, max(1, n_vectors // len(data)), torch.Generator().manual_seed(seed))
-    seg.cluster_probe.centroids.copy_(fit_kmeans(vecs, seg.cluster_probe.n_clusters, iters=30, seed=seed))
-    with torch.enable_grad():
-        probe = fit_linear_probe(codes, data.labels, seg.linear_probe.n_classes, seed)
-    seg.linear_probe.load_state_dict(probe.state_dict())
-
-
-def probe_pixels(maps: torch.Tensor, labels: torch.Tensor, per_image: int, gen: torch.Generator):
-    """(vectors [M,C] float32, labels [M]) at ``per_image`` random grid cells of each map; the label of a cell is
-    the label pixel nearest to its centre; ignored pixels (-1) are dropped."""
-    n, c, h, w = maps.shape
-    lh, lw = labels.shape[-2:]
-    rows = torch.clamp(((torch.arange(h) + 0.5) * lh / h).long(), max=lh - 1)
-    cols = torch.clamp(((torch.arange(w) + 0.5) * lw / w).long(), max=lw - 1)
-    grid_labels = labels[:, rows][:, :, cols].reshape(n, -1)  # [N,h*w]
-    cell = torch.stack([torch.randperm(h * w, generator=gen)[:per_image] for _ in range(n)])  # [N,P]
-    x = torch.gather(maps.flatten(2), 2, cell[:, None, :].expand(-1, c, -1)).permute(0, 2, 1).reshape(-1, c)
-    y = torch.gather(grid_labels, 1, cell).reshape(-1)
-    keep = y >= 0
-    return x[keep].float(), y[keep]
-
-
-def fit_linear_probe(maps: torch.Tensor, labels: torch.Tensor, n_classes: int, seed: int, per_image: int = 256,
-                     iters: int = 150, weight_decay: float = 1e-4, normalise: bool = False) -> LinearProbe:
-    """A fresh ``LinearProbe`` on ``maps`` [N,C,h,w] (codes or features): multinomial logistic regression
-    (the probe's cross-entropy + a small L2 penalty) fitted by full-batch L-BFGS on sampled cells
-    (``probe_pixels``): a converged probe, so its score measures the maps, not the probe's training.
-
-    ``normalise``: the probe sees L2-normalised vectors (a check that the maps' scale does not limit it).
-    """
-    x, y = probe_pixels(maps, labels, per_image, torch.Generator().manual_seed(40_000 + seed))
-    if normalise:
-        x = F.normalize(x, dim=1)
-    mean, scale = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)  # standardised for conditioning, folded back below
-    z = (x - mean) / scale
-    weight = torch.zeros(n_classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ weight.T + bias, y) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    probe = LinearProbe(x.shape[1], n_classes)
-    with torch.no_grad():
-        w = weight / scale
-        probe.conv.weight.copy_(w[:, :, None, None])
-        probe.conv.bias.copy_(bias - w @ mean)
-    return probe.eval()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -202,7 +124,7 @@ def evaluate(seg, val: qd.FeatureSet, n_classes: int, train: qd.FeatureSet | Non
              "linear": np.zeros((n_classes, n_classes), np.int64), "kmeans": np.zeros((n_classes, n_classes), np.int64)}
     cent = None
     if train is not None:
-        vecs = qd.sample_vectors(all_codes(seg, train), max(1, 20_000 // len(train)), torch.Generator().manual_seed(0))
+        vecs = probes.sample_vectors(all_codes(seg, train), max(1, 20_000 // len(train)), torch.Generator().manual_seed(0))
         cent = fit_kmeans(vecs, n_classes, iters=30, seed=0)
     for start in range(0, len(val), chunk):
         codes = seg.head(val.feats[start:start + chunk].float())
@@ -238,7 +160,7 @@ def code_stats(codes: torch.Tensor, n_vectors: int = 20_000) -> dict:
     """Shape of a code distribution: mean L2 norm, ``mean_cos`` (mean cosine of random pairs of code vectors:
     1 = every code points the same way, a collapse), effective rank (participation ratio of the second-moment
     spectrum of the unit codes: 1 = all on one axis) and the share of its top 3 eigenvalues."""
-    vecs = qd.sample_vectors(codes, max(1, n_vectors // codes.shape[0]), torch.Generator().manual_seed(0)).double()
+    vecs = probes.sample_vectors(codes, max(1, n_vectors // codes.shape[0]), torch.Generator().manual_seed(0)).double()
     unit = F.normalize(vecs, dim=1)
     ev = torch.linalg.eigvalsh(unit.T @ unit / unit.shape[0]).clamp(min=0).flip(0)
     perm = torch.randperm(unit.shape[0], generator=torch.Generator().manual_seed(1))
@@ -257,7 +179,7 @@ def kmeans_baseline(train_raw: torch.Tensor, val: qd.FeatureSet, n_classes: int,
     gen = torch.Generator().manual_seed(seed)
     source = train_raw if fit_on == "train" else val.feats
     per = max(1, 20_000 // source.shape[0])
-    cent = fit_kmeans(qd.sample_vectors(source, per, gen), n_classes, iters=30, seed=seed)
+    cent = fit_kmeans(probes.sample_vectors(source, per, gen), n_classes, iters=30, seed=seed)
     conf = np.zeros((n_classes, n_classes), np.int64)
     scores = torch.cat([torch.einsum("bchw,kc->bkhw", F.normalize(val.feats[i:i + 8].float(), dim=1), cent)
                         for i in range(0, len(val), 8)])
@@ -296,15 +218,6 @@ def correlation_stats(cfg, data: qd.FeatureSet, batch: int, seed: int, rounds: i
         q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75]))
         out[name] = {"mean": float(v.mean()), "q25": float(q[0]), "median": float(q[1]), "q75": float(q[2])}
     return out
-
-
-def quantile_shifts(cfg, data: qd.FeatureSet, quantiles, batch: int = 32, seed: int = 0) -> list[str]:
-    """Label-free shifts: ``loss.{self,knn,neg}_shift`` at the given quantiles of their pair type's correlations
-    (``quantiles`` = (q_self, q_knn, q_neg)); e.g. (0.75, 0.75, 0.9): only the top quarter of self / kNN pairs
-    and the top tenth of negative pairs are pulled together. Returns config overrides."""
-    samples = correlation_samples(cfg, data, batch, seed)
-    return [f"loss.{name}_shift={float(torch.quantile(samples[name], float(q))):.4f}"
-            for name, q in zip(("self", "knn", "neg"), quantiles)]
 
 
 def summarise(runs: list[dict]) -> dict:

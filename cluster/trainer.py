@@ -9,6 +9,7 @@ The loop calls the pure step ``depthg.step.compute_losses``; the rooms around it
 * ``cluster.checkpoints``: ``{output}/ckpt/step-NNNNNNNN/`` + ``COMPLETE`` marker, resume, final files;
 * ``cluster.runlog``: rank-0 logging (tqdm, TensorBoard, ``metrics.jsonl``);
 * ``cluster.validation``: whole-split validation and the checkpoint choice (``train.select``);
+* ``cluster.finish``: ``train.finish=fit``, the probes of ``segmenter.pt`` refitted on the final codes;
 * ``cluster.preflight``: the checks that run in the launching process before any worker starts.
 
 The data position is the local micro-batch index: a resumed run continues with the same schedule values,
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from cluster import checkpoints, distributed, engine as engines
+from cluster.finish import finish
 from cluster.runlog import RankZeroLog
 from cluster.validation import validate_and_select
 from depthg import io, streaming
@@ -156,6 +158,7 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
             log.flush()
             if on_checkpoint is not None:
                 on_checkpoint(url, done, last)
+    finish(backbone, engine.module, cfg, spec, log)  # train.finish: segmenter.pt's probes refitted on final codes
     if world.is_main:
         checkpoints.write_final(cfg, engines.fp32_copy(engine.module), total)
     log.close()

@@ -39,6 +39,8 @@ SamplingStart = Literal["first", "random"]
 Precision = Literal["auto", "fp32", "bf16"]
 DepthPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 Selection = Literal["none", "label_free", "val_miou"]
+ShiftMode = Literal["fixed", "quantile"]
+Finish = Literal["none", "fit"]
 ZeroStage = Literal[0, 1]
 
 
@@ -144,6 +146,9 @@ class LossConfig:
     knn_shift: float = 0.025
     neg_weight: float = 0.70
     neg_shift: float = 0.761
+    # fixed: the *_shift values are the shifts b; quantile: each *_shift is a quantile in [0, 1] of that pair
+    # type's (pointwise-centred) feature correlations in the batch, and b is that quantile (label-free)
+    shift_mode: ShiftMode = "fixed"
     depth: DepthLossConfig = field(default_factory=DepthLossConfig)
     lhp: LHPConfig = field(default_factory=LHPConfig)
 
@@ -178,6 +183,10 @@ class TrainConfig:
     output: str = "runs/default"  # local folder or s3:// URL
     resume: str = ""  # "" | auto | checkpoint URL
     select: Selection = "none"  # none | label_free | val_miou (uses the val labels, as the reference)
+    # after the last batch, segmenter.pt's probes are refitted on the codes of the first finish_samples train
+    # crops: cluster centroids by cosine k-means (no labels), linear probe by converged L-BFGS (cluster/finish.py)
+    finish: Finish = "fit"
+    finish_samples: int = 512
 
     def global_batch(self, world_size: int) -> int:
         """Images per optimizer step over all ranks: micro_batch_per_gpu x grad_accum x world_size."""
@@ -352,7 +361,7 @@ def validate(cfg: Config) -> None:
     if cfg.depthgen.source == "none":
         check_depth_free(cfg, "depthgen.source=none")
     for key in ("train.micro_batch_per_gpu", "train.grad_accum", "sampling.samples", "sampling.min_samples",
-                "shards.samples_per_shard"):
+                "shards.samples_per_shard", "train.finish_samples"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': expected a positive integer")
     for section in ("loss.depth", "sampling"):
@@ -362,6 +371,11 @@ def validate(cfg: Config) -> None:
         if every == 0 and first > 0:
             raise ConfigError(f"config key '{section}.first_decay': {first} but '{section}.decay_every' is 0 "
                               "(no decay); set decay_every or drop first_decay")
+    if cfg.loss.shift_mode == "quantile":
+        bad = [k for k in ("self_shift", "knn_shift", "neg_shift") if not 0.0 <= getattr(cfg.loss, k) <= 1.0]
+        if bad:
+            raise ConfigError(f"config key 'loss.{bad[0]}': {getattr(cfg.loss, bad[0])} is not a quantile in [0, 1] "
+                              "(loss.shift_mode=quantile reads the shifts as quantiles)")
     if cfg.data.depth_cast != "none" and cfg.loss.depth.mode == "paper":
         raise ConfigError(f"config key 'data.depth_cast': {cfg.data.depth_cast!r} reads depth as the reference's "
                           "integers, but loss.depth.mode=paper needs depth in [0, 1]; use depth_cast=none")

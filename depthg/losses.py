@@ -38,20 +38,34 @@ def _clamp_min(zero_clamp: bool) -> float:
     return 0.0 if zero_clamp else NO_CLAMP
 
 
-def stego_pair_loss(f1, f2, c1, c2, shift: float, pointwise: bool = True, zero_clamp: bool = True):
+QUANTILE_LIMIT = 1 << 24  # torch.quantile's input limit; larger correlation tensors are read with a stride
+
+
+def quantile_shift(feat: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile of the correlations ``feat`` (a label-free shift: ``loss.shift_mode=quantile``)."""
+    flat = feat.detach().float().flatten()
+    step = -(-flat.numel() // QUANTILE_LIMIT)
+    return torch.quantile(flat[::step], float(q))
+
+
+def stego_pair_loss(f1, f2, c1, c2, shift: float, pointwise: bool = True, zero_clamp: bool = True,
+                    quantile: bool = False):
     """STEGO's correlation loss for one pair of sampled maps -> (loss, extras).
 
     F = correlation(f1, f2) without gradient; with ``pointwise`` F <- F - mean over the second image's
-    locations + mean(F). loss = mean(-clamp(Sc, min) * (F - shift)), Sc = correlation(c1, c2).
-    ``extras``: detached means of F and Sc, for logging.
+    locations + mean(F). loss = mean(-clamp(Sc, min) * (F - b)), Sc = correlation(c1, c2), b = ``shift``,
+    or with ``quantile`` b = the ``shift`` quantile of F (only the pairs above it are pulled together).
+    ``extras``: detached means of F and Sc and the shift b, for logging.
     """
     with torch.no_grad():
         feat = correlation(f1, f2)
         if pointwise:
             feat = feat - feat.mean(dim=(3, 4), keepdim=True) + feat.mean()
+        if quantile:
+            shift = quantile_shift(feat, shift)
     code = correlation(c1, c2)
     loss = (-code.clamp(min=_clamp_min(zero_clamp)) * (feat - shift)).mean()
-    return loss, {"feat_corr": feat.mean(), "code_corr": code.detach().mean()}
+    return loss, {"feat_corr": feat.mean(), "code_corr": code.detach().mean(), "shift": torch.as_tensor(shift)}
 
 
 def permutation_without_fixed_points(n: int, generator: torch.Generator | None = None,
@@ -73,7 +87,7 @@ def permutation_without_fixed_points(n: int, generator: torch.Generator | None =
 
 def stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, *, self_weight: float, self_shift: float,
                  knn_weight: float, knn_shift: float, neg_weight: float, neg_shift: float, pointwise: bool = True,
-                 zero_clamp: bool = True, neg_rounds: int = 5,
+                 zero_clamp: bool = True, neg_rounds: int = 5, shift_mode: str = "fixed",
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """STEGO's three correlation terms -> {"self", "knn", "neg", "stego"}.
 
@@ -81,8 +95,11 @@ def stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, *, self
     [B,S,S,2] for the anchor and its kNN positive. Negatives: for each of ``neg_rounds`` rounds a permutation of
     the batch with no fixed points (from ``generator``), read at the *positive's* coordinates; their losses are
     averaged. "self", "knn", "neg" are unweighted; "stego" = self_weight*self + knn_weight*knn + neg_weight*neg.
+    ``shift_mode="quantile"``: each shift is read as a quantile of its pair type's correlations in the batch.
     """
-    pair = dict(pointwise=pointwise, zero_clamp=zero_clamp)
+    if shift_mode not in ("fixed", "quantile"):
+        raise ValueError(f"loss.shift_mode: {shift_mode!r} is not one of fixed, quantile")
+    pair = dict(pointwise=pointwise, zero_clamp=zero_clamp, quantile=shift_mode == "quantile")
     f1, c1 = sample_features(feats, coords), sample_features(codes, coords)
     f2, c2 = sample_features(feats_pos, coords_pos), sample_features(codes_pos, coords_pos)
     terms = {"self": stego_pair_loss(f1, f1, c1, c1, self_shift, **pair)[0],

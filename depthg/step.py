@@ -60,7 +60,7 @@ def cast_depth(depth: torch.Tensor, how: str) -> torch.Tensor:
 def stego_options(loss_cfg) -> dict:
     """The keyword arguments of ``losses.stego_losses`` from ``cfg.loss``."""
     keys = ("self_weight", "self_shift", "knn_weight", "knn_shift", "neg_weight", "neg_shift", "pointwise",
-            "zero_clamp", "neg_rounds")
+            "zero_clamp", "neg_rounds", "shift_mode")
     return {key: getattr(loss_cfg, key) for key in keys}
 
 

@@ -68,7 +68,33 @@ def test_stego_pair_loss_equals_explicit_formula(pointwise, zero_clamp):
     c1, c2 = _rand(2, 4, 3, 3, seed=5), _rand(2, 4, 2, 2, seed=6)
     loss, extras = stego_pair_loss(f1, f2, c1, c2, 0.2, pointwise=pointwise, zero_clamp=zero_clamp)
     assert loss.item() == pytest.approx(_explicit_pair_loss(f1, f2, c1, c2, 0.2, pointwise, zero_clamp), rel=1e-10)
-    assert set(extras) == {"feat_corr", "code_corr"}
+    assert set(extras) == {"feat_corr", "code_corr", "shift"} and float(extras["shift"]) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9])
+def test_quantile_shift_is_that_quantile_of_the_centred_correlations(q):
+    """loss.shift_mode=quantile: b is the q quantile of the (pointwise-centred) correlations, and the loss is
+    the fixed-shift formula at that b; only about (1 - q) of the pairs get a positive target F - b."""
+    f1, f2 = _rand(2, 6, 3, 3, seed=3), _rand(2, 6, 3, 3, seed=4)
+    c1, c2 = _rand(2, 4, 3, 3, seed=5), _rand(2, 4, 3, 3, seed=6)
+    feat = correlation(f1, f2)
+    feat = feat - feat.mean(dim=(3, 4), keepdim=True) + feat.mean()
+    b = float(torch.quantile(feat.flatten(), q))
+    loss, extras = stego_pair_loss(f1, f2, c1, c2, q, quantile=True)
+    assert float(extras["shift"]) == pytest.approx(b, abs=1e-7)
+    assert loss.item() == pytest.approx(_explicit_pair_loss(f1, f2, c1, c2, b, True, True), rel=1e-6)
+    assert float((feat > b).float().mean()) == pytest.approx(1 - q, abs=0.02)
+
+
+def test_quantile_mode_reads_shifts_as_quantiles_and_refuses_others():
+    from depthg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.neg_shift.*quantile"):
+        load_config(None, ["loss.shift_mode=quantile", "loss.neg_shift=1.5"])
+    with pytest.raises(ValueError, match="shift_mode"):
+        stego_losses(*([_rand(2, 4, 3, 3, seed=1)] * 4), torch.zeros(2, 2, 2, 2), torch.zeros(2, 2, 2, 2),
+                     self_weight=1, self_shift=0, knn_weight=1, knn_shift=0, neg_weight=1, neg_shift=0,
+                     shift_mode="adaptive")
 
 
 def test_stego_pair_loss_feature_side_has_no_gradient():

@@ -129,6 +129,27 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tiny_root):
     sa, sb = _final_state(full), _final_state(part)
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6)
+    _check_finished_probes(full, tiny_root)
+
+
+def _check_finished_probes(output: str, root: str) -> None:
+    """train.finish=fit (the default): segmenter.pt's probes are the k-means / L-BFGS fit on the codes of the
+    train crops (recomputed here from the saved head), not the probes of the last training step."""
+    from cluster.engine import build_models
+    from cluster.finish import finish_seed, finish_spec, train_codes
+    from depthg import probes, streaming
+    from depthg.checkpoint import load_segmenter
+
+    cfg, seg, _ = load_segmenter(io.join(output, "segmenter.pt"))
+    assert cfg.train.finish == "fit"
+    backbone, trained = build_models(cfg, torch.device("cpu"))
+    spec, _ = streaming.open_split(root, "train", micro_batch=2, resolution=cfg.data.resolution, seed=cfg.train.seed)
+    codes, labels = train_codes(backbone, seg, finish_spec(spec, cfg.train.finish_samples), cfg.train.finish_samples)
+    assert codes.shape[0] == 24  # every train crop (finish_samples 512 > 24)
+    trained.load_state_dict(seg.state_dict())
+    probes.fit_probes(trained, codes, labels, finish_seed(cfg.train.seed))
+    for name, value in seg.state_dict().items():
+        torch.testing.assert_close(value, trained.state_dict()[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
