@@ -71,6 +71,7 @@ def add_arguments(parser) -> None:
     a("--skip-synthetic", action="store_true")
     a("--results-md", default="docs/RESULTS.md", help="Markdown report ('' = none)")
     a("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared, oversubscribed CPU)")
+    a("--jobs", type=int, default=1, help="datasets run in parallel processes (2: synthetic and CamVid at once)")
     a("--cache-dir", default="", help="reuse cached features from this folder (development only)")
     a("--tune-grid", default="", help="JSON list of [variant, [overrides...]]: only tune on a held-out quarter "
       "of the train images of the first dataset (synthetic, or camvid with --tune-camvid)")
@@ -83,7 +84,7 @@ def add_arguments(parser) -> None:
 
 def _quick(args) -> None:
     args.steps, args.seeds, args.batch, args.num_train, args.num_val = 3, 1, 4, 2, 2
-    args.crop_res, args.val_res, args.camvid_train, args.camvid_val, args.camvid_res = 64, 64, 1, 2, 64
+    args.crop_res, args.val_res, args.camvid_train, args.camvid_val, args.camvid_res = 64, 64, 3, 2, 64
     args.overrides = ["sampling.samples=4", "sampling.decay_every=0", "train.finish_samples=8", *args.overrides]
 
 
@@ -212,6 +213,11 @@ def _datasets(args, syn):
                        dict(res=args.camvid_res, crop=False, limit=args.camvid_val))}
 
 
+def _run_dataset_job(args, name, job) -> dict:
+    torch.set_num_threads(max(1, args.threads))
+    return run_dataset(args, name, *job, lambda msg: print(f"[{name}] {msg}", flush=True))
+
+
 def _run_tuning(args, syn, log, t_start) -> dict:
     grid = json.loads(args.tune_grid)
     name = "camvid" if args.tune_camvid else "synthetic"
@@ -240,12 +246,20 @@ def run(args) -> dict:
     syn = [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}"]
     if args.tune_grid:
         return _run_tuning(args, syn, log, t_start)
+    jobs = {}  # dataset -> run_dataset arguments
     if not args.skip_synthetic:
-        result["datasets"]["synthetic"] = run_dataset(args, "synthetic", *_datasets(args, syn)["synthetic"],
-                                                      variants, args.config, args.steps, log)
+        jobs["synthetic"] = (*_datasets(args, syn)["synthetic"], variants, args.config, args.steps)
     if not args.skip_camvid:
-        result["datasets"]["camvid"] = run_dataset(args, "camvid", *_datasets(args, syn)["camvid"], ["stego"],
-                                                   args.camvid_config, args.camvid_steps or args.steps, log)
+        jobs["camvid"] = (*_datasets(args, syn)["camvid"], ["stego"], args.camvid_config,
+                          args.camvid_steps or args.steps)
+    if args.jobs > 1 and len(jobs) > 1:  # one process per dataset (each single-threaded by --threads)
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(args.jobs, len(jobs))) as pool:
+            futures = {name: pool.submit(_run_dataset_job, args, name, job) for name, job in jobs.items()}
+            result["datasets"] = {name: f.result() for name, f in futures.items()}
+    else:
+        result["datasets"] = {name: run_dataset(args, name, *job, log) for name, job in jobs.items()}
     result["headline"] = headline(result)
     result["seconds_total"] = time.perf_counter() - t_start
     log(f"total {result['seconds_total']:.0f} s; headline {result['headline']}")

@@ -63,9 +63,8 @@ class DataConfig:
     resolution: int = 224  # training resolution (shorter side resize + centre crop)
     limit: int = 0  # use at most this many source images per split (0 = all)
     seed: int = 0  # synthetic scene seed
-    # How the training step reads depth (docs/METHOD.md section 7): none = float in [0, 1] as stored;
-    # uint8 = the reference's 8-bit PNG read as integers 0..255 (COCO, Cityscapes); int = the reference's
-    # Potsdam loader, [0, 1] cast to integers (1 only at the farthest 8-bit level, 0 elsewhere).
+    # How the step reads depth (docs/METHOD.md s7): none = float in [0, 1]; uint8 = the reference's 8-bit PNG as
+    # integers 0..255 (COCO, Cityscapes); int = its Potsdam loader, [0, 1] cast to integers (1 only at 255/255).
     depth_cast: DepthCast = "none"
 
 
@@ -101,17 +100,15 @@ class MiningConfig:
 
 @dataclass
 class ModelConfig:
-    # The code defaults are the embedded demo (offline, CPU): EfficientNet-Lite0 ImageNet weights stand
-    # in for DINO. The paper settings in configs/ select dino_vits8 (DINO's 300-epoch ViT-S/8, the one
-    # STEGO and DepthG load) or dino_vitb8; dino_vits8_800ep is timm's 800-epoch ViT-S/8.
+    # Defaults: the offline CPU demo, EfficientNet-Lite0 ImageNet weights standing in for DINO. configs/ select
+    # dino_vits8 (DINO's 300-epoch ViT-S/8, as STEGO and DepthG) or dino_vitb8; dino_vits8_800ep is timm's.
     backbone: BackboneName = "effnet_lite0"
     weights: str = ""  # local weights file/folder or https URL; empty = the backbone's default source
     code_dim: int = 70
     n_classes: int = 0  # 0 = taken from the dataset (shard manifest / source)
     extra_clusters: int = 0  # over-clustering: cluster probe gets n_classes + extra_clusters
     dropout: float = 0.1  # Dropout2d on the frozen features in training
-    # shared: one mask per image for the head input and the correlation target; independent: the
-    # reference's three masks (correlation target, linear branch, nonlinear branch).
+    # shared: one mask per image (head input = correlation target); independent: the reference's three masks
     dropout_masks: DropoutMasks = "shared"
 
 
@@ -128,8 +125,7 @@ class DepthLossConfig:
 @dataclass
 class LHPConfig:
     enabled: bool = False
-    # improved: weighted average, anchor and positive mixed, projection trained; reference: weighted sum / N,
-    # only the anchor mixed, projection never trained (docs/METHOD.md section 6).
+    # improved: weighted average of anchor and positive, projection trained; reference: docs/METHOD.md s6
     mode: LHPMode = "improved"
     weight: float = 0.2
     quantile: float = 0.01
@@ -146,8 +142,7 @@ class LossConfig:
     knn_shift: float = 0.025
     neg_weight: float = 0.70
     neg_shift: float = 0.761
-    # fixed: the *_shift values are the shifts b; quantile: each *_shift is a quantile in [0, 1] of that pair
-    # type's (pointwise-centred) feature correlations in the batch, and b is that quantile (label-free)
+    # fixed: *_shift are the shifts b; quantile: b = the *_shift quantile of the batch's correlations (no labels)
     shift_mode: ShiftMode = "fixed"
     depth: DepthLossConfig = field(default_factory=DepthLossConfig)
     lhp: LHPConfig = field(default_factory=LHPConfig)
@@ -183,8 +178,7 @@ class TrainConfig:
     output: str = "runs/default"  # local folder or s3:// URL
     resume: str = ""  # "" | auto | checkpoint URL
     select: Selection = "none"  # none | label_free | val_miou (uses the val labels, as the reference)
-    # after the last batch, segmenter.pt's probes are refitted on the codes of the first finish_samples train
-    # crops: cluster centroids by cosine k-means (no labels), linear probe by converged L-BFGS (cluster/finish.py)
+    # fit: segmenter.pt's probes refitted on finish_samples train crops' codes (k-means, L-BFGS; cluster/finish.py)
     finish: Finish = "fit"
     finish_samples: int = 512
 
@@ -371,10 +365,9 @@ def validate(cfg: Config) -> None:
         if every == 0 and first > 0:
             raise ConfigError(f"config key '{section}.first_decay': {first} but '{section}.decay_every' is 0 "
                               "(no decay); set decay_every or drop first_decay")
-    if cfg.loss.shift_mode == "quantile":
-        bad = [k for k in ("self_shift", "knn_shift", "neg_shift") if not 0.0 <= getattr(cfg.loss, k) <= 1.0]
-        if bad:
-            raise ConfigError(f"config key 'loss.{bad[0]}': {getattr(cfg.loss, bad[0])} is not a quantile in [0, 1] "
+    for key in ("self_shift", "knn_shift", "neg_shift") if cfg.loss.shift_mode == "quantile" else ():
+        if not 0.0 <= getattr(cfg.loss, key) <= 1.0:
+            raise ConfigError(f"config key 'loss.{key}': {getattr(cfg.loss, key)} is not a quantile in [0, 1] "
                               "(loss.shift_mode=quantile reads the shifts as quantiles)")
     if cfg.data.depth_cast != "none" and cfg.loss.depth.mode == "paper":
         raise ConfigError(f"config key 'data.depth_cast': {cfg.data.depth_cast!r} reads depth as the reference's "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from depthg.config import DepthMode, choices
+from depthg.config import DepthMode, ShiftMode, choices
 
 DEPTH_MODES = tuple(m for m in choices(DepthMode) if m != "none")  # "none" = the step skips the term
 NO_CLAMP = -9999.0  # the reference's lower clamp when zero_clamp is off
@@ -97,8 +97,8 @@ def stego_losses(feats, feats_pos, codes, codes_pos, coords, coords_pos, *, self
     averaged. "self", "knn", "neg" are unweighted; "stego" = self_weight*self + knn_weight*knn + neg_weight*neg.
     ``shift_mode="quantile"``: each shift is read as a quantile of its pair type's correlations in the batch.
     """
-    if shift_mode not in ("fixed", "quantile"):
-        raise ValueError(f"loss.shift_mode: {shift_mode!r} is not one of fixed, quantile")
+    if shift_mode not in choices(ShiftMode):
+        raise ValueError(f"loss.shift_mode: {shift_mode!r} is not one of {', '.join(choices(ShiftMode))}")
     pair = dict(pointwise=pointwise, zero_clamp=zero_clamp, quantile=shift_mode == "quantile")
     f1, c1 = sample_features(feats, coords), sample_features(codes, coords)
     f2, c2 = sample_features(feats_pos, coords_pos), sample_features(codes_pos, coords_pos)
