@@ -215,7 +215,8 @@ def _datasets(args, syn):
 
 def _run_dataset_job(args, name, job) -> dict:
     torch.set_num_threads(max(1, args.threads))
-    return run_dataset(args, name, *job, lambda msg: print(f"[{name}] {msg}", flush=True))
+    tag = f"[{name}]"
+    return run_dataset(args, name, *job, lambda msg: print(msg if msg.startswith(tag) else f"{tag} {msg}", flush=True))
 
 
 def _run_tuning(args, syn, log, t_start) -> dict:
