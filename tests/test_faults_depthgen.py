@@ -48,6 +48,9 @@ def _manifest(data: bytes, root: str) -> dict:
     return manifest
 
 
+CAP_S = 900  # a cap against a hung job, never a timing expectation (a loaded CI machine needed > 300 s)
+
+
 @pytest.mark.slow
 def test_sigint_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local):
     from launch import generate_depth
@@ -61,12 +64,17 @@ def test_sigint_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local):
     cmd = [sys.executable, os.path.join(REPO, "tests", "events.py"), events, "generate_depth", "--config", "none",
            "--quiet", "--skip-mining", "--splits", "train", "--address", "local", *SLOW, f"shards.root={part}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"})
+                            env={**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0",
+                                 "PYTHONUNBUFFERED": "1"})
     try:  # the job pauses after its first complete shard until "go" exists: it never does
-        paused = wait_for_file(os.path.join(events, "first.json"), proc)
+        paused = wait_for_file(os.path.join(events, "first.json"), proc, timeout=CAP_S)
         assert paused, "the job never paused: " + (proc.stdout.read() if proc.poll() is not None else "")
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=300)
+        try:  # stopping the actors and the job's own local Ray: about a minute idle, minutes on a loaded machine
+            output, _ = proc.communicate(timeout=CAP_S)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"the interrupted job did not exit within {CAP_S} s; its output:\n"
+                                 f"{(exc.output or b'').decode(errors='replace')[-3000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
