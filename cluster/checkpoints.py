@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 from cluster.distributed import barrier
 from depthg import io
@@ -125,16 +126,22 @@ def load_checkpoint(engine, url: str) -> dict:
     return client or {}
 
 
-def write_final(cfg: Config, segmenter, total: int) -> None:
+def write_final(cfg: Config, segmenter, total: int, finish: Callable | None = None) -> None:
     """Rank 0: ``segmenter_last.pt``, ``segmenter.pt`` (the selected one when ``train.select`` picked one,
-    else the last) and ``config.yaml``. ``segmenter`` is an fp32 CPU copy."""
-    from depthg.checkpoint import save_segmenter
+    else the last) and ``config.yaml``. ``segmenter`` is an fp32 CPU copy. ``finish(segmenter) -> dict``
+    (``train.finish``) refits the probes of each written segmenter first; what it fitted joins the metadata."""
+    from depthg.checkpoint import load_segmenter, save_segmenter
+
+    def finished(seg, meta: dict) -> dict:
+        return {**meta, **(finish(seg) if finish is not None else {})}
 
     out = cfg.train.output
-    save_segmenter(io.join(out, "segmenter_last.pt"), cfg, segmenter, {"batch": total, "select": "none"})
+    last_meta = finished(segmenter, {"batch": total, "select": "none"})
+    save_segmenter(io.join(out, "segmenter_last.pt"), cfg, segmenter, last_meta)
     best = io.join(out, "segmenter_best.pt")
     if cfg.train.select != "none" and io.exists(best):
-        io.write_bytes(io.join(out, "segmenter.pt"), io.read_bytes(best))
+        best_cfg, selected, meta = load_segmenter(best)
+        save_segmenter(io.join(out, "segmenter.pt"), best_cfg, selected, finished(selected, meta))
     else:
-        save_segmenter(io.join(out, "segmenter.pt"), cfg, segmenter, {"batch": total, "select": "none"})
+        save_segmenter(io.join(out, "segmenter.pt"), cfg, segmenter, last_meta)
     save_config(cfg, io.join(out, "config.yaml"))

@@ -1,11 +1,12 @@
 """Finishing (``train.finish=fit``): the probes of ``segmenter.pt`` refitted on the final codes.
 
-After the last batch (and its checkpoint, which keeps the trained state for a resume), every rank reads the
-same ``train.finish_samples`` train crops from shards spread evenly over the manifest, computes their codes
-(eval mode, no dropout) and refits the probes with ``depthg.probes.fit_probes`` (seeded, so every rank ends
-with the same probes and no collective is needed): cluster centroids by cosine k-means on the codes (no
-labels), the linear probe by a converged L-BFGS fit on the crops' labels. ``segmenter_best.pt`` (kept during
-training by ``train.select``) is not refitted.
+After the last batch (and its checkpoint, which keeps the trained state for a resume), rank 0 refits the
+probes of each segmenter it writes (``cluster.checkpoints.write_final``: ``segmenter_last.pt`` and
+``segmenter.pt``, which is the ``train.select`` choice when there is one): it reads ``train.finish_samples``
+train crops from shards spread evenly over the manifest, computes their codes with that segmenter's head
+(eval mode, no dropout) and calls ``depthg.probes.fit_probes`` (seeded, deterministic): cluster centroids by
+cosine k-means on the codes (no labels), the linear probe by a converged L-BFGS fit on the crops' labels.
+``segmenter_best.pt`` keeps the probes it had when it was chosen.
 """
 from __future__ import annotations
 
@@ -41,14 +42,14 @@ def train_codes(backbone, segmenter, spec: streaming.StreamSpec, samples: int):
     """(codes float32 ``[N,Q,h,w]`` on the CPU, labels ``[N,H,W]``) of the first ``samples`` crops of ``spec``."""
     from depthg.step import backbone_features
 
-    device = next(segmenter.parameters()).device
+    device, feat_device = next(segmenter.parameters()).device, next(backbone.parameters()).device
     dtype = next(segmenter.head.parameters()).dtype
     codes, labels, n = [], [], 0
     was_training = segmenter.training
     segmenter.eval()
     for batch in streaming.eval_batches(spec):
         take = min(len(batch["id"]), samples - n)
-        feats = backbone_features(backbone, batch["image"][:take].to(device))
+        feats = backbone_features(backbone, batch["image"][:take].to(feat_device)).to(device)
         codes.append(segmenter.head(feats.to(dtype)).float().cpu())
         labels.append(batch["label"][:take])
         n += take

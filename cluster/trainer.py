@@ -158,9 +158,9 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
             log.flush()
             if on_checkpoint is not None:
                 on_checkpoint(url, done, last)
-    finish(backbone, engine.module, cfg, spec, log)  # train.finish: segmenter.pt's probes refitted on final codes
-    if world.is_main:
-        checkpoints.write_final(cfg, engines.fp32_copy(engine.module), total)
+    if world.is_main:  # train.finish: the written segmenters' probes refitted on their final codes
+        checkpoints.write_final(cfg, engines.fp32_copy(engine.module), total,
+                                lambda seg: finish(backbone, seg, cfg, spec, log))
     log.close()
     distributed.barrier(world)
     return last

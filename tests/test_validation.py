@@ -98,6 +98,12 @@ def test_training_with_select_val_miou_keeps_the_labelled_pick(tmp_path):
     assert extra["select"] == "val_miou" and extra["uses_labels"] is True
     assert extra["val/miou"] == max(r["val/miou"] for r in val)
     assert load_segmenter(os.path.join(out, "segmenter_last.pt"))[2]["select"] == "none"
+    # train.finish=fit refits the probes of the pick (not of the last state); segmenter_best.pt keeps its own
+    _, best, best_extra = load_segmenter(os.path.join(out, "segmenter_best.pt"))
+    chosen = load_segmenter(os.path.join(out, "segmenter.pt"))[1]
+    assert extra["finish/crops"] == 12 and "finish/crops" not in best_extra
+    assert all(torch.equal(v, chosen.head.state_dict()[k]) for k, v in best.head.state_dict().items())
+    assert not torch.equal(best.cluster_probe.centroids, chosen.cluster_probe.centroids)
     from launch import evaluate  # the evaluation report says so too
 
     result = evaluate.main(["--checkpoint", os.path.join(out, "segmenter.pt"), "--workers", "0", "--shards", root,
