@@ -11,7 +11,7 @@ scenes themselves):
   overlap the other's depth model), T torch + T encoding threads (``--overlap-threads``): the
   images/s per actor a depth actor now reaches. On this CPU-only machine the "GPU" work is CPU work
   on the same cores, so the overlap can only use otherwise idle cores; on a GPU node it hides the
-  encoding (26 ms of CPU per 240 x 320 crop) behind the model.
+  encoding (about 28 ms of CPU per 240 x 320 crop, ``bench/depthgen.json``) behind the model.
 
 Each figure is measured warm (actors started and model loaded by a one-unit warm-up; the fastest of
 ``--repeats`` timed runs) and also reported cold (start-up + first run). Bytes per sample are

@@ -84,7 +84,7 @@ class DepthGenConfig:
     flip_average: bool = True
     num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
     device: DeviceChoice = "auto"  # auto (GPU when the cluster has or may add GPUs) | cpu | cuda
-    precision: DepthPrecision = "auto"  # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: DepthPrecision = "auto"  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     cpus_per_actor: int = 0  # torch + PNG-encoding threads per actor; 0 = the GPU node's CPUs per GPU
 
 
