@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -47,6 +48,9 @@ def wait_for_file(path: str, proc, timeout: float = 600) -> bool:
 
 
 if __name__ == "__main__":
+    # Ctrl-C as a terminal delivers it: a job started from a background shell (`cmd &`, as CI runners may run
+    # the suite) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler at all
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, repo)
     events, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
