@@ -27,6 +27,7 @@ import urllib.request
 import torch
 
 from cluster.distributed import free_port, loader_workers
+from cluster.world import patched_environ
 from depthg import io, losses, sampling, schedules, shards, streaming
 from depthg.config import load_config
 from depthg.step import backbone_features, dropout2d, probe_losses, stego_options
@@ -145,20 +146,15 @@ def streaming_local_vs_s3(args, root: str, batches: int) -> dict:
     import boto3
 
     proc, endpoint = _moto()
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
     try:
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-        _write_shards("s3://bench/shards", args)
-        local = stream_rate(root, args, batches)
-        remote = stream_rate("s3://bench/shards", args, batches)
+        with patched_environ({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+                              "AWS_SECRET_ACCESS_KEY": "bench"}):
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+            _write_shards("s3://bench/shards", args)
+            local = stream_rate(root, args, batches)
+            remote = stream_rate("s3://bench/shards", args, batches)
     finally:
         proc.terminate()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return {"local_samples_per_s": local["samples_per_s"], "s3_samples_per_s": remote["samples_per_s"],
             "s3_over_local": remote["samples_per_s"] / local["samples_per_s"],
             "loader_samples_per_s_per_worker": {"local": local["samples_per_s_per_worker"],

@@ -31,7 +31,7 @@ import numpy as np
 
 from cluster.raycluster import node_id
 from depthg import io, shards
-from depthg.config import Config, from_dict, mask_secrets, to_dict
+from depthg.config import Config, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def write_depth_manifest(cfg: Config, split: str, folder: str, units, digest: st
         "depth_source": (cfg.depthgen.source if cfg.depthgen.source != "transformers"
                          else f"transformers:{cfg.depthgen.model}"),
         "five_crop": bool(split == "train" and cfg.data.five_crop), "digest": digest,
-        "config": mask_secrets(to_dict(cfg)), "skipped": skipped,
+        "config": io.mask_secrets(to_dict(cfg)), "skipped": skipped,
     }
     shards.write_manifest(folder, manifest)
     return shards.read_manifest(folder)

@@ -14,13 +14,13 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 
 import torch
 
 from cluster.distributed import free_port, process_group_backend
+from cluster.world import patched_environ
 from depthg.config import Config
 from depthg.world import World
 
@@ -68,22 +68,15 @@ def _skip_cpu_shm_op() -> None:
     ops["deepspeed_shm_comm"] = False
 
 
-@contextlib.contextmanager
 def _launcher_env(world: World):
     """A single process still needs a 1-rank group and the launcher variables DeepSpeed reads (LOCAL_RANK,
     a loopback rendezvous on a free port): set while the engine is built, removed afterwards, so that they
     do not leak into processes started later from this one (a launcher would take them for its own)."""
     added = {}
     if not world.distributed:
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
-                           ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            if key not in os.environ:
-                os.environ[key] = added[key] = value
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+        added = {key: value for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
+                 ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")) if key not in os.environ}
+    return patched_environ(added)
 
 
 def start_process_group(world: World, device: torch.device, backend: str | None = None) -> None:

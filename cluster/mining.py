@@ -34,7 +34,7 @@ from cluster.depthgen import _digest
 from cluster.nodecache import NodeShardCache, cache_dir
 from cluster.raycluster import node_id
 from depthg import io, shards
-from depthg.config import Config, from_dict, mask_secrets, to_dict
+from depthg.config import Config, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 KNN_BLOCK_BYTES = 2 << 30  # device memory for the top-k query blocks (features come on top: N x C x 4 bytes)
@@ -139,7 +139,7 @@ def positives_for(neighbors: list[str], count: int) -> list[str]:
 def features_folder(cfg: Config, split: str, dm: dict) -> str:
     """Where the split's global features are kept, keyed by everything they depend on."""
     key = {"depth": dm.get("digest"), "total": dm["total"], "shards": dm["shards"], "backbone": cfg.model.backbone,
-           "weights": mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution}
+           "weights": io.mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution}
     return io.join(cfg.shards.root, "features", split, _digest(key))
 
 
@@ -192,7 +192,7 @@ def _signature(cfg: Config, dm: dict) -> dict:
     """What the training shards of a split depend on, besides the anchors' bytes."""
     return {"depth_manifest": {"digest": dm.get("digest"), "total": dm["total"]}, "k": int(cfg.mining.k),
             "num_positives": int(cfg.mining.num_positives), "backbone": cfg.model.backbone,
-            "weights": mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution,
+            "weights": io.mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution,
             "layout": "shuffled/1"}
 
 
@@ -263,6 +263,6 @@ def write_train_manifest(cfg: Config, split: str, folder: str, units, dm: dict) 
     manifest = {key: dm.get(key) for key in ("dataset", "n_classes", "class_names", "depth_source", "five_crop",
                                              "skipped")}
     manifest.update({"kind": "train", "split": split, "shards": counts, **_signature(cfg, dm),
-                     "config": mask_secrets(to_dict(cfg))})
+                     "config": io.mask_secrets(to_dict(cfg))})
     shards.write_manifest(folder, manifest)
     return shards.read_manifest(folder)

@@ -27,6 +27,8 @@ import tempfile
 
 import yaml
 
+from cluster.world import patched_environ
+
 AUTH_OFF = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -54,27 +56,24 @@ def private_cluster(nodes: list[dict], pythonpath: str = "", runtime_env: dict |
     tmp = _short_tmp("dg-ray-")
     # authentication is left as this process has it: Ray read RAY_AUTH_MODE when it was imported, and a
     # cluster started from here with another mode would refuse this driver
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "PYTHONPATH", "RAY_USAGE_STATS_ENABLED")}
-    os.environ.update({"RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"})
+    env = {"RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     if pythonpath:
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, saved["PYTHONPATH"] or "") if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)
     cluster = None
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, **nodes[0]})
-        for node in nodes[1:]:
-            cluster.add_node(**node)
-        cluster.wait_for_nodes(timeout=180)
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
-        yield cluster
+        with patched_environ(env):
+            try:
+                cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, **nodes[0]})
+                for node in nodes[1:]:
+                    cluster.add_node(**node)
+                cluster.wait_for_nodes(timeout=180)
+                ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
+                yield cluster
+            finally:
+                ray.shutdown()
+                if cluster is not None:
+                    cluster.shutdown()
     finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ With none of these set, the process is a single-process world (``World()``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Mapping
 
@@ -44,3 +45,18 @@ def detect(env: Mapping[str, str] | None = None, local_rank: int | None = None) 
     node = _int(env, "NODE_RANK", "GROUP_RANK", "CROSS_RANK")
     node = rank // local_world if node is None else node
     return World(rank=rank, world_size=world_size, local_rank=lrank, node=node, num_nodes=num_nodes)
+
+
+@contextlib.contextmanager
+def patched_environ(values: Mapping[str, str]):
+    """Set ``values`` in ``os.environ`` for the ``with`` block, then put back what was there (or nothing)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Literal, Mapping, get_args, get_origin
 
 import yaml
 
+from depthg import io
 from depthg.errors import DepthgError
 
 
@@ -375,27 +376,11 @@ def validate(cfg: Config) -> None:
 
 
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(mask_secrets(to_dict(cfg)), sort_keys=False)
-
-
-_SECRET = re.compile(r"(key|secret|token|password|credential)", re.I)
-
-
-def mask_secrets(data: Any) -> Any:
-    """Replace values of secret-looking keys and credentials embedded in URLs."""
-    if isinstance(data, Mapping):
-        return {k: ("***" if _SECRET.search(str(k)) and v else mask_secrets(v)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [mask_secrets(v) for v in data]
-    if isinstance(data, str):
-        return re.sub(r"(://)[^/@\s]+:[^/@\s]+@", r"\1***:***@", data)
-    return data
+    return yaml.safe_dump(io.mask_secrets(to_dict(cfg)), sort_keys=False)
 
 
 def save_config(cfg, url: str) -> None:
     """Write the resolved config (secrets masked) to ``url`` (a file path or s3:// URL)."""
-    from depthg import io
-
     io.write_bytes(url, dump_yaml(cfg).encode())
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 import fsspec
 
@@ -143,3 +144,17 @@ def remove(url: str) -> None:
             fs.rm(path, recursive=True)
 
     _call(url, rm)
+
+
+_SECRET = re.compile(r"(key|secret|token|password|credential)", re.I)
+
+
+def mask_secrets(data: Any) -> Any:
+    """Replace values of secret-looking keys and credentials embedded in URLs."""
+    if isinstance(data, Mapping):
+        return {k: ("***" if _SECRET.search(str(k)) and v else mask_secrets(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [mask_secrets(v) for v in data]
+    if isinstance(data, str):
+        return re.sub(r"(://)[^/@\s]+:[^/@\s]+@", r"\1***:***@", data)
+    return data

@@ -20,6 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from cluster.distributed import free_port  # noqa: E402 - after the path set-up
+from cluster.world import patched_environ  # noqa: E402
 
 
 # Tiers: a test that uses one of these fixtures gets the markers, so `-m "not slow"` is the fast tier
@@ -92,18 +93,10 @@ def ray_local():
     if not ray.is_initialized():
         # Workers of a local Ray inherit the raylet's environment: that is how the dummy moto
         # credentials reach them (credentials never travel in a runtime env: cluster.ray_train.worker_env)
-        saved = {k: os.environ.get(k) for k in MOTO_CREDENTIALS}
-        os.environ.update(MOTO_CREDENTIALS)
-        try:
+        with patched_environ(MOTO_CREDENTIALS):
             # address="local": always a private Ray, never a cluster another process recorded in
             # /tmp/ray/ray_current_cluster (ray.cluster_utils.Cluster and `ray start` write it)
             ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": REPO}})
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     yield ray
     ray.shutdown()

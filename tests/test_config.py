@@ -1,7 +1,8 @@
 """Config: defaults, YAML diffs, dotted overrides, validation errors that name the key."""
 import pytest
 
-from depthg.config import Config, ConfigError, load_config, mask_secrets, parse_overrides, split_cli, to_dict
+from depthg.config import Config, ConfigError, load_config, parse_overrides, split_cli, to_dict
+from depthg.io import mask_secrets
 
 
 def test_defaults_build():

@@ -30,7 +30,8 @@ class Record:
 class Source:
     """A list of image ids and a way to load each one.
 
-    Subclasses set ``name, n_classes, class_names, palette, has_depth, has_labels``, call
+    Subclasses set ``name, has_depth, has_labels``, their classes in the class statement
+    (``class X(Source, classes=NAMES, palette=RGB)``: ``n_classes`` is ``len(NAMES)``) or in ``__init__``, call
     ``self.use_ids(ids, limit, where)`` once in ``__init__`` and implement ``read(id) -> (Record, path)``;
     ``load(id)`` rejects unknown ids and checks that depth and label match the image's size.
     """
@@ -42,6 +43,13 @@ class Source:
     has_depth: bool = False
     has_labels: bool = False
     _ids: list[str] = []
+
+    def __init_subclass__(cls, classes=None, palette=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if classes is not None:
+            cls.class_names, cls.n_classes = list(classes), len(classes)
+        if palette is not None:
+            cls.palette = palette
 
     def use_ids(self, ids: list[str], limit: int, where: str) -> None:
         """Keep the first ``limit`` ids (``data.limit``, 0 = all); none at all is an error naming ``where``."""

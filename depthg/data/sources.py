@@ -186,13 +186,10 @@ class FolderSource(Source):
 
 
 # ----------------------------------------------------------------------------- CamVid
-class CamVidSource(Source):
+class CamVidSource(Source, classes=P.CAMVID_CLASSES, palette=P.CAMVID_PALETTE):
     """SegNet's 11-class CamVid: ``{split}.txt`` lists "image label" paths relative to the root."""
 
     name = "camvid"
-    n_classes = len(P.CAMVID_CLASSES)
-    class_names = list(P.CAMVID_CLASSES)
-    palette = P.CAMVID_PALETTE
     has_labels = True
 
     def __init__(self, root: str, split: str = "train", limit: int = 0):
@@ -221,13 +218,10 @@ class CamVidSource(Source):
 
 
 # ----------------------------------------------------------------------------- COCO-Stuff-27
-class CocoStuff27Source(Source):
+class CocoStuff27Source(Source, classes=P.COCO27_CLASSES, palette=P.COCO27_PALETTE):
     """COCO-Stuff 164k with fine ids -> 27 coarse classes (``palettes.COCO_FINE_TO_COARSE``)."""
 
     name = "cocostuff27"
-    n_classes = 27
-    class_names = list(P.COCO27_CLASSES)
-    palette = P.COCO27_PALETTE
     has_labels = True
     CURATED = "Coco164kFull_Stuff_Coarse_7.txt"
 
@@ -266,13 +260,10 @@ class CocoStuff27Source(Source):
 
 
 # ----------------------------------------------------------------------------- Cityscapes-27
-class CityscapesSource(Source):
+class CityscapesSource(Source, classes=P.CITYSCAPES_CLASSES, palette=P.CITYSCAPES_PALETTE):
     """Cityscapes fine annotations, labelId - 7 -> 27 classes; ids are ``{city}_{seq}_{frame}``."""
 
     name = "cityscapes"
-    n_classes = 27
-    class_names = list(P.CITYSCAPES_CLASSES)
-    palette = P.CITYSCAPES_PALETTE
     SUFFIX = "_leftImg8bit.png"
 
     def __init__(self, root: str, split: str = "train", limit: int = 0):
@@ -323,13 +314,10 @@ def _to_uint8_rgb(arr: np.ndarray, path: str) -> np.ndarray:
     return np.clip(arr.round(), 0, 255).astype(np.uint8)
 
 
-class PotsdamSource(Source):
+class PotsdamSource(Source, classes=P.POTSDAM_CLASSES, palette=P.POTSDAM_PALETTE):
     """ISPRS Potsdam in STEGO's preparation: 6 fine classes -> 3 coarse."""
 
     name = "potsdam"
-    n_classes = 3
-    class_names = list(P.POTSDAM_CLASSES)
-    palette = P.POTSDAM_PALETTE
     SPLIT_FILES = {"train": "labelled_train.txt", "val": "labelled_test.txt",
                    "unlabelled_train": "unlabelled_train.txt", "all": "all.txt"}
 

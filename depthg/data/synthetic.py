@@ -361,7 +361,7 @@ def render_scene(seed: int, index: int, height: int = 240, width: int = 320, spl
     return Scene(image, canvas.label.copy(), canvas.depth.astype(np.float32), info)
 
 
-class SyntheticSource(Source):
+class SyntheticSource(Source, classes=SYNTHETIC_CLASSES, palette=SYNTHETIC_PALETTE):
     """``num`` rendered street scenes of one split; ids ``"syn-{split}-{index:06d}"``.
 
     ``depth_max``: metric depth is clipped here (metres) before the per-image min-max, like the bounded
@@ -369,9 +369,6 @@ class SyntheticSource(Source):
     """
 
     name = "synthetic"
-    n_classes = len(SYNTHETIC_CLASSES)
-    class_names = list(SYNTHETIC_CLASSES)
-    palette = SYNTHETIC_PALETTE
     has_depth = True
     has_labels = True
 
