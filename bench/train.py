@@ -46,17 +46,34 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--shard-samples", type=int, default=96, help="samples in the benchmark shards")
     parser.add_argument("--image-size", type=int, nargs=2, default=(120, 160), help="crop size stored in the shards")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="where the step runs (auto: cuda when there is one); the loader stays on CPU")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: head and probes in bf16 as DeepSpeed's bf16 engine holds them; the backbone "
+                        "runs under bf16 autocast on CUDA either way (depthg.step.backbone_features)")
+    parser.add_argument("--skip-streaming", action="store_true", help="only the step breakdown (no moto S3 part)")
 
 
 def _peak_rss_mb(who) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _timed(times: dict, key: str, fn):
+def _timed(times: dict, key: str, fn, sync=lambda: None):
+    """Run ``fn`` and add its seconds to ``times[key]``; ``sync`` waits for queued GPU work on both sides."""
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     times[key] = times.get(key, 0.0) + time.perf_counter() - t0
     return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: torch sees no CUDA device here")
+    return torch.device(name)
 
 
 def step_breakdown(args, root: str) -> dict:
@@ -66,8 +83,11 @@ def step_breakdown(args, root: str) -> dict:
     cfg = load_config(None, [f"model.backbone={args.backbone}", f"model.weights={args.weights}",
                              f"data.resolution={args.resolution}",
                              f"sampling.samples={args.samples}", f"sampling.min_samples={args.samples}", "model.n_classes=3"])
-    backbone = build_backbone(cfg.model.backbone, cfg.model.weights)
-    seg = build_segmenter(cfg.model, backbone.dim)
+    device = _device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    backbone = build_backbone(cfg.model.backbone, cfg.model.weights).to(device)
+    seg = build_segmenter(cfg.model, backbone.dim).to(device, dtype)
     opt = torch.optim.Adam([{"params": seg.head_parameters(), "lr": 5e-4}, {"params": seg.probe_parameters(), "lr": 5e-3}])
     spec, _ = streaming.open_split(root, "train", micro_batch=args.batch, resolution=args.resolution,
                                    shuffle_buffer=16, num_steps=args.steps + 2)
@@ -76,19 +96,20 @@ def step_breakdown(args, root: str) -> dict:
     for step in range(args.steps + 2):
         if step == 2:
             times, t_start = {}, time.perf_counter()
-        batch = _timed(times, "data_wait", lambda: next(loader))
+        batch = _timed(times, "data_wait", lambda: {k: v.to(device) if torch.is_tensor(v) else v
+                                                    for k, v in next(loader).items()}, sync)
         feats, feats_pos = _timed(times, "backbone", lambda: backbone_features(
-            backbone, torch.cat([batch["image"], batch["pos_image"]]))).chunk(2)
+            backbone, torch.cat([batch["image"], batch["pos_image"]])).to(dtype), sync).chunk(2)
 
         def head():
             f, fp = dropout2d(feats, cfg.model.dropout, gen), dropout2d(feats_pos, cfg.model.dropout, gen)
             return f, fp, seg.head(f), seg.head(fp)
-        f, fp, codes, codes_pos = _timed(times, "head", head)
+        f, fp, codes, codes_pos = _timed(times, "head", head, sync)
         grid = tuple(feats.shape[-2:])
         lam, b, s = schedules.values_at(cfg, step)
         loc, loc_pos = _timed(times, "sampling", lambda: (
             sampling.sample_locations(sp.mode, batch["depth"], grid, s, sp.fov_deg, sp.start, gen),
-            sampling.sample_locations(sp.mode, batch["pos_depth"], grid, s, sp.fov_deg, sp.start, gen)))
+            sampling.sample_locations(sp.mode, batch["pos_depth"], grid, s, sp.fov_deg, sp.start, gen)), sync)
 
         def loss():
             terms = losses.stego_losses(f, fp, codes, codes_pos, loc.coords, loc_pos.coords, generator=gen,
@@ -96,18 +117,19 @@ def step_breakdown(args, root: str) -> dict:
             sc = losses.sample_features(codes, loc.coords)
             depth = losses.depth_correlation_loss(lc.depth.mode, sc, sc, loc.depth, loc.depth, loc.points, loc.points, b)
             return terms["stego"] + lam * depth["depth"]
-        head_loss = _timed(times, "loss", loss)
-        probes = _timed(times, "probes", lambda: probe_losses(seg, codes, batch["label"]))["probes"]
+        head_loss = _timed(times, "loss", loss, sync)
+        probes = _timed(times, "probes", lambda: probe_losses(seg, codes, batch["label"]), sync)["probes"]
         opt.zero_grad(set_to_none=True)
-        _timed(times, "backward", lambda: (head_loss + probes).backward())
-        _timed(times, "optimizer", opt.step)
+        _timed(times, "backward", lambda: (head_loss + probes).backward(), sync)
+        _timed(times, "optimizer", opt.step, sync)
     wall = time.perf_counter() - t_start
     per_step = {k: 1000.0 * times.get(k, 0.0) / args.steps for k in STAGES}
     compute = sum(v for k, v in per_step.items() if k != "data_wait")
     return {"ms_per_step": per_step, "compute_ms": compute, "step_ms": 1000.0 * wall / args.steps,
             "ratio_total_over_backbone": compute / per_step["backbone"],
             "ratio_with_data_wait": (compute + per_step["data_wait"]) / per_step["backbone"],
-            "samples_per_s": args.batch * args.steps / wall,
+            "samples_per_s": args.batch * args.steps / wall, "device": str(device), "precision": args.precision,
+            "gpu_peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "peak_rss_mb": {"trainer": _peak_rss_mb(resource.RUSAGE_SELF),
                             "loader_worker_max": _peak_rss_mb(resource.RUSAGE_CHILDREN)}}
 
@@ -176,6 +198,10 @@ def _table(result: dict) -> str:
              f"total/backbone forward: {b['ratio_total_over_backbone']:.2f}x (with data wait "
              f"{b['ratio_with_data_wait']:.2f}x); {b['samples_per_s']:.1f} samples/s",
              f"peak RSS MB: trainer {b['peak_rss_mb']['trainer']:.0f}, loader worker {b['peak_rss_mb']['loader_worker_max']:.0f}"]
+    if b["gpu_peak_mem_mb"] is not None:
+        rows.append(f"{b['device']} {b['precision']}: peak GPU memory allocated {b['gpu_peak_mem_mb']:.0f} MB")
+    if "streaming" not in result:
+        return "\n".join(rows)
     s = result["streaming"]
     rows.append(f"streaming samples/s: local {s['local_samples_per_s']:.1f}, S3 (moto) {s['s3_samples_per_s']:.1f} "
                 f"-> {s['s3_over_local']:.2f}x")
@@ -192,9 +218,10 @@ def run(args) -> dict:
     try:
         _write_shards(folder, args)
         result = {"config": {k: getattr(args, k) for k in ("backbone", "weights", "resolution", "batch", "steps", "samples",
-                                                            "workers", "shard_samples")},
+                                                            "workers", "shard_samples", "device", "precision")},
                   "step": step_breakdown(args, folder)}
-        result["streaming"] = streaming_local_vs_s3(args, folder, batches=max(4, args.shard_samples // args.batch - 1))
+        if not args.skip_streaming:
+            result["streaming"] = streaming_local_vs_s3(args, folder, batches=max(4, args.shard_samples // args.batch - 1))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(_table(result))
