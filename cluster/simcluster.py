@@ -44,14 +44,15 @@ def _short_tmp(prefix: str) -> str:
 
 
 @contextlib.contextmanager
-def private_cluster(nodes: list[dict], pythonpath: str = "", runtime_env: dict | None = None):
+def private_cluster(nodes: list[dict], pythonpath: str = "", runtime_env: dict | None = None, connect: bool = True):
     """Start ``nodes`` (``{"num_cpus", "num_gpus", ...}``, the first is the head), connect this
-    process (with the job's ``runtime_env``), yield the ``Cluster``; shut everything down afterwards.
-    Needs a process without Ray initialised."""
+    process (with the job's ``runtime_env``) unless ``connect=False`` (drivers in other processes, given
+    ``cluster.address`` and started inside the block, which sets ``RAY_TMPDIR``), yield the ``Cluster``;
+    shut everything down afterwards. Connecting needs a process without Ray initialised."""
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
+    if connect and ray.is_initialized():
         raise RuntimeError("private_cluster: this process is already connected to a Ray")
     tmp = _short_tmp("dg-ray-")
     # authentication is left as this process has it: Ray read RAY_AUTH_MODE when it was imported, and a
@@ -67,10 +68,12 @@ def private_cluster(nodes: list[dict], pythonpath: str = "", runtime_env: dict |
                 for node in nodes[1:]:
                     cluster.add_node(**node)
                 cluster.wait_for_nodes(timeout=180)
-                ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
+                if connect:
+                    ray.init(address=cluster.address, log_to_driver=False, runtime_env=runtime_env)
                 yield cluster
             finally:
-                ray.shutdown()
+                if connect:
+                    ray.shutdown()
                 if cluster is not None:
                     cluster.shutdown()
     finally:

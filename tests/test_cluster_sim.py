@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import pytest
+import ray._private.utils as ray_utils
 
 from cluster.simcluster import FakeAutoscaler
 
@@ -44,6 +45,9 @@ def test_fake_autoscaler_adds_gpu_nodes_for_depth_actors(tmp_path):
     with FakeAutoscaler({"gpu_worker": {"CPU": 1, "GPU": 1, "max_workers": 2}}, head={"CPU": 0},
                         pythonpath=REPO) as fake:
         seen = _run(["fake-driver", fake.address, str(tmp_path / "shards")], fake.env(), str(tmp_path / "out.json"))
+        # the machine's address file (what a user's `ray.init()` / launch script would join) never names it
+        recorded = ray_utils.read_ray_address(None)
+    assert recorded != fake.address
     assert seen["resources_before"].get("GPU", 0) == 0  # no GPU node until the stage asked for GPUs
     assert seen["plan"]["device"] == "cuda" and seen["plan"]["count"] == 2
     assert seen["plan"]["options"] == {"num_gpus": 1, "num_cpus": 1}  # the GPU type's CPUs per GPU

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
+from ray._common.utils import get_ray_address_file
 
 from cluster.distributed import free_port
+from cluster.simcluster import private_cluster
 from depthg import io, shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,16 +44,14 @@ def _wait_for(condition, proc, what: str, timeout: float = 900.0) -> None:
 @pytest.mark.ray
 @pytest.mark.s3
 def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
-    from ray.cluster_utils import Cluster
-
     root, out, trace, pause = str(tmp_path / "shards"), f"{s3}/runs/nodes4", str(tmp_path / "trace"), str(tmp_path / "pause")
     shards.write_test_shards(root, 64, size=(32, 32), num_positives=2, samples_per_shard=8)
-    ray_tmp = tempfile.mkdtemp(prefix="dg-", dir="/tmp")  # its own Ray temp dir, short (socket paths <= 107 bytes)
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": False, "temp_dir": ray_tmp})
-    try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(4)]
-        cluster.wait_for_nodes()
+    machine_file = get_ray_address_file(None)  # what a user's ray.init() / launch script would join
+    with private_cluster([{"num_cpus": 0, "gcs_server_port": free_port()}] + [{"num_cpus": 1}] * 4,
+                         connect=False) as cluster:
+        # a test cluster is never published to the machine's other processes
+        assert not os.path.exists(machine_file) or open(machine_file).read().strip() != cluster.address
+        workers = [n for n in cluster.list_all_nodes() if n is not cluster.head_node]
         cmd = [sys.executable, os.path.join(REPO, "tests", "train_hooks.py"), "--pause", f"2:{pause}", "--trace", trace,
                "--nodes", "4", "--gpus-per-node", "1", "--address", cluster.address,
                "--config", os.path.join(REPO, "configs", "smoke.yaml"), f"shards.root={root}", f"train.output={out}",
@@ -69,15 +67,17 @@ def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
             victim = next(n for n in workers if n.node_id == first[1])
             cluster.remove_node(victim)
             replacement = cluster.add_node(num_cpus=1)
-            proc.wait(timeout=900)
+            try:
+                proc.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise AssertionError("the run did not end within 900 s of the node's removal:\n"
+                                     + proc.stdout.read()[-6000:]) from None
             log = proc.stdout.read()
         finally:
             if proc.poll() is None:
                 proc.kill()
-        assert proc.returncode == 0, log[-4000:]
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, log[-4000:]
 
     starts = _rows(os.path.join(trace, "start.jsonl"))
     assert len(starts) == 8  # the first group and the restarted one
