@@ -34,6 +34,11 @@ def _cfg(root: str, *extra: str):
     return load_config(None, SLOW + [f"shards.root={root}", *extra])
 
 
+def _read(path: str) -> str:
+    with open(path, errors="replace") as fh:
+        return fh.read()
+
+
 def _tree(folder: str) -> dict[str, bytes]:
     out = {}
     for name in sorted(os.listdir(folder)):
@@ -63,22 +68,25 @@ def test_sigint_then_rerun_equals_an_uninterrupted_run(tmp_path, ray_local):
     events = str(tmp_path / "events")
     cmd = [sys.executable, os.path.join(REPO, "tests", "events.py"), events, "generate_depth", "--config", "none",
            "--quiet", "--skip-mining", "--splits", "train", "--address", "local", *SLOW, f"shards.root={part}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0",
-                                 "PYTHONUNBUFFERED": "1"})
+    log = str(tmp_path / "job.log")  # a file, not a pipe: a pipe nobody reads while waiting can fill and block the job
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0",
+                                     "PYTHONUNBUFFERED": "1"})
     try:  # the job pauses after its first complete shard until "go" exists: it never does
         paused = wait_for_file(os.path.join(events, "first.json"), proc, timeout=CAP_S)
-        assert paused, "the job never paused: " + (proc.stdout.read() if proc.poll() is not None else "")
+        assert paused, "the job never paused: " + (_read(log) if proc.poll() is not None else "")
         proc.send_signal(signal.SIGINT)
         try:  # the job stops its actors and its own local Ray: a minute or two
-            output, _ = proc.communicate(timeout=CAP_S)
-        except subprocess.TimeoutExpired as exc:
+            proc.wait(timeout=CAP_S)
+        except subprocess.TimeoutExpired:
             raise AssertionError(f"the interrupted job did not exit within {CAP_S} s; its output:\n"
-                                 f"{(exc.output or b'').decode(errors='replace')[-3000:]}") from None
+                                 f"{_read(log)[-3000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    output = _read(log)
     t2 = time.monotonic()
     assert proc.returncode != 0, output[-2000:]  # interrupted, not finished
     assert "KeyboardInterrupt" in output or "interrupted" in output

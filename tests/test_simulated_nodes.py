@@ -29,12 +29,17 @@ def _rows(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
 
 
-def _wait_for(condition, proc, what: str, timeout: float = 900.0) -> None:
+def _tail(path: str, n: int = 6000) -> str:
+    with open(path, errors="replace") as fh:
+        return fh.read()[-n:]
+
+
+def _wait_for(condition, proc, log: str, what: str, timeout: float = 900.0) -> None:
     """Poll ``condition`` (an event: a file, an object) while the run is alive; fail naming ``what``."""
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}:\n{_tail(log)}")
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} within {timeout} s")
         time.sleep(0.5)
@@ -57,11 +62,14 @@ def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
                "--config", os.path.join(REPO, "configs", "smoke.yaml"), f"shards.root={root}", f"train.output={out}",
                "train.num_batches=5", "train.ckpt_every=2", "train.val_every=0", "train.log_every=1"]
         env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # output to a file, not a pipe: a pipe nobody reads while waiting fills up and blocks the run
+        log = str(tmp_path / "run.log")
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, text=True)
         try:
             _wait_for(lambda: io.exists(f"{out}/ckpt/step-00000002/COMPLETE")
                       and len([n for n in os.listdir(pause)] if os.path.isdir(pause) else []) == 4,
-                      proc, "checkpoint 2 with every rank paused before batch 2")
+                      proc, log, "checkpoint 2 with every rank paused before batch 2")
             first = {r["rank"]: r["node_id"] for r in _rows(os.path.join(trace, "start.jsonl"))}
             assert sorted(first) == [0, 1, 2, 3] and len(set(first.values())) == 4  # 4 workers on 4 distinct nodes
             victim = next(n for n in workers if n.node_id == first[1])
@@ -71,13 +79,11 @@ def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
                 proc.wait(timeout=900)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                raise AssertionError("the run did not end within 900 s of the node's removal:\n"
-                                     + proc.stdout.read()[-6000:]) from None
-            log = proc.stdout.read()
+                raise AssertionError(f"the run did not end within 900 s of the node's removal:\n{_tail(log)}") from None
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 0, log[-4000:]
+    assert proc.returncode == 0, _tail(log)
 
     starts = _rows(os.path.join(trace, "start.jsonl"))
     assert len(starts) == 8  # the first group and the restarted one
