@@ -30,6 +30,7 @@ from cluster.distributed import free_port, loader_workers
 from cluster.world import patched_environ
 from depthg import io, losses, sampling, schedules, shards, streaming
 from depthg.config import load_config
+from depthg.device import DEVICES, resolve_device
 from depthg.step import backbone_features, dropout2d, probe_losses, stego_options
 from depthg.world import World
 
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--shard-samples", type=int, default=96, help="samples in the benchmark shards")
     parser.add_argument("--image-size", type=int, nargs=2, default=(120, 160), help="crop size stored in the shards")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+    parser.add_argument("--device", default="cpu", choices=DEVICES,
                         help="where the step runs (auto: cuda when there is one); the loader stays on CPU")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="bf16: head and probes in bf16 as DeepSpeed's bf16 engine holds them; the backbone "
@@ -69,11 +70,11 @@ def _timed(times: dict, key: str, fn, sync=lambda: None):
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: torch sees no CUDA device here")
-    return torch.device(name)
+    """``--device`` through the project's one device picker; no GPU for ``cuda`` is one error line."""
+    try:
+        return resolve_device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"error: --device {name}: {exc}") from None
 
 
 def step_breakdown(args, root: str) -> dict:
