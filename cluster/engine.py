@@ -11,6 +11,7 @@
   shared-memory comm op, which DeepSpeed would JIT-compile (~60 s) on first use, is switched off
   (``_skip_cpu_shm_op``; gloo does the all-reduce); ``DEPTHG_DS_SHM=1`` keeps it.
 * ``build_models``: the frozen backbone (outside the engine) and the trainable segmenter, seeded.
+* ``master_copy``: the fp32 master weights (not the bf16 module) as a CPU module, for ``segmenter*.pt``.
 """
 from __future__ import annotations
 
@@ -120,6 +121,27 @@ def build_models(cfg: Config, device: torch.device):
     return backbone, segmenter
 
 
-def fp32_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """An fp32 CPU copy for saving (a bf16 engine trains bf16 weights; evaluation wants fp32)."""
-    return copy.deepcopy(module).float().cpu()
+def _optimizer_masters(optimizer) -> dict[int, torch.Tensor]:
+    """``{id(module parameter): fp32 master}`` of DeepSpeed's low-precision optimizer without ZeRO (bf16 +
+    ZeRO 0 trains the module's bf16 weights with fp32 copies in ``fp32_groups``, one per ``fp16_groups`` entry)."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not low or not high:
+        return {}
+    return {id(lo): hi for lo_group, hi_group in zip(low, high) for lo, hi in zip(lo_group, hi_group)}
+
+
+def master_copy(engine) -> torch.nn.Module:
+    """An fp32 CPU copy of the engine's module holding the optimizer's fp32 MASTER weights, not the bf16-rounded
+    module (what a bf16 engine computes with). Call on EVERY rank in the same order: with ZeRO 1 the masters
+    are sharded and ``safe_get_full_fp32_param`` gathers each one (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    copy_ = copy.deepcopy(engine.module).float().cpu()
+    masters = _optimizer_masters(engine.optimizer)
+    for name, param in engine.module.named_parameters():
+        full = masters.get(id(param))
+        if full is None and param.requires_grad:
+            full = safe_get_full_fp32_param(param)  # ZeRO's partitioned masters; None for a plain fp32 optimizer
+        if full is not None:
+            copy_.get_parameter(name).data.copy_(full.detach().float().cpu().view_as(param))
+    return copy_

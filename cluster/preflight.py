@@ -6,7 +6,11 @@ expected, before any worker is spawned or any backbone loaded:
 * ``sampling.samples`` against the backbone's feature grid at ``data.resolution`` (every backbone gives a
   stride-8 grid: ``depthg.models.backbones.Backbone.stride``), and the resolution a multiple of the stride;
 * ``train.select`` without validation (``train.val_every=0``); a micro batch of one (no negatives);
-* ``train.output`` naming an existing file (it must be a folder, local or s3://);
+* ``train.output``: a folder (local or s3://), not an existing file; a NEW run (``train.resume`` empty) needs
+  an empty or missing folder, so a new config submitted into an old run's folder is refused naming
+  ``--resume auto`` instead of continuing (or skipping) that run; with ``shared=True`` (several nodes under
+  Ray) a local path is refused: its checkpoints would land on each node's own disk, which the autoscaler
+  deletes with the node;
 * ``train.resume``: a complete checkpoint written with the same model settings;
 * the shards: the train manifest, every shard it lists, enough samples for one optimizer step of
   ``world_size`` ranks, ``n_classes``, a val split when validation or a checkpoint choice needs one, and
@@ -21,14 +25,15 @@ from depthg import io, planner, shards
 from depthg.config import Config, ConfigError, check_depth_free
 
 
-def check(cfg: Config, world_size: int) -> None:
+def check(cfg: Config, world_size: int, shared: bool = False) -> None:
+    """Every check below; ``shared``: the ranks run on several machines (``train.output`` must be shared storage)."""
     if cfg.train.select != "none" and not cfg.train.val_every:
         raise ConfigError(f"train.select={cfg.train.select} chooses among validation results: set train.val_every > 0")
     if cfg.train.micro_batch_per_gpu < 2:
         raise ConfigError("train.micro_batch_per_gpu=1: STEGO's negatives come from the other samples of a rank's "
                           "batch; expected at least 2")
     check_grid(cfg)
-    check_output(cfg)
+    check_output(cfg, shared)
     manifest = check_shards(cfg, world_size)
     if cfg.model.n_classes == 0:  # what the trainer will use (cluster.trainer.prepare)
         model = dataclasses.replace(cfg.model, n_classes=int(manifest["n_classes"]))
@@ -49,11 +54,23 @@ def check_grid(cfg: Config) -> None:
                           f"expected sampling.samples <= {grid}")
 
 
-def check_output(cfg: Config) -> None:
+def check_output(cfg: Config, shared: bool = False) -> None:
     out = cfg.train.output
+    if shared and not io.is_remote(out):
+        raise ConfigError(f"train.output={out}: a local folder, but the run spans several nodes, whose local disks "
+                          "the autoscaler deletes with the nodes (checkpoints and segmenter.pt would be lost or "
+                          "scattered); expected shared storage, e.g. train.output=s3://bucket/runs/NAME")
     fs, path = io.filesystem(out)
     if fs.isfile(path):
         raise ConfigError(f"train.output={out}: an existing file; expected a folder (local or s3://) for the run")
+    if cfg.train.resume:
+        return
+    held = io.listdir(out)
+    if held:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise ConfigError(f"train.output={out} already holds a run ({shown}); continue it with --resume auto "
+                          "(train.resume=auto; its model settings must match), or start a new run in a new or "
+                          "empty train.output")
 
 
 def check_resume(cfg: Config) -> None:

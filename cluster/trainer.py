@@ -22,6 +22,7 @@ any rank stops every rank (the flag is all-reduced each micro batch) naming the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
@@ -66,13 +67,22 @@ def prepare(cfg: Config, world: World):
     return cfg, spec
 
 
-def stop_if_not_finite(out: dict, cfg: Config, world: World, batch_idx: int, log: RankZeroLog) -> None:
+def host_scalars(out: dict) -> dict[str, float]:
+    """Every scalar term of a micro batch as a Python float through ONE device-to-host copy: the loop's only
+    host sync per micro batch (a ``float()`` per term would stall the GPU once per term)."""
+    keys = [k for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0]
+    values = torch.stack([out[k].detach().float() for k in keys]).cpu().tolist() if keys else []
+    numbers = {k: float(v) for k, v in out.items() if not torch.is_tensor(v) and isinstance(v, (int, float))}
+    return {**numbers, **dict(zip(keys, values))}
+
+
+def stop_if_not_finite(scalars: dict, cfg: Config, world: World, batch_idx: int, log: RankZeroLog) -> None:
     """Stop training on a NaN / inf loss on any rank (all ranks agree, so none waits in a collective);
-    the message names the last good checkpoint, and nothing is written after it."""
-    bad = distributed.count_over_ranks(not bool(torch.isfinite(out["total"].detach()).all()), world)
+    the message names the last good checkpoint, and nothing is written after it. ``scalars``: ``host_scalars``."""
+    bad = distributed.count_over_ranks(not math.isfinite(scalars["total"]), world)
     if bad == 0:
         return
-    terms = sorted(k for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0 and not torch.isfinite(v))
+    terms = sorted(k for k, v in scalars.items() if not math.isfinite(v))
     last = checkpoints.latest_checkpoint(cfg.train.output)
     message = (f"non-finite loss at batch {batch_idx} on {bad} rank(s) (terms on this rank: "
                f"{', '.join(terms) or 'all finite'}); "
@@ -81,11 +91,6 @@ def stop_if_not_finite(out: dict, cfg: Config, world: World, batch_idx: int, log
     log.print(message)
     log.close()
     raise FloatingPointError(message)
-
-
-def _scalars(out: dict) -> dict:
-    return {k: float(v.detach()) if torch.is_tensor(v) else float(v)
-            for k, v in out.items() if not torch.is_tensor(v) or v.dim() == 0}
 
 
 def _resume(cfg: Config, engine, gen: torch.Generator, run: str) -> tuple[int, dict, str | None]:
@@ -126,17 +131,19 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
     spec.start_step, spec.num_steps = start * accum, (total - start) * accum
     acc: dict = {}
     data = {"skipped": 0, "bytes": 0, "samples": 0}  # this rank's loader counters since the last log
-    for micro, batch in enumerate(streaming.make_loader(spec, workers) if start < total else ()):
+    loader = streaming.make_loader(spec, workers, pin_memory=device.type == "cuda") if start < total else ()
+    for micro, batch in enumerate(loader):
         batch_idx = start + micro // accum
         hooks.on_batch(world, batch_idx, batch)
         for key in ("skipped", "bytes"):
             data[key] += int(batch.get(key, 0))
         data["samples"] += len(batch["id"])
         out = compute_losses(backbone, engine.module, batch, cfg, batch_idx, gen)
-        stop_if_not_finite(out, cfg, world, batch_idx, log)
+        scalars = host_scalars(out)
+        stop_if_not_finite(scalars, cfg, world, batch_idx, log)
         engine.backward(out["total"])
         engine.step()
-        for k, v in _scalars(out).items():
+        for k, v in scalars.items():
             acc[k] = acc.get(k, 0.0) + v / accum
         if (micro + 1) % accum:
             continue
@@ -151,16 +158,20 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
             data = {"skipped": data["skipped"], "bytes": 0, "samples": 0}
         acc = {}
         if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == total):
-            best = validate_and_select(backbone, engine.module, cfg, world, log, batch_idx, best)
+            best = validate_and_select(backbone, engine, cfg, world, log, batch_idx, best)
         if (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0) or done == total:
             state = {"batch_idx": done, "generator": gen.get_state(), "best": best}
             url = checkpoints.save_checkpoint(engine, cfg, world, done, state, run)
             log.flush()
             if on_checkpoint is not None:
                 on_checkpoint(url, done, last)
+    if start >= total and resume and on_checkpoint is not None:
+        # a restarted group that finds the last checkpoint already written (the group before died after writing
+        # it, before Ray registered its report) reports it again, so Ray's result names the final checkpoint
+        on_checkpoint(resume, total, last)
+    final = engines.master_copy(engine)  # every rank (ZeRO 1 gathers the fp32 masters)
     if world.is_main:  # train.finish: the written segmenters' probes refitted on their final codes
-        checkpoints.write_final(cfg, engines.fp32_copy(engine.module), total,
-                                lambda seg: finish(backbone, seg, cfg, spec, log))
+        checkpoints.write_final(cfg, final, total, lambda seg: finish(backbone, seg, cfg, spec, log))
     log.close()
     distributed.barrier(world)
     return last

@@ -95,23 +95,27 @@ def improved(select: str, scores: dict, best: dict) -> bool:
 
 
 def keep_best(cfg: Config, segmenter, scores: dict, batch: int) -> dict:
-    """Write ``segmenter_best.pt`` with metadata saying how it was chosen (and whether labels were used)."""
-    from cluster.engine import fp32_copy
+    """Write ``segmenter_best.pt`` (``segmenter``: an fp32 CPU copy) with metadata saying how it was chosen
+    (and whether labels were used)."""
     from depthg.checkpoint import save_segmenter
 
     _, _, uses_labels, criterion = SELECT[cfg.train.select]
     meta = {**scores, "batch": batch, "select": cfg.train.select, "uses_labels": uses_labels, "criterion": criterion}
-    save_segmenter(io.join(cfg.train.output, "segmenter_best.pt"), cfg, fp32_copy(segmenter), meta)
+    save_segmenter(io.join(cfg.train.output, "segmenter_best.pt"), cfg, segmenter, meta)
     return meta
 
 
-def validate_and_select(backbone, segmenter, cfg: Config, world: World, log, batch_idx: int, best: dict) -> dict:
-    """Validate, log, and with ``train.select`` keep ``segmenter_best.pt`` when the score improved."""
-    scores = validate(backbone, segmenter, cfg, world)
+def validate_and_select(backbone, engine, cfg: Config, world: World, log, batch_idx: int, best: dict) -> dict:
+    """Validate ``engine.module``, log, and with ``train.select`` keep ``segmenter_best.pt`` (the fp32 master
+    weights: ``cluster.engine.master_copy``, gathered on every rank) when the score improved."""
+    from cluster.engine import master_copy
+
+    scores = validate(backbone, engine.module, cfg, world)
     log.metrics(batch_idx, scores)
     log.print(f"batch {batch_idx + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     if cfg.train.select not in SELECT or not improved(cfg.train.select, scores, best):
         return best
+    segmenter = master_copy(engine)  # every rank: the scores (summed over ranks) agree, so all arrive here
     if world.is_main:
         keep_best(cfg, segmenter, scores, batch_idx + 1)
     return {**scores, "batch": batch_idx + 1}

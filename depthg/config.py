@@ -177,7 +177,8 @@ class TrainConfig:
     val_every: int = 0  # quick validation every N batches (0 = off)
     ckpt_every: int = 200
     output: str = "runs/default"  # local folder or s3:// URL
-    resume: str = ""  # "" | auto | checkpoint URL
+    resume: str = ""  # "" (a new run: train.output must be empty) | auto (continue the newest checkpoint) | URL
+    max_failures: int = 2  # Ray Train: worker-group restarts (from the newest checkpoint of the launch) before giving up
     select: Selection = "none"  # none | label_free | val_miou (uses the val labels, as the reference)
     # fit: segmenter.pt's probes refitted on finish_samples train crops' codes (k-means, L-BFGS; cluster/finish.py)
     finish: Finish = "fit"
@@ -359,6 +360,9 @@ def validate(cfg: Config) -> None:
                 "shards.samples_per_shard", "train.finish_samples"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': expected a positive integer")
+    if cfg.train.max_failures < -1:
+        raise ConfigError(f"config key 'train.max_failures': {cfg.train.max_failures}; expected restarts >= 0 "
+                          "(-1 = unlimited)")
     for section in ("loss.depth", "sampling"):
         every, first = _get(cfg, section + ".decay_every"), _get(cfg, section + ".first_decay")
         if every < 0 or first < 0:

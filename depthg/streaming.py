@@ -320,11 +320,12 @@ class OrderedLoader:
             raise RuntimeError(f"data stream gap: batches {sorted(pending)} never reached in order at {want}")
 
 
-def make_loader(spec: StreamSpec, num_workers: int) -> OrderedLoader:
-    """Batches of ``spec`` in local step order; ``num_workers=0`` decodes in the main process."""
+def make_loader(spec: StreamSpec, num_workers: int, pin_memory: bool = False) -> OrderedLoader:
+    """Batches of ``spec`` in local step order; ``num_workers=0`` decodes in the main process. ``pin_memory``
+    (batches bound for a GPU): page-locked host memory, so the trainer's ``non_blocking`` copies overlap."""
     spec.num_workers = max(1, num_workers)
     loader = torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
-                                         prefetch_factor=2 if num_workers else None)
+                                         prefetch_factor=2 if num_workers else None, pin_memory=pin_memory)
     return OrderedLoader(loader, spec.start_step)
 
 

@@ -10,7 +10,9 @@ Stages (each is also its own script):
   2. launch/train.py           2 DeepSpeed workers (gloo on CPU) stream the shards -> train.output/segmenter.pt
   3. launch/evaluate.py        Ray evaluation actors -> Hungarian-matched metrics + report under
                                train.output/report/ (eval.md, eval.json, confusion.png, samples.png)
-The same ``--config`` and ``key=value`` overrides go to every stage. Reruns reuse complete shards.
+The same ``--config`` and ``key=value`` overrides go to every stage. Reruns reuse complete shards; the
+training stage refuses a ``train.output`` that already holds a run unless ``--resume auto`` continues it
+(or ``train.output=...`` names a new folder).
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=2, help="training processes (default 2)")
     parser.add_argument("--eval-workers", type=int, default=None, help="Ray evaluation actors (default eval.num_workers)")
     parser.add_argument("--skip-data", action="store_true", help="reuse existing shards (skip stage 1)")
+    parser.add_argument("--resume", default=None,
+                        help="auto: continue the run already in train.output (a rerun of the same pipeline); without "
+                             "it train.output must be empty")
     parser.add_argument("--quiet", action="store_true", help="no progress bars in stage 1")
     args = parser.parse_args(rest)
     args.overrides = overrides
@@ -54,7 +59,7 @@ def main(argv=None) -> dict:
         timings["data_s"] = round(time.time() - t, 1)
 
     t = _stage(f"2/3 training with {args.workers} workers -> {cfg.train.output}")
-    train.main(common + ["--gpus-per-node", str(args.workers)])
+    train.main(common + ["--gpus-per-node", str(args.workers)] + (["--resume", args.resume] if args.resume else []))
     timings["train_s"] = round(time.time() - t, 1)
 
     t = _stage("3/3 evaluation")

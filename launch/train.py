@@ -10,11 +10,19 @@
 ``local`` starts ``nodes x gpus-per-node`` workers here with torchrun (``cluster.torchrun``, one agent
 per emulated node); ``ray`` submits a Ray Train ``TorchTrainer`` (``cluster.ray_train``); ``auto`` picks
 ``env`` when RANK/WORLD_SIZE are set, ``ray`` for ``--nodes > 1`` or when RAY_ADDRESS is set, else ``local``.
-Without ``--config`` the demo config (``configs/demo.yaml``, a tiny budget) is used; ``--config none``
-gives the bare code defaults. ``--resume auto`` continues from the newest complete checkpoint under
-``train.output``; ``--resume URL`` from that one. Needs the shards of ``python launch/generate_depth.py``.
-Every check that needs no worker (``cluster.preflight``) runs here before anything starts and raises
-``depthg.config.ConfigError`` naming the key or file.
+
+On Ray, ``--gpus-per-node G`` asks for G GPUs on each of ``--nodes`` nodes whether or not GPU nodes are up:
+the waiting workers make the autoscaler start them; without G the cluster's GPU node types decide (CPU
+workers when it has none); ``--device cpu`` trains on CPU workers (G per node, default 2). A request the
+cluster's node types cannot hold is refused before anything starts. A multi-node run needs shared storage
+(``train.output=s3://...``).
+
+One output folder holds one run: a new run into a non-empty ``train.output`` is refused; ``--resume auto``
+continues from the newest complete checkpoint there (``--resume URL`` from that one), refusing other model
+settings. Without ``--config`` the demo config (``configs/demo.yaml``, a tiny budget) is used; ``--config
+none`` gives the bare code defaults. Needs the shards of ``python launch/generate_depth.py``. Every check
+that needs no worker (``cluster.preflight``) runs here before anything starts and prints one
+``error: ...`` line naming the key or file.
 """
 from __future__ import annotations
 
@@ -31,9 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML config (sparse diff); default configs/demo.yaml")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=0,
-                        help="workers per node (default: the visible GPUs, or 2 CPU workers)")
+                        help="training ranks per node, one GPU each (default: the GPUs per node of the cluster, or "
+                             "of this machine for --launcher local; 2 CPU ranks where there are none)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="Ray launcher: cuda = GPU workers, cpu = CPU workers, auto = GPU workers when "
+                             "--gpus-per-node is given or the cluster has or can add GPU nodes")
     parser.add_argument("--launcher", choices=("auto", "local", "ray", "env"), default="auto")
-    parser.add_argument("--resume", default=None, help="auto | checkpoint URL (sets train.resume)")
+    parser.add_argument("--resume", default=None,
+                        help="auto (continue the newest complete checkpoint in train.output, if any) | checkpoint "
+                             "URL; sets train.resume. Without it train.output must be empty (a new run)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--print-schedule", action="store_true",
@@ -92,6 +106,22 @@ def workers_per_node(args) -> int:
     return torch.cuda.device_count() or 2
 
 
+def launch_ray(cfg, args, hooks=None) -> dict:
+    """Connect to Ray, plan the workers from the request and the cluster's node types, check, then fit."""
+    from cluster import preflight, ray_train
+    from depthg.config import ConfigError
+
+    ray_train.connect(args.address)
+    try:
+        plan = ray_train.cluster_plan(args.nodes, args.gpus_per_node, args.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    preflight.check(cfg, plan.num_workers, shared=plan.nodes > 1)
+    print(f"ray: {plan.nodes} node(s) x {plan.per_node} {'GPU' if plan.use_gpu else 'CPU'} worker(s), "
+          f"{plan.cpus_per_worker:g} CPU(s) each", flush=True)
+    return ray_train.launch(cfg, plan, hooks=hooks)
+
+
 def main(argv=None, hooks=None):
     """``hooks``: a ``cluster.trainer.Hooks`` for the loop (``env`` and ``ray`` launchers; tests)."""
     from cluster import preflight
@@ -109,12 +139,10 @@ def main(argv=None, hooks=None):
         world = detect(local_rank=args.local_rank)
         preflight.check(cfg, world.world_size)
         return train(cfg, world, hooks=hooks)
+    if launcher == "ray":
+        return launch_ray(cfg, args, hooks)
     per_node = workers_per_node(args)
     preflight.check(cfg, args.nodes * per_node)
-    if launcher == "ray":
-        from cluster.ray_train import launch
-
-        return launch(cfg, num_workers=args.nodes * per_node, address=args.address, hooks=hooks)
     from cluster.torchrun import run_local
 
     code = run_local(__file__, argv, args.nodes, per_node)

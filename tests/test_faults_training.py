@@ -113,16 +113,16 @@ def test_resume_from_a_checkpoint_of_another_model_config_names_both(tmp_path, r
 def test_ray_train_worker_killed_resumes_from_the_last_checkpoint(tmp_path, root, ray_local):
     """Rank 1's process SIGKILLs itself at batch 2 (no exception, no cleanup, like an OOM kill): Ray Train's
     FailureConfig restarts the group, which resumes from the checkpoint of batch 2 and ends at batch 3."""
-    from cluster.ray_train import launch
+    from cluster.ray_train import TrainPlan, launch
     from depthg.config import load_config
 
     marker = tmp_path / "killed"
     out = str(tmp_path / "run")
     cfg = load_config(None, [f"shards.root={root}", f"train.output={out}", *TINY,
-                             "train.num_batches=3", "train.ckpt_every=1"])
+                             "train.num_batches=3", "train.ckpt_every=1", "train.max_failures=2"])
     # a spare restart: on a loaded machine Ray 2.60's PlacementGroupCleaner may take a slow state-API answer
     # for a dead Train controller and remove a fresh worker group (seen once here); the test counts batches
-    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=2,
+    result = launch(cfg, TrainPlan(nodes=1, per_node=2, use_gpu=False, cpus_per_worker=1.0),
                     hooks=train_hooks.FailOnce(1, 2, str(marker), kill=True))
     assert marker.exists()  # the kill did happen
     assert result["metrics"]["batch"] == 3  # the same final step as an uninterrupted run

@@ -85,11 +85,73 @@ def test_loader_workers_auto_from_the_cpus_per_rank():
     assert distributed.loader_workers(-1, World(rank=1, world_size=2, local_rank=1), cpus=2) == 0
 
 
-def test_ray_workers_reserve_the_cpus_per_gpu_of_the_smallest_gpu_node():
-    from cluster.ray_train import cpus_per_gpu
+# ----------------------------------------------------------------------------- one output folder, one run
+def test_a_new_run_into_a_used_output_is_refused_naming_resume_auto(root, tmp_path):
+    # before: the trainer (and Ray Train's reloaded run folder) silently continued or skipped the old run
+    run = tmp_path / "run"
+    (run / "ckpt" / "step-00000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {}\n")
+    for launcher in ("local", "env"):
+        with pytest.raises(ConfigError, match=r"train\.output=.*run already holds a run \(ckpt, config\.yaml\); "
+                                              r"continue it with --resume auto"):
+            _main(root, tmp_path, launcher=launcher)
+    assert sorted(os.listdir(run)) == ["ckpt", "config.yaml"]  # nothing touched
 
-    nodes = [{"Alive": True, "Resources": {"CPU": 8}},  # the head: no GPU
-             {"Alive": True, "Resources": {"CPU": 48, "GPU": 4}}, {"Alive": True, "Resources": {"CPU": 32, "GPU": 4}},
-             {"Alive": False, "Resources": {"CPU": 4, "GPU": 4}}]
-    assert cpus_per_gpu(nodes) == 8.0
-    assert cpus_per_gpu(nodes[:1]) == 1.0
+
+def test_a_local_output_for_several_nodes_is_refused(root, tmp_path):
+    from cluster import preflight
+    from depthg.config import load_config
+
+    cfg = load_config(None, [f"shards.root={root}", f"train.output={tmp_path / 'run'}", *TINY])
+    with pytest.raises(ConfigError, match=r"train\.output=.*run: a local folder, but the run spans several nodes.*"
+                                          r"s3://"):
+        preflight.check(cfg, 4, shared=True)
+    preflight.check(cfg, 4)  # one node (or torchrun on one machine): a local folder is fine
+
+
+def test_max_failures_is_a_setting(root, tmp_path):
+    from depthg.config import load_config
+
+    assert load_config(None, ["train.max_failures=7"]).train.max_failures == 7
+    with pytest.raises(ConfigError, match=r"train\.max_failures"):
+        load_config(None, ["train.max_failures=-3"])
+
+
+# ----------------------------------------------------------------------------- Ray Train's request
+def _yaml_types():
+    import yaml
+
+    from cluster.raycluster import node_types_from_config
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ray_cluster.yaml")) as fh:
+        return node_types_from_config(yaml.safe_load(fh))
+
+
+def test_ray_train_asks_for_gpus_the_autoscaler_has_not_started_yet():
+    from cluster.ray_train import TrainPlan, plan_train
+
+    head_only = [{"CPU": 0}]  # `ray up ray_cluster.yaml`, GPU nodes idled out: before, 16 CPU workers on gloo
+    assert plan_train(4, 4, "auto", head_only, _yaml_types()) == TrainPlan(4, 4, True, 12.0)
+    assert plan_train(2, 0, "auto", head_only, _yaml_types()) == TrainPlan(2, 4, True, 12.0)  # G from the node type
+    assert plan_train(1, 2, "cuda", head_only, _yaml_types()).use_gpu
+    assert plan_train(2, 3, "cpu", head_only, _yaml_types()) == TrainPlan(2, 3, False, 1.0)
+    with pytest.raises(ValueError, match=r"--nodes 5 --gpus-per-node 4 needs 5 node\(s\).*can provide 4.*gpu_a10g_x4"):
+        plan_train(5, 4, "auto", head_only, _yaml_types())
+    with pytest.raises(ValueError, match=r"--gpus-per-node 8 needs 1 node\(s\) with at least 8 GPU"):
+        plan_train(1, 8, "auto", head_only, _yaml_types())
+
+
+def test_ray_train_plan_without_an_autoscaler_uses_the_nodes_up():
+    from cluster.ray_train import TrainPlan, plan_train
+
+    up = [{"CPU": 8}, {"CPU": 48, "GPU": 4}, {"CPU": 32, "GPU": 4}]  # CPUs per GPU of the smallest node: 8
+    assert plan_train(2, 4, "auto", up, None) == TrainPlan(2, 4, True, 8.0)
+    assert plan_train(1, 2, "auto", up, None) == TrainPlan(1, 2, True, 8.0)
+    with pytest.raises(ValueError, match=r"no autoscaler"):
+        plan_train(3, 4, "auto", up, None)
+    cpu_only = [{"CPU": 2}, {"CPU": 2}]
+    with pytest.raises(ValueError, match=r"--gpus-per-node 1 .*--device cpu"):
+        plan_train(2, 1, "auto", cpu_only, None)
+    assert plan_train(2, 0, "auto", cpu_only, None) == TrainPlan(2, 2, False, 1.0)  # no GPU anywhere: CPU ranks
+    with pytest.raises(ValueError, match=r"needs 6 CPU workers; the cluster has 4"):
+        plan_train(2, 3, "cpu", cpu_only, None)

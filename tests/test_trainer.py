@@ -79,6 +79,41 @@ def test_latest_checkpoint_needs_the_marker(tmp_path):
         checkpoints.resolve_resume(bad)
 
 
+@pytest.mark.parametrize("extra", [["sampling.mode=fps"], ["sampling.mode=random", "loss.shift_mode=quantile"],
+                                   ["loss.lhp.enabled=true", "loss.depth.mode=distance"]])
+def test_a_micro_batch_reads_back_to_the_host_once(extra):
+    """The loop's step and bookkeeping never call ``item()`` / ``float()`` / ``bool()`` on a tensor (each is a host
+    sync on CUDA: before, one per loss term and one for the NaN check); the scalars come back in one copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cluster.runlog import RankZeroLog
+    from cluster.trainer import host_scalars, stop_if_not_finite
+    from depthg.models.backbones import build_backbone
+    from depthg.models.heads import build_segmenter
+    from depthg.step import compute_losses
+
+    class CountSyncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._local_scalar_dense:  # what item/float/bool run
+                CountSyncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config(None, ["model.code_dim=8", "sampling.samples=3", "model.n_classes=3", *extra])
+    backbone = build_backbone("tiny_vit", "random")
+    segmenter = build_segmenter(cfg.model, backbone.dim, cfg.loss.lhp.enabled)
+    batch = {"image": torch.rand(4, 3, 32, 32), "pos_image": torch.rand(4, 3, 32, 32), "depth": torch.rand(4, 1, 32, 32),
+             "pos_depth": torch.rand(4, 1, 32, 32), "label": torch.randint(-1, 3, (4, 32, 32))}
+    with CountSyncs():  # the step and the read-back: device work (all of it on the GPU in a real run)
+        out = compute_losses(backbone, segmenter, batch, cfg, 0, torch.Generator().manual_seed(0))
+        scalars = host_scalars(out)
+    assert CountSyncs.count == 0
+    stop_if_not_finite(scalars, cfg, World(), 0, RankZeroLog.__new__(RankZeroLog))  # Python floats, CPU collective
+    assert {"total", "stego", "cluster_probe", "linear_probe", "lambda", "S"} <= set(scalars)
+    assert all(isinstance(v, float) for v in scalars.values())
+
+
 # ----------------------------------------------------------------------------- real runs
 TINY = ["model.backbone=tiny_vit", "data.resolution=32", "model.code_dim=8", "sampling.samples=3",
         "sampling.min_samples=2", "sampling.decay_every=2", "loss.depth.decay_every=2", "loss.neg_rounds=2",
@@ -196,17 +231,17 @@ def test_two_gloo_workers_under_torchrun_see_disjoint_samples(tmp_path, tiny_roo
 @pytest.mark.ray
 @pytest.mark.s3
 def test_ray_train_two_cpu_workers_checkpoint_to_s3_and_recover(s3, ray_local, tiny_root, tmp_path):
-    """Rank 1 dies once at batch 2; Ray Train restarts the group, which resumes from the S3 checkpoint
-    that ray.train.get_checkpoint() points to, and finishes without training any batch twice."""
-    from cluster.ray_train import launch
+    """Rank 1 dies once at batch 2; Ray Train restarts the group, which resumes from the newest S3 checkpoint
+    of this launch (its run id), and finishes without training any batch twice."""
+    from cluster.ray_train import TrainPlan, launch
 
     marker = tmp_path / "failed"
     out = f"{s3}/runs/ray"
     cfg = load_config(None, [f"shards.root={tiny_root}", f"train.output={out}", *TINY,
-                             "train.num_batches=3", "train.ckpt_every=1"])
+                             "train.num_batches=3", "train.ckpt_every=1", "train.max_failures=2"])
     # a spare restart: on a loaded machine Ray 2.60's PlacementGroupCleaner may take a slow state-API answer
     # for a dead Train controller and remove a fresh worker group (seen once here); the test counts batches
-    result = launch(cfg, num_workers=2, use_gpu=False, max_failures=2,
+    result = launch(cfg, TrainPlan(nodes=1, per_node=2, use_gpu=False, cpus_per_worker=1.0),
                     hooks=train_hooks.FailOnce(1, 2, str(marker)))
     assert marker.exists()  # the failure did happen
     assert result["metrics"]["batch"] == 3 and result["ray_checkpoint"]

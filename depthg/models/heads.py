@@ -46,7 +46,8 @@ class ClusterProbe(nn.Module):
     def loss(self, codes: torch.Tensor) -> torch.Tensor:
         """STEGO's learned k-means: ``-(one_hot(argmax cos) * cos).sum(1).mean()``."""
         cos = self.cosine(codes)
-        assign = F.one_hot(cos.argmax(dim=1), self.n_clusters).permute(0, 3, 1, 2).to(cos.dtype)
+        # one-hot of the argmax by scatter: F.one_hot validates its input's range on the host (a device sync)
+        assign = torch.zeros_like(cos).scatter_(1, cos.argmax(dim=1, keepdim=True), 1.0)
         return -(assign * cos).sum(dim=1).mean()
 
     def predict(self, codes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""The GPU training path as far as a CPU can build it: a bf16 DeepSpeed engine (ZeRO 0 and 1) built, stepped,
+checkpointed and resumed by the real trainer, and ``segmenter*.pt`` written from the optimizer's fp32 master
+weights, not from the bf16-rounded module the engine computes with.
+
+Before: ``cluster.engine.fp32_copy`` upcast the bf16 module, so every saved weight was a bf16 value (8 bits of
+mantissa), although DeepSpeed kept fp32 masters (``fp32_groups`` at ZeRO 0, partitioned at ZeRO 1).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from cluster import checkpoints, engine as engines
+from depthg import shards
+from depthg.checkpoint import load_segmenter
+from depthg.config import load_config
+from depthg.world import World
+
+TINY = ["model.backbone=tiny_vit", "data.resolution=32", "model.code_dim=8", "sampling.samples=3",
+        "sampling.min_samples=2", "loss.neg_rounds=2", "train.micro_batch_per_gpu=2", "train.log_every=1",
+        "train.loader_workers=0", "train.shuffle_buffer=4", "train.precision=bf16", "train.finish=none",
+        "train.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("shards"))
+    shards.write_test_shards(folder, 12, size=(32, 32), num_positives=2, samples_per_shard=3)
+    return folder
+
+
+def _train(root: str, output: str, *extra: str):
+    from launch import train as launch_train
+
+    return launch_train.main(["--launcher", "env", "--config", "none", f"shards.root={root}",
+                              f"train.output={output}", *TINY, *extra])
+
+
+def _rounded_to_bf16(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.bfloat16().float(), t))
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_bf16_engine_steps_checkpoints_resumes_and_saves_fp32_masters(root, tmp_path, stage):
+    out = str(tmp_path / "run")
+    _train(root, out, f"train.zero_stage={stage}", "train.num_batches=2", "train.ckpt_every=1")
+    assert checkpoints.latest_checkpoint(out).endswith("step-00000002")
+    _train(root, out, f"train.zero_stage={stage}", "train.num_batches=3", "train.ckpt_every=1", "--resume", "auto")
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    assert [r["batch"] for r in rows if "total" in r] == [0, 1, 2]  # resumed at 2, nothing twice
+    assert all(torch.isfinite(torch.tensor(r["total"])) for r in rows if "total" in r)
+    _, seg, meta = load_segmenter(os.path.join(out, "segmenter.pt"))
+    assert meta["batch"] == 3
+    weights = [p.detach() for p in seg.head.parameters()]
+    assert all(p.dtype == torch.float32 for p in weights)
+    # trained masters carry more than bf16's 8 mantissa bits; a bf16 module upcast never does
+    assert not all(_rounded_to_bf16(p) for p in weights)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_master_copy_is_the_optimizers_fp32_master_not_the_module(tmp_path, stage):
+    from depthg.step import compute_losses
+
+    cfg = load_config(None, [*TINY, f"train.zero_stage={stage}", "model.n_classes=3"])
+    device = torch.device("cpu")
+    backbone, segmenter = engines.build_models(cfg, device)
+    engine, _ = engines.build_engine(cfg, World(), segmenter, device)
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, 32, 32), "pos_image": torch.rand(2, 3, 32, 32),
+             "depth": torch.rand(2, 1, 32, 32), "pos_depth": torch.rand(2, 1, 32, 32),
+             "label": torch.randint(0, 3, (2, 32, 32))}
+    for step in range(2):
+        out = compute_losses(backbone, engine.module, batch, cfg, step, gen)
+        engine.backward(out["total"])
+        engine.step()
+    master = engines.master_copy(engine)
+    module = dict(engine.module.named_parameters())
+    differs = 0
+    for name, param in master.named_parameters():
+        assert param.dtype == torch.float32
+        # the module is the master rounded to bf16
+        assert torch.equal(param.detach().bfloat16(), module[name].detach()), name
+        differs += int(not _rounded_to_bf16(param.detach()))
+    assert differs > 0
