@@ -116,7 +116,7 @@ def mining_run(args, tmp: str) -> dict:
                  for n in os.listdir(depth_dir) if n.endswith(".tar")}
     os.environ[COUNT_DIR_ENV] = counts
     cfg = load_config(None, [f"shards.root={root}", "model.backbone=tiny_vit", "data.resolution=32",
-                             f"mining.num_positives={args.positives}", "mining.k=30", "mining.device=cuda",
+                             f"mining.num_positives={args.positives}", "mining.k=30", "mining.device=auto",
                              f"mining.cache_dir={os.path.join(tmp, 'cache')}", "mining.batch_size=32"])
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     nodes = [{"num_cpus": 2, "num_gpus": args.gpus_per_node} for _ in range(args.nodes)]

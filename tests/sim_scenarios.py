@@ -3,7 +3,9 @@ process: a driver connects to one cluster for its lifetime, and the test process
 local Ray (``ray_local``) untouched. Each scenario writes a JSON of what it observed.
 
     python tests/sim_scenarios.py fake-driver ADDRESS ROOT OUT.json
+    python tests/sim_scenarios.py fake-train ADDRESS ROOT OUT.json
     python tests/sim_scenarios.py multinode ROOT OUT.json
+    python tests/sim_scenarios.py mining-bytes ROOT OUT.json
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # train_hooks
 
 from depthg.config import load_config  # noqa: E402
 
@@ -41,6 +44,32 @@ def fake_driver(address: str, root: str, out: str) -> None:
     head = next(n for n, r in nodes.items() if "node:__internal_head__" in r)
     _write(out, {"resources_before": before, "plan": plan, "unit_nodes": units, "nodes": nodes, "head": head,
                  "total": manifest["total"]})
+
+
+def fake_train(address: str, root: str, out: str) -> None:
+    """``launch/train.py --nodes 1 --gpus-per-node 1`` on the fake autoscaling cluster before any GPU node is up:
+    the training worker's GPU request makes the autoscaler add a GPU node (not a CPU one) and runs there."""
+    import ray
+
+    import train_hooks
+    from cluster.raycluster import connect
+    from depthg import shards
+    from launch import train as launch_train
+
+    connect(address)
+    before = ray.cluster_resources()
+    data, trace, output = os.path.join(root, "data"), os.path.join(root, "trace"), os.path.join(root, "run")
+    shards.write_test_shards(data, 8, size=(32, 32), num_positives=2, samples_per_shard=4)
+    result = launch_train.main(["--nodes", "1", "--gpus-per-node", "1", "--address", address, "--config",
+                                os.path.join(REPO, "configs", "smoke.yaml"), f"shards.root={data}", f"train.output={output}",
+                                "train.num_batches=2", "train.val_every=0", "train.micro_batch_per_gpu=2",
+                                "train.finish=none"], hooks=train_hooks.TraceSamples(trace))
+    with open(os.path.join(trace, "start.jsonl")) as fh:
+        starts = [json.loads(line) for line in fh]
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    head = next(n for n, r in nodes.items() if "node:__internal_head__" in r)
+    _write(out, {"resources_before": before, "plan": result["plan"], "starts": starts, "nodes": nodes, "head": head,
+                 "segmenter": os.path.exists(os.path.join(output, "segmenter.pt"))})
 
 
 def multinode(root: str, out: str) -> None:
@@ -84,6 +113,18 @@ def multinode(root: str, out: str) -> None:
     _write(out, seen)
 
 
+def mining_bytes(root: str, out: str) -> None:
+    """Stage 2 with two real MiningWorker actors on each of two simulated nodes; depth-shard bytes counted per
+    node by the counting file system of ``bench/mining_io.py`` (the benchmark's own run, smaller)."""
+    import argparse
+
+    from bench.mining_io import mining_run
+
+    args = argparse.Namespace(nodes=2, gpus_per_node=2, samples=32, per_shard=4, positives=3)
+    os.makedirs(root, exist_ok=True)
+    _write(out, mining_run(args, root))
+
+
 def _write(path: str, data: dict) -> None:
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1, default=str)
@@ -91,4 +132,5 @@ def _write(path: str, data: dict) -> None:
 
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
-    {"fake-driver": fake_driver, "multinode": multinode}[name](*args)
+    {"fake-driver": fake_driver, "fake-train": fake_train, "multinode": multinode,
+     "mining-bytes": mining_bytes}[name](*args)

@@ -1,13 +1,18 @@
 """The Ray stages on clusters emulated on this machine (cluster/simcluster.py), drivers in their own
 process (tests/sim_scenarios.py).
 
-* fake_autoscaler: Ray's fake-multinode autoscaler with a CPU head (CPU 0) and a GPU worker type
-  (logical GPUs). generate_depth with depthgen.device=auto sees GPU node types in the autoscaler's
-  config, asks for GPU actors; the autoscaler adds fake GPU nodes and every unit runs there.
+* fake_autoscaler: Ray's fake-multinode autoscaler with a CPU head (CPU 0), a GPU worker type (logical
+  GPUs) and a CPU worker type beside it. generate_depth with depthgen.device=auto sees GPU node types in
+  the autoscaler's config, asks for GPU actors; the autoscaler adds fake GPU nodes and every unit runs
+  there. ``launch/train.py --gpus-per-node 1`` asks Ray Train for a GPU worker before any GPU node is up;
+  the autoscaler adds a GPU node and the worker holds a GPU there.
 * multinode: a 3-node ray.cluster_utils.Cluster (CPU head, two 1-GPU nodes) runs depth, mining and
   evaluation with actors on several nodes; the node of the first finished depth unit is killed
   right then (a hook, no timing) and a replacement added (the autoscaler's job on a real cluster):
   Ray restarts the lost actor there and redoes its units; every sample is present exactly once.
+* mining bytes: stage 2 with two MiningWorker actors on each of two simulated nodes reads each depth shard
+  about once per node (one cache per node, cluster/nodecache.py), counted by a wrapping fsspec file system;
+  a cache per actor would read about twice that.
 """
 from __future__ import annotations
 
@@ -39,11 +44,14 @@ def _run(args: list[str], env: dict, out: str) -> dict:
         return json.load(fh)
 
 
+# beside the GPU type a CPU-only type the autoscaler could start instead: a request without GPUs would get it
+WORKER_TYPES = {"gpu_worker": {"CPU": 1, "GPU": 1, "max_workers": 2}, "cpu_worker": {"CPU": 2, "max_workers": 1}}
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_fake_autoscaler_adds_gpu_nodes_for_depth_actors(tmp_path):
-    with FakeAutoscaler({"gpu_worker": {"CPU": 1, "GPU": 1, "max_workers": 2}}, head={"CPU": 0},
-                        pythonpath=REPO) as fake:
+    with FakeAutoscaler(WORKER_TYPES, head={"CPU": 0}, pythonpath=REPO) as fake:
         seen = _run(["fake-driver", fake.address, str(tmp_path / "shards")], fake.env(), str(tmp_path / "out.json"))
         # the machine's address file (what a user's `ray.init()` / launch script would join) never names it
         recorded = ray_utils.read_ray_address(None)
@@ -55,6 +63,23 @@ def test_fake_autoscaler_adds_gpu_nodes_for_depth_actors(tmp_path):
     assert gpu_nodes and seen["head"] not in gpu_nodes
     assert len(seen["unit_nodes"]) == 4 and set(seen["unit_nodes"]) <= gpu_nodes  # every unit on a fake GPU node
     assert seen["total"] == 4 * 5
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_fake_autoscaler_starts_a_gpu_node_for_a_training_worker(tmp_path):
+    """``--gpus-per-node 1`` on a cluster whose only GPU node type is not up yet. Before, Ray Train's use_gpu came
+    from the GPUs alive at launch (none): a CPU worker, which the autoscaler placed on a CPU node."""
+    # the fake nodes' GPUs are logical: their workers train on the CPU with gloo (cluster.ray_train.emulated_gpus)
+    with FakeAutoscaler(WORKER_TYPES, head={"CPU": 0}, pythonpath=REPO) as fake:
+        env = {**fake.env(), "DEPTHG_EMULATED_GPUS": "1"}
+        seen = _run(["fake-train", fake.address, str(tmp_path)], env, str(tmp_path / "out.json"))
+    assert seen["resources_before"].get("GPU", 0) == 0
+    assert seen["plan"] == {"nodes": 1, "per_node": 1, "use_gpu": True, "cpus_per_worker": 1.0}
+    (start,) = seen["starts"]
+    assert start["gpus"], "the training worker holds no GPU"  # Ray assigned it one
+    assert seen["nodes"][start["node_id"]].get("GPU", 0) >= 1 and start["node_id"] != seen["head"]
+    assert seen["segmenter"]
 
 
 @pytest.mark.slow
@@ -75,3 +100,18 @@ def test_multinode_stages_survive_a_lost_node_every_sample_once(tmp_path):
     assert len(set(seen["mining"])) >= 2 and killed not in seen["mining"]
     assert seen["eval_workers"] == 2 and len(seen["eval_nodes"]) >= 2
     assert seen["eval_equal"] and {"cluster_crf", "linear_crf"} <= set(seen["eval_heads"])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_mining_reads_each_depth_shard_once_per_node(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    seen = _run(["mining-bytes", str(tmp_path / "work")], env, str(tmp_path / "out.json"))
+    total, per_node = seen["depth_shard_bytes"], seen["bytes_read_per_node"]
+    assert seen["actors"] == 4 and seen["samples"] == 32
+    assert len(per_node) == 2  # both nodes' actors read depth shards
+    for node, nbytes in per_node.items():
+        # each node writes training shards whose positives come from anywhere: it needs most shards ...
+        assert 0.5 * total <= nbytes <= 1.2 * total, (node, nbytes / total)  # ... and fetches each one once
+    assert seen["driver_shard_bytes"] == 0

@@ -1,5 +1,6 @@
 """``launch/train.py --nodes 4 --gpus-per-node 1`` on a simulated 4-node Ray cluster (``ray.cluster_utils``:
-a head without CPUs for the driver and the Train controller, 4 nodes of 1 CPU each), checkpoints on moto S3.
+a head without CPUs for the driver and the Train controller, 4 nodes of 1 CPU and 1 logical GPU each, whose
+workers train on the CPU: ``DEPTHG_EMULATED_GPUS=1``), checkpoints on moto S3.
 
 The run pauses before batch 2 (after the checkpoint of batch 2 is complete: the event the test waits on);
 the test removes the node of rank 1 and adds a fresh one, as an autoscaler would. Ray Train restarts the
@@ -52,7 +53,7 @@ def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
     root, out, trace, pause = str(tmp_path / "shards"), f"{s3}/runs/nodes4", str(tmp_path / "trace"), str(tmp_path / "pause")
     shards.write_test_shards(root, 64, size=(32, 32), num_positives=2, samples_per_shard=8)
     machine_file = get_ray_address_file(None)  # what a user's ray.init() / launch script would join
-    with private_cluster([{"num_cpus": 0, "gcs_server_port": free_port()}] + [{"num_cpus": 1}] * 4,
+    with private_cluster([{"num_cpus": 0, "gcs_server_port": free_port()}] + [{"num_cpus": 1, "num_gpus": 1}] * 4,
                          connect=False) as cluster:
         # a test cluster is never published to the machine's other processes
         assert not os.path.exists(machine_file) or open(machine_file).read().strip() != cluster.address
@@ -61,7 +62,7 @@ def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
                "--nodes", "4", "--gpus-per-node", "1", "--address", cluster.address,
                "--config", os.path.join(REPO, "configs", "smoke.yaml"), f"shards.root={root}", f"train.output={out}",
                "train.num_batches=5", "train.ckpt_every=2", "train.val_every=0", "train.log_every=1"]
-        env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0", "DEPTHG_EMULATED_GPUS": "1"}
         # output to a file, not a pipe: a pipe nobody reads while waiting fills up and blocks the run
         log = str(tmp_path / "run.log")
         with open(log, "w") as fh:
@@ -70,11 +71,13 @@ def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
             _wait_for(lambda: io.exists(f"{out}/ckpt/step-00000002/COMPLETE")
                       and len([n for n in os.listdir(pause)] if os.path.isdir(pause) else []) == 4,
                       proc, log, "checkpoint 2 with every rank paused before batch 2")
-            first = {r["rank"]: r["node_id"] for r in _rows(os.path.join(trace, "start.jsonl"))}
+            rows = _rows(os.path.join(trace, "start.jsonl"))
+            first = {r["rank"]: r["node_id"] for r in rows}
             assert sorted(first) == [0, 1, 2, 3] and len(set(first.values())) == 4  # 4 workers on 4 distinct nodes
+            assert all(r["gpus"] for r in rows)  # each holds its node's GPU
             victim = next(n for n in workers if n.node_id == first[1])
             cluster.remove_node(victim)
-            replacement = cluster.add_node(num_cpus=1)
+            replacement = cluster.add_node(num_cpus=1, num_gpus=1)
             try:
                 proc.wait(timeout=900)
             except subprocess.TimeoutExpired:

@@ -22,7 +22,8 @@ from cluster.trainer import Hooks
 
 class TraceSamples(Hooks):
     """Every rank appends ``{"batch", "step", "ids", "pid"}`` of each micro batch to ``folder/rank{R}.jsonl``,
-    and at the start ``{"rank", "pid", "node_id", "node"}`` to ``folder/start.jsonl`` (Ray node id under Ray)."""
+    and at the start ``{"rank", "pid", "node_id", "node", "gpus"}`` to ``folder/start.jsonl`` (under Ray: the Ray
+    node id and the GPU ids Ray assigned to the worker)."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -33,15 +34,17 @@ class TraceSamples(Hooks):
             fh.write(json.dumps(row) + "\n")
 
     def on_start(self, world) -> None:
-        node_id = None
+        node_id, gpus = None, None
         try:
             import ray
 
             if ray.is_initialized():
                 node_id = ray.get_runtime_context().get_node_id()
+                gpus = list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
         except ImportError:
             pass
-        self._append("start.jsonl", {"rank": world.rank, "pid": os.getpid(), "node_id": node_id, "node": world.node})
+        self._append("start.jsonl", {"rank": world.rank, "pid": os.getpid(), "node_id": node_id, "node": world.node,
+                                     "gpus": gpus})
 
     def on_batch(self, world, batch_idx: int, batch: dict) -> None:
         self._append(f"rank{world.rank}.jsonl", {"batch": batch_idx, "step": int(batch.get("step", -1)),
