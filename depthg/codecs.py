@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from depthg.config import DepthCodec, MiningConfig, RgbCodec, choices
 from depthg.errors import DepthgError
 
-RGB_CODECS = ("png", "jpeg", "webp")
-DEPTH_CODECS = ("png16", "raw16", "raw16z", "png8")
+RGB_CODECS, DEPTH_CODECS = choices(RgbCodec), choices(DepthCodec)
 RGB_MEMBER = {"png": "rgb.png", "jpeg": "rgb.jpg", "webp": "rgb.webp"}
 DEPTH_MEMBER = {"png16": "depth.png", "png8": "depth.png", "raw16": "depth.npy", "raw16z": "depth.npy.gz"}
 DEPTH_SCALE = 65535.0
@@ -75,9 +75,14 @@ class Encoding:
 
 
 LOSSLESS = Encoding()  # stage 1 (and stage 2 with mining.rgb_codec=png, mining.depth_codec=png16)
-# stage 2's default (mining.rgb_codec / rgb_quality / depth_codec): chosen by bench/datapath.json, see
-# cluster/README.md section 9: JPEG decodes ~3x faster than PNG, raw16z ~3x faster than png16, depth exact
-TRAIN_DEFAULT = Encoding("jpeg", 95, "raw16z")
+# stage 2's default: the defaults of mining.rgb_codec / rgb_quality / depth_codec (chosen by
+# bench/datapath.json, cluster/README.md section 9)
+TRAIN_DEFAULT = Encoding(MiningConfig.rgb_codec, MiningConfig.rgb_quality, MiningConfig.depth_codec)
+
+
+def mining_encoding(mining_cfg) -> Encoding:
+    """The encoding of ``cfg.mining``."""
+    return Encoding(mining_cfg.rgb_codec, mining_cfg.rgb_quality, mining_cfg.depth_codec)
 
 
 def depth_error_bound(codec: str) -> float:
