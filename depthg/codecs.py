@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import io as _pyio
 import json
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -160,38 +161,49 @@ def member(raw: dict, kind: str) -> str | None:
     return None
 
 
+_KERNELS: dict = {}  # torchvision's decoders of this process, found once: {"jpeg": fn or None, "png": ...}
+
+
+def _kernel(kind: str):
+    """torchvision's libjpeg-turbo / libpng kernel for ``kind`` (``decode_jpeg`` / ``decode_png`` without their
+    per-call deprecation warning: torchvision 0.29 deprecates its image codecs for torchcodec), else the public
+    function, else None (PIL decodes). ``bytes -> uint8/uint16 [C,H,W] tensor``; the same pixels as PIL."""
+    if kind not in _KERNELS:
+        try:
+            import torch
+            from torchvision import io as tvio
+
+            mode = (tvio.ImageReadMode.RGB if kind == "jpeg" else tvio.ImageReadMode.UNCHANGED).value
+            try:
+                op = getattr(torch.ops.image, f"decode_{kind}")
+                _KERNELS[kind] = lambda data, op=op: op(torch_bytes(data), mode, False)
+            except (AttributeError, RuntimeError):
+                public = getattr(tvio, f"decode_{kind}")
+                _KERNELS[kind] = lambda data: public(torch_bytes(data), mode=tvio.ImageReadMode(mode))
+        except ImportError:
+            _KERNELS[kind] = None
+    return _KERNELS[kind]
+
+
+def _hwc(chw) -> np.ndarray:
+    return chw[0].numpy() if chw.shape[0] == 1 else chw.permute(1, 2, 0).numpy()
+
+
 def _unpng(data: bytes) -> np.ndarray:
+    kernel = _kernel("png")
+    if kernel is not None:
+        return _hwc(kernel(data))
     with Image.open(_pyio.BytesIO(data)) as img:
         return np.array(img)
 
 
-_JPEG = []  # the JPEG decoder of this process, found once
-
-
-def _jpeg_decoder():
-    """torchvision's libjpeg-turbo kernel (``decode_jpeg`` without its per-call deprecation warning: torchvision
-    0.29 deprecates its image codecs in favour of torchcodec), else ``decode_jpeg``, else None (PIL decodes)."""
-    if not _JPEG:
-        try:
-            import torch
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            rgb = ImageReadMode.RGB.value
-            try:
-                kernel = torch.ops.image.decode_jpeg
-                _JPEG.append(lambda t: kernel(t, rgb, False))
-            except (AttributeError, RuntimeError):
-                _JPEG.append(lambda t: decode_jpeg(t, mode=ImageReadMode.RGB))
-        except ImportError:
-            _JPEG.append(None)
-    return _JPEG[0]
-
-
 def decode_image(data: bytes, name: str = "rgb.png") -> np.ndarray:
-    """uint8 HxWx3 of an ``rgb.*`` member (a JPEG comes back as a view of torchvision's CHW tensor)."""
-    decoder = _jpeg_decoder() if name.endswith(".jpg") else None
-    if decoder is not None:
-        return decoder(torch_bytes(data)).permute(1, 2, 0).numpy()
+    """uint8 HxWx3 of an ``rgb.*`` member (JPEG and PNG: a view of torchvision's decoded tensor)."""
+    kernel = _kernel("jpeg") if name.endswith(".jpg") else _kernel("png") if name.endswith(".png") else None
+    if kernel is not None:
+        out = _hwc(kernel(data))
+        if out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8:
+            return out
     with Image.open(_pyio.BytesIO(data)) as img:
         return np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
 
@@ -210,13 +222,32 @@ def decode_depth(data: bytes, name: str = "depth.png") -> np.ndarray:
         return levels.astype(np.float32) / np.float32(scale)
     if name.endswith(".gz"):
         data = zlib.decompress(data, wbits=31)
-    levels = np.load(_pyio.BytesIO(data), allow_pickle=False)
+    levels = _npy_u16(data)
     if levels.dtype != _NPY_U16 or levels.ndim != 2:
         raise ShardError(f"{name}: expected a uint16 HxW array, got {levels.dtype} {levels.shape}")
     return levels.astype(np.float32) / np.float32(DEPTH_SCALE)
 
 
-def decode_label(data: bytes) -> np.ndarray:
-    raw = _unpng(data).astype(np.int64)
+_NPY_HEADER = re.compile(rb"\{'descr': '<u2', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n")
+
+
+def _npy_u16(data: bytes) -> np.ndarray:
+    """The array of a ``.npy`` file; np.save's own header for a uint16 HxW array is read without ``np.load``'s
+    ``ast`` parse (a tenth of a millisecond per depth map, on the loader's hot path)."""
+    if data[:8] == b"\x93NUMPY\x01\x00":
+        end = 10 + int.from_bytes(data[8:10], "little")
+        match = _NPY_HEADER.fullmatch(data[10:end])
+        if match and len(data) == end + 2 * int(match[1]) * int(match[2]):
+            return np.frombuffer(data, _NPY_U16, offset=end).reshape(int(match[1]), int(match[2]))
+    return np.load(_pyio.BytesIO(data), allow_pickle=False)
+
+
+def decode_label(data: bytes, levels: bool = False) -> np.ndarray:
+    """int64 HxW class ids, -1 = ignore; ``levels``: the stored uint8 as it is (255 = ignore), for the loader,
+    which widens whole batches at once (``depthg.streaming.batch_stage``)."""
+    raw = _unpng(data)
+    if levels:
+        return raw.astype(np.uint8, copy=False)
+    raw = raw.astype(np.int64)
     raw[raw == IGNORE_ON_DISK] = -1
     return raw

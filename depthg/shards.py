@@ -111,8 +111,9 @@ def encode_sample(sample_id: str, image: np.ndarray, depth: np.ndarray | None, l
     return out
 
 
-def decode_sample(raw: dict) -> dict:
-    """Raw member bytes -> ``{"id", "image", "depth" (or None), "label" (or None), "meta"}``."""
+def decode_sample(raw: dict, label_levels: bool = False) -> dict:
+    """Raw member bytes -> ``{"id", "image", "depth" (or None), "label" (or None), "meta"}``; ``label_levels``:
+    the label as stored (uint8, 255 = ignore) instead of int64 with -1."""
     key = raw.get("__key__", "?")
     rgb, depth = member(raw, "rgb"), member(raw, "depth")
     if rgb is None:
@@ -120,7 +121,7 @@ def decode_sample(raw: dict) -> dict:
     meta = json.loads(raw["meta.json"]) if "meta.json" in raw else {"id": key}
     return {"id": meta.get("id", key), "image": decode_image(raw[rgb], rgb),
             "depth": decode_depth(raw[depth], depth) if depth else None,
-            "label": decode_label(raw["label.png"]) if "label.png" in raw else None, "meta": meta}
+            "label": decode_label(raw["label.png"], label_levels) if "label.png" in raw else None, "meta": meta}
 
 
 def member_order(sample: dict) -> list[str]:
@@ -146,12 +147,53 @@ def write_shard(local_path: str, samples: Iterable[dict]) -> int:
     return count
 
 
-def parse_samples(data: bytes, url: str = "?") -> Iterator[dict]:
-    """Raw sample dicts of tar bytes that start at a sample (a range read), as ``wds.WebDataset`` yields them."""
-    from webdataset import tariterators
+def parse_samples(data: bytes, url: str = "?", truncated: bool = False) -> Iterator[dict]:
+    """Raw sample dicts of tar bytes that start at a sample (a range read), the dicts ``wds.WebDataset`` yields
+    (``__key__``, ``__url__``, one bytes value per member). ``truncated``: the range came back short, so its
+    last sample may lack members and is dropped. Plain ustar members are parsed here (a range is small and
+    this is the loader's hot path); a range with other member types goes through webdataset's reader."""
+    samples, error = _parse_ustar(data, url)
+    if samples is None:  # pax / GNU long-name members: webdataset's (tarfile's) general reader
+        from webdataset import tariterators
 
-    files = tariterators.tar_file_expander([{"url": url, "stream": _pyio.BytesIO(data)}])
-    yield from tariterators.group_by_keys(files)
+        samples = list(tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url, "stream":
+                                                                                  _pyio.BytesIO(data)}])))
+    yield from samples[:-1] if (truncated or error) and samples else samples
+    if error:
+        raise ShardError(error)
+
+
+def _parse_ustar(data: bytes, url: str) -> tuple[list[dict] | None, str | None]:
+    """``(samples, error)`` of plain ustar members (``samples`` None: another member type is there)."""
+    out: list[dict] = []
+    pos, n, view = 0, len(data), memoryview(data)
+    while pos + _BLOCK <= n:
+        hdr = data[pos:pos + _BLOCK]
+        if hdr.count(0) == _BLOCK:  # end-of-archive
+            break
+        try:
+            ok = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"-1", 8) == sum(hdr) - sum(hdr[148:156]) + 256
+            size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            ok = False
+        if not ok:
+            return out, f"{url}: no tar header at byte {pos} of the range read"
+        if hdr[156] not in (0, 0x30):
+            return None, None
+        name = hdr[:100].split(b"\0", 1)[0].decode()
+        if hdr[257:262] == b"ustar" and hdr[345] != 0:
+            name = hdr[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        start = pos + _BLOCK
+        if start + size > n:
+            return out, f"{url}: member {name} cut after {n - start} of its {size} bytes"
+        folder, base = name.rsplit("/", 1) if "/" in name else ("", name)
+        key, ext = (base.split(".", 1) + [""])[:2]
+        key = f"{folder}/{key}" if folder else key
+        if not out or out[-1]["__key__"] != key:
+            out.append({"__key__": key, "__url__": url})
+        out[-1][ext.lower()] = bytes(view[start:start + size])
+        pos = start + -(-size // _BLOCK) * _BLOCK
+    return out, None
 
 
 def iter_shard(url: str, start: int = 0, stop: int | None = None, offsets: Sequence[int] | None = None,
@@ -166,7 +208,7 @@ def iter_shard(url: str, start: int = 0, stop: int | None = None, offsets: Seque
         data = io.read_range(url, begin, end)
         if meter is not None:
             meter[0] += len(data)
-        yield from parse_samples(data, url)
+        yield from parse_samples(data, url, truncated=len(data) < end - begin)
         if len(data) < end - begin:
             raise ShardError(f"{url}: {len(data)} bytes at {begin} where its offsets say {end - begin} (truncated?)")
         return

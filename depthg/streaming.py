@@ -46,7 +46,7 @@ import torch
 
 from depthg import planner
 from depthg import shards as shardfmt
-from depthg.codecs import decode_depth, decode_image, member
+from depthg.codecs import IGNORE_ON_DISK, decode_depth, decode_image, member
 from depthg.data.transforms import resize_center_crop
 from depthg.reader import (WITH_DEPTH, WITHOUT_DEPTH, PositiveReader, ShardReader, ahead,  # noqa: F401
                            log_damage, required_members, shard_samples)
@@ -124,7 +124,7 @@ def fetch_stage(samples: Iterable[dict], fetch: Callable | None, pool=None, dept
 
 
 def _decode(raw: dict) -> dict:
-    sample = shardfmt.decode_sample(raw)
+    sample = shardfmt.decode_sample(raw, label_levels=True)  # uint8 labels: widened once per batch
     decoded = sum(len(raw[m]) for m in (member(raw, "rgb"), member(raw, "depth"), "label.png", "meta.json")
                   if m in raw)
     pos = raw.get("__pos__")
@@ -155,7 +155,8 @@ def _image(array: np.ndarray, resolution: int) -> torch.Tensor:
 def to_tensors(sample: dict, resolution: int) -> dict:
     """numpy sample -> tensors at ``resolution`` through the project's one resize
     (``depthg.data.transforms.resize_center_crop``, the identity on samples stored at it): image/pos_image
-    uint8 [3,R,R], depth/pos_depth float32 [1,R,R] (absent for samples without depth), label int64 [R,R]."""
+    uint8 [3,R,R] (views of HWC memory), depth/pos_depth float32 [1,R,R] (absent for samples without depth),
+    label [R,R] of the sample's dtype (int64 with -1 = ignore, or the stored uint8 with 255; none: all -1)."""
     label = sample["label"]
     if label is None:
         label = np.full(sample["image"].shape[:2], -1, np.int64)
@@ -176,6 +177,19 @@ def resize_stage(samples: Iterable[dict], resolution: int) -> Iterator[dict]:
         yield to_tensors(sample, resolution)
 
 
+def collate(tensors: list) -> torch.Tensor:
+    """Stack one key's tensors. Images ([3,R,R] views of HWC memory) stack as one copy into [B,R,R,3] memory,
+    returned as its [B,3,R,R] view (channels-last strides: no transposing copy on the CPU; the device makes
+    them contiguous floats, ``depthg.step.backbone_features``); stored uint8 labels widen to int64, 255 -> -1."""
+    first = tensors[0]
+    if first.dtype == torch.uint8 and first.dim() == 3 and first.permute(1, 2, 0).is_contiguous():
+        return torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)
+    if first.dtype == torch.uint8 and first.dim() == 2:  # labels as stored
+        out = torch.stack(tensors).to(torch.int64)
+        return out.masked_fill_(out == IGNORE_ON_DISK, -1)
+    return torch.stack(tensors)
+
+
 def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int | None,
                 skipped: list | None = None, meter: list | None = None) -> Iterator[dict]:
     """Stack ``batch_size`` samples per batch: exactly ``num_batches`` batches, or (``None``) until the
@@ -189,7 +203,7 @@ def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int | Non
             return
         if len(chunk) < batch_size and num_batches is not None:
             raise RuntimeError("the sample stream ended early (it runs over epochs, so this is a bug)")
-        batch = {key: torch.stack([s[key] for s in chunk]) for key, v in chunk[0].items() if torch.is_tensor(v)}
+        batch = {key: collate([s[key] for s in chunk]) for key, v in chunk[0].items() if torch.is_tensor(v)}
         batch["id"], batch["pos_id"] = [s["id"] for s in chunk], [s.get("pos_id", s["id"]) for s in chunk]
         batch["skipped"], batch["bytes"] = len(skipped), meter[0]
         batch["decoded"] = sum(s.get("__decoded__", 0) for s in chunk)
