@@ -1,6 +1,6 @@
 """The streaming pipeline on real tiny shards: ranks read disjoint samples, every sample equally often over
 epochs, shards shared by slots are read once, validation reads each sample once for any world size,
-positives are drawn per use from the embedded K, and resume replays the stream exactly (the pure plan
+positives are drawn per use from the K referenced, and resume replays the stream exactly (the pure plan
 is tested in test_planner.py)."""
 from __future__ import annotations
 
