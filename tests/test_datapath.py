@@ -142,6 +142,9 @@ def test_uint8_batches_give_the_features_of_float_images():
     backbone = build_backbone("tiny_vit").eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(backbone_features(backbone, images), backbone_features(backbone, images.float() / 255))
+    channels_last = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # the loader's collate
+    assert st.collate(list(channels_last)).stride() == channels_last.stride()
+    torch.testing.assert_close(backbone_features(backbone, channels_last), backbone_features(backbone, images))
 
 
 def test_make_loader_pins_memory_when_asked(split):

@@ -125,3 +125,31 @@ def test_s3_read_with_iter_shard_and_registered_gopen(s3):
     assert wkeys == keys
 
 
+
+
+def test_parse_samples_of_a_range_matches_webdataset_and_handles_damage(tmp_path):
+    """The loader's own ustar parser yields webdataset's dicts; member types it does not parse (a pax header
+    for a long name) go through webdataset's reader; a short range drops its possibly incomplete last sample;
+    bytes that are not a tar raise ShardError."""
+    from webdataset import tariterators
+
+    rng = np.random.default_rng(3)
+    long_id = "x" * 120  # > 100 characters: tarfile writes a pax header
+    for ids in (["a", "b_c1", "c"], ["a", long_id]):
+        path = str(tmp_path / f"{len(ids)}.tar")
+        shards.write_shard(path, [shards.encode_sample(i, *_sample(rng), encoding=shards.TRAIN_DEFAULT) for i in ids])
+        data = open(path, "rb").read()
+        ref = list(tariterators.group_by_keys(tariterators.tar_file_expander([{"url": "u", "stream": open(path, "rb")}])))
+        ours = list(shards.parse_samples(data, "u"))
+        assert [{k: v for k, v in r.items() if not k.startswith("__")} for r in ours] == \
+               [{k: v for k, v in r.items() if not k.startswith("__")} for r in ref]
+        assert [r["__key__"] for r in ours] == ids
+    offsets, _ = shards.sample_offsets(str(tmp_path / "3.tar"))
+    data = open(str(tmp_path / "3.tar"), "rb").read()
+    assert [r["__key__"] for r in shards.parse_samples(data[:offsets[2]], "u", truncated=True)] == ["a"]
+    cut = shards.parse_samples(data[:offsets[1] + 600], "u")  # inside sample b's first member
+    assert next(cut)["__key__"] == "a"
+    with pytest.raises(shards.ShardError, match="cut after"):
+        next(cut)
+    with pytest.raises(shards.ShardError, match="no tar header at byte 0"):
+        list(shards.parse_samples(b"\x01garbage" * 100, "u"))
