@@ -46,7 +46,7 @@ GPUS = {"A10G": ("a10g_tflops", "a10g_vcpus", "g5.12xlarge: 48 vCPUs / 4 A10G"),
 def add_arguments(parser) -> None:
     parser.add_argument("--data", default="camvid", choices=("camvid", "synthetic"))
     parser.add_argument("--camvid", default="/work/shared/data/camvid", help="CamVid root (train.txt, train/, ...)")
-    parser.add_argument("--images", type=int, default=12, help="source images (x 5 crops)")
+    parser.add_argument("--images", type=int, default=24, help="source images (x 5 crops)")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--positives", type=int, default=7)

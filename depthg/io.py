@@ -102,7 +102,9 @@ def read_bytes(url: str) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _range_fs(url: str, endpoint: str | None):
+def _range_fs(url: str, endpoint: str | None, pid: int):
+    # keyed by the process too: after a fork (DataLoader workers) fsspec makes fresh instances (its own
+    # instance cache checks the pid), so a child never reuses the parent's S3 session and event loop
     return filesystem(url)
 
 
@@ -113,7 +115,7 @@ def read_range(url: str, start: int, end: int) -> bytes:
     if end <= start:
         return b""
     endpoint = os.environ.get("DEPTHG_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-    fs, path = _range_fs(str(url), endpoint)
+    fs, path = _range_fs(str(url), endpoint, os.getpid())
     try:
         return fs.cat_file(path, start=int(start), end=int(end))
     except Exception as exc:  # noqa: BLE001 - rewrapped with the URL
