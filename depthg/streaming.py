@@ -125,6 +125,8 @@ def fetch_stage(samples: Iterable[dict], fetch: Callable | None, pool=None, dept
 
 def _decode(raw: dict) -> dict:
     sample = shardfmt.decode_sample(raw, label_levels=True)  # uint8 labels: widened once per batch
+    if sample["label"] is None:  # unlabelled: all ignore, in the same stored form as the labelled
+        sample["label"] = np.full(sample["image"].shape[:2], IGNORE_ON_DISK, np.uint8)
     decoded = sum(len(raw[m]) for m in (member(raw, "rgb"), member(raw, "depth"), "label.png", "meta.json")
                   if m in raw)
     pos = raw.get("__pos__")
