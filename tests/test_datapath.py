@@ -147,6 +147,13 @@ def test_uint8_batches_give_the_features_of_float_images():
     torch.testing.assert_close(backbone_features(backbone, channels_last), backbone_features(backbone, images))
 
 
+def test_unlabelled_stage_2_samples_batch_as_all_ignore(tmp_path):
+    shards.write_test_shards(str(tmp_path), 6, size=(16, 16), labelled=False, samples_per_shard=3)
+    spec, _ = st.open_split(str(tmp_path), "train", micro_batch=3, resolution=16, num_steps=2)
+    for batch in st.make_loader(spec, 0):
+        assert batch["label"].dtype == torch.int64 and bool((batch["label"] == -1).all())
+
+
 def test_make_loader_pins_memory_when_asked(split):
     spec, _ = st.open_split(split, "train", micro_batch=2, resolution=16, num_steps=1)
     assert st.make_loader(spec, 0).loader.pin_memory is False
