@@ -6,7 +6,7 @@ own step after the backbone (``depthg.step.losses_from_features``: dropout, samp
 depth terms with ``loss.shift_mode``, the probes) and one Adam with the trainer's two groups (head ``train.lr``,
 probes ``train.probe_lr``); batches drawn without replacement per epoch (every crop once per epoch, as the
 trainer's planner), the positive drawn uniformly from each crop's cached top-k neighbours (as the stream draws
-from the K embedded positives). ``tests/test_quality_bench.py`` checks that ``cached_step`` and the trainer's
+from the K positives of its shard sample). ``tests/test_quality_bench.py`` checks that ``cached_step`` and the trainer's
 ``compute_losses`` on shards give the same losses on the same batch.
 
 Finishing (``finish``): ``train.finish=fit`` refits the probes on the codes of ``train.finish_samples`` train

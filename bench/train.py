@@ -11,7 +11,8 @@ Part 2 streams the same tiny synthetic shards through ``depthg.streaming`` from 
 from a moto S3 server on loopback (started here) and compares samples/s (target S3 >= 0.9 x local); it
 reports the loader's samples/s per DataLoader worker (what sizes ``train.loader_workers``: a GPU step of
 B samples in T s needs about B / T / rate workers) and the storage bytes read per trained sample (the
-anchor, its K embedded positives and label, of which one positive is decoded).
+anchor with its label and meta, and the rgb + depth of the one positive drawn, read by reference; the
+data path's own costs per encoding are ``bench/datapath.py``'s).
 """
 from __future__ import annotations
 

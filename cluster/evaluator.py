@@ -67,9 +67,10 @@ class RandomModel:
 
 
 def find_split(url: str, split: str = "val") -> tuple[list[str], dict]:
-    """(shard URLs, manifest) of a split: ``url`` may hold a manifest itself, or be a shards root
-    with ``{root}/{split}/`` (stage 2) or ``{root}/depth/{split}/`` (stage 1)."""
-    candidates = [url, shards.split_dir(url, split, "train"), shards.split_dir(url, split, "depth")]
+    """(shard URLs, manifest) of a split: ``url`` may hold a manifest itself, or be a shards root with
+    ``{root}/depth/{split}/`` (stage 1: lossless, native size, preferred: evaluation resizes to its own
+    ``eval.resolution``) or ``{root}/{split}/`` (stage 2: stored at the training resolution, possibly lossy)."""
+    candidates = [url, shards.split_dir(url, split, "depth"), shards.split_dir(url, split, "train")]
     for folder in candidates:
         if io.exists(io.join(folder, shards.MANIFEST)):
             manifest = shards.read_manifest(folder)

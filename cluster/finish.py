@@ -29,12 +29,12 @@ def finish_seed(train_seed: int) -> int:
 
 def finish_spec(spec: streaming.StreamSpec, samples: int) -> streaming.StreamSpec:
     """One rank's view of about ``samples`` train crops: whole shards spread evenly over the manifest, read in
-    order on every rank alike (rank 0 of 1, no shuffling)."""
+    order on every rank alike (rank 0 of 1, no shuffling, no positive read: only the crops' codes are needed)."""
     counts = list(spec.counts)
     need = min(len(counts), max(1, math.ceil(samples / max(1.0, float(np.mean(counts))))))
     picks = sorted({int(round(i)) for i in np.linspace(0, len(counts) - 1, need)})
     return dataclasses.replace(spec, urls=[spec.urls[i] for i in picks], counts=[counts[i] for i in picks],
-                               rank=0, world_size=1, shuffle_buffer=0, start_step=0, num_steps=0)
+                               rank=0, world_size=1, shuffle_buffer=0, start_step=0, num_steps=0, with_positives=False)
 
 
 @torch.no_grad()

@@ -12,13 +12,17 @@
    1..``mining.num_positives`` (cycled when the split is smaller).
 3. Writing: training shard i holds as many samples as depth shard i, in one seeded global shuffle of
    the split (``depthg.shards.shuffled_layout``: a loader's range never holds the crops of one image
-   together), each with its anchor members copied byte for byte plus
-   ``pos{k}.rgb.png`` / ``pos{k}.depth.png`` of their positives, so a streaming reader never needs
-   random access. Depth shards are read through one cache per node (``cluster.nodecache``): each
-   shard is fetched at most once per node, however many actors the node runs.
+   together). Each sample is stored ONCE, already through the training resize (``resize_center_crop`` at
+   ``data.resolution``), encoded as ``mining.rgb_codec`` / ``rgb_quality`` / ``depth_codec`` say (labels
+   stay PNG), with its K positives as global sample indices of the split in its ``meta.json``: no positive
+   is copied (~1x the storage of stage 1 instead of ~8x). The split's offsets table (``offsets.npz``) is
+   written from the sidecars before the manifest, so a loader reads a positive's rgb + depth by one exact
+   range. Depth shards are read through one cache per node (``cluster.nodecache``): each shard is fetched
+   at most once per node, however many actors the node runs.
 
-Reruns skip training shards whose sidecar digest (ids + positives) matches, and the whole split
-when its manifest records the same depth shards and mining settings; the manifest is written last.
+Reruns skip training shards whose sidecar digest (ids + positives + encoding) matches, and the whole split
+when its manifest records the same depth shards, mining settings and format; a split written with embedded
+positives (schema ``depthg-shards/1``) is remined. The manifest is written last.
 """
 from __future__ import annotations
 
@@ -98,20 +102,27 @@ class MiningWorker:
         return per_shard, idx.numpy().astype(np.int32)
 
     def write_unit(self, index: int, entries: list, where: dict, folder: str, digest: str) -> dict:
-        """Training shard ``index``: ``entries`` = [(id, neighbours, positives)] in shard order;
-        ``where`` maps every anchor and positive id to the depth shard URL holding it."""
+        """Training shard ``index``: ``entries`` = [(id, neighbours, positives as global indices)] in shard
+        order; ``where`` maps every anchor id to the depth shard URL holding it. Each anchor is brought to
+        ``data.resolution`` by the one resize and encoded with ``mining.*_codec`` (labels: lossless PNG)."""
+        from depthg.codecs import mining_encoding
+        from depthg.data import resize_center_crop
+
+        res, encoding = self.cfg.data.resolution, mining_encoding(self.cfg.mining)
+
         def sample(key, neighbors, positives):
-            src = where[key]
+            src, names = where[key], self.cache.members(where[key])[1]
+
+            def read(name, decode):
+                return decode(self.cache.read(src, f"{key}.{name}")) if f"{key}.{name}" in names else None
+
             meta = json.loads(self.cache.read(src, f"{key}.meta.json"))
-            out = {"__key__": key, "meta.json": shards.encode_meta({**meta, "neighbors": neighbors})}
-            for member in ("rgb.png", "depth.png", "label.png"):
-                if f"{key}.{member}" in self.cache.members(src)[1]:
-                    out[member] = self.cache.read(src, f"{key}.{member}")
-            for j, pid in enumerate(positives):
-                out[f"pos{j}.rgb.png"] = self.cache.read(where[pid], f"{pid}.rgb.png")
-                if f"{pid}.depth.png" in self.cache.members(where[pid])[1]:  # none with depthgen.source=none
-                    out[f"pos{j}.depth.png"] = self.cache.read(where[pid], f"{pid}.depth.png")
-            return out
+            image, depth = read("rgb.png", shards.decode_image), read("depth.png", shards.decode_depth)
+            label = read("label.png", shards.decode_label)
+            return shards.encode_sample(
+                key, resize_center_crop(image, res), None if depth is None else resize_center_crop(depth, res),
+                None if label is None else resize_center_crop(label, res),
+                {**meta, "neighbors": neighbors, "positives": positives}, encoding)
 
         samples = [sample(*entry) for entry in entries]
         info = shards.put_shard(folder, shards.shard_name(index), samples, {"digest": digest, "skipped": []})
@@ -190,10 +201,12 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
 
 def _signature(cfg: Config, dm: dict) -> dict:
     """What the training shards of a split depend on, besides the anchors' bytes."""
+    from depthg.codecs import mining_encoding
+
     return {"depth_manifest": {"digest": dm.get("digest"), "total": dm["total"]}, "k": int(cfg.mining.k),
             "num_positives": int(cfg.mining.num_positives), "backbone": cfg.model.backbone,
             "weights": io.mask_secrets(cfg.model.weights), "resolution": cfg.data.resolution,
-            "layout": "shuffled/1"}
+            "layout": "shuffled/2", "encoding": mining_encoding(cfg.mining).as_dict()}
 
 
 def _finished_manifest(cfg: Config, split: str, dm: dict) -> dict | None:
@@ -222,11 +235,13 @@ def plan_train_units(cfg: Config, dm: dict, per_shard: list[list[str]], idx: np.
     # ORDER (the one place that decides which samples each training shard holds, and in what order):
     # training shard i holds as many samples as depth shard i, in one seeded global shuffle of the split.
     groups = shards.shuffled_layout(per_shard)
+    position = {i: g for g, i in enumerate(i for part in groups for i in part)}  # global index, manifest order
+    digest_key = {"depth": dm.get("digest"), "backbone": [cfg.model.backbone, cfg.model.weights],
+                  **{k: v for k, v in _signature(cfg, dm).items() if k in ("resolution", "layout", "encoding")}}
     units = []
     for index, part in enumerate(groups):
-        entries = [(i, table[i], positives_for(table[i], npos)) for i in part]
-        units.append((index, entries, _digest({"depth": dm.get("digest"), "entries": entries,
-                                               "backbone": [cfg.model.backbone, cfg.model.weights]})))
+        entries = [(i, table[i], [position[p] for p in positives_for(table[i], npos)]) for i in part]
+        units.append((index, entries, _digest({**digest_key, "entries": entries})))
     return units
 
 
@@ -238,8 +253,7 @@ def write_train_shards(cfg: Config, split: str, group, units, dm: dict, where: d
         io.remove(io.join(folder, shards.MANIFEST))
     calls = []
     for index, entries, digest in pending[:max_units]:
-        needed = {i for i, _, pos in entries for i in (i, *pos)}
-        calls.append((index, entries, {i: where[i] for i in needed}, folder, digest))
+        calls.append((index, entries, {i: where[i] for i, _, _ in entries}, folder, digest))
     for result in group.map("write_unit", calls, desc=f"train shards {split}", progress=progress):
         if on_unit is not None:
             on_unit(result)
@@ -254,15 +268,18 @@ def _complete(folder: str, index: int, digest: str) -> bool:
 
 
 def write_train_manifest(cfg: Config, split: str, folder: str, units, dm: dict) -> dict:
-    counts = []
+    """The offsets table (from the sidecars), then the manifest, last."""
+    infos = []
     for index, entries, digest in units:
         info = shards.read_sidecar(folder, shards.shard_name(index))
         if not info or info.get("digest") != digest or info["count"] != len(entries):
             raise RuntimeError(f"{folder}/{shards.shard_name(index)} is missing or stale after mining")
-        counts.append({"name": info["name"], "count": info["count"]})
+        infos.append(info)
+    shards.write_index(folder, infos)
     manifest = {key: dm.get(key) for key in ("dataset", "n_classes", "class_names", "depth_source", "five_crop",
                                              "skipped")}
-    manifest.update({"kind": "train", "split": split, "shards": counts, **_signature(cfg, dm),
+    manifest.update({"kind": "train", "split": split, "index": shards.INDEX,
+                     "shards": [{"name": i["name"], "count": i["count"]} for i in infos], **_signature(cfg, dm),
                      "config": io.mask_secrets(to_dict(cfg))})
     shards.write_manifest(folder, manifest)
     return shards.read_manifest(folder)

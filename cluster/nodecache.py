@@ -1,7 +1,8 @@
 """One depth-shard cache per node, shared by every mining actor on that node.
 
-Positives come from effectively random depth shards (one unit of 320 anchors x 7 positives touches
-~94% of COCO's 776 shards), so each node needs nearly all of stage 1. A cache per *actor* copied it
+A unit's anchors come from effectively random depth shards (the global shuffle: one unit of 320 anchors
+touches ~34% of COCO's 776 shards, the several units of a node together nearly all), so each node needs
+nearly all of stage 1. A cache per *actor* copied it
 once per actor (16 x ~40 GB per g5.12xlarge node); this one copies each shard once per node:
 
     {base}/depthg-cache-{job}/{node id}/{sha1(url)[:16]}.tar

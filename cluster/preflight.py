@@ -12,9 +12,11 @@ expected, before any worker is spawned or any backbone loaded:
   Ray) a local path is refused: its checkpoints would land on each node's own disk, which the autoscaler
   deletes with the node;
 * ``train.resume``: a complete checkpoint written with the same model settings;
-* the shards: the train manifest, every shard it lists, enough samples for one optimizer step of
-  ``world_size`` ranks, ``n_classes``, a val split when validation or a checkpoint choice needs one, and
-  no setting that reads depth when the shards have none (``depthgen.source=none``).
+* the shards: the train manifest (of the current stage-2 schema), every shard it lists, the resolution they
+  were written at equal to ``data.resolution``, enough samples for one optimizer step of ``world_size``
+  ranks, ``n_classes``, a val split when validation or a checkpoint choice needs one (a mined one of the
+  current schema and resolution), and no setting that reads depth when the shards have none
+  (``depthgen.source=none``).
 """
 from __future__ import annotations
 
@@ -98,6 +100,7 @@ def check_shards(cfg: Config, world_size: int) -> dict:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ConfigError(f"shards.root={cfg.shards.root}: {io.join(folder, shards.MANIFEST)} lists shards that are "
                           f"missing: {', '.join(missing[:5])}{more}; rerun python launch/mine_neighbors.py")
+    check_resolution(cfg, folder, manifest)
     t = cfg.train
     try:
         planner.steps_per_epoch(int(manifest["total"]), t.micro_batch_per_gpu * world_size, t.grad_accum)
@@ -112,4 +115,16 @@ def check_shards(cfg: Config, world_size: int) -> dict:
         if not any(io.exists(io.join(v, shards.MANIFEST)) for v in vals):
             raise ConfigError(f"train.val_every={t.val_every} / train.select={t.select} need a val split: found no "
                               f"{' or '.join(io.join(v, shards.MANIFEST) for v in vals)}")
+        if io.exists(io.join(vals[0], shards.MANIFEST)):  # the mined val split validation reads
+            check_resolution(cfg, vals[0], _manifest(vals[0]))
     return manifest
+
+
+def check_resolution(cfg: Config, folder: str, manifest: dict) -> None:
+    """Stage-2 samples are stored at the training resolution: ``data.resolution`` must be the one they have."""
+    stored = manifest.get("resolution")
+    if stored and int(stored) != cfg.data.resolution:
+        raise ConfigError(f"data.resolution={cfg.data.resolution}, but {io.join(folder, shards.MANIFEST)} was written "
+                          f"at resolution {stored} (stage 2 stores samples at the training resolution): set "
+                          f"data.resolution={stored}, or remine at {cfg.data.resolution} with python "
+                          f"launch/mine_neighbors.py data.resolution={cfg.data.resolution} (the depth shards are reused)")

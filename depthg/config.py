@@ -43,6 +43,8 @@ Selection = Literal["none", "label_free", "val_miou"]
 ShiftMode = Literal["fixed", "quantile"]
 Finish = Literal["none", "fit"]
 ZeroStage = Literal[0, 1]
+RgbCodec = Literal["png", "jpeg", "webp"]  # stage-2 encodings (depthg.codecs)
+DepthCodec = Literal["png16", "raw16", "raw16z", "png8"]
 
 
 def choices(alias) -> tuple[str, ...]:
@@ -92,7 +94,11 @@ class DepthGenConfig:
 @dataclass
 class MiningConfig:
     k: int = 30  # neighbours kept per crop (cosine top-k of global features)
-    num_positives: int = 7  # positives embedded per training sample (ranks 1..K)
+    num_positives: int = 7  # positives per training sample (neighbour ranks 1..K, stored as sample indices)
+    # how stage 2 stores each sample at data.resolution (depthg.codecs; bench/datapath.json measures them)
+    rgb_codec: RgbCodec = "jpeg"
+    rgb_quality: int = 95  # JPEG / WebP quality
+    depth_codec: DepthCodec = "raw16z"  # raw16z / raw16 / png16: exact 16-bit levels; png8: 8-bit
     batch_size: int = 16
     num_actors: int = 0  # 0 = one per GPU, or 2 on a CPU-only cluster
     device: DeviceChoice = "auto"  # as depthgen.device
@@ -374,6 +380,8 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= getattr(cfg.loss, key) <= 1.0:
             raise ConfigError(f"config key 'loss.{key}': {getattr(cfg.loss, key)} is not a quantile in [0, 1] "
                               "(loss.shift_mode=quantile reads the shifts as quantiles)")
+    if not 1 <= cfg.mining.rgb_quality <= 100:
+        raise ConfigError(f"config key 'mining.rgb_quality': {cfg.mining.rgb_quality}, expected 1..100")
     if cfg.data.depth_cast != "none" and cfg.loss.depth.mode == "paper":
         raise ConfigError(f"config key 'data.depth_cast': {cfg.data.depth_cast!r} reads depth as the reference's "
                           "integers, but loss.depth.mode=paper needs depth in [0, 1]; use depth_cast=none")

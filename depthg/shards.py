@@ -1,66 +1,77 @@
-"""The shard format: writer and reader side by side (schema ``depthg-shards/1``).
+"""The shard format: writer and reader side by side (stage 1 ``depthg-shards/1``, stage 2 ``depthg-shards/2``).
 
 Layout under a root (local folder or ``s3://bucket/prefix``)::
 
-    {root}/depth/{split}/shard-000000.tar, shard-000000.json, ..., manifest.json   # stage 1: depth
-    {root}/{split}/shard-000000.tar, shard-000000.json, ..., manifest.json         # stage 2: train
+    {root}/depth/{split}/shard-000000.tar, shard-000000.json, ..., manifest.json             # stage 1: depth
+    {root}/{split}/shard-000000.tar, shard-000000.json, ..., offsets.npz, manifest.json      # stage 2: train
 
-One WebDataset sample per crop (five-cropped train) or image (val). ``__key__`` is the sample id
-(no dots: webdataset splits the key at the first dot). Members of a sample:
+One WebDataset sample per crop (five-cropped train) or image (val). ``__key__`` is the sample id (no dots:
+webdataset splits the key at the first dot). Member encodings are ``depthg.codecs``'s (the name says the
+encoding). Members of a sample:
 
-=================  ==========================================================================
-``rgb.png``        uint8 RGB image, H x W x 3, stored losslessly at its native crop size
-``depth.png``      16-bit greyscale PNG of ``round(depth * 65535)``; depth float32 in [0, 1]; absent in
-                   shards written with ``depthgen.source=none`` (manifest ``depth_source: none``)
-``label.png``      uint8 PNG, class id, 255 = ignore (read back as -1); absent when unlabelled
-``meta.json``      ``{"id", "source_id", "crop", "split", "dataset", "neighbors": [ids]}``
-``pos{k}.rgb.png`` stage 2 only: the k-th positive's crop (k = 0..K-1, neighbour ranks 1..K)
-``pos{k}.depth.png``  stage 2 only: the k-th positive's depth, encoded like ``depth.png``
-=================  ==========================================================================
+* stage 1 (``kind: depth``), lossless at the native crop size: ``rgb.png``, ``depth.png`` (16-bit,
+  ``round(depth * 65535)``), ``label.png`` (255 = ignore, read back as -1) and ``meta.json``
+  ``{"id", "source_id", "crop", "split", "dataset", "neighbors": []}``.
+* stage 2 (``kind: train``): each sample ONCE, already at the training resolution (the project's one resize,
+  ``resize_center_crop`` at the manifest's ``resolution``), encoded as the manifest's ``encoding`` says:
+  ``rgb.{png,jpg,webp}``, ``depth.{png,npy,npy.gz}``, ``label.png`` (always PNG) and ``meta.json`` with
+  ``neighbors`` (the k neighbour ids) and ``positives``: K **global sample indices** of the same split
+  (manifest order: shard after shard, each in stored order), neighbour ranks 1..K. No positive is embedded:
+  a loader draws one per visit and reads only that sample's rgb + depth, one exact byte range found in the
+  split's offsets table.
 
-Tar members are written in sorted order with mtime 0 and PNGs with fixed settings, so the same
-samples always give byte-identical shards (a resumed job equals an uninterrupted one).
+``depth.*`` is absent in shards written with ``depthgen.source=none`` (manifest ``depth_source: none``),
+``label.png`` when unlabelled. A sample's members are stored rgb, depth, then the rest sorted (a positive's
+rgb + depth are one contiguous prefix), with mtime 0 and fixed encoder settings: the same samples always give
+byte-identical shards (a resumed job equals an uninterrupted one).
 
-Each shard ``shard-NNNNNN.tar`` gets a sidecar ``shard-NNNNNN.json`` written *after* the shard
-(``{"name", "count", "ids", "offsets", "skipped", "digest"}``; ``offsets``: each sample's first byte,
-then the end of the last, so a reader can fetch a range of samples alone): a shard counts as complete
-only when both exist. ``manifest.json`` aggregates the sidecars and is written last::
+Each shard ``shard-NNNNNN.tar`` gets a sidecar ``shard-NNNNNN.json`` written *after* it (``{"name", "count",
+"ids", "offsets", "prefix", "skipped", "digest"}``; ``offsets``: each sample's first byte, then the end of
+the last; ``prefix``: where each sample's rgb + depth members end): a shard counts as complete only when both
+exist. Stage 2 then writes the offsets table ``offsets.npz`` (``OffsetsTable``: per sample in manifest order
+int32 ``shard`` and int64 ``start``, ``prefix``, ``stop``; the shard ``names``), then ``manifest.json`` last::
 
-    {"schema": "depthg-shards/1", "kind": "depth"|"train", "split", "shards": [{"name", "count"}],
-     "total", "dataset", "n_classes", "depth_source", "config", "skipped": [{"id", "error"}], ...}
+    {"schema": "depthg-shards/1"|"depthg-shards/2", "kind": "depth"|"train", "split", "shards": [{"name", "count"}],
+     "total", "dataset", "n_classes", "depth_source", "config", "skipped": [{"id", "error"}], ...,
+     stage 2: "index": "offsets.npz", "encoding": {"rgb", "rgb_quality", "depth", "label", "members"}, "resolution"}
+
+A stage-2 manifest of schema ``depthg-shards/1`` (K positives embedded as ``pos{k}.*``, ~8x the storage) is
+refused by ``read_manifest`` with one line saying how to regenerate it (``python launch/mine_neighbors.py``;
+the depth shards are kept and reused).
 
 Readers: ``shard_urls(root, split, kind)`` (from the manifest; which ranges a rank reads is
-``depthg.planner``'s job), ``iter_shard(url, start, stop, offsets)`` (raw sample dicts of a local or s3:// shard, the
-same dicts ``wds.WebDataset`` yields; a range of samples alone with the sidecar's offsets) and
-``decode_sample(raw)`` (numpy arrays). ``shuffled_layout`` is the stage-2 write order. ``register_gopen()`` lets
-plain ``wds.WebDataset("s3://...")`` read through fsspec (custom endpoints included).
-``write_test_shards`` writes tiny synthetic shards + manifest for other modules' tests.
+``depthg.planner``'s job), ``iter_shard(url, start, stop, offsets)`` (raw sample dicts of a local or s3://
+shard, the same dicts ``wds.WebDataset`` yields; a range of samples alone is ONE exact ranged read,
+``depthg.io.read_range``), ``parse_samples(data)`` (raw dicts of a byte range), ``decode_sample(raw)``
+(numpy arrays), ``read_index(folder)`` (the offsets table). ``shuffled_layout`` is the stage-2 write order.
+``register_gopen()`` lets plain ``wds.WebDataset("s3://...")`` read through fsspec (custom endpoints included).
+``write_test_shards`` writes tiny synthetic shards + manifest (+ offsets table) for other modules' tests.
 """
 from __future__ import annotations
 
 import io as _pyio
 import json
 import os
+import posixpath
 import re
 import tempfile
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from depthg import io
-from depthg.errors import DepthgError
+from depthg.codecs import (DEPTH_SCALE, IGNORE_ON_DISK, LOSSLESS, TRAIN_DEFAULT, Encoding, ShardError,  # noqa: F401
+                           decode_depth, decode_image, decode_label, encode_depth, encode_image, encode_label,
+                           encode_meta, member)
+from depthg.tarshard import member_order, parse_samples, sample_offsets, write_shard  # noqa: F401
 
-SCHEMA = "depthg-shards/1"
+SCHEMA = "depthg-shards/1"  # stage 1 (depth shards), unchanged
+TRAIN_SCHEMA = "depthg-shards/2"  # stage 2: each sample once, at the training resolution, positives by reference
+SCHEMAS = {"depth": SCHEMA, "train": TRAIN_SCHEMA}
 KINDS = ("depth", "train")
 MANIFEST = "manifest.json"
-DEPTH_SCALE = 65535.0
-IGNORE_ON_DISK = 255
+INDEX = "offsets.npz"
 LAYOUT_SALT = 0x1A7  # separates the stage-2 layout permutation from other streams of the same seed
-
-
-class ShardError(DepthgError, ValueError):
-    """A shard, sample or manifest that does not follow the format; the message names it."""
 
 
 # ----------------------------------------------------------------------------- names
@@ -79,136 +90,59 @@ def split_dir(root_url: str, split: str, kind: str) -> str:
     return io.join(root_url, "depth", split) if kind == "depth" else io.join(root_url, split)
 
 
-# ----------------------------------------------------------------------------- encoding
-def _png(array: np.ndarray) -> bytes:
-    buf = _pyio.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def encode_image(image: np.ndarray) -> bytes:
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ShardError(f"image must be uint8 HxWx3, got {image.dtype} {image.shape}")
-    return _png(np.ascontiguousarray(image))
-
-
-def encode_depth(depth: np.ndarray) -> bytes:
-    depth = np.asarray(depth, dtype=np.float32)
-    if depth.ndim != 2:
-        raise ShardError(f"depth must be HxW, got shape {depth.shape}")
-    if not np.isfinite(depth).all() or depth.min() < 0.0 or depth.max() > 1.0:
-        raise ShardError("depth must be finite and in [0, 1]")
-    return _png(np.round(depth * DEPTH_SCALE).astype(np.uint16))
-
-
-def encode_label(label: np.ndarray) -> bytes:
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ShardError(f"label must be HxW, got shape {label.shape}")
-    if label.min(initial=0) < -1 or label.max(initial=0) >= IGNORE_ON_DISK:
-        raise ShardError(f"label ids must be in [-1, {IGNORE_ON_DISK - 1}]")
-    return _png(np.where(label < 0, IGNORE_ON_DISK, label).astype(np.uint8))
-
-
+# ----------------------------------------------------------------------------- samples
 def encode_sample(sample_id: str, image: np.ndarray, depth: np.ndarray | None, label: np.ndarray | None = None,
-                  meta: dict | None = None, positives: Sequence[tuple[np.ndarray, np.ndarray | None]] = ()) -> dict:
-    """One sample as a dict of bytes for ``wds.TarWriter(..., encoder=False)``; ``depth`` None (and None
-    positive depths) writes a sample without depth (``depthgen.source=none``)."""
+                  meta: dict | None = None, encoding: Encoding = LOSSLESS) -> dict:
+    """One sample as a dict of member bytes (``write_shard`` / ``wds.TarWriter(..., encoder=False)``); ``depth``
+    None writes a sample without depth (``depthgen.source=none``). ``encoding``: stage 1 is ``LOSSLESS``."""
     if "." in sample_id or "/" in sample_id:
         raise ShardError(f"sample id {sample_id!r} must not contain '.' or '/'")
     if depth is not None and image.shape[:2] != depth.shape:
         raise ShardError(f"sample {sample_id}: image {image.shape[:2]} and depth {depth.shape} differ in size")
-    meta = {"id": sample_id, **(meta or {})}
-    out = {"__key__": sample_id, "rgb.png": encode_image(image), "meta.json": encode_meta(meta)}
+    rgb_member, depth_member = encoding.as_dict()["members"][:2]
+    out = {"__key__": sample_id, rgb_member: encode_image(image, encoding.rgb, encoding.quality),
+           "meta.json": encode_meta({"id": sample_id, **(meta or {})})}
     if depth is not None:
-        out["depth.png"] = encode_depth(depth)
+        out[depth_member] = encode_depth(depth, encoding.depth)
     if label is not None:
         out["label.png"] = encode_label(label)
-    for k, (pos_image, pos_depth) in enumerate(positives):
-        out[f"pos{k}.rgb.png"] = encode_image(pos_image)
-        if pos_depth is not None:
-            out[f"pos{k}.depth.png"] = encode_depth(pos_depth)
     return out
 
 
-def encode_meta(meta: dict) -> bytes:
-    return json.dumps(meta, sort_keys=True).encode()
-
-
-# ----------------------------------------------------------------------------- decoding
-def _unpng(data: bytes) -> np.ndarray:
-    with Image.open(_pyio.BytesIO(data)) as img:
-        return np.array(img)
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    return _unpng(data).astype(np.uint8)
-
-
-def decode_depth(data: bytes) -> np.ndarray:
-    return (_unpng(data).astype(np.float32) / DEPTH_SCALE).astype(np.float32)
-
-
-def decode_label(data: bytes) -> np.ndarray:
-    raw = _unpng(data).astype(np.int64)
-    raw[raw == IGNORE_ON_DISK] = -1
-    return raw
-
-
-def num_positives(raw: dict) -> int:
-    k = 0
-    while f"pos{k}.rgb.png" in raw:
-        k += 1
-    return k
-
-
-def _optional_depth(raw: dict, member: str) -> np.ndarray | None:
-    return decode_depth(raw[member]) if member in raw else None
-
-
-def decode_sample(raw: dict) -> dict:
-    """Raw member bytes -> ``{"id", "image", "depth" (or None), "label" (or None), "meta", "positives"}``."""
+def decode_sample(raw: dict, label_levels: bool = False) -> dict:
+    """Raw member bytes -> ``{"id", "image", "depth" (or None), "label" (or None), "meta"}``; ``label_levels``:
+    the label as stored (uint8, 255 = ignore) instead of int64 with -1."""
     key = raw.get("__key__", "?")
-    if "rgb.png" not in raw:
-        raise ShardError(f"sample {key} in {raw.get('__url__', '?')} has no rgb.png")
+    rgb, depth = member(raw, "rgb"), member(raw, "depth")
+    if rgb is None:
+        raise ShardError(f"sample {key} in {raw.get('__url__', '?')} has no rgb member")
     meta = json.loads(raw["meta.json"]) if "meta.json" in raw else {"id": key}
-    positives = [(decode_image(raw[f"pos{k}.rgb.png"]), _optional_depth(raw, f"pos{k}.depth.png"))
-                 for k in range(num_positives(raw))]
-    return {"id": meta.get("id", key), "image": decode_image(raw["rgb.png"]),
-            "depth": _optional_depth(raw, "depth.png"),
-            "label": decode_label(raw["label.png"]) if "label.png" in raw else None,
-            "meta": meta, "positives": positives}
+    return {"id": meta.get("id", key), "image": decode_image(raw[rgb], rgb),
+            "depth": decode_depth(raw[depth], depth) if depth else None,
+            "label": decode_label(raw["label.png"], label_levels) if "label.png" in raw else None, "meta": meta}
 
 
 # ----------------------------------------------------------------------------- writing / reading shards
-def write_shard(local_path: str, samples: Iterable[dict]) -> int:
-    """Write encoded samples to a local tar file (deterministic bytes); returns the count."""
-    import webdataset as wds
-
-    count = 0
-    with open(local_path, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0.0) as sink:
-        for sample in samples:
-            sink.write(sample)
-            count += 1
-    return count
-
-
 def iter_shard(url: str, start: int = 0, stop: int | None = None, offsets: Sequence[int] | None = None,
                meter: list | None = None) -> Iterator[dict]:
-    """Raw sample dicts (``__key__``, ``__url__``, member bytes) of samples ``[start, stop)`` of one shard,
-    streamed. With the sidecar's ``offsets`` only those bytes are read (a seek, then a bounded read);
-    without them the samples before ``start`` are read and dropped. ``meter[0]`` grows by the bytes read."""
+    """Raw sample dicts (``__key__``, ``__url__``, member bytes) of samples ``[start, stop)`` of one shard.
+    With the sidecar's ``offsets`` the range is ONE exact ranged read (``depthg.io.read_range``: storage serves
+    exactly those bytes); without them the shard is streamed and the samples before ``start`` are dropped.
+    ``meter[0]`` grows by the bytes read. A range shorter than the offsets say (a truncated shard) raises
+    ``ShardError`` after the samples it held."""
+    if offsets is not None and len(offsets) > (stop if stop is not None else 0):
+        begin, end = int(offsets[start]), int(offsets[stop] if stop is not None else offsets[-1])
+        data = io.read_range(url, begin, end)
+        if meter is not None:
+            meter[0] += len(data)
+        yield from parse_samples(data, url, truncated=len(data) < end - begin)
+        if len(data) < end - begin:
+            raise ShardError(f"{url}: {len(data)} bytes at {begin} where its offsets say {end - begin} (truncated?)")
+        return
     from webdataset import tariterators
 
     with io.open_url(url, "rb") as stream:
-        limit = None
-        if offsets is not None and len(offsets) > (stop if stop is not None else 0):
-            stream.seek(offsets[start])
-            limit = (offsets[stop] if stop is not None else offsets[-1]) - offsets[start]
-            stop, start = (None if stop is None else stop - start), 0
-        source = _Metered(stream, limit, meter)
-        files = tariterators.tar_file_expander([{"url": url, "stream": source}])
+        files = tariterators.tar_file_expander([{"url": url, "stream": _Metered(stream, meter)}])
         for index, raw in enumerate(tariterators.group_by_keys(files)):
             if stop is not None and index >= stop:
                 return
@@ -217,34 +151,16 @@ def iter_shard(url: str, start: int = 0, stop: int | None = None, offsets: Seque
 
 
 class _Metered:
-    """A read-only stream that counts the bytes read and ends after ``limit`` bytes (None: at EOF)."""
+    """A read-only stream that counts the bytes read."""
 
-    def __init__(self, stream, limit: int | None, meter: list | None):
-        self.stream, self.left, self.meter = stream, limit, meter
+    def __init__(self, stream, meter: list | None):
+        self.stream, self.meter = stream, meter
 
     def read(self, size: int = -1) -> bytes:
-        if self.left is not None:
-            size = self.left if size is None or size < 0 else min(size, self.left)
         data = self.stream.read(size)
-        self.left = None if self.left is None else self.left - len(data)
         if self.meter is not None:
             self.meter[0] += len(data)
         return data
-
-
-def sample_offsets(local_path: str) -> list[int]:
-    """Each sample's first tar header offset in a local shard, then the end of the last (count + 1)."""
-    import tarfile
-
-    offsets, last = [], None
-    with tarfile.open(local_path, "r:") as tar:
-        for member in tar.getmembers():
-            key = member.name.split(".", 1)[0]
-            if key != last:
-                offsets.append(member.offset)
-                last = key
-        offsets.append(tar.offset)  # after the last member's data: where the end-of-archive blocks start
-    return offsets
 
 
 def _gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
@@ -258,6 +174,72 @@ def register_gopen(schemes: Sequence[str] = ("s3", "s3a", "gcs", "gs")) -> None:
     gopen_module = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
     for scheme in schemes:
         gopen_module.gopen_schemes[scheme] = _gopen_fsspec
+
+
+# ----------------------------------------------------------------------------- the offsets table (stage 2)
+class OffsetsTable:
+    """Every sample's byte range in a split (``offsets.npz``): per global index (manifest order) its ``shard``
+    and int64 ``start`` (first header), ``prefix`` (end of rgb + depth: a positive's read) and ``stop``."""
+
+    def __init__(self, names: Sequence[str], shard, start, prefix, stop):
+        self.names = [str(n) for n in names]
+        self.shard, self.start = np.asarray(shard, np.int32), np.asarray(start, np.int64)
+        self.prefix, self.stop = np.asarray(prefix, np.int64), np.asarray(stop, np.int64)
+        counts = np.bincount(self.shard, minlength=len(self.names))
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.by_name = {n: i for i, n in enumerate(self.names)}
+
+    @classmethod
+    def from_sidecars(cls, infos: Sequence[dict]) -> "OffsetsTable":
+        shard, start, prefix, stop = [], [], [], []
+        for i, info in enumerate(infos):
+            off, pre = info["offsets"], info.get("prefix") or info["offsets"][1:]
+            if len(off) != info["count"] + 1 or len(pre) != info["count"]:
+                raise ShardError(f"sidecar of {info['name']}: {len(off)} offsets for {info['count']} samples")
+            shard += [i] * info["count"]
+            start, prefix, stop = start + off[:-1], prefix + list(pre), stop + off[1:]
+        return cls([info["name"] for info in infos], shard, start, prefix, stop)
+
+    def to_bytes(self) -> bytes:
+        buf = _pyio.BytesIO()
+        np.savez_compressed(buf, names=np.array(self.names, dtype=str), shard=self.shard, start=self.start,
+                            prefix=self.prefix, stop=self.stop)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "?") -> "OffsetsTable":
+        try:
+            with np.load(_pyio.BytesIO(data), allow_pickle=False) as z:
+                return cls(list(z["names"]), z["shard"], z["start"], z["prefix"], z["stop"])
+        except (KeyError, ValueError, OSError) as exc:
+            raise ShardError(f"{where}: not an offsets table ({exc}); rerun python launch/mine_neighbors.py") from exc
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def segment(self, shard: int, a: int, b: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of samples ``[a, b)`` of shard ``shard``."""
+        g = int(self.first[shard])
+        return int(self.start[g + a]), int(self.stop[g + b - 1])
+
+    def sample(self, index: int) -> tuple[str, int, int]:
+        """``(shard name, start, prefix end)``: the bytes a positive reads (its rgb + depth members)."""
+        return self.names[int(self.shard[index])], int(self.start[index]), int(self.prefix[index])
+
+
+def write_index(folder_url: str, infos: Sequence[dict]) -> str:
+    """Write the offsets table of the shards whose sidecars are ``infos`` (manifest order); returns its URL."""
+    url = io.join(folder_url, INDEX)
+    io.write_bytes(url, OffsetsTable.from_sidecars(infos).to_bytes())
+    return url
+
+
+def read_index(folder_url: str, name: str = INDEX) -> OffsetsTable:
+    url = io.join(folder_url, name)
+    try:
+        return OffsetsTable.from_bytes(io.read_bytes(url), url)
+    except FileNotFoundError as exc:
+        raise ShardError(f"{url} is missing: rerun python launch/mine_neighbors.py") from exc
 
 
 # ----------------------------------------------------------------------------- sidecars and manifests
@@ -274,24 +256,34 @@ def _manifest_url(url: str) -> str:
 
 
 def write_manifest(url: str, manifest: dict) -> None:
-    """Write ``manifest`` (to ``url`` or ``url/manifest.json``); checks schema and counts first."""
+    """Write ``manifest`` (to ``url`` or ``url/manifest.json``) with its kind's schema; checks keys and counts."""
     for key in ("kind", "split", "shards"):
         if key not in manifest:
             raise ShardError(f"manifest for {url} lacks '{key}'")
-    manifest = {**manifest, "schema": SCHEMA, "total": sum(int(s["count"]) for s in manifest["shards"])}
-    write_json(_manifest_url(url), manifest)
+    if manifest["kind"] not in KINDS:
+        raise ShardError(f"manifest for {url}: kind {manifest['kind']!r}, expected one of {KINDS}")
+    total = sum(int(s["count"]) for s in manifest["shards"])
+    write_json(_manifest_url(url), {**manifest, "schema": SCHEMAS[manifest["kind"]], "total": total})
 
 
 def read_manifest(url: str) -> dict:
-    """Read ``url`` (a manifest.json or the folder holding one); clear error when missing."""
+    """Read ``url`` (a manifest.json or the folder holding one); clear error when missing or of an old schema."""
     murl = _manifest_url(url)
     try:
         manifest = read_json(murl)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"no shard manifest at {murl}: run generate_depth first "
                                 "(python launch/generate_depth.py)") from exc
-    if manifest.get("schema") != SCHEMA:
-        raise ShardError(f"{murl}: schema {manifest.get('schema')!r}, expected {SCHEMA!r}")
+    schema, kind = manifest.get("schema"), manifest.get("kind")
+    if kind == "train" and schema == SCHEMA:
+        root = posixpath.dirname(posixpath.dirname(str(murl).rstrip("/")))
+        raise ShardError(f"{murl}: stage-2 shards written with embedded positives (schema {SCHEMA}); this version "
+                         f"reads {TRAIN_SCHEMA} (each sample once at the training resolution, positives by reference): "
+                         f"regenerate them with python launch/mine_neighbors.py shards.root={root} (your --config "
+                         f"and data.resolution; the depth shards under {io.join(root, 'depth')} are kept and reused)")
+    if kind not in SCHEMAS or schema != SCHEMAS[kind]:
+        raise ShardError(f"{murl}: schema {schema!r} of kind {kind!r}, expected "
+                         + " or ".join(f"{s!r} (kind {k})" for k, s in SCHEMAS.items()))
     return manifest
 
 
@@ -332,32 +324,36 @@ def _synthetic_sample(rng: np.random.Generator, size: tuple[int, int], n_classes
 
 def write_test_shards(root_url: str, n_samples: int, size: tuple[int, int] = (32, 32), with_positives: bool = True,
                       num_positives: int = 2, samples_per_shard: int = 4, split: str = "train",
-                      n_classes: int = 3, labelled: bool = True, seed: int = 0) -> dict:
+                      n_classes: int = 3, labelled: bool = True, seed: int = 0,
+                      encoding: Encoding | None = None) -> dict:
     """Write tiny synthetic shards + manifest under ``root_url`` (local or s3://); returns the manifest.
 
-    ``with_positives=True`` writes stage-2 (``kind="train"``, ``{root}/{split}``) shards whose
-    positives are the next samples (cyclically); otherwise stage-1 ``{root}/depth/{split}`` shards.
+    ``with_positives=True`` writes stage-2 (``kind="train"``, ``{root}/{split}``, ``encoding`` default
+    ``codecs.TRAIN_DEFAULT``, + offsets table) shards whose positives are the next samples (cyclically, by
+    global index; resolution recorded when ``size`` is square); otherwise stage-1 ``{root}/depth/{split}`` shards.
     """
     rng = np.random.default_rng(seed)
     data = [_synthetic_sample(rng, size, n_classes) for _ in range(n_samples)]
     ids = [f"{split}-{i:05d}" for i in range(n_samples)]
     kind = "train" if with_positives else "depth"
+    enc = (encoding or TRAIN_DEFAULT) if with_positives else LOSSLESS
     folder = split_dir(root_url, split, kind)
-    shards = []
+    infos = []
     for start in range(0, n_samples, samples_per_shard):
         samples = []
         for i in range(start, min(start + samples_per_shard, n_samples)):
             nbrs = [(i + 1 + j) % n_samples for j in range(num_positives)] if with_positives else []
             meta = {"source_id": ids[i], "crop": -1, "split": split, "dataset": "test",
-                    "neighbors": [ids[j] for j in nbrs]}
-            samples.append(encode_sample(ids[i], data[i][0], data[i][1], data[i][2] if labelled else None,
-                                         meta, [(data[j][0], data[j][1]) for j in nbrs]))
-        name = shard_name(len(shards))
-        put_shard(folder, name, samples)
-        shards.append({"name": name, "count": len(samples)})
-    manifest = {"kind": kind, "split": split, "shards": shards, "dataset": "test", "n_classes": n_classes,
-                "depth_source": "synthetic-test", "config": {}, "skipped": [],
-                "num_positives": num_positives if with_positives else 0}
+                    "neighbors": [ids[j] for j in nbrs], **({"positives": nbrs} if with_positives else {})}
+            samples.append(encode_sample(ids[i], data[i][0], data[i][1], data[i][2] if labelled else None, meta, enc))
+        infos.append(put_shard(folder, shard_name(len(infos)), samples))
+    manifest = {"kind": kind, "split": split, "shards": [{"name": s["name"], "count": s["count"]} for s in infos],
+                "dataset": "test", "n_classes": n_classes, "depth_source": "synthetic-test", "config": {},
+                "skipped": [], "num_positives": num_positives if with_positives else 0}
+    if with_positives:
+        write_index(folder, infos)
+        manifest.update({"index": INDEX, "encoding": enc.as_dict(),
+                         "resolution": size[0] if size[0] == size[1] else None})
     write_manifest(folder, manifest)
     return read_manifest(folder)
 
@@ -370,12 +366,12 @@ def put_shard(folder_url: str, name: str, samples: Iterable[dict], sidecar: dict
     try:
         samples = list(samples)
         count = write_shard(tmp, samples)
-        offsets = sample_offsets(tmp)
+        offsets, prefix = sample_offsets(tmp)
         io.put_file(tmp, io.join(folder_url, name))
     finally:
         os.remove(tmp)
     info = {"name": name, "count": count, "ids": [s["__key__"] for s in samples], "offsets": offsets,
-            **(sidecar or {})}
+            "prefix": prefix, **(sidecar or {})}
     write_json(io.join(folder_url, sidecar_name(name)), info)
     return info
 

@@ -65,7 +65,11 @@ def stego_options(loss_cfg) -> dict:
 
 
 def backbone_features(backbone, images: torch.Tensor) -> torch.Tensor:
-    """Frozen features [B,C,h,w] in fp32; bf16 autocast on CUDA."""
+    """Frozen features [B,C,h,w] in fp32; bf16 autocast on CUDA. ``images``: float [B,3,H,W] in [0, 1], or
+    the loader's uint8 [B,3,H,W], made float here, on the device the images were moved to (THE one place
+    where batches' images become float: a quarter of the bytes cross the host-to-device copy)."""
+    if images.dtype == torch.uint8:  # (channels-last strides from the loader's collate: made contiguous here)
+        images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext())
     with torch.no_grad(), autocast:
         feats = backbone(images)

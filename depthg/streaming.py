@@ -7,15 +7,21 @@ its chunk ``[t B, (t+1) B)``, and loader worker ``w`` reads the chunks of the st
 One worker's stages, each a small generator function::
 
     plan (planner.stream_segments: the shard ranges of the worker's chunks)
-    -> read raw samples of each range (``shard_samples``: only those bytes, through the sidecar offsets)
-    -> pick a positive uniformly from the K embedded ones (a draw per sample; the others are dropped,
-       which keeps the shuffle buffer 4x smaller)
+    -> read each range's raw samples (``depthg.reader.ShardReader``: ONE exact ranged read per planned
+       segment, located by the split's offsets table; the next segments are read ahead on a thread pool)
+    -> draw a positive: one ``rng.integers(K)`` per sample over the K global indices of its
+       ``meta.json`` ``positives`` (the same draw, stream and seeds as when the K were embedded)
     -> shuffle buffer (on the raw, still-compressed bytes; per epoch: drained when the epoch changes)
     -> skip (resume: the samples of the current epoch already trained on, replayed raw)
-    -> decode (only the anchor and the chosen positive)
-    -> resize shorter side + centre-crop to ``data.resolution`` (``depthg.data.transforms.resize_center_crop``)
-    -> batch (``image, depth, label, pos_image, pos_depth`` tensors + ``id`` list, ``step``, and the
-       ``skipped`` damage events and storage ``bytes`` read since the previous batch)
+    -> fetch each drawn positive's rgb + depth (``depthg.reader.PositiveReader``: one exact range per
+       positive, ``spec.prefetch`` samples ahead on the pool, so storage latency overlaps decoding)
+    -> decode (anchor: rgb, depth, label, meta; positive: rgb, depth)
+    -> to the training resolution (``depthg.data.transforms.resize_center_crop``; stage-2 samples are
+       stored at it, so this is the identity there)
+    -> batch: ``image, pos_image`` uint8 [B,3,R,R] (made float in [0, 1] on the training device by
+       ``depthg.step.backbone_features``), ``depth, pos_depth`` float32 [B,1,R,R], ``label`` int64, the
+       ``id`` and ``pos_id`` lists, ``step``, and since the previous batch: ``skipped`` damage events,
+       storage ``bytes`` read and member bytes ``decoded``
 
 The shuffle buffer sits before decoding so that a resumed run can skip the batches it already trained on
 by replaying the raw stream without decoding: resume is exact to the sample (same world size and loader
@@ -27,9 +33,11 @@ Validation reads each rank's slice of the split once, in manifest order, with a 
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import logging
-import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -38,79 +46,20 @@ import torch
 
 from depthg import planner
 from depthg import shards as shardfmt
-from depthg.data.transforms import resize_center_crop, to_tensor_image
+from depthg.codecs import IGNORE_ON_DISK, decode_depth, decode_image, member
+from depthg.data.transforms import resize_center_crop
+from depthg.reader import (WITH_DEPTH, WITHOUT_DEPTH, PositiveReader, ShardReader, ahead,  # noqa: F401
+                           log_damage, required_members, shard_samples)
 
 log = logging.getLogger(__name__)
 
 SHUFFLE_STREAM, POSITIVE_STREAM = 1, 3  # the ``stream`` of slot_rng: shuffle buffer, positive draws
+SEGMENTS_AHEAD = 2  # planned anchor ranges read ahead of the one being consumed
 
 
 def slot_rng(seed: int, epoch: int, rank: int, worker: int, stream: int) -> np.random.Generator:
     """Generator for one (seed, epoch, rank, worker); ``stream`` separates shuffle from positives."""
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, worker, stream]))
-
-
-# ----------------------------------------------------------------------------- reading
-WITH_DEPTH, WITHOUT_DEPTH = ("rgb.png", "depth.png"), ("rgb.png",)  # members every sample must have
-
-
-def required_members(manifest: dict) -> tuple[str, ...]:
-    """What each sample of a split holds: no ``depth.png`` in shards written with ``depthgen.source=none``."""
-    return WITHOUT_DEPTH if manifest.get("depth_source") == "none" else WITH_DEPTH
-
-
-def shard_samples(url: str, start: int = 0, stop: int | None = None, offsets: Sequence[int] | None = None,
-                  skipped: list | None = None, meter: list | None = None,
-                  required: Sequence[str] = WITH_DEPTH) -> Iterator[dict]:
-    """Raw samples ``[start, stop)`` of one shard. A damaged shard (truncated, not a tar, missing) ends where
-    it breaks and a sample lacking a ``required`` member is dropped: each is logged naming the shard and
-    appended to ``skipped``; training goes on. Storage that cannot be reached is still an error."""
-    from depthg.io import StorageError
-
-    try:
-        for raw in shardfmt.iter_shard(url, start, stop, offsets, meter):
-            missing = [m for m in required if m not in raw]
-            if missing:
-                _skip(skipped, url, f"sample {raw.get('__key__')} lacks {', '.join(missing)}")
-                continue
-            yield raw
-    except StorageError:
-        raise
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        _skip(skipped, url, f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}")
-
-
-def _skip(skipped: list | None, url: str, error: str) -> None:
-    log.warning("damaged shard %s skipped from here on: %s", url, error)
-    if skipped is not None:
-        skipped.append({"url": str(url), "error": error})
-
-
-class ShardReader:
-    """Reads planned shard ranges of one split; fetches a shard's sidecar offsets (once per process) when
-    a range starts or stops inside the shard, so that only the range's bytes are read."""
-
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], required: Sequence[str] = WITH_DEPTH):
-        self.urls, self.counts, self.offsets, self.required = list(urls), list(counts), {}, tuple(required)
-
-    def _offsets(self, shard: int):
-        if shard not in self.offsets:
-            url = self.urls[shard]
-            folder, name = url.rsplit("/", 1)
-            try:
-                info = shardfmt.read_sidecar(folder, name)
-            except (OSError, ValueError):
-                info = None
-            offsets = (info or {}).get("offsets")
-            self.offsets[shard] = offsets if offsets and len(offsets) == self.counts[shard] + 1 else None
-        return self.offsets[shard]
-
-    def __call__(self, segs: Sequence[tuple[int, int, int]], skipped: list | None = None,
-                 meter: list | None = None) -> Iterator[dict]:
-        for shard, start, stop in segs:
-            whole = start == 0 and stop == self.counts[shard]
-            offsets = None if whole else self._offsets(shard)
-            yield from shard_samples(self.urls[shard], start, stop, offsets, skipped, meter, self.required)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -131,18 +80,22 @@ def shuffle_stage(samples: Iterable[dict], size: int, rng: np.random.Generator) 
         yield buffer.pop(int(rng.integers(len(buffer))))
 
 
+def _meta(raw: dict) -> dict:
+    if "__meta__" not in raw:
+        raw["__meta__"] = json.loads(raw["meta.json"]) if "meta.json" in raw else {}
+    return raw["__meta__"]
+
+
 def positive_stage(samples: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
-    """Keep one positive, drawn uniformly from the K embedded, renamed to ``pos0.*`` (K=0: itself)."""
+    """Draw one positive per sample uniformly from the K global indices of its ``meta.json`` ``positives``
+    (``__positive__`` = the draw j, ``__positive_index__`` = the index); K=0 (unmined split): none drawn,
+    the crop is its own positive. One ``rng.integers(K)`` per sample with K > 0, as when K were embedded."""
     for raw in samples:
-        k = shardfmt.num_positives(raw)
-        out = {key: value for key, value in raw.items() if not key.startswith("pos")}
-        if k > 0:
-            j = int(rng.integers(k))
-            out["pos0.rgb.png"] = raw[f"pos{j}.rgb.png"]
-            if f"pos{j}.depth.png" in raw:  # absent without depth (depthgen.source=none)
-                out["pos0.depth.png"] = raw[f"pos{j}.depth.png"]
-            out["__positive__"] = j
-        yield out
+        positives = _meta(raw).get("positives") or []
+        if positives:
+            j = int(rng.integers(len(positives)))
+            raw["__positive__"], raw["__positive_index__"] = j, int(positives[j])
+        yield raw
 
 
 def skip_stage(samples: Iterable[dict], count: int) -> Iterator[dict]:
@@ -150,35 +103,74 @@ def skip_stage(samples: Iterable[dict], count: int) -> Iterator[dict]:
     return itertools.islice(samples, count, None)
 
 
+def _fetch_one(fetch: Callable | None, raw: dict):
+    index = raw.get("__positive_index__")
+    return raw, (fetch(index) if fetch is not None and index is not None else (None, 0, None))
+
+
+def fetch_stage(samples: Iterable[dict], fetch: Callable | None, pool=None, depth: int = 0,
+                skipped: list | None = None, meter: list | None = None) -> Iterator[dict]:
+    """Attach each sample's drawn positive (``__pos__``: its raw rgb + depth members), read by ``fetch``
+    (``depthg.reader.PositiveReader``) up to ``depth`` samples ahead on ``pool``. A damaged positive is
+    logged and counted in ``skipped``; its anchor then stands in as the positive."""
+    for raw, (pos, nbytes, error) in ahead((functools.partial(_fetch_one, fetch, r) for r in samples), pool, depth):
+        if meter is not None:
+            meter[0] += nbytes
+        if error:
+            log_damage(skipped, error.split(": ", 1)[0], f"positive {raw['__positive_index__']} of sample "
+                 f"{raw.get('__key__')} (the anchor stands in): {error}")
+        raw["__pos__"] = pos
+        yield raw
+
+
+def _decode(raw: dict) -> dict:
+    sample = shardfmt.decode_sample(raw, label_levels=True)  # uint8 labels: widened once per batch
+    if sample["label"] is None:  # unlabelled: all ignore, in the same stored form as the labelled
+        sample["label"] = np.full(sample["image"].shape[:2], IGNORE_ON_DISK, np.uint8)
+    decoded = sum(len(raw[m]) for m in (member(raw, "rgb"), member(raw, "depth"), "label.png", "meta.json")
+                  if m in raw)
+    pos = raw.get("__pos__")
+    if pos is None:  # unmined split (val), K=0, or a damaged positive: the crop is its own positive
+        sample.update(pos_image=sample["image"], pos_depth=sample["depth"], pos_id=sample["id"])
+    else:
+        rgb, dep = member(pos, "rgb"), member(pos, "depth")
+        sample.update(pos_image=decode_image(pos[rgb], rgb), pos_depth=decode_depth(pos[dep], dep) if dep else None,
+                      pos_id=pos["__key__"])
+        decoded += len(pos[rgb]) + (len(pos[dep]) if dep else 0)
+    sample["__decoded__"] = decoded
+    return sample
+
+
 def decode_stage(samples: Iterable[dict], skipped: list | None = None) -> Iterator[dict]:
+    """Decode the anchor (rgb, depth, label, meta) and its positive (rgb, depth); ``__decoded__``: their bytes."""
     for raw in samples:
         try:
-            sample = shardfmt.decode_sample(raw)
-        except (shardfmt.ShardError, OSError, ValueError, SyntaxError) as exc:  # a corrupt PNG / JSON member
-            _skip(skipped, raw.get("__url__", "?"), f"sample {raw.get('__key__')}: {type(exc).__name__}: {exc}")
-            continue
-        if sample["positives"]:
-            sample["pos_image"], sample["pos_depth"] = sample["positives"][0]
-        else:  # unmined split (val): the crop is its own positive
-            sample["pos_image"], sample["pos_depth"] = sample["image"], sample["depth"]
-        yield sample
+            yield _decode(raw)
+        except (shardfmt.ShardError, OSError, ValueError, SyntaxError, RuntimeError) as exc:  # a corrupt member
+            log_damage(skipped, raw.get("__url__", "?"), f"sample {raw.get('__key__')}: {type(exc).__name__}: {exc}")
+
+
+def _image(array: np.ndarray, resolution: int) -> torch.Tensor:
+    return torch.from_numpy(resize_center_crop(array, resolution)).permute(2, 0, 1)
 
 
 def to_tensors(sample: dict, resolution: int) -> dict:
     """numpy sample -> tensors at ``resolution`` through the project's one resize
-    (``depthg.data.transforms.resize_center_crop``): image/pos_image [3,R,R] in [0,1], depth/pos_depth
-    [1,R,R] (absent for samples without depth), label [R,R]."""
-    def img(a):
-        return to_tensor_image(resize_center_crop(a, resolution))
-
+    (``depthg.data.transforms.resize_center_crop``, the identity on samples stored at it): image/pos_image
+    uint8 [3,R,R] (views of HWC memory), depth/pos_depth float32 [1,R,R] (absent for samples without depth),
+    label [R,R] of the sample's dtype (int64 with -1 = ignore, or the stored uint8 with 255; none: all -1)."""
     label = sample["label"]
     if label is None:
         label = np.full(sample["image"].shape[:2], -1, np.int64)
-    out = {"id": sample["id"], "image": img(sample["image"]), "pos_image": img(sample["pos_image"]),
+    out = {"id": sample["id"], "image": _image(sample["image"], resolution),
+           "pos_image": _image(sample["pos_image"], resolution),
            "label": torch.from_numpy(resize_center_crop(label, resolution))}
     for key in ("depth", "pos_depth"):
         if sample[key] is not None:
             out[key] = torch.from_numpy(resize_center_crop(sample[key], resolution))[None]
+    for key in ("pos_id", "__decoded__"):
+        if key in sample:
+            out[key] = sample[key]
     return out
 
 
@@ -187,11 +179,25 @@ def resize_stage(samples: Iterable[dict], resolution: int) -> Iterator[dict]:
         yield to_tensors(sample, resolution)
 
 
+def collate(tensors: list) -> torch.Tensor:
+    """Stack one key's tensors. Images ([3,R,R] views of HWC memory) stack as one copy into [B,R,R,3] memory,
+    returned as its [B,3,R,R] view (channels-last strides: no transposing copy on the CPU; the device makes
+    them contiguous floats, ``depthg.step.backbone_features``); stored uint8 labels widen to int64, 255 -> -1."""
+    first = tensors[0]
+    if first.dtype == torch.uint8 and first.dim() == 3 and first.permute(1, 2, 0).is_contiguous():
+        return torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)
+    if first.dtype == torch.uint8 and first.dim() == 2:  # labels as stored
+        out = torch.stack(tensors).to(torch.int64)
+        return out.masked_fill_(out == IGNORE_ON_DISK, -1)
+    return torch.stack(tensors)
+
+
 def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int | None,
                 skipped: list | None = None, meter: list | None = None) -> Iterator[dict]:
     """Stack ``batch_size`` samples per batch: exactly ``num_batches`` batches, or (``None``) until the
     samples end, the last batch possibly smaller. ``batch["skipped"]``: damage events (``shard_samples``)
-    since the previous batch; ``batch["bytes"]``: storage bytes read since the previous batch."""
+    since the previous batch; ``batch["bytes"]``: storage bytes read since the previous batch;
+    ``batch["decoded"]``: the bytes of the members its samples decoded."""
     samples, skipped, meter = iter(samples), [] if skipped is None else skipped, [0] if meter is None else meter
     for _ in itertools.count() if num_batches is None else range(num_batches):
         chunk = list(itertools.islice(samples, batch_size))
@@ -199,9 +205,10 @@ def batch_stage(samples: Iterable[dict], batch_size: int, num_batches: int | Non
             return
         if len(chunk) < batch_size and num_batches is not None:
             raise RuntimeError("the sample stream ended early (it runs over epochs, so this is a bug)")
-        batch = {key: torch.stack([s[key] for s in chunk]) for key in chunk[0] if key != "id"}
-        batch["id"] = [s["id"] for s in chunk]
+        batch = {key: collate([s[key] for s in chunk]) for key, v in chunk[0].items() if torch.is_tensor(v)}
+        batch["id"], batch["pos_id"] = [s["id"] for s in chunk], [s.get("pos_id", s["id"]) for s in chunk]
         batch["skipped"], batch["bytes"] = len(skipped), meter[0]
+        batch["decoded"] = sum(s.get("__decoded__", 0) for s in chunk)
         skipped.clear()
         meter[0] = 0
         yield batch
@@ -224,8 +231,12 @@ class StreamSpec:
     start_step: int = 0  # local micro-batch index to start from (resume)
     num_steps: int = 0  # micro batches to yield in total (0 = one epoch's whole steps)
     num_workers: int = 1  # DataLoader workers of this rank (>= 1; 0 loader workers counts as 1)
-    required: Sequence[str] = WITH_DEPTH  # members every sample has (``required_members(manifest)``)
-    reader: Callable | None = field(default=None, repr=False)  # None: ShardReader(urls, counts, required)
+    required: Sequence[str] = WITH_DEPTH  # what every sample holds (``required_members(manifest)``)
+    index_url: str | None = None  # the split's offsets table (stage 2): exact ranges, positives by reference
+    with_positives: bool = True  # False: no positive is read (each crop is its own; e.g. the probe finishing)
+    fetch_threads: int = 8  # reader threads per loader worker (ranges and positives ahead); 0: none
+    prefetch: int = 0  # positives read ahead of decoding; 0 = 2 x micro_batch
+    reader: Callable | None = field(default=None, repr=False)  # None: ShardReader(urls, counts, required, index_url)
 
     @property
     def total(self) -> int:
@@ -238,32 +249,57 @@ class StreamSpec:
 
     def read(self, segs, skipped=None, meter=None) -> Iterator[dict]:
         if self.reader is None:
-            self.reader = ShardReader(self.urls, self.counts, self.required)
+            self.reader = ShardReader(self.urls, self.counts, self.required, self.index_url)
         return self.reader(segs, skipped, meter)
+
+    def positives(self) -> PositiveReader | None:
+        """What reads a drawn positive (None: each crop is its own positive)."""
+        return PositiveReader(self.index_url, self.required) if self.index_url and self.with_positives else None
+
+    def pool(self) -> ThreadPoolExecutor | None:
+        return ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="depthg-read") if self.fetch_threads else None
+
+
+def _read_segment(spec: StreamSpec, epoch: int, seg: tuple, skipped: list | None):
+    local = [0]
+    return epoch, list(spec.read([seg], skipped, local)), local[0]
 
 
 def worker_stream(spec: StreamSpec, worker: int, first_step: int, skipped: list | None = None,
-                  meter: list | None = None) -> Iterator[dict]:
+                  meter: list | None = None, pool=None) -> Iterator[dict]:
     """The raw samples of loader ``worker`` of ``spec.rank`` from its batch of local step ``first_step`` on,
-    endless, each tagged with ``__epoch__``: the chunks of its steps, read range by range, with a positive
-    drawn per sample and shuffled per epoch (``planner.worker_start`` says where the replay starts)."""
+    endless, each tagged with ``__epoch__``: the chunks of its steps, read range by range (the next
+    ``SEGMENTS_AHEAD`` on ``pool``), with a positive drawn per sample and shuffled per epoch
+    (``planner.worker_start`` says where the replay starts)."""
     ranks, batch, workers = spec.world_size, spec.micro_batch, spec.num_workers
     chunk, begin, skip = planner.worker_start(spec.total, ranks, spec.rank, batch, workers, worker, first_step)
 
-    def chunks() -> Iterator[tuple[int, dict]]:
+    def reads() -> Iterator[Callable]:
         for t in itertools.count(chunk, workers):
             segs = planner.stream_segments(spec.counts, spec.seed, ranks, spec.rank, max(t * batch, begin),
                                            t * batch + batch)
             for epoch, shard, start, stop in segs:
-                yield from ((epoch, raw) for raw in spec.read([(shard, start, stop)], skipped, meter))
+                yield functools.partial(_read_segment, spec, epoch, (shard, start, stop), skipped)
 
-    for epoch, group in itertools.groupby(chunks(), key=lambda pair: pair[0]):
+    def samples() -> Iterator[tuple[int, dict]]:
+        for epoch, raws, nbytes in ahead(reads(), pool, SEGMENTS_AHEAD):
+            if meter is not None:
+                meter[0] += nbytes
+            yield from ((epoch, raw) for raw in raws)
+
+    for epoch, group in itertools.groupby(samples(), key=lambda pair: pair[0]):
         raws = positive_stage((raw for _, raw in group), slot_rng(spec.seed, epoch, spec.rank, worker, POSITIVE_STREAM))
         raws = shuffle_stage(raws, spec.shuffle_buffer, slot_rng(spec.seed, epoch, spec.rank, worker, SHUFFLE_STREAM))
         for raw in skip_stage(raws, skip):
             raw["__epoch__"] = epoch
             yield raw
         skip = 0
+
+
+def _tensors(spec: StreamSpec, raws: Iterable[dict], pool, skipped: list, meter: list) -> Iterator[dict]:
+    """fetch positives -> decode -> tensors at the resolution (the stages after the raw stream)."""
+    raws = fetch_stage(raws, spec.positives(), pool, spec.prefetch or 2 * spec.micro_batch, skipped, meter)
+    return resize_stage(decode_stage(raws, skipped), spec.resolution)
 
 
 def worker_batches(spec: StreamSpec, worker: int) -> Iterator[dict]:
@@ -274,11 +310,17 @@ def worker_batches(spec: StreamSpec, worker: int) -> Iterator[dict]:
         return
     skipped: list = []
     meter = [0]
-    samples = resize_stage(decode_stage(worker_stream(spec, worker, steps[0], skipped, meter), skipped),
-                           spec.resolution)
-    for step, batch in zip(steps, batch_stage(samples, spec.micro_batch, len(steps), skipped, meter)):
-        batch["step"] = step
-        yield batch
+    pool = spec.pool()
+    try:
+        # only the samples of its steps go on to the positive reads (no positive is read ahead past the end)
+        raws = itertools.islice(worker_stream(spec, worker, steps[0], skipped, meter, pool), len(steps) * spec.micro_batch)
+        samples = _tensors(spec, raws, pool, skipped, meter)
+        for step, batch in zip(steps, batch_stage(samples, spec.micro_batch, len(steps), skipped, meter)):
+            batch["step"] = step
+            yield batch
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -334,17 +376,25 @@ def eval_batches(spec: StreamSpec) -> Iterator[dict]:
     a partial last one (no shuffling; positives drawn from a fixed seed). In-process."""
     segs = planner.eval_segments(spec.counts, spec.rank, spec.world_size)
     skipped: list = []
-    raws = positive_stage(spec.read(segs, skipped), slot_rng(spec.seed, 0, spec.rank, 0, POSITIVE_STREAM))
-    samples = resize_stage(decode_stage(raws, skipped), spec.resolution)
-    return batch_stage(samples, spec.micro_batch, None, skipped)
+    meter = [0]
+    pool = spec.pool()
+    try:
+        raws = positive_stage(spec.read(segs, skipped, meter), slot_rng(spec.seed, 0, spec.rank, 0, POSITIVE_STREAM))
+        yield from batch_stage(_tensors(spec, raws, pool, skipped, meter), spec.micro_batch, None, skipped, meter)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def open_split(root: str, split: str, **spec_kwargs) -> tuple[StreamSpec, dict]:
-    """``(StreamSpec, manifest)`` for the mined ``{root}/{split}`` shards (clear error when missing)."""
+    """``(StreamSpec, manifest)`` for the mined ``{root}/{split}`` shards (clear error when missing or of the
+    old embedded-positives schema); a stage-2 split brings its offsets table (``index_url``)."""
     from depthg import io
 
     folder = shardfmt.split_dir(root, split, "train")
     manifest = shardfmt.read_manifest(folder)
     urls = [io.join(folder, s["name"]) for s in manifest["shards"]]
     counts = [int(s["count"]) for s in manifest["shards"]]
-    return StreamSpec(urls=urls, counts=counts, required=required_members(manifest), **spec_kwargs), manifest
+    index = io.join(folder, manifest["index"]) if manifest.get("index") else None
+    return StreamSpec(urls=urls, counts=counts, required=required_members(manifest), index_url=index,
+                      **spec_kwargs), manifest

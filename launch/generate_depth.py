@@ -1,4 +1,4 @@
-"""Stage 1 + 2 of the data pipeline: depth shards, then training shards with embedded neighbours.
+"""Stage 1 + 2 of the data pipeline: depth shards, then training shards (positives by reference).
 
     python launch/generate_depth.py                                   # synthetic demo -> shards/synthetic
     python launch/generate_depth.py shards.root=s3://bucket/depthg    # the same, on S3 (fsspec/s3fs)
@@ -6,7 +6,8 @@
     python launch/generate_depth.py --skip-mining                     # stop after the depth shards
 
 Writes ``{root}/depth/{split}/`` (one sample per crop, depth in [0,1]) and then
-``{root}/{split}/`` (each sample + its ``mining.num_positives`` nearest neighbours embedded), each
+``{root}/{split}/`` (each sample once at ``data.resolution``, encoded per ``mining.rgb_codec`` /
+``mining.depth_codec``, with its ``mining.num_positives`` nearest neighbours as sample indices), each
 folder's ``manifest.json`` last. Reruns skip complete shards (``shards.overwrite=true`` redoes
 them). Ray: attaches to a running cluster (``--address``, ``RAY_ADDRESS`` or a local ``ray start``),
 else starts a local one for the job. ``--device`` (``depthgen.device`` and ``mining.device``):

@@ -5,8 +5,10 @@
 Reads ``{root}/depth/{split}/manifest.json`` (written by ``launch/generate_depth.py``), computes
 global backbone features on Ray actors (kept under ``{root}/features/``, so a rerun with another
 ``mining.k`` skips them), exact cosine top-``mining.k`` over the split on one of those actors (its
-GPU), and writes ``{root}/{split}/`` with ``mining.num_positives`` positives embedded per sample
-(manifest last).
+GPU), and writes ``{root}/{split}/``: each sample once at ``data.resolution`` (``mining.rgb_codec``,
+``rgb_quality``, ``depth_codec``) with its ``mining.num_positives`` positives as sample indices, the
+offsets table, then the manifest. Rerun it after changing ``data.resolution`` or the encoding, and to
+convert a split written with embedded positives (schema depthg-shards/1): the depth shards are reused.
 """
 from __future__ import annotations
 

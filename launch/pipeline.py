@@ -6,7 +6,7 @@
 
 Stages (each is also its own script):
   1. launch/generate_depth.py  synthetic scenes (or data.dataset) -> depth shards -> train shards with
-                               embedded kNN positives under shards.root (local Ray actors)
+                               kNN positives by reference under shards.root (local Ray actors)
   2. launch/train.py           2 DeepSpeed workers (gloo on CPU) stream the shards -> train.output/segmenter.pt
   3. launch/evaluate.py        Ray evaluation actors -> Hungarian-matched metrics + report under
                                train.output/report/ (eval.md, eval.json, confusion.png, samples.png)

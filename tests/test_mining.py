@@ -1,4 +1,5 @@
-"""Neighbour mining on a real local Ray: features, exact kNN, embedded positives, resume."""
+"""Neighbour mining on a real local Ray: features, exact kNN, samples at the training resolution with positives
+by reference (global indices + the offsets table), resume, and the remining of old embedded-positive splits."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import pytest
 from cluster import mining
 from depthg import io, shards
 from depthg.config import load_config, to_dict
+from depthg.data import resize_center_crop
 
 
 def _cfg(root, **extra):
@@ -54,22 +56,30 @@ def test_mining_end_to_end(tmp_path, ray_local):
     expected = _brute_neighbours(ids, np.concatenate(feats).astype(np.float64), 5)
     raw_depth = {raw["__key__"]: raw for u in depth_urls for raw in shards.iter_shard(u)}
 
-    seen = []
+    seen, raws = [], []
     for url in shards.shard_urls(root, "val", "train"):
         for raw in shards.iter_shard(url):
-            key = raw["__key__"]
-            seen.append(key)
-            dec = shards.decode_sample(raw)
-            assert dec["meta"]["neighbors"] == expected[key]
-            assert key not in dec["meta"]["neighbors"]
-            for member in ("rgb.png", "depth.png", "label.png"):
-                assert raw[member] == raw_depth[key][member]  # anchor copied byte for byte
-            for k, pid in enumerate(expected[key][:3]):
-                assert raw[f"pos{k}.rgb.png"] == raw_depth[pid]["rgb.png"]
-                assert raw[f"pos{k}.depth.png"] == raw_depth[pid]["depth.png"]
-            assert shards.num_positives(raw) == 3
+            seen.append(raw["__key__"])
+            raws.append(raw)
     assert sorted(seen) == sorted(ids) and seen != ids  # every sample exactly once, globally shuffled
     assert seen == [i for part in shards.shuffled_layout([ids[:4], ids[4:8], ids[8:]]) for i in part]
+    enc = manifest["encoding"]
+    assert manifest["schema"] == shards.TRAIN_SCHEMA and manifest["resolution"] == 32 and enc["rgb"] == "jpeg"
+    for raw in raws:
+        key = raw["__key__"]
+        dec = shards.decode_sample(raw)
+        assert dec["meta"]["neighbors"] == expected[key] and key not in dec["meta"]["neighbors"]
+        # positives by reference: global indices (manifest order) of neighbour ranks 1..3, nothing embedded
+        assert [seen[g] for g in dec["meta"]["positives"]] == expected[key][:3]
+        assert set(raw) - {"__key__", "__url__", "__local_path__"} == {*enc["members"]}
+        # the anchor at the training resolution through the one resize: depth and label exact, rgb JPEG-close
+        ref = shards.decode_sample(raw_depth[key])
+        assert np.array_equal(dec["label"], resize_center_crop(ref["label"], 32))
+        assert np.abs(dec["depth"] - resize_center_crop(ref["depth"], 32)).max() <= 1e-7
+        rgb_err = np.abs(dec["image"].astype(int) - resize_center_crop(ref["image"], 32).astype(int))
+        assert dec["image"].shape == (32, 32, 3) and rgb_err.mean() < 4
+    table = shards.read_index(shards.split_dir(root, "val", "train"))
+    assert len(table) == 10 and table.names == [s["name"] for s in manifest["shards"]]
 
 
 def test_mining_resume_is_byte_identical(tmp_path, ray_local):
@@ -108,9 +118,31 @@ def test_features_are_kept_and_a_rerun_skips_extraction(tmp_path, ray_local):
     assert second["num_positives"] == 2 and first["num_positives"] == 3
     assert {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)} == kept
     raw = next(shards.iter_shard(shards.shard_urls(root, "train", "train")[0]))
-    assert shards.num_positives(raw) == 2
+    assert len(shards.decode_sample(raw)["meta"]["positives"]) == 2
     # another backbone resolution is another feature set
     assert mining.features_folder(_cfg(root, **{"data.resolution": 16}), "train", dm) != folder
+
+
+def test_a_split_with_embedded_positives_is_refused_then_remined(tmp_path, ray_local):
+    """A stage-2 split of the old schema: readers refuse it with one line saying how to regenerate it, and
+    mining (its rerun signature changed) remines it, keeping the depth shards."""
+    from depthg import streaming
+
+    root = str(tmp_path)
+    shards.write_test_shards(root, 6, size=(16, 16), with_positives=False, samples_per_shard=3, split="train")
+    folder = shards.split_dir(root, "train", "train")
+    old = {"schema": "depthg-shards/1", "kind": "train", "split": "train", "total": 6, "num_positives": 3,
+           "shards": [{"name": "shard-000000.tar", "count": 6}]}
+    os.makedirs(folder)
+    shards.write_json(os.path.join(folder, "manifest.json"), old)
+    with pytest.raises(shards.ShardError, match=r"embedded positives .*python launch/mine_neighbors.py "
+                                                r".*depth shards under .*depth are kept and reused"):
+        streaming.open_split(root, "train")
+    depth_stamp = os.stat(os.path.join(root, "depth", "train", "shard-000000.tar")).st_mtime_ns
+    manifest = mining.mine_neighbors(_cfg(root), "train", progress=False)
+    assert manifest["schema"] == shards.TRAIN_SCHEMA and manifest["total"] == 6
+    assert os.stat(os.path.join(root, "depth", "train", "shard-000000.tar")).st_mtime_ns == depth_stamp
+    streaming.open_split(root, "train")  # readable now
 
 
 def test_node_cache_fetches_each_s3_shard_once_per_node(s3, tmp_path):

@@ -31,15 +31,15 @@ def test_settings_that_read_depth_are_refused_by_name(setting):
 def test_sample_without_depth_round_trips_and_streams_without_depth_keys():
     image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
     label = np.random.default_rng(1).integers(-1, 3, (40, 48))
-    raw = shards.encode_sample("a", image, None, label, positives=[(image, None)])
-    assert "depth.png" not in raw and "pos0.depth.png" not in raw
+    raw = shards.encode_sample("a", image, None, label, {"positives": [0]}, shards.TRAIN_DEFAULT)
+    assert not any(k.startswith("depth") for k in raw)
     sample = shards.decode_sample(raw)
-    assert sample["depth"] is None and sample["positives"][0][1] is None
-    sample["pos_image"], sample["pos_depth"] = sample["positives"][0]
+    assert sample["depth"] is None
+    sample["pos_image"], sample["pos_depth"] = sample["image"], None
     tensors = streaming.to_tensors(sample, 32)
     assert "depth" not in tensors and "pos_depth" not in tensors and tensors["label"].shape == (32, 32)
-    assert streaming.required_members({"depth_source": "none"}) == ("rgb.png",)
-    assert streaming.required_members({"depth_source": "dataset"}) == ("rgb.png", "depth.png")
+    assert streaming.required_members({"depth_source": "none"}) == ("rgb",)
+    assert streaming.required_members({"depth_source": "dataset"}) == ("rgb", "depth")
 
 
 def _step(cfg, depth, pos_depth):
@@ -89,7 +89,10 @@ def test_stego_baseline_on_a_dataset_without_depth_through_the_product(tmp_path,
     manifest = shards.read_manifest(shards.split_dir(root, "train", "train"))
     assert manifest["depth_source"] == "none" and manifest["total"] == 30
     first = next(shards.iter_shard(io.join(shards.split_dir(root, "train", "train"), manifest["shards"][0]["name"])))
-    assert "rgb.png" in first and "pos0.rgb.png" in first and not any("depth" in k for k in first)
+    assert "rgb.jpg" in first and not any("depth" in k or k.startswith("pos") for k in first)
+    spec, _ = streaming.open_split(root, "train", micro_batch=2, resolution=32, num_steps=1)
+    batch = next(iter(streaming.make_loader(spec, 0)))  # positives by reference without depth
+    assert "pos_depth" not in batch and batch["pos_image"].shape == (2, 3, 32, 32) and batch["pos_id"] != batch["id"]
     launch_train.main(["--launcher", "env", *common, f"train.output={out}", "train.num_batches=2"])
     rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["batch"] for r in rows] == [0, 1] and all(np.isfinite(r["total"]) for r in rows)

@@ -215,11 +215,13 @@ def test_cached_step_equals_the_trainers_step_on_the_same_batch(tmp_path):
     crops = [transform_record(c, res) for id_ in src.ids() for c in five_crop(src.load(id_), 0.5)]
     nxt = [(i + 1) % len(crops) for i in range(len(crops))]  # each crop's one positive: the next crop
     folder = shards.split_dir(str(tmp_path), "train", "train")
-    samples = [shards.encode_sample(f"c{i}", c.image, c.depth, c.label, {}, [(crops[j].image, crops[j].depth)])
+    samples = [shards.encode_sample(f"c{i}", c.image, c.depth, c.label, {"positives": [j]}, shards.LOSSLESS)
                for i, (c, j) in enumerate(zip(crops, nxt))]
-    shards.put_shard(folder, shards.shard_name(0), samples)
+    info = shards.put_shard(folder, shards.shard_name(0), samples)
+    shards.write_index(folder, [info])
     shards.write_manifest(folder, {"kind": "train", "split": "train", "shards": [{"name": shards.shard_name(0),
-                                   "count": len(samples)}], "n_classes": src.n_classes, "num_positives": 1})
+                                   "count": len(samples)}], "n_classes": src.n_classes, "num_positives": 1,
+                                   "index": shards.INDEX, "resolution": res})
     torch.manual_seed(0)
     backbone = build_backbone("tiny_vit").eval()
     data = qd.build_set(src, backbone, res=res, crop=True)

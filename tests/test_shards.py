@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from depthg import io, shards
+from depthg.codecs import depth_error_bound
 
 
 def _sample(rng, h=6, w=5):
@@ -19,25 +20,29 @@ def _sample(rng, h=6, w=5):
 def test_encode_decode_round_trip():
     rng = np.random.default_rng(0)
     image, depth, label = _sample(rng)
-    pos = [_sample(rng)[:2] for _ in range(3)]
-    raw = shards.encode_sample("a_c3", image, depth, label, {"source_id": "a", "crop": 3}, pos)
-    assert sorted(k for k in raw if k.startswith("pos")) == sorted(
-        f"pos{k}.{m}.png" for k in range(3) for m in ("rgb", "depth"))
+    raw = shards.encode_sample("a_c3", image, depth, label, {"source_id": "a", "crop": 3})
+    assert sorted(k for k in raw if not k.startswith("_")) == ["depth.png", "label.png", "meta.json", "rgb.png"]
     out = shards.decode_sample(raw)
     assert out["id"] == "a_c3" and out["meta"]["crop"] == 3 and out["meta"]["source_id"] == "a"
     assert out["image"].dtype == np.uint8 and np.array_equal(out["image"], image)
     assert out["depth"].dtype == np.float32 and np.abs(out["depth"] - depth).max() <= 0.5 / 65535 + 1e-7
     assert out["label"].dtype == np.int64 and np.array_equal(out["label"], label)
-    assert len(out["positives"]) == 3
-    for (pi, pd), (ri, rd) in zip(out["positives"], pos):
-        assert np.array_equal(pi, ri) and np.abs(pd - rd).max() <= 0.5 / 65535 + 1e-7
+    # stage 2's encodings: each member named by its encoding, decoded by the same decode_sample
+    for enc in (shards.Encoding("jpeg", 95, "raw16z"), shards.Encoding("webp", 90, "raw16"),
+                shards.Encoding("png", 95, "png8")):
+        raw = shards.encode_sample("a", image, depth, label, {"positives": [4, 1]}, enc)
+        assert set(raw) == {"__key__", "meta.json", "label.png", *enc.as_dict()["members"][:2]}
+        out = shards.decode_sample(raw)
+        assert out["image"].shape == image.shape and out["meta"]["positives"] == [4, 1]
+        assert np.abs(out["depth"] - depth).max() <= depth_error_bound(enc.depth) + 1e-7
+        assert np.array_equal(out["label"], label)  # labels stay lossless
 
 
 def test_unlabelled_and_bad_inputs():
     rng = np.random.default_rng(1)
     image, depth, _ = _sample(rng)
     out = shards.decode_sample(shards.encode_sample("x", image, depth))
-    assert out["label"] is None and out["positives"] == []
+    assert out["label"] is None and "positives" not in out["meta"]
     with pytest.raises(shards.ShardError, match="must not contain"):
         shards.encode_sample("a.b", image, depth)
     with pytest.raises(shards.ShardError, match=r"\[0, 1\]"):
@@ -61,25 +66,35 @@ def test_test_shards_read_by_plain_webdataset(tmp_path):
     import webdataset as wds
 
     m = shards.write_test_shards(str(tmp_path), 10, size=(12, 16), num_positives=2, samples_per_shard=4)
-    assert m["schema"] == shards.SCHEMA and m["total"] == 10 and [s["count"] for s in m["shards"]] == [4, 4, 2]
+    assert m["schema"] == shards.TRAIN_SCHEMA and m["total"] == 10 and [s["count"] for s in m["shards"]] == [4, 4, 2]
+    assert m["index"] == "offsets.npz" and m["encoding"]["rgb"] == "jpeg" and m["resolution"] is None
     urls = shards.shard_urls(str(tmp_path), "train", "train")
     assert all(os.path.exists(u) for u in urls)
     keys, seen = [], []
     for raw in wds.WebDataset(urls, shardshuffle=False):
-        dec = shards.decode_sample(raw)
         keys.append(raw["__key__"])
-        seen.append(dec)
+        seen.append(shards.decode_sample(raw))
+        assert not any(k.startswith("pos") for k in raw)  # no embedded positive
     assert keys == [f"train-{i:05d}" for i in range(10)]
-    # positives are the next samples cyclically: embedded bytes equal the neighbour's own image
-    by_id = {d["id"]: d for d in seen}
-    for d in seen:
-        assert len(d["positives"]) == 2 and d["image"].shape == (12, 16, 3) and d["depth"].shape == (12, 16)
-        for (pi, pd), nid in zip(d["positives"], d["meta"]["neighbors"]):
-            assert np.array_equal(pi, by_id[nid]["image"]) and np.array_equal(pd, by_id[nid]["depth"])
+    # positives are the next samples cyclically, by global index (manifest order), and agree with the neighbours
+    for g, d in enumerate(seen):
+        assert d["meta"]["positives"] == [(g + 1) % 10, (g + 2) % 10]
+        assert d["meta"]["neighbors"] == [keys[p] for p in d["meta"]["positives"]]
+        assert d["image"].shape == (12, 16, 3) and d["depth"].shape == (12, 16)
     assert min(d["label"].min() for d in seen) == -1
     # iter_shard yields the same raw dicts as webdataset
     ours = [raw["__key__"] for u in urls for raw in shards.iter_shard(u)]
     assert ours == keys
+    # the offsets table: sample g's bytes parse to sample g alone; its prefix holds exactly rgb + depth
+    table = shards.read_index(str(tmp_path / "train"))
+    assert len(table) == 10 and table.names == [os.path.basename(u) for u in urls]
+    for g in (0, 5, 9):
+        name, start, prefix = table.sample(g)
+        whole = list(shards.parse_samples(io.read_range(str(tmp_path / "train" / name), start, int(table.stop[g]))))
+        part = list(shards.parse_samples(io.read_range(str(tmp_path / "train" / name), start, prefix)))
+        assert [r["__key__"] for r in whole] == [r["__key__"] for r in part] == [keys[g]]
+        assert sorted(k for k in part[0] if not k.startswith("_")) == ["depth.npy.gz", "rgb.jpg"]
+        assert set(whole[0]) - set(part[0]) == {"label.png", "meta.json"}
 
 
 def test_depth_kind_layout_and_missing_manifest(tmp_path):
@@ -87,7 +102,7 @@ def test_depth_kind_layout_and_missing_manifest(tmp_path):
     assert m["kind"] == "depth" and os.path.exists(tmp_path / "depth" / "val" / "manifest.json")
     for url in shards.shard_urls(str(tmp_path), "val", "depth"):
         for raw in shards.iter_shard(url):
-            assert "label.png" not in raw and shards.num_positives(raw) == 0
+            assert "label.png" not in raw and set(raw) >= {"rgb.png", "depth.png", "meta.json"}
     with pytest.raises(FileNotFoundError, match="run generate_depth first"):
         shards.shard_urls(str(tmp_path), "train", "train")
     # put_shard leaves only the shard and its sidecar (no temp files under the final folder)
@@ -110,3 +125,31 @@ def test_s3_read_with_iter_shard_and_registered_gopen(s3):
     assert wkeys == keys
 
 
+
+
+def test_parse_samples_of_a_range_matches_webdataset_and_handles_damage(tmp_path):
+    """The loader's own ustar parser yields webdataset's dicts; member types it does not parse (a pax header
+    for a long name) go through webdataset's reader; a short range drops its possibly incomplete last sample;
+    bytes that are not a tar raise ShardError."""
+    from webdataset import tariterators
+
+    rng = np.random.default_rng(3)
+    long_id = "x" * 120  # > 100 characters: tarfile writes a pax header
+    for ids in (["a", "b_c1", "c"], ["a", long_id]):
+        path = str(tmp_path / f"{len(ids)}.tar")
+        shards.write_shard(path, [shards.encode_sample(i, *_sample(rng), encoding=shards.TRAIN_DEFAULT) for i in ids])
+        data = open(path, "rb").read()
+        ref = list(tariterators.group_by_keys(tariterators.tar_file_expander([{"url": "u", "stream": open(path, "rb")}])))
+        ours = list(shards.parse_samples(data, "u"))
+        assert [{k: v for k, v in r.items() if not k.startswith("__")} for r in ours] == \
+               [{k: v for k, v in r.items() if not k.startswith("__")} for r in ref]
+        assert [r["__key__"] for r in ours] == ids
+    offsets, _ = shards.sample_offsets(str(tmp_path / "3.tar"))
+    data = open(str(tmp_path / "3.tar"), "rb").read()
+    assert [r["__key__"] for r in shards.parse_samples(data[:offsets[2]], "u", truncated=True)] == ["a"]
+    cut = shards.parse_samples(data[:offsets[1] + 600], "u")  # inside sample b's first member
+    assert next(cut)["__key__"] == "a"
+    with pytest.raises(shards.ShardError, match="cut after"):
+        next(cut)
+    with pytest.raises(shards.ShardError, match="no tar header at byte 0"):
+        list(shards.parse_samples(b"\x01garbage" * 100, "u"))

@@ -1,6 +1,6 @@
 """The streaming pipeline on real tiny shards: ranks read disjoint samples, every sample equally often over
 epochs, shards shared by slots are read once, validation reads each sample once for any world size,
-positives are drawn per use from the embedded K, and resume replays the stream exactly (the pure plan
+positives are drawn per use from the K referenced, and resume replays the stream exactly (the pure plan
 is tested in test_planner.py)."""
 from __future__ import annotations
 
@@ -22,16 +22,17 @@ def test_shuffle_stage_is_a_permutation_and_seeded():
     assert sorted(a) == list(range(50)) and a == b and a != list(range(50))
 
 
-def test_positive_stage_uniform_over_k():
-    raw = {"__key__": "x", "rgb.png": b"a", "depth.png": b"d"}
-    for k in range(3):
-        raw[f"pos{k}.rgb.png"], raw[f"pos{k}.depth.png"] = f"r{k}".encode(), f"d{k}".encode()
-    out = list(st.positive_stage([raw] * 3000, np.random.default_rng(0)))
+def test_positive_stage_draws_uniformly_over_the_k_referenced_indices():
+    raw = {"__key__": "x", "rgb.jpg": b"a", "meta.json": b'{"id": "x", "positives": [10, 11, 12]}'}
+    out = list(st.positive_stage([dict(raw) for _ in range(3000)], np.random.default_rng(0)))
     picks = np.bincount([o["__positive__"] for o in out], minlength=3)
-    assert all(set(o) == {"__key__", "rgb.png", "depth.png", "pos0.rgb.png", "pos0.depth.png", "__positive__"}
-               for o in out[:5])
-    assert all(o["pos0.rgb.png"] == f"r{o['__positive__']}".encode() for o in out)
+    assert all(o["__positive_index__"] == 10 + o["__positive__"] for o in out)
     assert abs(picks / 3000 - 1 / 3).max() < 0.04  # 3000 draws: sd ~0.009
+    # one rng.integers(K) per sample, nothing else: the draws the loader made when the K were embedded
+    ref = np.random.default_rng(0)
+    assert [o["__positive__"] for o in out] == [int(ref.integers(3)) for _ in range(3000)]
+    unmined = list(st.positive_stage([{"__key__": "y", "rgb.png": b"a"}], np.random.default_rng(0)))
+    assert "__positive_index__" not in unmined[0]  # K = 0: the crop is its own positive
 
 
 def _collect(spec, workers):
@@ -56,7 +57,7 @@ def test_ranks_see_disjoint_samples_and_equal_steps(tiny_shards):
         b = batches[0]
         assert b["image"].shape == (2, 3, 8, 8) and b["pos_image"].shape == (2, 3, 8, 8)
         assert b["depth"].shape == (2, 1, 8, 8) and b["label"].dtype == torch.int64
-        assert 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0
+        assert b["image"].dtype == b["pos_image"].dtype == torch.uint8 and b["depth"].dtype == torch.float32
         seen.append([i for b in batches for i in b["id"]])
     for ids in seen:
         assert len(ids) == len(set(ids))  # balanced shards: no repeat within a rank's epoch
@@ -80,22 +81,28 @@ def test_every_sample_equally_often_over_epochs_with_uneven_shards(tmp_path):
 
 
 def test_fewer_shards_than_slots_read_each_shard_once(tmp_path):
-    """2 shards over 2 ranks x 2 workers: each slot reads its half of one shard through the sidecar offsets,
-    so one epoch reads the shards' bytes once in total (the old planner read every shard in every slot)."""
+    """2 shards over 2 ranks x 2 workers: each slot reads its half of one shard as one exact range, so one
+    epoch reads the shards' sample bytes once in total (the old planner read every shard in every slot), plus
+    one positive's rgb + depth per trained sample (the bytes the offsets table gives it)."""
     shardfmt.write_test_shards(str(tmp_path), n_samples=16, size=(8, 8), num_positives=1, samples_per_shard=8)
     urls = shardfmt.shard_urls(str(tmp_path), "train")
     sidecars = [shardfmt.read_sidecar(str(tmp_path / "train"), os.path.basename(u)) for u in urls]
     size = sum(info["offsets"][-1] for info in sidecars)  # the samples' bytes (the end-of-archive padding aside)
-    assert size > 0.9 * sum(os.path.getsize(u) for u in urls)
-    read, ids = 0, []
+    assert all(0 < os.path.getsize(u) - info["offsets"][-1] <= 10240 for u, info in zip(urls, sidecars))
+    table = shardfmt.read_index(str(tmp_path / "train"))
+    read, ids, positives = 0, [], 0
     for rank in range(2):
         spec, _ = st.open_split(str(tmp_path), "train", rank=rank, world_size=2, micro_batch=2, resolution=4,
                                 shuffle_buffer=0, num_steps=4)
         batches = _collect(spec, workers=2)
         read += sum(b["bytes"] for b in batches)
         ids += [i for b in batches for i in b["id"]]
+        for b in batches:
+            for pid in b["pos_id"]:
+                g = int(pid.split("-")[1])
+                positives += int(table.prefix[g] - table.start[g])
     assert sorted(ids) == [f"train-{i:05d}" for i in range(16)]  # one epoch, each sample once
-    assert read == size
+    assert read == size + positives
 
 
 def test_eval_batches_count_every_sample_once_for_any_world_size(tmp_path):

@@ -74,11 +74,14 @@ def resize_center_crop(arr: np.ndarray, size: int, crop: bool = True) -> np.ndar
     reference's ``T.Resize(size, NEAREST)`` + ``T.CenterCrop(size)`` on a PIL image: longer side
     ``int(size * long / short)``, PIL's pixel-centre nearest rule, crop offset ``round((H' - size) / 2)``.
     ``crop=False`` stops after the resize (inference on whole images of any aspect ratio).
-    Nearest for every kind keeps labels exact and depth unblended at object edges.
+    Nearest for every kind keeps labels exact and depth unblended at object edges. An array that is already
+    ``size x size`` comes back as it is (no copy): stage-2 samples are stored at the training resolution.
     """
     arr = np.asarray(arr)
     if arr.ndim not in (2, 3):
         raise ValueError(f"resize_center_crop: expected [H,W] or [H,W,C], got shape {arr.shape}")
+    if crop and arr.shape[0] == size and arr.shape[1] == size:
+        return arr  # already size x size: the resize and the crop are the identity (stage-2 samples)
     out_h, out_w = _short_side_size(arr.shape[0], arr.shape[1], size)
     rows, cols = _nearest_index(arr.shape[0], out_h), _nearest_index(arr.shape[1], out_w)
     if crop:
