@@ -50,7 +50,7 @@ def save_segmenter(url: str, cfg: Config, segmenter: Segmenter, extra: dict | No
     io.write_bytes(url, buf.getvalue())
 
 
-def _load(url: str, map_location) -> Any:
+def read_payload(url: str, map_location="cpu") -> Any:
     """The unpickled file: ``weights_only=True`` plus only the inert stand-ins of ``depthg.reference.SAFE_GLOBALS``."""
     from depthg.reference import safe_torch_load
 
@@ -60,7 +60,7 @@ def _load(url: str, map_location) -> Any:
 
 
 def _read(url: str, map_location, payload: Any = None) -> dict[str, Any]:
-    payload = _load(url, map_location) if payload is None else payload
+    payload = read_payload(url, map_location) if payload is None else payload
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {url}: format {found!r}, expected {FORMAT!r}")
@@ -104,7 +104,7 @@ def load_model(url: str, map_location="cpu"):
 
 def _load_any(url: str, map_location):
     """``(cfg, segmenter, extra, backbone tensors or None)`` of a depthg checkpoint or a reference Lightning one."""
-    payload = _load(url, map_location)
+    payload = read_payload(url, map_location)
     from depthg import reference
 
     if reference.is_lightning(payload):
@@ -133,6 +133,14 @@ def _load_any(url: str, map_location):
 def read_header(url: str) -> dict[str, Any]:
     """The checkpoint's description without building modules: format, backbone, feat_dim, segmenter, config, and
     whether it carries its backbone's weights (``embedded_backbone``)."""
-    payload = _read(url, "cpu")
+    payload = read_payload(url, "cpu")
+    from depthg import reference
+
+    if reference.is_lightning(payload):
+        cfg, segmenter, _, extra = reference.import_payload(payload, url)
+        return {"format": "lightning", "backbone": cfg.model.backbone, "feat_dim": segmenter.feat_dim,
+                "segmenter": segmenter.describe(), "config": to_dict(cfg), "embedded_backbone": True,
+                "imported": extra["imported"]}
+    payload = _read(url, "cpu", payload)
     header = {k: payload.get(k) for k in ("format", "backbone", "feat_dim", "segmenter", "config")}
     return {**header, "embedded_backbone": "backbone_state" in payload}

@@ -272,3 +272,19 @@ def import_payload(payload: dict, url: str) -> tuple[Config, Segmenter, dict, di
                 "lightning_version": payload.get("pytorch-lightning_version"),
                 "reference_config": {k: v for k, v in rcfg.items() if isinstance(v, (str, int, float, bool, type(None)))}}
     return cfg, segmenter, backbone_state, {**_selection(payload), "imported": imported}
+
+
+def convert_checkpoint(src: str, dst: str) -> dict:
+    """Import the Lightning checkpoint ``src`` and write it as a depthg ``segmenter.pt`` at ``dst`` (with the backbone's
+    tensors); returns what was imported (``extra["imported"]``, the shapes and how the reference chose the file)."""
+    from depthg.checkpoint import read_payload, save_segmenter
+
+    payload = read_payload(src, "cpu")
+    if not is_lightning(payload):
+        raise CheckpointError(f"checkpoint {src} is not a PyTorch Lightning checkpoint (no state_dict with Lightning's "
+                              "entries); a depthg segmenter.pt needs no conversion")
+    cfg, segmenter, backbone_state, extra = import_payload(payload, src)
+    save_segmenter(dst, cfg, segmenter, extra, backbone_state=backbone_state)
+    return {**extra["imported"], "backbone": cfg.model.backbone, "code_dim": cfg.model.code_dim,
+            "n_classes": cfg.model.n_classes, "extra_clusters": cfg.model.extra_clusters, "lhp": segmenter.lhp is not None,
+            "dataset": cfg.data.dataset, "selection": extra.get("criterion", "unknown")}
