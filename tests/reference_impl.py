@@ -163,14 +163,14 @@ def reference_eval(model: LitSegmenter, images01: torch.Tensor):
     return code, model.cluster_probe.log_probs(up, 2.0), torch.log_softmax(model.linear_probe(up), dim=1)
 
 
-def reference_cfg(arch: str = "vit_small", dim: int = 70, dataset: str = "cocostuff27", **overrides) -> dict:
+def reference_cfg(model_type: str = "vit_small", dim: int = 70, dataset: str = "cocostuff27", **overrides) -> dict:
     """The keys of the reference's Hydra config (src/configs/local_config.yml) that shape the model, plus a few
     of its training keys, as a run of paper_reproduction.sh would have them."""
     cfg = {"output_root": "/outputs", "data_dir": "/datasets", "experiment_name": "exp1", "log_dir": "cocostuff27",
            "use_depth": True, "depth_type": "zoedepth", "guidance": "none", "depth_feat_correlation_loss": True,
            "depth_sampling": "fps", "lhp": False, "propagation_strategy": "depth", "batch_size": 32,
            "num_neighbors": 7, "dataset_name": dataset, "crop_type": "five", "res": 224, "extra_clusters": 0,
-           "model_type": arch, "arch": "dino", "dino_feat_type": "feat", "projection_type": "nonlinear",
+           "model_type": model_type, "arch": "dino", "dino_feat_type": "feat", "projection_type": "nonlinear",
            "dino_patch_size": 8, "granularity": 1, "continuous": True, "dim": dim, "dropout": True,
            "pretrained_weights": None, "pointwise": True, "feature_samples": 11, "neg_samples": 5,
            "pos_intra_shift": 0.07, "lr": 5e-4, "full_name": "${log_dir}/cocostuff27_exp1"}
