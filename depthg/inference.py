@@ -128,6 +128,8 @@ def finish_label(image: np.ndarray, scores: torch.Tensor, crf: bool = False,
     """int64 label map ``[H,W]`` of one image from its scores ``[C,h,w]``: bilinear to the image's size, optionally
     dense-CRF refined there (``depthg.crf``), argmax."""
     s = F.interpolate(scores[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+    if crf and not image.flags.writeable:  # e.g. read from Ray's object store; pydensecrf wants a writable buffer
+        image = image.copy()
     probs = torch.from_numpy(crf_mod.dense_crf(image, s, params)) if crf else s
     return probs.argmax(dim=0).numpy().astype(np.int64)
 
