@@ -8,6 +8,9 @@ process (tests/sim_scenarios.py).
   evaluation with actors on several nodes; the node of the first finished depth unit is killed
   right then (a hook, no timing) and a replacement added (the autoscaler's job on a real cluster):
   Ray restarts the lost actor there and redoes its units; every sample is present exactly once.
+* segment_node_loss: distributed segmentation (2 actors, CRF as Ray tasks) on a 3-node cluster; the node of the
+  first finished unit is removed from the driver's hook and replaced: every image in exactly one complete unit,
+  its label written once under its name, one probability shard per unit, the manifest last.
 """
 from __future__ import annotations
 
@@ -75,3 +78,22 @@ def test_multinode_stages_survive_a_lost_node_every_sample_once(tmp_path):
     assert len(set(seen["mining"])) >= 2 and killed not in seen["mining"]
     assert seen["eval_workers"] == 2 and len(seen["eval_nodes"]) >= 2
     assert seen["eval_equal"] and {"cluster_crf", "linear_crf"} <= set(seen["eval_heads"])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_segment_survives_a_lost_node_every_image_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    seen = _run(["segment-node-loss", str(tmp_path / "root")], env, str(tmp_path / "out.json"))
+    head, killed, added = seen["head"], seen["killed"], seen["added"]
+    assert killed and killed != head and added not in (head, killed)
+    inputs = sorted(seen["inputs"])
+    # every image in exactly one complete unit (the lost node's running unit was redone, not duplicated)
+    sources = [s for r in seen["records"] for s in r["sources"]]
+    assert sorted(sources) == inputs and len(set(sources)) == len(inputs) == 12
+    assert sorted(s for u in seen["units"] for s in u["sources"]) == inputs  # each unit reported once
+    assert seen["labels"] == sorted(os.path.basename(f)[:-4] + "_label.png" for f in inputs)
+    manifest = seen["manifest"]
+    assert manifest["images"] == manifest["inputs"] == 12 and len(manifest["probs_shards"]) == 6
+    assert killed not in [u["node"] for u in seen["units"][1:]] and added in {u["node"] for u in seen["units"]}
