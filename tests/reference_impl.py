@@ -190,13 +190,16 @@ def _old_lightning_callback_class():
     return sys.modules[name].ModelCheckpoint
 
 
-def write_lightning_checkpoint(path: str, model: LitSegmenter, n_classes: int, cfg: dict, old_callbacks: bool = False,
+def write_lightning_checkpoint(path: str, model: LitSegmenter, n_classes: int, cfg, old_callbacks: bool = False,
                                state_dict: dict | None = None) -> None:
-    """Save ``model`` as Lightning's ``ModelCheckpoint`` would (``trainer.save_checkpoint`` layout)."""
+    """Save ``model`` as Lightning's ``ModelCheckpoint`` would (``trainer.save_checkpoint`` layout); ``cfg`` a dict
+    (saved as an omegaconf DictConfig, as Hydra hands it to the module) or any object to pickle in its place."""
     from omegaconf import OmegaConf
 
-    dcfg = OmegaConf.create(cfg)
-    OmegaConf.set_struct(dcfg, False)
+    dcfg = cfg
+    if isinstance(cfg, dict):
+        dcfg = OmegaConf.create(cfg)
+        OmegaConf.set_struct(dcfg, False)
     head = [p for n, p in model.named_parameters() if not n.startswith("net.model.")]
     optims = [torch.optim.Adam(head, lr=5e-4), torch.optim.Adam(model.linear_probe.parameters(), lr=5e-3),
               torch.optim.Adam(model.cluster_probe.parameters(), lr=5e-3)]

@@ -151,11 +151,9 @@ class _Exploit:
 
 def test_a_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
-    url, model = _checkpoint(tmp_path / "ok.ckpt")
-    payload = torch.load(url, weights_only=False)  # our own file, written just now by this test
-    payload["hyper_parameters"]["cfg"] = _Exploit(f"touch {marker}")
     bad = str(tmp_path / "evil.ckpt")
-    torch.save(payload, bad)
+    torch.manual_seed(0)
+    R.write_lightning_checkpoint(bad, R.LitSegmenter(27), 27, _Exploit(f"touch {marker}"))
     for load in (load_model, load_segmenter, read_header):
         with pytest.raises(CheckpointError, match=r"refused: loading it needs (posix|os)\.system"):
             load(bad)
