@@ -60,14 +60,20 @@ def test_fake_autoscaler_adds_gpu_nodes_for_depth_actors(tmp_path):
     assert seen["total"] == 4 * 5
 
 
+def _lost_node_scenario(name: str, root: str, out: str) -> dict:
+    """Run a lost-node scenario in its own driver process; check a worker node (not the head) was replaced."""
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    seen = _run([name, root], env, out)
+    assert seen["killed"] and seen["killed"] != seen["head"] and seen["added"] not in (seen["head"], seen["killed"])
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_multinode_stages_survive_a_lost_node_every_sample_once(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    seen = _run(["multinode", str(tmp_path / "shards")], env, str(tmp_path / "out.json"))
+    seen = _lost_node_scenario("multinode", str(tmp_path / "shards"), str(tmp_path / "out.json"))
     head, killed, added = seen["head"], seen["killed"], seen["added"]
-    assert killed and killed != head and added not in (head, killed)
     # depth: every crop exactly once although a node was lost with units in flight
     keys = seen["depth_keys"]
     assert seen["depth_total"] == 8 * 5 and len(keys) == 40 and len(set(keys)) == 40
@@ -83,11 +89,8 @@ def test_multinode_stages_survive_a_lost_node_every_sample_once(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_segment_survives_a_lost_node_every_image_once(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    seen = _run(["segment-node-loss", str(tmp_path / "root")], env, str(tmp_path / "out.json"))
-    head, killed, added = seen["head"], seen["killed"], seen["added"]
-    assert killed and killed != head and added not in (head, killed)
+    seen = _lost_node_scenario("segment-node-loss", str(tmp_path / "root"), str(tmp_path / "out.json"))
+    killed, added = seen["killed"], seen["added"]
     inputs = sorted(seen["inputs"])
     # every image in exactly one complete unit (the lost node's running unit was redone, not duplicated)
     sources = [s for r in seen["records"] for s in r["sources"]]
