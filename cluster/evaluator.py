@@ -35,17 +35,17 @@ ModelFn = Callable[[], tuple]  # () -> (backbone, segmenter)
 
 
 class CheckpointModel:
-    """Picklable model factory: the segmenter of a checkpoint URL and the backbone it names."""
+    """Picklable model factory: the segmenter of a checkpoint URL (depthg or reference Lightning) and its backbone
+    (``depthg.checkpoint.load_model``: the weights the file carries, else the one its config names)."""
 
     def __init__(self, url: str):
         self.url = url
 
     def __call__(self):
-        from depthg.checkpoint import load_segmenter
-        from depthg.models import build_backbone
+        from depthg.checkpoint import load_model
 
-        cfg, segmenter, _ = load_segmenter(self.url)
-        return build_backbone(cfg.model.backbone, cfg.model.weights), segmenter
+        _, backbone, segmenter, _ = load_model(self.url)
+        return backbone, segmenter
 
 
 class RandomModel:
@@ -160,21 +160,11 @@ class EvalWorker:
                 "cpu_seconds": time.process_time() - cpu_start, "samples": keep, "node": node_id()}
 
     def _crf(self, image, scores, label, rows, opts, pending: list):
-        if not self.crf_tasks:
-            return crf_task(image, scores, label, rows, opts.n_classes, opts.crf_params)
-        import ray
-
-        refs = [p for p in pending if isinstance(p, ray.ObjectRef)]
-        if len(refs) >= CRF_IN_FLIGHT:  # backpressure: the scores of pending images stay in the object store
-            ray.wait(refs, num_returns=len(refs) - CRF_IN_FLIGHT + 1)
-        return _crf_remote().remote(image, scores, label, rows, opts.n_classes, opts.crf_params)
+        args = (image, scores, label, rows, opts.n_classes, opts.crf_params)
+        return submit_cpu_task(crf_task, args, pending) if self.crf_tasks else crf_task(*args)
 
     def _resolve(self, items: list) -> list:
-        if not self.crf_tasks or not items:
-            return items
-        import ray
-
-        return ray.get(items)
+        return resolve(items) if self.crf_tasks else items
 
 
 def crf_task(image: torch.Tensor, scores: dict, label: torch.Tensor, rows: dict, n_classes: int,
@@ -185,17 +175,42 @@ def crf_task(image: torch.Tensor, scores: dict, label: torch.Tensor, rows: dict,
     return confs, {k: v.to(torch.int16) for k, v in preds.items()}
 
 
-_CRF_REMOTE = None
+_CPU_TASKS: dict = {}
 
 
-def _crf_remote():
-    global _CRF_REMOTE
-    if _CRF_REMOTE is None:
+def cpu_task(fn):
+    """``fn`` as a 1-CPU Ray task (the dense CRF is single-threaded); Ray retries one whose worker or node died."""
+    if fn not in _CPU_TASKS:
         import ray
 
-        # 1 CPU each (the CRF is single-threaded); Ray retries a task whose worker or node died
-        _CRF_REMOTE = ray.remote(num_cpus=1, max_retries=3)(crf_task)
-    return _CRF_REMOTE
+        _CPU_TASKS[fn] = ray.remote(num_cpus=1, max_retries=3)(fn)
+    return _CPU_TASKS[fn]
+
+
+def submit_cpu_task(fn, args: tuple, pending: list, limit: int = CRF_IN_FLIGHT):
+    """Submit ``fn(*args)`` as a ``cpu_task`` once at most ``limit`` of the ``pending`` ones still run (backpressure:
+    the inputs of pending tasks stay in the object store); returns its ObjectRef. Used by evaluation (CRF heads'
+    confusions) and distributed segmentation (label maps)."""
+    import ray
+
+    refs = [p for p in pending if isinstance(p, ray.ObjectRef)]
+    if len(refs) >= limit:
+        ray.wait(refs, num_returns=len(refs) - limit + 1)
+    return cpu_task(fn).remote(*args)
+
+
+def resolve(items: list) -> list:
+    """The results of submitted ``cpu_task`` refs (items that are not refs pass through), in order."""
+    if not items:
+        return items
+    import ray
+
+    refs = [i for i, x in enumerate(items) if isinstance(x, ray.ObjectRef)]
+    values = ray.get([items[i] for i in refs])
+    out = list(items)
+    for i, v in zip(refs, values):
+        out[i] = v
+    return out
 
 
 def _add(total: dict, confs: dict) -> None:
@@ -253,13 +268,16 @@ def eval_group(cfg, eval_cfg: dict, model_fn: ModelFn, workers: int, max_actors:
     """The pool of evaluation actors: one GPU and no CPU each, or (CPU-only) Ray's default placement."""
     from cluster.raycluster import ActorGroup
 
-    def options(device: str, planned: dict) -> dict:
-        # a held CPU would be one less for the CRF tasks: on a small cluster they could never start
-        return {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {}
-
     crf_tasks = bool(eval_cfg["crf"])
     return ActorGroup(EvalWorker, (eval_cfg, cfg.model.n_classes, model_fn), workers, max_actors, threads=1,
-                      device=cfg.eval.device, options_fn=options, init_kwargs={"crf_tasks": crf_tasks})
+                      device=cfg.eval.device, options_fn=gpu_actor_options, init_kwargs={"crf_tasks": crf_tasks})
+
+
+def gpu_actor_options(device: str, planned: dict) -> dict:
+    """Ray options of an actor that sends its CPU work to ``cpu_task``s: one GPU and no CPU, or (CPU-only) Ray's
+    default placement (placed where a CPU is free, holding none); a held CPU would be one less for the tasks: on a
+    small cluster they could never start."""
+    return {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {}
 
 
 def _run_ray(cfg, eval_cfg: dict, model_fn: ModelFn, urls: Sequence[str], workers: int, progress: bool):

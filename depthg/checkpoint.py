@@ -4,9 +4,13 @@ Layout (a ``torch.save`` of plain Python containers and tensors only)::
 
     {"format": "depthg-segmenter/1", "config": <Config as a dict>, "backbone": "dino_vits8",
      "feat_dim": 384, "segmenter": {"code_dim", "n_classes", "extra_clusters", "lhp"},
-     "state_dict": {name: tensor}, "extra": <plain data or {}>}
+     "state_dict": {name: tensor}, "extra": <plain data or {}>,
+     "backbone_state": {name: tensor}}          # optional: the frozen backbone's own weights
 
-The backbone is not stored (it is frozen): it is rebuilt from ``config.model.backbone`` / ``weights``.
+A trained segmenter does not store its frozen backbone: it is rebuilt from ``config.model.backbone`` / ``weights``.
+A model imported from the reference (``launch/convert.py``) carries its DINO weights in ``backbone_state``, so it
+needs no download. ``load_model`` (backbone + segmenter) and ``load_segmenter`` also read the reference's own
+PyTorch Lightning ``.ckpt`` files directly (``depthg.reference``, safely: no pickled code runs).
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ class CheckpointError(DepthgError, ValueError):
     """A checkpoint that cannot be read or does not match; the message names the file."""
 
 
-def save_segmenter(url: str, cfg: Config, segmenter: Segmenter, extra: dict | None = None) -> None:
-    """Atomically write ``segmenter`` (+ its config and ``extra`` plain data) to ``url``."""
+def save_segmenter(url: str, cfg: Config, segmenter: Segmenter, extra: dict | None = None,
+                   backbone_state: dict | None = None) -> None:
+    """Atomically write ``segmenter`` (+ its config, ``extra`` plain data and optionally the backbone's tensors)."""
     payload = {
         "format": FORMAT,
         "config": to_dict(cfg),
@@ -38,17 +43,24 @@ def save_segmenter(url: str, cfg: Config, segmenter: Segmenter, extra: dict | No
         "state_dict": {k: v.detach().cpu().clone() for k, v in segmenter.state_dict().items()},
         "extra": extra or {},
     }
+    if backbone_state is not None:
+        payload["backbone_state"] = {k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}
     buf = _io.BytesIO()
     torch.save(payload, buf)
     io.write_bytes(url, buf.getvalue())
 
 
-def _read(url: str, map_location) -> dict[str, Any]:
-    data = io.read_bytes(url)
-    try:
-        payload = torch.load(_io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - rewrapped with the file name
-        raise CheckpointError(f"checkpoint {url} cannot be read as a depthg segmenter: {type(exc).__name__}: {exc}") from exc
+def read_payload(url: str, map_location="cpu") -> Any:
+    """The unpickled file: ``weights_only=True`` plus only the inert stand-ins of ``depthg.reference.SAFE_GLOBALS``."""
+    from depthg.reference import safe_torch_load
+
+    if not io.exists(url):
+        raise FileNotFoundError(f"checkpoint not found: {url}")
+    return safe_torch_load(io.read_bytes(url), url, map_location)
+
+
+def _read(url: str, map_location, payload: Any = None) -> dict[str, Any]:
+    payload = read_payload(url, map_location) if payload is None else payload
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"checkpoint {url}: format {found!r}, expected {FORMAT!r}")
@@ -69,8 +81,36 @@ def _check_state(url: str, segmenter: Segmenter, state: dict[str, torch.Tensor])
 
 
 def load_segmenter(url: str, map_location="cpu") -> tuple[Config, Segmenter, dict]:
-    """Read a checkpoint written by ``save_segmenter`` -> ``(cfg, segmenter, extra)``."""
-    payload = _read(url, map_location)
+    """Read a checkpoint written by ``save_segmenter`` (or a reference Lightning ``.ckpt``) -> ``(cfg, segmenter, extra)``."""
+    return _load_any(url, map_location)[:3]
+
+
+def load_model(url: str, map_location="cpu"):
+    """``(cfg, backbone, segmenter, extra)`` of a checkpoint: the backbone from the weights the file carries (an
+    imported reference model) or else from ``cfg.model.backbone`` / ``weights``, with ``cfg.model.pos_embed``."""
+    from depthg.models import build_backbone
+
+    cfg, segmenter, extra, backbone_state = _load_any(url, map_location)
+    try:
+        backbone = build_backbone(cfg.model.backbone, cfg.model.weights, state=backbone_state,
+                                  pos_embed=cfg.model.pos_embed)
+    except ValueError as exc:
+        if backbone_state is None:
+            raise
+        raise CheckpointError(f"checkpoint {url}: its backbone weights (net.model.* in a reference file) do not fit "
+                              f"{cfg.model.backbone}: {exc}") from exc
+    return cfg, backbone, segmenter, extra
+
+
+def _load_any(url: str, map_location):
+    """``(cfg, segmenter, extra, backbone tensors or None)`` of a depthg checkpoint or a reference Lightning one."""
+    payload = read_payload(url, map_location)
+    from depthg import reference
+
+    if reference.is_lightning(payload):
+        cfg, segmenter, backbone_state, extra = reference.import_payload(payload, url)
+        return cfg, segmenter, extra, backbone_state
+    payload = _read(url, map_location, payload)
     try:
         cfg = from_dict(Config, payload["config"])
     except ConfigError as exc:
@@ -87,10 +127,20 @@ def load_segmenter(url: str, map_location="cpu") -> tuple[Config, Segmenter, dic
     segmenter.load_state_dict(payload["state_dict"], strict=True)
     if isinstance(map_location, (str, torch.device)):
         segmenter = segmenter.to(map_location)
-    return cfg, segmenter, payload.get("extra") or {}
+    return cfg, segmenter, payload.get("extra") or {}, payload.get("backbone_state")
 
 
 def read_header(url: str) -> dict[str, Any]:
-    """The checkpoint's description without building modules: format, backbone, feat_dim, segmenter, config."""
-    payload = _read(url, "cpu")
-    return {k: payload.get(k) for k in ("format", "backbone", "feat_dim", "segmenter", "config")}
+    """The checkpoint's description without building modules: format, backbone, feat_dim, segmenter, config, and
+    whether it carries its backbone's weights (``embedded_backbone``)."""
+    payload = read_payload(url, "cpu")
+    from depthg import reference
+
+    if reference.is_lightning(payload):
+        cfg, segmenter, _, extra = reference.import_payload(payload, url)
+        return {"format": "lightning", "backbone": cfg.model.backbone, "feat_dim": segmenter.feat_dim,
+                "segmenter": segmenter.describe(), "config": to_dict(cfg), "embedded_backbone": True,
+                "imported": extra["imported"]}
+    payload = _read(url, "cpu", payload)
+    header = {k: payload.get(k) for k in ("format", "backbone", "feat_dim", "segmenter", "config")}
+    return {**header, "embedded_backbone": "backbone_state" in payload}

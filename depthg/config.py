@@ -32,6 +32,7 @@ DepthCast = Literal["none", "uint8", "int"]
 DepthSource = Literal["dataset", "transformers", "none"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 BackboneName = Literal["dino_vits8", "dino_vits8_800ep", "dino_vitb8", "dinov2_vits14", "effnet_lite0", "tiny_vit"]
+PosEmbed = Literal["timm", "dino"]  # how a ViT's position table is resampled to another grid (models/backbones.py)
 DropoutMasks = Literal["shared", "independent"]
 DepthMode = Literal["none", "paper", "distance", "reference"]
 LHPMode = Literal["improved", "reference"]
@@ -111,6 +112,7 @@ class ModelConfig:
     # dino_vits8 (DINO's 300-epoch ViT-S/8, as STEGO and DepthG) or dino_vitb8; dino_vits8_800ep is timm's.
     backbone: BackboneName = "effnet_lite0"
     weights: str = ""  # local weights file/folder or https URL; empty = the backbone's default source
+    pos_embed: PosEmbed = "timm"  # dino: DINO's own position-table interpolation (imported reference models)
     code_dim: int = 70
     n_classes: int = 0  # 0 = taken from the dataset (shard manifest / source)
     extra_clusters: int = 0  # over-clustering: cluster probe gets n_classes + extra_clusters

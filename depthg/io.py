@@ -180,3 +180,16 @@ def mask_secrets(data: Any) -> Any:
     if isinstance(data, str):
         return re.sub(r"(://)[^/@\s]+:[^/@\s]+@", r"\1***:***@", data)
     return data
+
+
+def find(url: str) -> list[str]:
+    """Every file under the folder ``url`` (recursively), or matching ``url`` when it holds a glob pattern
+    (``*``, ``?``, ``[``), as full URLs in sorted order (local paths stay plain paths)."""
+    def files(fs, path):
+        if any(c in path for c in "*?["):
+            found = [p for p in fs.glob(path) if fs.isfile(p)]
+        else:
+            found = fs.find(path)
+        return sorted(fs.unstrip_protocol(p) if is_remote(url) else p for p in found)
+
+    return _call(url, files)

@@ -1,7 +1,7 @@
 """Benchmarks: print a table and write JSON. Never timed assertions in tests.
 
     python launch/benchmark.py fps [--out bench/fps.json]
-    python launch/benchmark.py depthgen | train | eval | quality | quality-diag | coverage | mining-io | datapath
+    python launch/benchmark.py depthgen | train | eval | quality | quality-diag | coverage | mining-io | datapath | segment
 
 Each name maps to ``bench/<name>.py`` (``-`` read as ``_``) exposing ``add_arguments(parser)`` and
 ``run(args) -> dict`` (the dict is written as JSON to ``--out``, default ``bench/<name>.json``).
@@ -16,7 +16,7 @@ import os
 from bench import machine
 from launch import run
 
-NAMES = ("fps", "depthgen", "train", "eval", "quality", "quality-diag", "coverage", "mining-io", "datapath")
+NAMES = ("fps", "depthgen", "train", "eval", "quality", "quality-diag", "coverage", "mining-io", "datapath", "segment")
 
 
 def main(argv=None) -> dict:

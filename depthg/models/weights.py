@@ -122,15 +122,19 @@ def strict_load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 def load_vit_weights(model: nn.Module, path: str) -> None:
-    """Load timm- or DINO-layout ViT weights into a timm VisionTransformer (strict)."""
+    """Load timm- or DINO-layout ViT weights from a file into a timm VisionTransformer (strict)."""
+    load_vit_state(model, read_state_dict(path), path)
+
+
+def load_vit_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a timm- or DINO-layout ViT state dict (``source`` names it in errors) into a timm VisionTransformer."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = read_state_dict(path)
     own = model.state_dict()
     if not any(k.startswith("head.") for k in own):  # DINO projection head / classifier not used
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     state = checkpoint_filter_fn(state, model)  # DINOv2 layout, pos-embed resampling
-    strict_load(model, state, path)
+    strict_load(model, state, source)
 
 
 def effnet_lite0_package_file() -> str:
