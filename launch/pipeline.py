@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from cluster import preflight
 from depthg import io
 from depthg.config import split_cli
 from launch import evaluate, generate_depth, run, train
@@ -50,7 +51,9 @@ def _stage(title: str):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     common = (["--config", args.config] if args.config else []) + list(args.overrides)
-    cfg = train.resolve_config(train.parse_args(common))
+    resume = ["--resume", args.resume] if args.resume else []
+    cfg = train.resolve_config(train.parse_args(common + resume))
+    preflight.check_output(cfg)  # a used train.output is refused now, not after stage 1's minutes
     timings = {}
 
     if not args.skip_data:
@@ -59,7 +62,7 @@ def main(argv=None) -> dict:
         timings["data_s"] = round(time.time() - t, 1)
 
     t = _stage(f"2/3 training with {args.workers} workers -> {cfg.train.output}")
-    train.main(common + ["--gpus-per-node", str(args.workers)] + (["--resume", args.resume] if args.resume else []))
+    train.main(common + ["--gpus-per-node", str(args.workers)] + resume)
     timings["train_s"] = round(time.time() - t, 1)
 
     t = _stage("3/3 evaluation")

@@ -30,3 +30,19 @@ def test_pipeline_end_to_end(tmp_path):
         assert 0.0 <= scores[head]["miou"] <= 1.0, head
     assert result["scores"]["cluster"]["accuracy"] == scores["cluster"]["accuracy"]
     assert set(result["timings"]) == {"data_s", "train_s", "eval_s"}
+
+
+def test_pipeline_into_a_used_output_is_refused_before_any_stage(tmp_path):
+    """A rerun of the one command into the folder of an earlier run stops before stage 1's minutes of work."""
+    from depthg.config import ConfigError
+    from launch import pipeline
+
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "segmenter.pt").write_bytes(b"an earlier run")
+    shards_root = tmp_path / "shards"
+    with pytest.raises(ConfigError, match="already holds a run.*--resume auto"):
+        pipeline.main(["--config", os.path.join(REPO, "configs", "smoke.yaml"), "--quiet",
+                       f"shards.root={shards_root}", f"train.output={output}"])
+    assert not shards_root.exists()  # no stage ran
+    assert (output / "segmenter.pt").read_bytes() == b"an earlier run"
