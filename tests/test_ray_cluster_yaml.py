@@ -133,8 +133,11 @@ def test_setup_installs_this_project_with_matching_ray():
     assert ".venv" in cfg["rsync_exclude"], "the local venv (GBs) must not be synced"
     install = [c for c in cfg["setup_commands"] if "pip install" in c and "-e" in c]
     assert len(install) == 1 and "cd ~/depthg" in install[0] and '".[all]"' in install[0]
-    pin = re.search(r'ray\[default,train\]==([\d.]+)', install[0])
-    assert pin, "Ray must be pinned on the cluster"
+    # Ray (like every package) is pinned by the lock the install is constrained with
+    assert "-c cluster/constraints.txt" in install[0], "cluster nodes must install the versions CI tested"
+    with open(os.path.join(REPO, "cluster", "constraints.txt")) as fh:
+        pin = re.search(r'^ray==([\d.]+)$', fh.read(), re.M)
+    assert pin, "Ray must be pinned on the cluster (cluster/constraints.txt)"
     assert pin.group(1) == ray.__version__, "cluster Ray pin differs from the local Ray (the `ray` CLI)"
     assert any("boto3" in c for c in cfg["head_setup_commands"]), "the autoscaler on the head needs boto3"
     # the image brings Python, Ray (same version) and the CUDA runtime; so does the baked alternative
