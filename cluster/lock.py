@@ -91,20 +91,21 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     parser.add_argument("--out", default=LOCK)
     args = parser.parse_args(argv)
-    text = render(installed(), torch_cuda())
+    ours = installed()
+    text = render(ours, torch_cuda())
     if args.check:
         current = open(args.out).read() if os.path.exists(args.out) else ""
         if current == text:
             print(f"{args.out}: this environment")
             return 0
-        theirs, ours = read(args.out)["packages"] if current else {}, installed()
+        theirs = read(args.out)["packages"] if current else {}
         diff = sorted({k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k)})
         print(f"error: {args.out} differs from this environment: "
               + ", ".join(f"{k} lock {theirs.get(k)} / here {ours.get(k)}" for k in diff[:10]), file=sys.stderr)
         return 1
     with open(args.out, "w") as fh:
         fh.write(text)
-    print(f"wrote {args.out} ({text.count(chr(10)) - 4} packages)")
+    print(f"wrote {args.out} ({len(ours)} packages)")
     return 0
 
 

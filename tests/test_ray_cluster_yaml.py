@@ -21,6 +21,8 @@ import re
 import pytest
 import yaml
 
+from cluster import lock
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAML_PATH = os.path.join(REPO, "ray_cluster.yaml")
 README_PATH = os.path.join(REPO, "cluster", "README.md")
@@ -135,10 +137,9 @@ def test_setup_installs_this_project_with_matching_ray():
     assert len(install) == 1 and "cd ~/depthg" in install[0] and '".[all]"' in install[0]
     # Ray (like every package) is pinned by the lock the install is constrained with
     assert "-c cluster/constraints.txt" in install[0], "cluster nodes must install the versions CI tested"
-    with open(os.path.join(REPO, "cluster", "constraints.txt")) as fh:
-        pin = re.search(r'^ray==([\d.]+)$', fh.read(), re.M)
+    pin = lock.read()["packages"].get("ray")
     assert pin, "Ray must be pinned on the cluster (cluster/constraints.txt)"
-    assert pin.group(1) == ray.__version__, "cluster Ray pin differs from the local Ray (the `ray` CLI)"
+    assert pin == ray.__version__, "cluster Ray pin differs from the local Ray (the `ray` CLI)"
     assert any("boto3" in c for c in cfg["head_setup_commands"]), "the autoscaler on the head needs boto3"
     # the image brings Python, Ray (same version) and the CUDA runtime; so does the baked alternative
     image = cfg["docker"]["image"]
