@@ -40,12 +40,13 @@ rm -rf "$out/nccl_train"  # one output folder holds one run
 run python launch/generate_depth.py shards.root="$work/shards"
 run bash -c "python launch/train.py --launcher local --nodes 1 --gpus-per-node $gpus shards.root='$work/shards' \
     train.output='$out/nccl_train' 2>&1 | tee '$out/nccl_train.log'; exit \${PIPESTATUS[0]}"
-rm -rf "$out/nccl_train/checkpoints" "$out"/nccl_train/*.pt  # keep the logs and metrics, not the weights
+nccl_done=$([ -f "$out/nccl_train/segmenter.pt" ] && echo 1 || echo 0)  # written last by a run that finished
+rm -rf "$out/nccl_train/ckpt" "$out/nccl_train/ray" "$out"/nccl_train/*.pt  # keep the logs and metrics, not the weights
 rm -rf "$work"
 
-run python - "$out" "$gpus" <<'PY'
+run python - "$out" "$gpus" "$nccl_done" <<'PY'
 import json, os, sys
-out, gpus = sys.argv[1], int(sys.argv[2])
+out, gpus, nccl_done = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 def load(name):
     path = os.path.join(out, name)
     return json.load(open(path)) if os.path.exists(path) else None
@@ -64,7 +65,7 @@ if fps:
     if triton and compiled:
         targets["triton_fps_over_compiled_cpu_loop_b64"] = {
             "value": round(compiled["batched_ms"] / triton["batched_ms"], 2), "target": "reported"}
-targets["nccl_train_ranks"] = {"value": gpus, "finished": os.path.exists(os.path.join(out, "nccl_train.log"))}
+targets["nccl_train_finished"] = {"value": gpus, "unit": "ranks", "target": "segmenter.pt written", "met": nccl_done}
 json.dump(targets, open(os.path.join(out, "targets.json"), "w"), indent=1)
 print(json.dumps(targets, indent=1))
 sys.exit(0 if all(t.get("met", True) for t in targets.values()) else 1)
