@@ -16,7 +16,8 @@ import os
 from bench import machine
 from launch import run
 
-NAMES = ("fps", "depthgen", "train", "eval", "quality", "quality-diag", "coverage", "mining-io", "datapath", "segment")
+NAMES = ("fps", "depthgen", "train", "eval", "quality", "quality-diag", "coverage", "mining-io", "datapath", "segment",
+         "scale")
 
 
 def main(argv=None) -> dict:
