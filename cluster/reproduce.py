@@ -352,7 +352,7 @@ def check_same(plan: Plan, stored: dict) -> None:
     for t in plan.trials:
         if t.id not in old:
             continue
-        a, b = _flat(old[t.id].get("cfg", {})), _flat(t.cfg)
+        a, b = _flat(old[t.id].get("cfg", {})), _flat(json.loads(json.dumps(t.cfg)))  # as stored (lists, not tuples)
         diff = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         if diff or old[t.id].get("checkpoint", "") != t.checkpoint:
             shown = "; ".join(diff[:4]) or f"checkpoint: stored {old[t.id].get('checkpoint')!r}, now {t.checkpoint!r}"
@@ -473,7 +473,8 @@ def run_trial(config: dict, evaluate: Callable | None = None, hooks=None) -> Non
         if not io.exists(checkpoint):  # segmenter.pt is written after the last batch: training is done
             timings["train_s"] = _train(t, resources, hooks)
     start = time.perf_counter()
-    evaluate(["--checkpoint", checkpoint, "--output", t.report, "--workers", "0", "--shards", t.shards,
+    # --key=value: a path holding "=" (a row id such as smoke+sampling.mode=random) is no override
+    evaluate([f"--checkpoint={checkpoint}", f"--output={t.report}", "--workers=0", f"--shards={t.shards}",
               *t.eval_overrides, *([] if gpu else ["eval.device=cpu"])])
     timings["eval_s"] = time.perf_counter() - start
     io.write_bytes(io.join(t.folder, "trial.json"), json.dumps(
@@ -619,8 +620,7 @@ def markdown(table: dict) -> str:
     lines = ["# Reproduction sweep", "",
              f"{status['done']} of {table['trials']} trials done, {status['failed']} failed, {status['pending']} "
              f"pending" + (f"; {table['seconds']:.0f} s" if table.get("seconds") else "") + f". Output: {table['output']}",
-             "", "Accuracy / mIoU in %, mean +- sample std over the seeds done; the paper's figures are its cluster "
-             "probe (with CRF) and, where published, its linear probe (with CRF): " + table["paper_source"] + ".", "",
+             "", "Accuracy / mIoU in %, mean +- sample std over the seeds done; paper: " + table["paper_source"] + ".", "",
              "| row | seeds | cluster | cluster + CRF | paper | diff (CRF - paper) | linear | linear + CRF | paper linear "
              "| published checkpoint (cluster + CRF) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
