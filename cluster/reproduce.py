@@ -274,7 +274,7 @@ def plan_sweep(request: Request, output: str) -> Plan:
                 raise ConfigError(f"--configs: row {row.id} is listed twice")
             rows.append(row)
             cfg = load_config(path, overrides + row.overrides)
-            root = absolute(io.join(prefix, posixpath_basename(cfg.shards.root)) if prefix else cfg.shards.root)
+            root = _shards_root(cfg, prefix)
             weights = cfg.model.weights
             if weights and not io.is_remote(weights) and os.path.exists(weights):
                 cfg = _replace(cfg, "model", weights=os.path.abspath(weights))
@@ -291,15 +291,17 @@ def plan_sweep(request: Request, output: str) -> Plan:
             row = Row(id=_row_id(stem, []), label=stem, config=path, name=stem, overrides=[], paper=_paper(stem, ""))
             rows.append(row)
         cfg = load_config(row.config, overrides + row.overrides)
-        root = absolute(io.join(prefix, posixpath_basename(cfg.shards.root)) if prefix else cfg.shards.root)
+        root = _shards_root(cfg, prefix)
         trials.append(Trial(id=f"{row.id}/published", row=row.id, seed=None, folder=io.join(output, "trials", row.id,
                             "published"), shards=root, cfg={}, train=False, checkpoint=absolute(url),
                             eval_overrides=eval_overrides))
     return Plan(output=output, request=request, rows=rows, trials=trials)
 
 
-def posixpath_basename(url: str) -> str:
-    return str(url).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+def _shards_root(cfg: Config, prefix: str) -> str:
+    """``{prefix}/{basename of the config's own shards.root}``, or that root itself without a prefix."""
+    own = cfg.shards.root
+    return absolute(io.join(prefix, str(own).rstrip("/").rsplit("/", 1)[-1]) if prefix else own)
 
 
 # ----------------------------------------------------------------------------- checks before any trial
