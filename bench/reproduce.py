@@ -4,7 +4,7 @@
 
 Runs the sweep exactly as a user would (local Ray, CPU trials, ``--gpus-per-trial 0``; the demo's shards from
 ``python launch/pipeline.py`` or ``python launch/generate_depth.py``) into a new ``--output`` and writes its wall
-time, the load average at the start and the end, the trials' own train / eval seconds and the table
+time, the 1-minute load average at the start and every 15 s during the run, the trials' own train / eval seconds and the table
 (``reproduce.json``) to ``bench/reproduce.json``. docs/REPRODUCE.md quotes it.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 
 
@@ -32,15 +33,29 @@ def run(args) -> dict:
     argv = ["--configs", *args.configs, "--seeds", str(args.seeds), "--gpus-per-trial", "0", "--output", args.output,
             *(["--ablation"] if args.ablation else []), *(["--resume"] if args.keep else []), *args.overrides]
     load_start = [round(x, 2) for x in os.getloadavg()]
+    samples, stop = [], threading.Event()
+
+    def sample():  # the 1-minute load average every 15 s while the sweep runs (other jobs share the machine)
+        while not stop.wait(15):
+            samples.append(round(os.getloadavg()[0], 2))
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
     start = time.perf_counter()
-    table = reproduce.main(argv)
+    try:
+        table = reproduce.main(argv)
+    finally:
+        stop.set()
     seconds = time.perf_counter() - start
     trials = [t for r in table["rows"] for t in r["trials"]]
     per_trial = {k: [t["seconds"][k] for t in trials if k in t.get("seconds", {})] for k in ("train_s", "eval_s")}
-    print(f"{len(trials)} trials in {seconds:.0f} s (load {load_start} at the start)")
+    load = {"start": load_start, "mean": round(sum(samples) / len(samples), 2) if samples else None,
+            "max": max(samples, default=None), "samples_every_15s": samples}
+    print(f"{len(trials)} trials in {seconds:.0f} s (1-min load: {load_start[0]} at the start, mean {load['mean']}, "
+          f"max {load['max']})")
     for r in table["rows"]:
         crf = r["heads"].get("cluster_crf", {})
         print(f"  {r['label']:30s} cluster + CRF mIoU {crf.get('miou', {}).get('mean', float('nan')):.1f} "
               f"+- {crf.get('miou', {}).get('std') or 0:.1f} over {r['done']} seeds")
     return {"command": "python launch/reproduce.py " + " ".join(argv), "seconds": round(seconds, 1),
-            "load_avg_start": load_start, "trial_seconds": per_trial, "table": json.loads(json.dumps(table))}
+            "load_avg": load, "trial_seconds": per_trial, "table": json.loads(json.dumps(table))}
