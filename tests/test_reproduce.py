@@ -69,6 +69,9 @@ def test_paper_rows_map_shards_under_the_prefix_and_carry_the_paper_numbers(tmp_
     assert paper["coco_vits8"] == {"accuracy": 56.3, "miou": 25.6} and paper["potsdam_vits8"]["miou"] is None
     assert plan.rows[0].paper["linear_crf"] == {"accuracy": 73.7, "miou": 38.9}
     assert paper["coco_vits8_lhp"] == {"accuracy": 55.1, "miou": 26.7}
+    req.checkpoints = reproduce.parse_checkpoints(["coco_vits8=s3://b/cocostuff_vits.ckpt"])
+    published = reproduce.plan_sweep(req, "s3://b/sweep").trials[-1]  # evaluated beside its row, not trained
+    assert (published.id, published.train, published.shards) == ("coco_vits8/published", False, "s3://b/depthg/coco")
 
 
 def test_ablation_rows_are_table_4_from_the_existing_settings():
