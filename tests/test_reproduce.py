@@ -4,8 +4,9 @@ Unit tests of the plan, the resources, the refusals and the table (no Ray), then
 session's local Ray (``ray_local``): 2 rows x 2 seeds of the smoke config as real Ray Tune trials (the product's
 trainer and ``launch/evaluate.py --workers 0``), one trial attempt SIGKILLed once (Tune retries it, resuming from
 its checkpoint), the driver (a subprocess attached to the same Ray) SIGKILLed while a trial is paused, then resumed
-with ``--resume``: no finished trial trains again (counted by the trace files each attempt writes), the paused one
-resumes from its checkpoint, and the table's numbers equal every trial's eval.json. Synchronised on files, never
+with ``--resume`` (and a ``--checkpoint`` row added): no finished trial trains again (counted by the trace files each
+attempt writes), the paused one resumes from its checkpoint, the checkpoint row is evaluated without training, and
+the table's numbers equal every trial's eval.json. Synchronised on files, never
 on sleeps racing a process (the waits are caps).
 """
 from __future__ import annotations
@@ -214,13 +215,19 @@ def test_sweep_on_tune_retries_a_killed_trial_and_resumes_a_killed_driver(tmp_pa
     assert os.path.exists(crash) and _attempts(trace, CRASHES) == [0, 2]  # killed at batch 3, resumed at 2
     assert len(os.listdir(os.path.join(folders[CRASHES], "attempts"))) == 2 and PAUSES not in done
 
-    table = launch.main(["--output", out, "--resume", "--quiet"], hooks=_hooks(trace2), shared=False)
+    # resumed with the same arguments plus a checkpoint row (a trial without training): the finished crashed trial's
+    # segmenter.pt evaluated again must give that trial's numbers
+    published = os.path.join(folders[CRASHES], "segmenter.pt")
+    table = launch.main([*argv, "--resume", "--checkpoint", f"smoke={published}"], hooks=_hooks(trace2), shared=False)
 
     for tid, before in done.items():  # finished trials: not trained again, their reports untouched
         assert _attempts(trace2, tid) == [] and open(reproduce.eval_json(folders[tid]), "rb").read() == before
     assert _attempts(trace2, PAUSES) == [2]  # the paused trial resumed from its checkpoint of batch 2
-    assert table["status"] == {"done": 4, "failed": 0, "pending": 0}
+    assert table["status"] == {"done": 5, "failed": 0, "pending": 0}
     rows = {r["id"]: r for r in json.load(open(os.path.join(out, "reproduce.json")))["rows"]}
+    crashed = json.load(open(reproduce.eval_json(folders[CRASHES])))["scores"]
+    assert rows["smoke"]["published"]["scores"] == pytest.approx(reproduce._metrics(crashed))
+    assert not os.path.exists(os.path.join(out, "trials", "smoke", "published", "ckpt"))  # evaluated, not trained
     for tid, folder in folders.items():
         scores = json.load(open(reproduce.eval_json(folder)))["scores"]
         row, seed = rows[tid.split("/")[0]], int(tid.rsplit("seed", 1)[1])
