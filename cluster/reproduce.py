@@ -377,6 +377,8 @@ def check_shards(plan: Plan) -> None:
     rows = {r.id: r for r in plan.rows}
     seen = set()
     for t in plan.trials:
+        if not t.train and not io.exists(t.checkpoint):
+            raise ConfigError(f"--checkpoint {t.row}={t.checkpoint}: file not found")
         key = (t.shards, t.train)
         if key in seen:
             continue
@@ -390,8 +392,6 @@ def check_shards(plan: Plan) -> None:
             find_split(t.shards, "val")
         except FileNotFoundError as exc:
             raise ConfigError(f"row {t.row}: no validation shards to evaluate on ({exc}); write them with: {fix}") from None
-        if not t.train and not io.exists(t.checkpoint):
-            raise ConfigError(f"--checkpoint {t.row}={t.checkpoint}: file not found")
 
 
 def check_trials(plan: Plan, shared: bool) -> None:
@@ -400,7 +400,8 @@ def check_trials(plan: Plan, shared: bool) -> None:
     from cluster import preflight
 
     if shared:
-        local = [u for u in [plan.output, *{t.shards for t in plan.trials}] if not io.is_remote(u)]
+        urls = [plan.output, *{t.shards for t in plan.trials}, *(t.checkpoint for t in plan.trials if t.checkpoint)]
+        local = [u for u in urls if not io.is_remote(u)]
         if local:
             raise ConfigError(f"{local[0]}: a local folder, but the trials run on the cluster's nodes, which neither "
                               "see it nor keep what is written there; expected shared storage, e.g. --output "

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --output: finished trials are kept, the others resume (alone: with "
                         "the arguments it was started with)")
-    p.add_argument("--gpus-per-trial", type=int, default=None, choices=(0, 1),
+    p.add_argument("--gpus-per-trial", type=int, default=None,
                    help="1: GPU trials (the paper's 1-GPU recipe); 0: CPU trials; default: 1 when the cluster has or "
                         "can add GPU nodes")
     p.add_argument("--cpus-per-trial", type=float, default=0,
