@@ -238,9 +238,11 @@ def test_sweep_on_tune_retries_a_killed_trial_and_resumes_a_killed_driver(tmp_pa
 
 
 if __name__ == "__main__":  # the first driver of the integration test: attached to the test's Ray, killed by it
-    from cluster.raycluster import connect
+    import ray
+
     from launch import reproduce as launch_reproduce
 
     address, argv, trace, crash, pause = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:6]
-    connect(address)
+    # this checkout's code in the trials (as ray_local's own driver; a cluster job gets it from --working-dir)
+    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
     launch_reproduce.main(argv, hooks=_hooks(trace, crash, pause), shared=False)
