@@ -233,13 +233,4 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def paired(a: list[float], b: list[float]) -> dict:
-    """Paired difference a - b over seeds: mean, std and the two-sided 95% t interval of the mean (None: 1 seed)."""
-    from scipy import stats
-
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    if len(d) < 2:
-        return {"mean": float(d.mean()), "std": 0.0, "ci95": None, "n": len(d)}  # no interval from one seed
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)],
-            "n": len(d)}
+paired = metrics.paired_difference  # paired by seed, 95% t interval (shared with cluster.reproduce)

@@ -110,3 +110,17 @@ def score_confusions(confs: Mapping[str, np.ndarray]) -> dict:
     for name, conf in confs.items():
         out[name] = identity_scores(conf) if name.startswith("linear") else hungarian_scores(conf)
     return out
+
+
+def paired_difference(a, b) -> dict:
+    """Paired difference ``a - b`` over seeds (``a[i]`` and ``b[i]`` share a seed): mean, sample std and the
+    two-sided 95% t interval of the mean (``ci95`` None from one seed). Used by the quality benchmark and the
+    reproduction sweep's ablation rows (``cluster.reproduce``)."""
+    from scipy import stats
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if len(d) < 2:
+        return {"mean": float(d.mean()) if len(d) else float("nan"), "std": 0.0, "ci95": None, "n": len(d)}
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)],
+            "n": len(d)}

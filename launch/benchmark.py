@@ -17,7 +17,7 @@ from bench import machine
 from launch import run
 
 NAMES = ("fps", "depthgen", "train", "eval", "quality", "quality-diag", "coverage", "mining-io", "datapath", "segment",
-         "scale")
+         "scale", "reproduce")
 
 
 def main(argv=None) -> dict:

@@ -1,0 +1,825 @@
+"""The paper's tables on a Ray cluster: every (config, seed) one Ray Tune trial, trained and evaluated by the product.
+
+    python launch/reproduce.py --configs coco_vits8 coco_vits8_lhp cityscapes_vitb8 potsdam_vits8 --seeds 3 \\
+        shards.root=s3://bucket/depthg --output s3://bucket/reproduce        # one trial per (config, seed)
+    python launch/reproduce.py --ablation --configs coco_vits8 --seeds 3 ...  # Table 4: STEGO, + FPS, ...
+
+A *row* is a config (``configs/NAME.yaml`` or a YAML path, optionally ``NAME:key=value,key=value`` for a row with
+its own settings; with ``--ablation`` each config gives the five rows of ``VARIANTS``); a *trial* is a row at one
+seed (``train.seed``), or a published checkpoint evaluated without training (``--checkpoint NAME=URL``).
+
+Trials are Ray Tune trials of one function, ``run_trial`` (Tune's scheduling, its ``FailureConfig(max_failures)``
+retries, its trial placement groups, which are the resource demand Ray's autoscaler sees). Resources per trial:
+``{GPU: 1, CPU: k}`` with ``k`` the CPUs per GPU of the smallest GPU node type (``cluster.ray_train.plan_train``, as a
+1-GPU Ray Train launch reserves), or ``{CPU: n}`` for CPU trials (``--gpus-per-trial 0``, or a cluster without GPUs).
+A trial is the product's own code, in its own process: ``cluster.trainer.train(cfg, World())`` (one rank, the 1-GPU
+paper recipe; no second Ray, no nested Ray Train), then the evaluation of ``launch/evaluate.py`` with ``--workers 0``
+(passed in as ``evaluate``: ``cluster`` never imports ``launch``).
+
+Layout under ``--output`` (local folder or s3://):
+
+* ``sweep.json``: the request and every trial's resolved config (a ``--resume`` must match them);
+* ``trials/{row}/seed{S}/``: the trial's ``train.output`` (``ckpt/``, ``segmenter.pt``, ``metrics.jsonl``, ...), its
+  report ``report/`` (``eval.json`` = the trial is done), ``attempts/`` (one record per attempt) and ``trial.json``
+  (timings); ``trials/{row}/published/report/`` for a ``--checkpoint`` row;
+* ``tune/{launch}/``: Ray Tune's own experiment folder, one per driver launch;
+* ``reproduce.json`` / ``reproduce.md``: per row, cluster and linear accuracy / mIoU with and without CRF, mean +-
+  sample std over seeds, the paper's number (``PAPER``, docs/METHOD.md section 10) and the difference, the published
+  checkpoint's figure, the paired difference to the STEGO row with its 95% interval for ablation rows
+  (``depthg.metrics.paired_difference``), and each trial's links. Rewritten as trials finish (a partial table).
+
+Faults. Every attempt trains with ``train.resume=auto`` in its own folder, so a retried trial resumes from its last
+complete checkpoint; a trial whose ``eval.json`` exists is done and never runs again, a trial whose
+``segmenter.pt`` exists is only evaluated. A killed driver is resumed with ``--resume``: only the trials without
+``eval.json`` run, in a new Tune experiment (the records above, not Tune's snapshot, decide what is done, so a trial
+that finished after the last snapshot is not repeated). A new sweep into a used ``--output`` is refused naming
+``--resume``. Shared storage: ``shared`` (the driver attached to a running cluster rather than starting a private
+local Ray) requires the output and every shards root on s3:// (``cluster.preflight.check(..., shared=True)``).
+
+Shards: ``shards.root=PREFIX`` is a prefix; each config's shards are ``PREFIX/{basename of its own shards.root}``
+(``coco_vits8`` and ``coco_vits8_lhp`` share ``PREFIX/coco``, ``coco_vitb8`` has ``PREFIX/coco_vitb8``: the
+positives are mined with its own backbone). Without it each config's own ``shards.root``. Missing shards are refused
+before any trial starts, naming the folder and the ``launch/generate_depth.py`` command that writes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from depthg import io, shards
+from depthg.config import Config, ConfigError, from_dict, load_config, to_dict
+from depthg.errors import DepthgError
+from depthg.metrics import paired_difference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+SCHEMA = "depthg-reproduce/1"
+HEADS = (("cluster", "cluster"), ("cluster_crf", "cluster + CRF"), ("linear", "linear"), ("linear_crf", "linear + CRF"))
+METRICS = ("accuracy", "miou")
+EVAL_JSON = "eval.json"
+REFUSED_OVERRIDES = {"train.output": "--output", "train.seed": "--seeds", "train.resume": "--resume"}
+
+# ----------------------------------------------------------------------------- the paper's numbers
+# Unsupervised cluster probe (with CRF, as the reference's eval_segmentation.py reports it) and, where published, the
+# linear probe (also with CRF), in %: docs/METHOD.md section 10 (Tables 1-4 and 6 of the paper). None: not published.
+PAPER: dict[str, dict[str, dict[str, tuple]]] = {
+    "coco_vits8": {"stego": {"cluster_crf": (48.3, 24.5)}, "fps": {"cluster_crf": (49.1, 24.6)},
+                   "depth": {"cluster_crf": (51.2, 24.7)},
+                   "depthg": {"cluster_crf": (56.3, 25.6), "linear_crf": (73.7, 38.9)},
+                   "lhp": {"cluster_crf": (55.1, 26.7)}},
+    "coco_vitb8": {"stego": {"cluster_crf": (56.9, 28.2)},
+                   "depthg": {"cluster_crf": (58.6, 29.0), "linear_crf": (75.5, 41.6)}},
+    "cityscapes_vitb8": {"stego": {"cluster_crf": (73.2, 21.0)}, "depthg": {"cluster_crf": (81.6, 23.1)}},
+    "potsdam_vits8": {"stego": {"cluster_crf": (77.0, None)}, "depthg": {"cluster_crf": (80.4, None)},
+                      "lhp": {"cluster_crf": (80.4, None)}},
+}
+# config name -> (paper setting, the variant that config is); the *_paper configs have no published number
+CONFIG_SETTING = {"coco_vits8": ("coco_vits8", "depthg"), "coco_vits8_lhp": ("coco_vits8", "lhp"),
+                  "coco_vitb8": ("coco_vitb8", "depthg"), "cityscapes_vitb8": ("cityscapes_vitb8", "depthg"),
+                  "potsdam_vits8": ("potsdam_vits8", "depthg")}
+
+
+# ----------------------------------------------------------------------------- Table 4: the ablation variants
+def variant_overrides(cfg: Config) -> dict[str, list[str]]:
+    """The paper's Table 4 rows as settings of ``cfg`` (the config's own depth term and FPS mode; ``sampling.mode=fps``
+    when the config samples at random, ``loss.depth.mode`` paper / reference when it has none)."""
+    fps = cfg.sampling.mode if cfg.sampling.mode != "random" else "fps"
+    depth = cfg.loss.depth.mode
+    if depth == "none":
+        depth = "paper" if cfg.data.depth_cast == "none" else "reference"
+    off = ["loss.lhp.enabled=false"]
+    return {"stego": ["loss.depth.mode=none", "sampling.mode=random", *off],
+            "fps": ["loss.depth.mode=none", f"sampling.mode={fps}", *off],
+            "depth": [f"loss.depth.mode={depth}", "sampling.mode=random", *off],
+            "depthg": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", *off],
+            "lhp": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", "loss.lhp.enabled=true"]}
+
+
+VARIANTS = {"stego": "STEGO", "fps": "+ FPS", "depth": "+ depth loss", "depthg": "+ both (DepthG)", "lhp": "+ 3D-LHP"}
+BASELINE = "stego"  # ablation rows are paired with this row of their config
+
+
+class SweepError(DepthgError, RuntimeError):
+    """Some trials failed for good; the table holds the others."""
+
+
+# ----------------------------------------------------------------------------- the plan (pure)
+@dataclasses.dataclass
+class Request:
+    """What the command line asks for (stored in ``sweep.json``; ``--resume`` alone reuses it)."""
+
+    configs: list = dataclasses.field(default_factory=list)
+    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    overrides: list = dataclasses.field(default_factory=list)
+    ablation: bool = False
+    checkpoints: dict = dataclasses.field(default_factory=dict)  # row name -> published checkpoint URL
+    gpus_per_trial: int | None = None  # None: 1 when the cluster has or can add GPUs, else 0
+    cpus_per_trial: float = 0  # 0: the CPUs per GPU of the GPU node type (GPU trials) / 1 (CPU trials)
+    max_failures: int | None = None  # None: the configs' train.max_failures
+    max_concurrent: int = 0  # 0: as many as the cluster holds
+
+
+@dataclasses.dataclass
+class Row:
+    id: str
+    label: str
+    config: str  # YAML path
+    name: str  # config name (file stem)
+    overrides: list
+    variant: str = ""  # an ablation variant key
+    baseline: str = ""  # the id of the row this one is paired with (ablation)
+    paper: dict = dataclasses.field(default_factory=dict)  # head -> {"accuracy", "miou"} (%)
+
+
+@dataclasses.dataclass
+class Trial:
+    id: str  # "{row}/seed{S}" | "{row}/published"
+    row: str
+    seed: int | None
+    folder: str
+    shards: str
+    cfg: dict  # the resolved training config (train.output = folder, train.resume = auto)
+    train: bool = True
+    checkpoint: str = ""  # published checkpoint URL (train=False)
+    eval_overrides: list = dataclasses.field(default_factory=list)
+
+    @property
+    def report(self) -> str:
+        return io.join(self.folder, "report")
+
+
+@dataclasses.dataclass
+class Plan:
+    output: str
+    request: Request
+    rows: list
+    trials: list
+
+    def row_trials(self, row_id: str) -> list:
+        return [t for t in self.trials if t.row == row_id]
+
+
+def absolute(url: str) -> str:
+    return url if not url or io.is_remote(url) else os.path.abspath(url)
+
+
+def parse_seeds(text) -> list[int]:
+    """``3`` -> seeds 0, 1, 2; ``0,5,7`` -> those seeds."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected a count (3 = seeds 0,1,2) or a comma list of seeds") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r}: expected at least one seed, each >= 0 and listed once")
+    return seeds
+
+
+def parse_checkpoints(items) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        name, sep, url = str(item).partition("=")
+        if not sep or not name or not url:
+            raise ConfigError(f"--checkpoint {item!r}: expected ROW=URL, e.g. coco_vits8=s3://bucket/cocostuff_vits.ckpt")
+        out[name] = url
+    return out
+
+
+def config_file(name: str) -> tuple[str, str]:
+    """``(YAML path, name)`` of ``configs/NAME.yaml`` or of a YAML path."""
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        if not os.path.isfile(name):
+            raise ConfigError(f"--configs: config file not found: {name}")
+        return os.path.abspath(name), os.path.splitext(os.path.basename(name))[0]
+    path = os.path.join(CONFIGS, f"{name}.yaml")
+    if not os.path.isfile(path):
+        known = sorted(os.path.splitext(f)[0] for f in os.listdir(CONFIGS) if f.endswith(".yaml"))
+        raise ConfigError(f"--configs: no config named {name!r} ({path} not found); expected one of {', '.join(known)} "
+                          "or a YAML path")
+    return path, name
+
+
+def split_row(spec: str) -> tuple[str, list[str]]:
+    """``NAME[:key=value,key=value]`` -> (NAME, overrides)."""
+    name, sep, rest = spec.partition(":")
+    if not sep:
+        return spec, []
+    items = [s.strip() for s in rest.split(",") if s.strip()]
+    if not items or any("=" not in s for s in items):
+        raise ConfigError(f"--configs {spec!r}: expected NAME or NAME:key=value[,key=value...]")
+    return name, items
+
+
+def _row_id(name: str, parts: list[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "+".join([name, *parts]))
+
+
+def _paper(name: str, variant: str) -> dict:
+    setting, own = CONFIG_SETTING.get(name, (None, None))
+    if setting is None:
+        return {}
+    numbers = PAPER[setting].get(variant or own, {})
+    return {head: {"accuracy": acc, "miou": miou} for head, (acc, miou) in numbers.items()}
+
+
+def _check_overrides(overrides: list[str]) -> tuple[list[str], str]:
+    """(overrides without shards.root, the shards prefix)."""
+    kept, prefix = [], ""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in REFUSED_OVERRIDES:
+            raise ConfigError(f"override {item!r}: the sweep sets {key} for every trial; use {REFUSED_OVERRIDES[key]}")
+        if key == "shards.root":
+            prefix = item.split("=", 1)[1].strip()
+        else:
+            kept.append(item)
+    return kept, prefix
+
+
+def _replace(cfg: Config, section: str, **values) -> Config:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+
+
+def plan_sweep(request: Request, output: str) -> Plan:
+    """Rows and trials of ``request`` (reads the YAML files; every config is validated here)."""
+    if not request.configs and not request.checkpoints:
+        raise ConfigError("--configs: expected at least one config (e.g. --configs coco_vits8), or --checkpoint ROW=URL")
+    overrides, prefix = _check_overrides(list(request.overrides))
+    output = absolute(output)
+    rows, trials = [], []
+    for spec in request.configs or ():
+        name, row_overrides = split_row(spec)
+        path, stem = config_file(name)
+        base = load_config(path, overrides + row_overrides)
+        variants = variant_overrides(base) if request.ablation else {"": []}
+        for variant, switches in variants.items():
+            row = Row(id=_row_id(stem, row_overrides + ([variant] if variant else [])),
+                      label=f"{stem}{':' + ','.join(row_overrides) if row_overrides else ''}"
+                            + (f" {VARIANTS[variant]}" if variant else ""),
+                      config=path, name=stem, overrides=row_overrides + switches, variant=variant,
+                      paper=_paper(stem, variant))
+            if variant and variant != BASELINE:
+                row.baseline = _row_id(stem, row_overrides + [BASELINE])
+            if any(r.id == row.id for r in rows):
+                raise ConfigError(f"--configs: row {row.id} is listed twice")
+            rows.append(row)
+            cfg = load_config(path, overrides + row.overrides)
+            root = _shards_root(cfg, prefix)
+            weights = cfg.model.weights
+            if weights and not io.is_remote(weights) and os.path.exists(weights):
+                cfg = _replace(cfg, "model", weights=os.path.abspath(weights))
+            for seed in request.seeds:
+                folder = io.join(output, "trials", row.id, f"seed{seed}")
+                tcfg = _replace(_replace(cfg, "shards", root=root), "train", output=folder, seed=int(seed), resume="auto")
+                trials.append(Trial(id=f"{row.id}/seed{seed}", row=row.id, seed=int(seed), folder=folder, shards=root,
+                                    cfg=to_dict(tcfg)))
+    eval_overrides = [o for o in overrides if o.split("=", 1)[0].strip().startswith("eval.")]
+    for name, url in request.checkpoints.items():
+        row = next((r for r in rows if r.id == name), None)
+        if row is None:
+            path, stem = config_file(name)
+            row = Row(id=_row_id(stem, []), label=stem, config=path, name=stem, overrides=[], paper=_paper(stem, ""))
+            rows.append(row)
+        cfg = load_config(row.config, overrides + row.overrides)
+        root = _shards_root(cfg, prefix)
+        trials.append(Trial(id=f"{row.id}/published", row=row.id, seed=None, folder=io.join(output, "trials", row.id,
+                            "published"), shards=root, cfg={}, train=False, checkpoint=absolute(url),
+                            eval_overrides=eval_overrides))
+    return Plan(output=output, request=request, rows=rows, trials=trials)
+
+
+def _shards_root(cfg: Config, prefix: str) -> str:
+    """``{prefix}/{basename of the config's own shards.root}``, or that root itself without a prefix."""
+    own = cfg.shards.root
+    return absolute(io.join(prefix, str(own).rstrip("/").rsplit("/", 1)[-1]) if prefix else own)
+
+
+# ----------------------------------------------------------------------------- checks before any trial
+def sweep_file(output: str) -> str:
+    return io.join(output, "sweep.json")
+
+
+def read_sweep(output: str) -> dict | None:
+    url = sweep_file(output)
+    if not io.exists(url):
+        return None
+    data = json.loads(io.read_bytes(url))
+    if data.get("schema") != SCHEMA:
+        raise ConfigError(f"{url}: schema {data.get('schema')!r}, expected {SCHEMA!r}; start a new sweep in a new --output")
+    return data
+
+
+def check_output(output: str, resume: bool) -> dict | None:
+    """A new sweep needs an empty or missing ``output``; ``resume`` needs a sweep there. Returns the stored sweep."""
+    fs, path = io.filesystem(output)
+    if fs.isfile(path):
+        raise ConfigError(f"--output {output}: an existing file; expected a folder (local or s3://) for the sweep")
+    stored = read_sweep(output)
+    if resume:
+        if stored is None:
+            raise ConfigError(f"--resume: no sweep to resume at {output} ({sweep_file(output)} not found); start one "
+                              "without --resume")
+        return stored
+    held = io.listdir(output)
+    if held:
+        shown = ", ".join(sorted(held)[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise ConfigError(f"--output {output} already holds a sweep ({shown}); continue it with --resume (finished "
+                          "trials are kept, the others resume from their checkpoints), or choose a new --output")
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same(plan: Plan, stored: dict) -> None:
+    """A resumed trial must have the config it started with (new trials may be added)."""
+    old = stored.get("trials", {})
+    for t in plan.trials:
+        if t.id not in old:
+            continue
+        a, b = _flat(old[t.id].get("cfg", {})), _flat(json.loads(json.dumps(t.cfg)))  # as stored (lists, not tuples)
+        diff = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diff or old[t.id].get("checkpoint", "") != t.checkpoint:
+            shown = "; ".join(diff[:4]) or f"checkpoint: stored {old[t.id].get('checkpoint')!r}, now {t.checkpoint!r}"
+            raise ConfigError(f"--resume: trial {t.id} of {sweep_file(plan.output)} was started with other settings "
+                              f"({shown}); resume with the same arguments (--resume alone reuses them), or start a new "
+                              "--output")
+
+
+def _generate_command(row: Row, root: str, overrides: list[str]) -> str:
+    keep = [o for o in overrides + row.overrides if o.split("=", 1)[0].startswith(("data.", "depthgen.", "mining."))]
+    config = os.path.relpath(row.config, REPO) if row.config.startswith(REPO) else row.config
+    return " ".join(["python launch/generate_depth.py --config", config, f"shards.root={root}", *keep])
+
+
+def check_shards(plan: Plan) -> None:
+    """Every trial's shards exist: the training manifest (trained rows) and a val split (all rows)."""
+    from cluster.evaluator import find_split
+
+    overrides, _ = _check_overrides(list(plan.request.overrides))
+    rows = {r.id: r for r in plan.rows}
+    seen = set()
+    for t in plan.trials:
+        if not t.train and not io.exists(t.checkpoint):
+            raise ConfigError(f"--checkpoint {t.row}={t.checkpoint}: file not found")
+        key = (t.shards, t.train)
+        if key in seen:
+            continue
+        seen.add(key)
+        fix = _generate_command(rows[t.row], t.shards, overrides)
+        train_manifest = io.join(shards.split_dir(t.shards, "train", "train"), shards.MANIFEST)
+        if t.train and not io.exists(train_manifest):
+            raise ConfigError(f"row {t.row}: no training shards at {t.shards} ({train_manifest} not found); write them "
+                              f"with: {fix}")
+        try:
+            find_split(t.shards, "val")
+        except FileNotFoundError as exc:
+            raise ConfigError(f"row {t.row}: no validation shards to evaluate on ({exc}); write them with: {fix}") from None
+
+
+def check_trials(plan: Plan, shared: bool) -> None:
+    """``cluster.preflight.check`` for every training trial (one rank); with ``shared`` (a cluster) the output and
+    every shards root must be shared storage."""
+    from cluster import preflight
+
+    if shared:
+        urls = [plan.output, *{t.shards for t in plan.trials}, *(t.checkpoint for t in plan.trials if t.checkpoint)]
+        local = [u for u in urls if not io.is_remote(u)]
+        if local:
+            raise ConfigError(f"{local[0]}: a local folder, but the trials run on the cluster's nodes, which neither "
+                              "see it nor keep what is written there; expected shared storage, e.g. --output "
+                              "s3://bucket/reproduce shards.root=s3://bucket/depthg")
+    for t in plan.trials:
+        if t.train:
+            preflight.check(from_dict(Config, t.cfg), 1, shared=shared)
+
+
+def trial_resources(request: Request, alive: list[dict], node_types: list[dict] | None) -> dict:
+    """``{"CPU": k, "GPU": 1}`` or ``{"CPU": n}`` of each trial (pure). ``alive``: ``ray.nodes()`` resources,
+    ``node_types``: ``cluster.raycluster.autoscaler_node_types()``."""
+    from cluster.ray_train import plan_train
+
+    gpus = request.gpus_per_trial
+    if gpus is None:
+        have = [r for r in alive if r.get("GPU", 0) > 0] + [t for t in node_types or [] if t.get("GPU", 0) > 0]
+        gpus = 1 if have else 0
+    if gpus not in (0, 1):
+        raise ConfigError(f"--gpus-per-trial {gpus}: a trial is the paper's 1-GPU recipe (global batch "
+                          "train.micro_batch_per_gpu on one rank); expected 0 (CPU trials) or 1. Train a multi-GPU run "
+                          "with python launch/train.py --nodes N --gpus-per-node G")
+    if request.cpus_per_trial < 0:
+        raise ConfigError(f"--cpus-per-trial {request.cpus_per_trial}: expected >= 0 (0 = automatic)")
+    if gpus == 0:
+        return {"CPU": float(request.cpus_per_trial or 1)}
+    try:
+        plan = plan_train(1, 1, "cuda", alive, node_types)
+    except ValueError as exc:
+        raise ConfigError(f"--gpus-per-trial 1: {exc}") from exc
+    return {"CPU": float(request.cpus_per_trial or plan.cpus_per_worker), "GPU": 1.0}
+
+
+# ----------------------------------------------------------------------------- one trial (a Tune trial's process)
+def eval_json(trial_folder: str) -> str:
+    return io.join(trial_folder, "report", EVAL_JSON)
+
+
+def _scores(trial_folder: str) -> dict | None:
+    url = eval_json(trial_folder)
+    return json.loads(io.read_bytes(url))["scores"] if io.exists(url) else None
+
+
+def _metrics(scores: dict) -> dict:
+    return {f"{h}/{m}": 100 * float(scores[h][m]) for h, _ in HEADS if h in scores for m in METRICS}
+
+
+def run_trial(config: dict, evaluate: Callable | None = None, hooks=None) -> None:
+    """The Tune trainable: train the trial's row at its seed (resuming its own checkpoints), then evaluate it.
+
+    ``evaluate(argv)`` is ``launch.evaluate.main``; ``hooks`` a ``cluster.trainer.Hooks`` for every trial or a dict
+    ``{trial id: Hooks}`` (tests)."""
+    from ray import tune
+
+    t = Trial(**config["trial"])
+    resources = config["resources"]
+    os.environ.update(config.get("env") or {})
+    gpu = resources.get("GPU", 0) > 0
+    if not gpu:  # a CPU trial on a GPU node stays off the GPUs other trials hold
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if io.exists(eval_json(t.folder)):
+        tune.report(_metrics(_scores(t.folder)))
+        return
+    record = {"attempt": uuid.uuid4().hex[:8], "pid": os.getpid(), "node": _node(), "started": time.time()}
+    io.write_bytes(io.join(t.folder, "attempts", f"{time.time():.3f}-{record['attempt']}.json"),
+                   json.dumps(record).encode())
+    timings = {}
+    checkpoint = t.checkpoint
+    if t.train:
+        checkpoint = io.join(t.folder, "segmenter.pt")
+        if not io.exists(checkpoint):  # segmenter.pt is written after the last batch: training is done
+            timings["train_s"] = _train(t, resources, hooks)
+    start = time.perf_counter()
+    # --key=value: a path holding "=" (a row id such as smoke+sampling.mode=random) is no override
+    evaluate([f"--checkpoint={checkpoint}", f"--output={t.report}", "--workers=0", f"--shards={t.shards}",
+              *t.eval_overrides, *([] if gpu else ["eval.device=cpu"])])
+    timings["eval_s"] = time.perf_counter() - start
+    io.write_bytes(io.join(t.folder, "trial.json"), json.dumps(
+        {"id": t.id, "seed": t.seed, "resources": resources, **record, "seconds": timings}, indent=1).encode())
+    tune.report(_metrics(_scores(t.folder)))
+
+
+def _train(t: Trial, resources: dict, hooks) -> float:
+    from cluster.distributed import loader_workers
+    from cluster.trainer import train
+    from cluster.world import detect
+
+    cfg = from_dict(Config, t.cfg)
+    world = detect()
+    if cfg.train.loader_workers < 0:  # auto: the trial's CPUs, not the node's (several trials share a node)
+        cfg = _replace(cfg, "train", loader_workers=loader_workers(-1, world, cpus=int(resources.get("CPU", 1))))
+    hook = hooks.get(t.id) if isinstance(hooks, dict) else hooks
+    start = time.perf_counter()
+    train(cfg, world, hooks=hook)
+    return time.perf_counter() - start
+
+
+def _node() -> str | None:
+    from cluster.raycluster import node_id
+
+    return node_id()
+
+
+# ----------------------------------------------------------------------------- the table
+def _stats(values: list[float]) -> dict:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "n": len(v), "values": [float(x) for x in v]}
+
+
+def _attempts(folder: str) -> int:
+    return len([n for n in io.listdir(io.join(folder, "attempts")) if n.endswith(".json")])
+
+
+def trial_record(t: Trial, errors: dict) -> dict:
+    scores = _scores(t.folder)
+    info_url = io.join(t.folder, "trial.json")
+    info = json.loads(io.read_bytes(info_url)) if scores is not None and io.exists(info_url) else {}
+    status = "done" if scores is not None else ("failed" if t.id in errors else "pending")
+    out = {"id": t.id, "seed": t.seed, "status": status, "attempts": _attempts(t.folder), "folder": t.folder,
+           "report": io.join(t.report, "eval.md"), "eval_json": eval_json(t.folder),
+           "checkpoint": t.checkpoint or io.join(t.folder, "segmenter.pt"), "seconds": info.get("seconds", {}),
+           "resources": info.get("resources")}
+    if t.train:
+        out["metrics"] = io.join(t.folder, "metrics.jsonl")
+    if scores is not None:
+        out["scores"] = _metrics(scores)
+    if t.id in errors:
+        out["error"] = errors[t.id]
+    return out
+
+
+def build_table(plan: Plan, errors: dict | None = None, seconds: float | None = None) -> dict:
+    """The sweep's table from each trial's ``eval.json`` (the one source of the numbers; a partial table while
+    trials run or after some failed)."""
+    errors = errors or {}
+    records = {t.id: trial_record(t, errors) for t in plan.trials}
+    rows = []
+    for row in plan.rows:
+        seeded = [records[t.id] for t in plan.row_trials(row.id) if t.train]
+        done = [r for r in seeded if r["status"] == "done"]
+        heads = {}
+        for head, _ in HEADS:
+            if all(f"{head}/accuracy" in r["scores"] for r in done) and done:
+                heads[head] = {m: _stats([r["scores"][f"{head}/{m}"] for r in done]) for m in METRICS}
+        vs_paper = {}
+        for head, numbers in row.paper.items():
+            vs_paper[head] = {m: (None if numbers.get(m) is None or head not in heads else
+                                  heads[head][m]["mean"] - numbers[m]) for m in METRICS}
+        published = next((records[t.id] for t in plan.row_trials(row.id) if not t.train), None)
+        entry = {"id": row.id, "label": row.label, "config": row.config, "overrides": row.overrides,
+                 "variant": row.variant, "seeds": len(seeded), "done": len(done), "heads": heads,
+                 "paper": row.paper, "vs_paper": vs_paper, "published": published,
+                 "trials": [records[t.id] for t in plan.row_trials(row.id)]}
+        if row.baseline:
+            entry["paired"] = _paired(row, plan, records)
+        rows.append(entry)
+    status = {s: sum(r["status"] == s for r in records.values()) for s in ("done", "failed", "pending")}
+    return {"schema": SCHEMA, "output": plan.output, "request": dataclasses.asdict(plan.request),
+            "trials": len(plan.trials), "status": status, "seconds": seconds,
+            "std": "sample standard deviation over seeds (ddof=1)", "rows": rows,
+            "paper_source": "docs/METHOD.md section 10 (cluster probe with CRF; linear probe with CRF where published)"}
+
+
+def _paired(row: Row, plan: Plan, records: dict) -> dict:
+    """``row - baseline`` per head and metric, paired by seed over the seeds both finished."""
+    def by_seed(row_id):
+        return {records[t.id]["seed"]: records[t.id]["scores"] for t in plan.row_trials(row_id)
+                if t.train and records[t.id]["status"] == "done"}
+
+    mine, base = by_seed(row.id), by_seed(row.baseline)
+    seeds = sorted(set(mine) & set(base))
+    out = {"baseline": row.baseline, "seeds": seeds}
+    for head, _ in HEADS:
+        key = f"{head}/miou"
+        if seeds and all(key in mine[s] and key in base[s] for s in seeds):
+            out[head] = {m: paired_difference([mine[s][f"{head}/{m}"] for s in seeds],
+                                              [base[s][f"{head}/{m}"] for s in seeds]) for m in METRICS}
+    return out
+
+
+def _pm(stats: dict | None) -> str:
+    if not stats or stats.get("mean") is None:
+        return "-"
+    return f"{stats['mean']:.1f}" + (f" +- {stats['std']:.1f}" if stats.get("std") is not None else "")
+
+
+def _pair(head: dict | None) -> str:
+    if not head:
+        return "-"
+    return f"{_pm(head.get('accuracy'))} / {_pm(head.get('miou'))}"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _diff(v) -> str:
+    return "-" if v is None else f"{v:+.1f}"
+
+
+def _paper_cell(numbers: dict | None) -> str:
+    if not numbers:
+        return "-"
+    return f"{_num(numbers.get('accuracy'))} / {_num(numbers.get('miou'))}"
+
+
+def _interval(p: dict | None) -> str:
+    if not p:
+        return "-"
+    ci = p.get("ci95")
+    return f"{p['mean']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else " (1 seed: no interval)")
+
+
+def markdown(table: dict) -> str:
+    """``reproduce.md``: the rows beside the paper, the ablation's paired differences, every trial's links."""
+    status = table["status"]
+    lines = ["# Reproduction sweep", "",
+             f"{status['done']} of {table['trials']} trials done, {status['failed']} failed, {status['pending']} "
+             f"pending" + (f"; {table['seconds']:.0f} s" if table.get("seconds") else "") + f". Output: {table['output']}",
+             "", "Accuracy / mIoU in %, mean +- sample std over the seeds done; paper: " + table["paper_source"] + ".", "",
+             "| row | seeds | cluster | cluster + CRF | paper | diff (CRF - paper) | linear | linear + CRF | paper linear "
+             "| published checkpoint (cluster + CRF) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        h, paper, vs = r["heads"], r["paper"], r["vs_paper"]
+        diff = vs.get("cluster_crf", {})
+        pub = r["published"]
+        pub_cell = "-"
+        if pub:
+            s = pub.get("scores") or {}
+            pub_cell = (f"{s['cluster_crf/accuracy']:.1f} / {s['cluster_crf/miou']:.1f}" if "cluster_crf/accuracy" in s
+                        else f"{s['cluster/accuracy']:.1f} / {s['cluster/miou']:.1f} (no CRF)" if s else pub["status"])
+        lines.append(f"| {r['label']} | {r['done']}/{r['seeds']} | {_pair(h.get('cluster'))} | "
+                     f"{_pair(h.get('cluster_crf'))} | {_paper_cell(paper.get('cluster_crf'))} | "
+                     f"{_diff(diff.get('accuracy'))} / {_diff(diff.get('miou'))} | {_pair(h.get('linear'))} | "
+                     f"{_pair(h.get('linear_crf'))} | {_paper_cell(paper.get('linear_crf'))} | {pub_cell} |")
+    paired = [r for r in table["rows"] if r.get("paired")]
+    if paired:
+        lines += ["", "## Ablation: each row minus its STEGO row, paired by seed (95% t interval)", "",
+                  "| row | seeds | cluster + CRF mIoU | cluster + CRF accuracy | cluster mIoU | linear + CRF mIoU | "
+                  "paper (CRF mIoU - STEGO) |", "|---|---|---|---|---|---|---|"]
+        rows = {r["id"]: r for r in table["rows"]}
+        for r in paired:
+            p = r["paired"]
+            base = rows.get(p["baseline"], {}).get("paper", {}).get("cluster_crf", {})
+            mine = r["paper"].get("cluster_crf", {})
+            paper = (mine["miou"] - base["miou"]) if mine.get("miou") is not None and base.get("miou") is not None else None
+            cell = lambda head, m: _interval((p.get(head) or {}).get(m))  # noqa: E731
+            lines.append(f"| {r['label']} | {len(p['seeds'])} | {cell('cluster_crf', 'miou')} | "
+                         f"{cell('cluster_crf', 'accuracy')} | {cell('cluster', 'miou')} | {cell('linear_crf', 'miou')} "
+                         f"| {_diff(paper)} |")
+    lines += ["", "## Trials", "", "| trial | status | attempts | train s | eval s | cluster + CRF | report | run |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        for t in r["trials"]:
+            s, sec = t.get("scores") or {}, t.get("seconds") or {}
+            score = (f"{s['cluster_crf/accuracy']:.1f} / {s['cluster_crf/miou']:.1f}" if "cluster_crf/accuracy" in s
+                     else "-")
+            status = t["status"] + (f": {t['error']}" if t.get("error") else "")
+            fmt = lambda k: f"{sec[k]:.0f}" if k in sec else "-"  # noqa: E731
+            lines.append(f"| {t['id']} | {status} | {t['attempts']} | {fmt('train_s')} | {fmt('eval_s')} | {score} | "
+                         f"{t['report']} | {t['folder']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(plan: Plan, errors: dict | None = None, seconds: float | None = None) -> dict:
+    table = build_table(plan, errors, seconds)
+    io.write_bytes(io.join(plan.output, "reproduce.json"), json.dumps(table, indent=1).encode())
+    io.write_bytes(io.join(plan.output, "reproduce.md"), markdown(table).encode())
+    return table
+
+
+# ----------------------------------------------------------------------------- the sweep on Ray Tune
+def _progress(plan: Plan, done: int, quiet: bool):
+    """A Tune callback on the driver: a line per trial event, a tqdm bar of finished trials, the partial table
+    rewritten after each one (defined here so that importing this module needs no Ray)."""
+    from ray import tune
+    from tqdm import tqdm
+
+    class _Progress(tune.Callback):
+        def __init__(self):
+            self.bar = None
+
+        def __getstate__(self):  # Tune pickles its run config; the bar stays on the driver
+            return {}
+
+        def _bar(self):
+            if self.bar is None:
+                self.bar = tqdm(total=len(plan.trials), initial=done, desc="trials", unit="trial", disable=quiet)
+            return self.bar
+
+        def _say(self, text):
+            self._bar().write(text) if not quiet else None
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._say(f"started {trial.config['trial']['id']}")
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._say(f"trial {trial.config['trial']['id']} failed (failure {trial.num_failures}); Tune retries it, "
+                      "resuming from its last checkpoint")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._say(f"trial {trial.config['trial']['id']} failed for good: {_first_line(trial.error_file)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            bar = self._bar()
+            bar.update(1)
+            result = trial.last_result or {}
+            score = ("cluster + CRF {:.1f} / {:.1f}".format(result["cluster_crf/accuracy"], result["cluster_crf/miou"])
+                     if "cluster_crf/accuracy" in result else "done")
+            self._say(f"finished {trial.config['trial']['id']}: {score}")
+            try:
+                write_table(plan)
+            except Exception as exc:  # noqa: BLE001 - the partial table is a courtesy; the sweep goes on
+                self._say(f"(partial table not written: {exc})")
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+
+    return _Progress()
+
+
+def _first_line(path_or_error) -> str:
+    text = str(path_or_error or "")
+    if text and os.path.isfile(text):
+        with open(text) as fh:
+            text = fh.read()
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    # the last line of a traceback names the exception
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
+def store(plan: Plan, stored: dict | None) -> None:
+    """``sweep.json``: the request and every trial's config (kept from earlier launches)."""
+    trials = dict((stored or {}).get("trials", {}))
+    for t in plan.trials:
+        trials[t.id] = {"cfg": t.cfg, "checkpoint": t.checkpoint, "folder": t.folder}
+    data = {"schema": SCHEMA, "request": dataclasses.asdict(plan.request), "trials": trials,
+            "launches": list((stored or {}).get("launches", [])) + [time.strftime("%Y-%m-%dT%H:%M:%S")]}
+    io.write_bytes(sweep_file(plan.output), json.dumps(data, indent=1).encode())
+
+
+def sweep(plan: Plan, resources: dict, evaluate: Callable, stored: dict | None = None, hooks=None,
+          quiet: bool = False) -> dict:
+    """Run the trials that have no ``eval.json`` as Ray Tune trials (this process must be connected to Ray), then
+    write the table. Raises ``SweepError`` (after writing it) when some trials failed for good."""
+    from ray import tune
+
+    from cluster.ray_train import storage
+    from cluster.raycluster import storage_env
+
+    start = time.perf_counter()
+    store(plan, stored)
+    todo = [t for t in plan.trials if not io.exists(eval_json(t.folder))]
+    print(f"sweep: {len(plan.rows)} row(s), {len(plan.trials)} trial(s), {len(plan.trials) - len(todo)} already done; "
+          f"each trial {resources}", flush=True)
+    errors = {}
+    if todo:
+        failures = plan.request.max_failures
+        if failures is None:
+            failures = max([from_dict(Config, t.cfg).train.max_failures for t in todo if t.train] or [2])
+        path, filesystem = storage(io.join(plan.output, "tune"))
+        trainable = tune.with_resources(tune.with_parameters(run_trial, evaluate=evaluate, hooks=hooks), resources)
+        by_id = {t.id: dataclasses.asdict(t) for t in todo}
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(list(by_id.values())), "resources": resources, "env": storage_env()},
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.request.max_concurrent or None, reuse_actors=False,
+                                        trial_name_creator=lambda trial: trial.config["trial"]["id"],
+                                        trial_dirname_creator=lambda trial: _dirname(trial.config["trial"]["id"])),
+            run_config=tune.RunConfig(name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+                                      storage_path=path, storage_filesystem=filesystem, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=failures),
+                                      callbacks=[_progress(plan, len(plan.trials) - len(todo), quiet)]))
+        grid = tuner.fit()
+        for result in grid:
+            if result.error is not None:
+                errors[result.config["trial"]["id"]] = _first_line(result.error)
+    table = write_table(plan, errors, time.perf_counter() - start)
+    print(f"wrote {io.join(plan.output, 'reproduce.md')} and reproduce.json", flush=True)
+    if table["status"]["failed"] or table["status"]["pending"]:
+        bad = [t["id"] for r in table["rows"] for t in r["trials"] if t["status"] != "done"]
+        raise SweepError(f"{len(bad)} of {table['trials']} trial(s) did not finish ({', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}): see their errors in {io.join(plan.output, 'reproduce.md')}"
+                         "; the table holds the others. Rerun with --resume to retry only those")
+    return table
+
+
+def _dirname(trial_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", trial_id.replace("/", "__"))
+
+
+def run(request: Request | None, output: str, evaluate: Callable, resume: bool = False, address: str | None = None,
+        hooks=None, shared: bool | None = None, quiet: bool = False) -> dict:
+    """The whole command: checks (before Ray where they can), connect, plan resources, sweep, table.
+
+    ``request`` None (``--resume`` alone): the stored one. ``shared``: whether the trials' outputs must be shared
+    storage; None = decided by ``cluster.raycluster.connect`` (False only when this call started a private local
+    Ray; tests on a local cluster pass False)."""
+    output = absolute(output)
+    stored = check_output(output, resume)
+    if request is None:
+        if stored is None:
+            raise ConfigError("--configs: expected at least one config (e.g. --configs coco_vits8)")
+        request = Request(**stored["request"])
+    plan = plan_sweep(request, output)
+    if stored is not None:
+        check_same(plan, stored)
+    check_shards(plan)
+    from cluster.raycluster import autoscaler_node_types, connect
+
+    started = connect(address)
+    shared = (not started) if shared is None else shared
+    check_trials(plan, shared)
+    import ray
+
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    resources = trial_resources(request, alive, autoscaler_node_types())
+    return sweep(plan, resources, evaluate, stored, hooks, quiet)

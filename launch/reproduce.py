@@ -1,0 +1,106 @@
+"""The paper's tables in one command: every config x seed a Ray Tune trial (training, then evaluation), one table.
+
+    python launch/reproduce.py --configs coco_vits8 coco_vits8_lhp cityscapes_vitb8 potsdam_vits8 --seeds 3 \\
+        shards.root=s3://bucket/depthg --output s3://bucket/reproduce [--gpus-per-trial 1]
+    python launch/reproduce.py --ablation --configs coco_vits8 --seeds 3 shards.root=... --output ...  # Table 4
+    python launch/reproduce.py --configs coco_vits8 --checkpoint coco_vits8=s3://bucket/cocostuff_vits.ckpt ...
+    python launch/reproduce.py --output s3://bucket/reproduce --resume      # after a killed driver
+    python launch/reproduce.py --configs demo --seeds 3                     # here: local Ray, CPU trials
+
+Each trial trains its config at one seed (``train.seed``) with the product's trainer on one rank (the 1-GPU paper
+recipe; a CPU trial here trains 1 rank on 1 CPU where the demo's ``launch/train.py`` uses 2 workers) and evaluates
+the result as ``launch/evaluate.py --workers 0`` does. Trials run concurrently as far as the cluster's GPUs (or
+CPUs) allow; their requests are what Ray's autoscaler sees. Configs: names in configs/ or YAML paths;
+``NAME:key=value,key=value`` is a row with its own settings. ``--ablation`` turns each config into the paper's Table 4
+rows (STEGO, + FPS, + depth loss, + both, + 3D-LHP). ``--checkpoint ROW=URL`` evaluates a published checkpoint
+(docs/IMPORT.md) on that row's shards, as a trial without training. ``key=value`` overrides apply to every trial;
+``shards.root=PREFIX`` is a prefix: a config's shards are ``PREFIX/{basename of its own shards.root}``.
+
+Writes ``{output}/reproduce.md`` and ``reproduce.json`` (mean +- std over seeds beside the paper's numbers, the
+published checkpoint's figure, paired intervals for ablation rows, links to every trial's run and report), rewritten
+as trials finish. A failed trial is retried by Tune (``--max-failures``), resuming from its checkpoints; a new sweep
+into a used ``--output`` is refused: ``--resume`` continues it, running only the trials without ``eval.json``. On a
+cluster (``RAY_ADDRESS``, ``--address`` or a local ``ray start``) the output and shards must be on s3://.
+Everything that needs no trial is checked before the first one starts (``error: ...``). Layout and details:
+``cluster/reproduce.py``, docs/REPRODUCE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=None, metavar="NAME",
+                   help="config names (configs/NAME.yaml) or YAML paths; NAME:key=value,... for a row with settings")
+    p.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a comma list of seeds (default 3)")
+    p.add_argument("--ablation", action="store_true", help="the paper's Table 4 rows of each config (default coco_vits8)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="ROW=URL",
+                   help="evaluate a published checkpoint (segmenter.pt or reference .ckpt) beside row ROW; repeatable")
+    p.add_argument("--output", default="runs/reproduce", help="the sweep's folder, local or s3:// (default runs/reproduce)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --output: finished trials are kept, the others resume (alone: with "
+                        "the arguments it was started with)")
+    p.add_argument("--gpus-per-trial", type=int, default=None,
+                   help="1: GPU trials (the paper's 1-GPU recipe); 0: CPU trials; default: 1 when the cluster has or "
+                        "can add GPU nodes")
+    p.add_argument("--cpus-per-trial", type=float, default=0,
+                   help="CPUs each trial reserves (default: a GPU node type's CPUs per GPU; 1 for CPU trials)")
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="Tune retries per trial (default: the configs' train.max_failures; -1 = unlimited)")
+    p.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (0 = as resources allow)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local ray start, "
+                   "else a private local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def split_argv(argv) -> tuple[list[str], list[str]]:
+    """``(overrides, the rest)``: ``key=value`` tokens are overrides, except a row ``NAME:key=value`` (a colon in the
+    key) and the value of ``--checkpoint ROW=URL``."""
+    overrides, rest = [], []
+    for i, arg in enumerate(argv):
+        key = arg.split("=", 1)[0]
+        value_of = argv[i - 1] if i else ""
+        if "=" in arg and not arg.startswith("-") and ":" not in key and value_of != "--checkpoint":
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
+def request_from(args, overrides):
+    """The ``cluster.reproduce.Request`` of the command line; None for ``--resume`` without rows (the stored one)."""
+    from cluster import reproduce
+
+    if args.resume and not (args.configs or args.ablation or args.checkpoint):
+        if overrides:
+            from depthg.config import ConfigError
+
+            raise ConfigError(f"--resume with overrides ({' '.join(overrides)}) but no --configs: --resume alone "
+                              "reuses the stored arguments; give the same --configs and overrides to change nothing")
+        return None
+    configs = args.configs or (["coco_vits8"] if args.ablation else [])
+    return reproduce.Request(configs=list(configs), seeds=reproduce.parse_seeds(args.seeds), overrides=list(overrides),
+                             ablation=args.ablation, checkpoints=reproduce.parse_checkpoints(args.checkpoint),
+                             gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
+                             max_failures=args.max_failures, max_concurrent=args.max_concurrent)
+
+
+def main(argv=None, hooks=None, shared=None) -> dict:
+    """``hooks``: a ``cluster.trainer.Hooks`` or ``{trial id: Hooks}`` for the trials' training (tests);
+    ``shared``: override the shared-storage rule (tests on a local cluster)."""
+    from cluster import reproduce
+    from launch import evaluate
+
+    overrides, rest = split_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(rest)
+    return reproduce.run(request_from(args, overrides), args.output, evaluate.main, resume=args.resume,
+                         address=args.address, hooks=hooks, shared=shared, quiet=args.quiet)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,248 @@
+"""The reproduction sweep (``cluster/reproduce.py``, ``launch/reproduce.py``).
+
+Unit tests of the plan, the resources, the refusals and the table (no Ray), then ONE integration test on the
+session's local Ray (``ray_local``): 2 rows x 2 seeds of the smoke config as real Ray Tune trials (the product's
+trainer and ``launch/evaluate.py --workers 0``), one trial attempt SIGKILLed once (Tune retries it, resuming from
+its checkpoint), the driver (a subprocess attached to the same Ray) SIGKILLed while a trial is paused, then resumed
+with ``--resume`` (and a ``--checkpoint`` row added): no finished trial trains again (counted by the trace files each
+attempt writes), the paused one resumes from its checkpoint, the checkpoint row is evaluated without training, and
+the table's numbers equal every trial's eval.json. Synchronised on files, never
+on sleeps racing a process (the waits are caps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from ray import cloudpickle
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+import train_hooks  # noqa: E402
+
+cloudpickle.register_pickle_by_value(train_hooks)  # Ray workers get the hook classes by value
+
+from cluster import reproduce  # noqa: E402
+from depthg import shards  # noqa: E402
+from depthg.config import ConfigError  # noqa: E402
+
+SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
+ROWS = ["smoke", "smoke:sampling.mode=random"]
+TRIALS = ["smoke/seed0", "smoke/seed1", "smoke+sampling.mode=random/seed0", "smoke+sampling.mode=random/seed1"]
+CRASHES, PAUSES = TRIALS[0], TRIALS[3]  # one attempt SIGKILLed at batch 3; the trial the first driver dies beside
+TINY = ["train.num_batches=4", "train.ckpt_every=2", "train.finish=none", "train.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory):
+    """Smoke-sized shards once per module: ``{prefix}/synthetic`` (smoke's own shards.root is shards/synthetic)."""
+    root = tmp_path_factory.mktemp("reproduce-shards")
+    folder = str(root / "synthetic")
+    shards.write_test_shards(folder, 8, size=(32, 32), num_positives=2, samples_per_shard=4)
+    shards.write_test_shards(folder, 4, size=(32, 32), with_positives=False, split="val")
+    return str(root)
+
+
+def _request(**kw) -> reproduce.Request:
+    return reproduce.Request(**{"configs": ROWS, "seeds": [0, 1], **kw})
+
+
+# ----------------------------------------------------------------------------- the plan
+def test_paper_rows_map_shards_under_the_prefix_and_carry_the_paper_numbers(tmp_path):
+    req = reproduce.Request(configs=["coco_vits8", "coco_vits8_lhp", "cityscapes_vitb8", "potsdam_vits8", "coco_vitb8"],
+                            seeds=reproduce.parse_seeds("3"), overrides=["shards.root=s3://b/depthg"])
+    plan = reproduce.plan_sweep(req, "s3://b/sweep")
+    assert len(plan.trials) == 15 and [t.seed for t in plan.row_trials("coco_vits8")] == [0, 1, 2]
+    roots = {t.row: t.shards for t in plan.trials}
+    assert roots == {"coco_vits8": "s3://b/depthg/coco", "coco_vits8_lhp": "s3://b/depthg/coco",
+                     "cityscapes_vitb8": "s3://b/depthg/cityscapes", "potsdam_vits8": "s3://b/depthg/potsdam",
+                     "coco_vitb8": "s3://b/depthg/coco_vitb8"}
+    t = plan.trials[1]
+    assert t.cfg["train"]["seed"] == 1 and t.cfg["train"]["resume"] == "auto"
+    assert t.cfg["train"]["output"] == t.folder == "s3://b/sweep/trials/coco_vits8/seed1"
+    paper = {r.id: r.paper["cluster_crf"] for r in plan.rows}
+    assert paper["coco_vits8"] == {"accuracy": 56.3, "miou": 25.6} and paper["potsdam_vits8"]["miou"] is None
+    assert plan.rows[0].paper["linear_crf"] == {"accuracy": 73.7, "miou": 38.9}
+    assert paper["coco_vits8_lhp"] == {"accuracy": 55.1, "miou": 26.7}
+    req.checkpoints = reproduce.parse_checkpoints(["coco_vits8=s3://b/cocostuff_vits.ckpt"])
+    published = reproduce.plan_sweep(req, "s3://b/sweep").trials[-1]  # evaluated beside its row, not trained
+    assert (published.id, published.train, published.shards) == ("coco_vits8/published", False, "s3://b/depthg/coco")
+
+
+def test_ablation_rows_are_table_4_from_the_existing_settings():
+    plan = reproduce.plan_sweep(reproduce.Request(configs=["coco_vits8"], seeds=[0, 1], ablation=True), "/x")
+    assert [r.id for r in plan.rows] == [f"coco_vits8+{v}" for v in ("stego", "fps", "depth", "depthg", "lhp")]
+    cfg = {t.row: t.cfg for t in plan.trials}
+    settings = {row: (c["loss"]["depth"]["mode"], c["sampling"]["mode"], c["loss"]["lhp"]["enabled"]) for row, c in cfg.items()}
+    assert settings == {"coco_vits8+stego": ("none", "random", False), "coco_vits8+fps": ("none", "fps_reference", False),
+                        "coco_vits8+depth": ("reference", "random", False),
+                        "coco_vits8+depthg": ("reference", "fps_reference", False),
+                        "coco_vits8+lhp": ("reference", "fps_reference", True)}
+    assert {r.id: r.paper["cluster_crf"]["miou"] for r in plan.rows} == {
+        "coco_vits8+stego": 24.5, "coco_vits8+fps": 24.6, "coco_vits8+depth": 24.7, "coco_vits8+depthg": 25.6,
+        "coco_vits8+lhp": 26.7}
+    assert {r.baseline for r in plan.rows[1:]} == {"coco_vits8+stego"} and not plan.rows[0].baseline
+
+
+def test_trial_resources_follow_the_gpu_node_types():
+    g5 = [{"name": "gpu", "CPU": 48, "GPU": 4, "max_workers": 4}]
+    head = [{"CPU": 0}]
+    assert reproduce.trial_resources(reproduce.Request(), head, g5) == {"CPU": 12.0, "GPU": 1.0}  # none up: requested
+    assert reproduce.trial_resources(reproduce.Request(), [{"CPU": 2}], None) == {"CPU": 1.0}
+    assert reproduce.trial_resources(reproduce.Request(gpus_per_trial=0, cpus_per_trial=3), head, g5) == {"CPU": 3.0}
+    with pytest.raises(ConfigError, match="1-GPU recipe"):
+        reproduce.trial_resources(reproduce.Request(gpus_per_trial=2), head, g5)
+    with pytest.raises(ConfigError, match="--gpus-per-trial 1"):
+        reproduce.trial_resources(reproduce.Request(gpus_per_trial=1), [{"CPU": 2}], None)
+
+
+# ----------------------------------------------------------------------------- refused before any trial
+def test_bad_requests_are_refused_before_ray_or_any_trial(tmp_path, prefix):
+    from launch import reproduce as launch
+
+    def refused(argv, match):
+        with pytest.raises(ConfigError, match=match):
+            launch.main(argv + ["--gpus-per-trial", "0"], shared=False)
+
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "reproduce.md").write_text("an earlier sweep")
+    refused(["--configs", "smoke", "--output", str(out)], r"already holds a sweep.*--resume")
+    refused(["--output", str(tmp_path / "new"), "--resume"], "no sweep to resume")
+    missing = str(tmp_path / "nowhere")
+    refused(["--configs", "smoke", "--output", str(tmp_path / "a"), f"shards.root={missing}"],
+            rf"no training shards at {missing}/synthetic .*python launch/generate_depth.py --config configs/smoke.yaml "
+            rf"shards.root={missing}/synthetic")
+    refused(["--configs", "smoke", "--output", str(tmp_path / "b"), "train.output=/elsewhere"], "use --output")
+    refused(["--configs", "nonesuch", "--output", str(tmp_path / "c")], "no config named 'nonesuch'")
+    refused(["--configs", "smoke", "--seeds", "0,0", "--output", str(tmp_path / "d")], "listed once")
+    assert (out / "reproduce.md").read_text() == "an earlier sweep"
+    assert not any((tmp_path / n).exists() for n in "abcd")  # nothing was written
+    plan = reproduce.plan_sweep(_request(overrides=[f"shards.root={prefix}"]), str(tmp_path / "e"))
+    with pytest.raises(ConfigError, match="a local folder, but the trials run on the cluster's nodes"):
+        reproduce.check_trials(plan, shared=True)  # a driver attached to a cluster: s3:// only
+
+
+# ----------------------------------------------------------------------------- the table
+def _fake_eval(folder: str, cluster_crf_miou: float) -> dict:
+    from depthg import io
+
+    scores = {h: {"accuracy": 0.5 + cluster_crf_miou / 10, "miou": cluster_crf_miou} for h, _ in reproduce.HEADS}
+    io.write_bytes(reproduce.eval_json(folder), json.dumps({"scores": scores}).encode())
+    return scores
+
+
+def test_table_means_paired_intervals_and_a_partial_table(tmp_path):
+    from depthg.metrics import paired_difference
+
+    plan = reproduce.plan_sweep(reproduce.Request(configs=["smoke"], seeds=[0, 1, 2], ablation=True), str(tmp_path))
+    values = {"smoke+stego": [0.30, 0.32, 0.31], "smoke+depthg": [0.35, 0.33, 0.36]}
+    for row, miou in values.items():
+        for t, v in zip(plan.row_trials(row), miou):
+            _fake_eval(t.folder, v)
+    table = reproduce.write_table(plan, errors={"smoke+fps/seed0": "RuntimeError: boom"})
+    rows = {r["id"]: r for r in table["rows"]}
+    stats = rows["smoke+depthg"]["heads"]["cluster_crf"]["miou"]
+    assert stats["values"] == pytest.approx([35.0, 33.0, 36.0]) and stats["mean"] == pytest.approx(104 / 3)
+    assert stats["std"] == pytest.approx(float(np.std([35.0, 33.0, 36.0], ddof=1)))
+    paired = rows["smoke+depthg"]["paired"]["cluster_crf"]["miou"]
+    expected = paired_difference([35, 33, 36], [30, 32, 31])
+    assert paired["ci95"] == pytest.approx(expected["ci95"]) and paired["mean"] == pytest.approx(expected["mean"])
+    assert rows["smoke+fps"]["done"] == 0 and rows["smoke+fps"]["trials"][0]["status"] == "failed"
+    assert table["status"] == {"done": 6, "failed": 1, "pending": 8}
+    md = (tmp_path / "reproduce.md").read_text()
+    assert "6 of 15 trials done, 1 failed" in md and "+3.7 [" in md and "RuntimeError: boom" in md
+
+
+# ----------------------------------------------------------------------------- on Ray Tune, end to end
+def _hooks(trace: str, crash_marker: str = "", pause: str = "") -> dict:
+    hooks = {}
+    for tid in TRIALS:
+        parts = [train_hooks.TraceSamples(os.path.join(trace, reproduce._dirname(tid)))]
+        if tid == CRASHES and crash_marker:
+            parts.append(train_hooks.FailOnce(0, 3, crash_marker, kill=True))
+        if tid == PAUSES and pause:
+            parts.insert(0, train_hooks.PauseAt(3, pause))
+        hooks[tid] = train_hooks.HookList(*parts)
+    return hooks
+
+
+def _attempts(trace: str, tid: str) -> list[int]:
+    """The first batch of every training attempt of ``tid`` traced in ``trace`` (one process = one attempt)."""
+    path = os.path.join(trace, reproduce._dirname(tid), "rank0.jsonl")
+    if not os.path.exists(path):
+        return []
+    first: dict = {}
+    for row in map(json.loads, open(path)):
+        first.setdefault(row["pid"], row["batch"])
+    return list(first.values())
+
+
+def _wait(paths: list[str], proc, cap: float = 600) -> None:
+    from events import wait_for_file
+
+    for path in paths:
+        assert wait_for_file(path, proc, cap), f"{path} did not appear (driver exit code {proc.poll()})"
+
+
+def test_sweep_on_tune_retries_a_killed_trial_and_resumes_a_killed_driver(tmp_path, prefix, ray_local):
+    from launch import reproduce as launch
+
+    out, trace, trace2 = str(tmp_path / "sweep"), str(tmp_path / "trace"), str(tmp_path / "trace2")
+    crash, pause = str(tmp_path / "crashed"), str(tmp_path / "pause")
+    argv = ["--configs", *ROWS, "--seeds", "2", "--gpus-per-trial", "0", "--output", out, "--quiet",
+            f"shards.root={prefix}", *TINY]
+    address = ray_local.get_runtime_context().gcs_address
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, __file__, address, json.dumps(argv), trace, crash, pause],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
+        try:  # the retried trial is done and the paused one waits: kill the driver (its trials die with it)
+            _wait([reproduce.eval_json(os.path.join(out, "trials", *CRASHES.split("/"))),
+                   os.path.join(pause, "paused-0")], driver)
+        finally:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+    folders = {tid: os.path.join(out, "trials", *tid.split("/")) for tid in TRIALS}
+    done = {tid: open(reproduce.eval_json(f), "rb").read() for tid, f in folders.items()
+            if os.path.exists(reproduce.eval_json(f))}
+    assert os.path.exists(crash) and _attempts(trace, CRASHES) == [0, 2]  # killed at batch 3, resumed at 2
+    assert len(os.listdir(os.path.join(folders[CRASHES], "attempts"))) == 2 and PAUSES not in done
+
+    # resumed with the same arguments plus a checkpoint row (a trial without training): the finished crashed trial's
+    # segmenter.pt evaluated again must give that trial's numbers
+    published = os.path.join(folders[CRASHES], "segmenter.pt")
+    table = launch.main([*argv, "--resume", "--checkpoint", f"smoke={published}"], hooks=_hooks(trace2), shared=False)
+
+    for tid, before in done.items():  # finished trials: not trained again, their reports untouched
+        assert _attempts(trace2, tid) == [] and open(reproduce.eval_json(folders[tid]), "rb").read() == before
+    assert _attempts(trace2, PAUSES) == [2]  # the paused trial resumed from its checkpoint of batch 2
+    assert table["status"] == {"done": 5, "failed": 0, "pending": 0}
+    rows = {r["id"]: r for r in json.load(open(os.path.join(out, "reproduce.json")))["rows"]}
+    crashed = json.load(open(reproduce.eval_json(folders[CRASHES])))["scores"]
+    assert rows["smoke"]["published"]["scores"] == pytest.approx(reproduce._metrics(crashed))
+    assert not os.path.exists(os.path.join(out, "trials", "smoke", "published", "ckpt"))  # evaluated, not trained
+    for tid, folder in folders.items():
+        scores = json.load(open(reproduce.eval_json(folder)))["scores"]
+        row, seed = rows[tid.split("/")[0]], int(tid.rsplit("seed", 1)[1])
+        for head in ("cluster", "cluster_crf", "linear", "linear_crf"):
+            for metric in ("accuracy", "miou"):
+                assert row["heads"][head][metric]["values"][seed] == pytest.approx(100 * scores[head][metric])
+    assert "| smoke | 2/2 |" in open(os.path.join(out, "reproduce.md")).read()
+
+
+if __name__ == "__main__":  # the first driver of the integration test: attached to the test's Ray, killed by it
+    import ray
+
+    from launch import reproduce as launch_reproduce
+
+    address, argv, trace, crash, pause = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:6]
+    # this checkout's code in the trials (as ray_local's own driver; a cluster job gets it from --working-dir)
+    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+    launch_reproduce.main(argv, hooks=_hooks(trace, crash, pause), shared=False)
