@@ -1,6 +1,6 @@
 """Multi-node training on a Ray cluster: a Ray Train (V2) ``TorchTrainer`` around ``cluster.trainer.train``.
 
-``connect()``, then ``cluster_plan(nodes, gpus_per_node, device)`` -> a ``TrainPlan`` (``plan_train``, pure):
+``cluster.raycluster.connect()``, then ``cluster_plan(nodes, gpus_per_node, device)`` -> a ``TrainPlan`` (``plan_train``, pure):
 the request decides GPU or CPU, never the nodes alive at launch. ``--gpus-per-node G`` asks for G GPU workers
 on each node; the pending workers are what makes Ray's autoscaler start GPU nodes (the node types come from
 ``cluster.raycluster.autoscaler_node_types``, as the Ray stages' ``plan_actors``), and each worker reserves the
@@ -22,8 +22,10 @@ After a worker failure Ray restarts the group (``FailureConfig(train.max_failure
 newest complete checkpoint written by this launch (its markers carry the run id passed to every worker).
 Ray's own run folder is ``{train.output}/ray/{run id}``, new for every launch: Ray Train V2 reloads a run
 folder it finds, which with a fixed name turned a new submission into a silent continuation of an old run.
-Multi-node runs need shared storage such as s3:// (a custom S3 endpoint from AWS_ENDPOINT_URL /
-DEPTHG_S3_ENDPOINT is honoured through a pyarrow filesystem). The workers get the driver's non-secret AWS_* /
+Runs on a Ray cluster this process did not start (``cluster.raycluster.started_here()`` False), even on one
+node, need shared storage such as s3:// (``launch/train.py`` refuses a local ``train.output`` there before any
+worker starts; a custom S3 endpoint from AWS_ENDPOINT_URL / DEPTHG_S3_ENDPOINT is honoured through a pyarrow
+filesystem). The workers get the driver's non-secret AWS_* /
 DEPTHG_* variables (endpoint, region) through the worker runtime env; credentials come from the raylet's
 environment or the instance role.
 """
@@ -235,17 +237,6 @@ def scaling_config(plan: TrainPlan):
     return ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources)
 
 
-def connect(address: str | None = None, extra_env: dict | None = None) -> dict:
-    """Connect this driver to Ray (``address`` / RAY_ADDRESS, else a local Ray) with the workers' runtime env;
-    returns that env."""
-    import ray
-
-    env = worker_env(extra_env)
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": env})
-    return env
-
-
 def cluster_plan(nodes: int, per_node: int, device: str = "auto") -> TrainPlan:
     """``plan_train`` for the connected cluster (nodes up now and the autoscaler's node types)."""
     import ray
@@ -268,7 +259,10 @@ def launch(cfg: Config, plan: TrainPlan, extra_env: dict | None = None, hooks=No
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    env = connect(extra_env=extra_env)
+    from cluster.raycluster import connect
+
+    connect()  # a no-op when the launcher connected (cluster.raycluster: one connect for every stage)
+    env = worker_env(extra_env)
     if not plan.use_gpu or emulated_gpus():
         env.setdefault("DS_ACCELERATOR", "cpu")
     # the Train controller lives where trainer.fit() runs: keep it on the driver's node (the head), not on a

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -98,15 +99,61 @@ def test_a_new_run_into_a_used_output_is_refused_naming_resume_auto(root, tmp_pa
     assert sorted(os.listdir(run)) == ["ckpt", "config.yaml"]  # nothing touched
 
 
-def test_a_local_output_for_several_nodes_is_refused(root, tmp_path):
+def test_a_local_output_for_shared_workers_is_refused(root, tmp_path):
     from cluster import preflight
     from depthg.config import load_config
 
     cfg = load_config(None, [f"shards.root={root}", f"train.output={tmp_path / 'run'}", *TINY])
-    with pytest.raises(ConfigError, match=r"train\.output=.*run: a local folder, but the run spans several nodes.*"
-                                          r"s3://"):
+    with pytest.raises(ConfigError, match=r"train\.output=.*run: a local folder, but the training workers run on a "
+                                          r"Ray cluster this process did not start.*s3://"):
         preflight.check(cfg, 4, shared=True)
-    preflight.check(cfg, 4)  # one node (or torchrun on one machine): a local folder is fine
+    preflight.check(cfg, 4)  # a local Ray started here (or torchrun on one machine): a local folder is fine
+
+
+JOIN = """
+import json, sys
+from depthg.errors import DepthgError
+from launch import pipeline, train
+from cluster import raycluster
+out = {}
+for name, main, argv in (("train", train.main, ["--launcher", "ray", "--address", sys.argv[1], "--nodes", "1",
+                                                 "--gpus-per-node", "1", "--device", "cpu"]),
+                         ("pipeline", pipeline.main, [])):
+    try:
+        main(argv + ["--config", "none", "shards.root=" + sys.argv[2], "train.output=" + sys.argv[3]])
+        out[name] = "ran"
+    except DepthgError as exc:
+        out[name] = str(exc)
+out["started_here"] = raycluster.started_here()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_one_node_on_a_joined_ray_refuses_a_local_output_before_any_worker(ray_local, tmp_path):
+    """Issue 28.1: ``--nodes 1`` on a Ray this process did not start trains on a worker node (a head without
+    CPUs), so a local ``train.output`` is refused naming s3:// before any worker starts, and so does the pipeline
+    under RAY_ADDRESS before stage 1. Before, ``shared=plan.nodes > 1``: one node passed the output check (the
+    missing shards were the first complaint) and the first checkpoint failed on the workers. The driver runs in
+    its own process, joining this test process's local Ray: a Ray it did not start."""
+    import subprocess
+    import sys
+
+    from cluster import raycluster
+
+    assert raycluster.started_here()  # ray_local: this process's own ray.init
+    address = ray_local.get_runtime_context().gcs_address
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.run([sys.executable, "-c", JOIN, address, str(tmp_path / "no-shards"), str(tmp_path / "run")],
+                         env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, run.stdout[-3000:] + run.stderr[-3000:]
+    seen = json.loads(line[len("RESULT "):])
+    assert seen["started_here"] is False
+    for name in ("train", "pipeline"):
+        assert re.match(r"train\.output=.*run: a local folder, but the training workers run on a Ray cluster this "
+                        r"process did not start.*s3://", seen[name]), (name, seen[name])
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "no-shards")  # nothing written
 
 
 def test_max_failures_is_a_setting(root, tmp_path):
