@@ -181,6 +181,12 @@ def plan_train(nodes: int, per_node: int, device: str, alive: list[dict], node_t
     gpu_kinds = [t for t in up + list(node_types or []) if t["GPU"] > 0]
     if device == "cpu" or (device == "auto" and per_node == 0 and not gpu_kinds):
         return _plan_cpu(nodes, per_node or CPU_WORKERS_PER_NODE, up, node_types)
+    if per_node == 0 and not gpu_kinds:  # --device cuda on a cluster that has and can add no GPU
+        up_now = ", ".join(f"{t['CPU']} CPU / {t['GPU']} GPU" for t in up) or "none"
+        where = (f"its autoscaler can start {_names(node_types)}" if node_types is not None
+                 else "it has no autoscaler that could add nodes")
+        raise ValueError(f"--device cuda: the cluster has no GPU and cannot add one (nodes up now: {up_now}; {where}). "
+                         "Add a GPU node type to the cluster config, or train on CPU workers with --device cpu")
     if per_node == 0:
         per_node = min(t["GPU"] for t in gpu_kinds)
     fits_up = [t for t in up if t["GPU"] >= per_node]

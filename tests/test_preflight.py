@@ -202,3 +202,16 @@ def test_ray_train_plan_without_an_autoscaler_uses_the_nodes_up():
     assert plan_train(2, 0, "auto", cpu_only, None) == TrainPlan(2, 2, False, 1.0)  # no GPU anywhere: CPU ranks
     with pytest.raises(ValueError, match=r"needs 6 CPU workers; the cluster has 4"):
         plan_train(2, 3, "cpu", cpu_only, None)
+
+
+def test_cuda_on_a_cluster_without_gpu_node_types_names_what_it_has():
+    """Issue 28.8: before, ``min() arg is an empty sequence``."""
+    from cluster.ray_train import plan_train
+
+    cpu_types = [{"name": "cpu_m5", "CPU": 8, "GPU": 0, "max_workers": 3}]
+    with pytest.raises(ValueError, match=r"--device cuda: the cluster has no GPU and cannot add one \(nodes up now: "
+                                         r"0 CPU / 0 GPU; its autoscaler can start cpu_m5 \(0 GPU, 8 CPU, up to 3\)\)"
+                                         r".*--device cpu"):
+        plan_train(1, 0, "cuda", [{"CPU": 0}], cpu_types)
+    with pytest.raises(ValueError, match=r"nodes up now: 2 CPU / 0 GPU, 2 CPU / 0 GPU; it has no autoscaler"):
+        plan_train(2, 0, "cuda", [{"CPU": 2}, {"CPU": 2}], None)
