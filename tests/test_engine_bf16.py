@@ -87,3 +87,76 @@ def test_master_copy_is_the_optimizers_fp32_master_not_the_module(tmp_path, stag
         assert torch.equal(param.detach().bfloat16(), module[name].detach()), name
         differs += int(not _rounded_to_bf16(param.detach()))
     assert differs > 0
+
+
+# ----------------------------------------------------------------------------- gradient communication (issue 28.9)
+def test_ds_config_communicates_gradients_in_fp32():
+    """Before, the config had no ``communication_data_type``: DeepSpeed then reduces in the compute dtype (bf16)."""
+    for stage in (0, 1):
+        cfg = load_config(None, [*TINY, f"train.zero_stage={stage}"])
+        assert engines.ds_config(cfg, World(rank=0, world_size=8), bf16=True)["communication_data_type"] == "fp32"
+
+
+REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_reduce_coalesced")
+
+
+def _reduce_dtypes_of_a_step(rank: int, port: int, out: str) -> None:
+    """One rank of 2 (gloo): a bf16 engine at ZeRO 0 and at ZeRO 1, one step each; every reduction's dtype and size."""
+    import torch.distributed as dist
+
+    from depthg.step import compute_losses
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    seen = []
+    for name in REDUCTIONS:  # DeepSpeed's torch backend looks these up on torch.distributed at each call
+        original = getattr(dist, name)
+
+        def record(*args, _name=name, _original=original, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+            tensors += [t for a in (*args, *kwargs.values()) if isinstance(a, (list, tuple)) for t in a
+                        if torch.is_tensor(t)]
+            seen.extend({"op": _name, "dtype": str(t.dtype), "numel": t.numel()} for t in tensors)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, record)
+    world = World(rank=rank, world_size=2, local_rank=rank)
+    device = torch.device("cpu")
+    from depthg.models.heads import build_segmenter
+
+    backbone = None
+    for stage in (0, 1):
+        cfg = load_config(None, [*TINY, f"train.zero_stage={stage}", "model.n_classes=3"])
+        if backbone is None:
+            backbone, segmenter = engines.build_models(cfg, device)
+        else:  # a fresh segmenter for the second engine, the same frozen backbone
+            segmenter = build_segmenter(cfg.model, backbone.dim, cfg.loss.lhp.enabled)
+        engine, _ = engines.build_engine(cfg, world, segmenter, device)
+        gen = torch.Generator().manual_seed(rank)
+        batch = {"image": torch.rand(2, 3, 32, 32), "pos_image": torch.rand(2, 3, 32, 32),
+                 "depth": torch.rand(2, 1, 32, 32), "pos_depth": torch.rand(2, 1, 32, 32),
+                 "label": torch.randint(0, 3, (2, 32, 32))}
+        seen.append({"stage": stage, "params": sum(p.numel() for p in segmenter.parameters() if p.requires_grad)})
+        engine.backward(compute_losses(backbone, engine.module, batch, cfg, 0, gen)["total"])
+        engine.step()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump(seen, fh)
+
+
+def test_two_bf16_ranks_reduce_gradients_in_fp32(tmp_path):
+    """Two real gloo processes: every gradient reduction of a bf16 engine (ZeRO 0 and 1) is fp32, none bf16."""
+    import torch.multiprocessing as mp
+
+    from cluster.distributed import free_port
+
+    mp.spawn(_reduce_dtypes_of_a_step, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.json") as fh:
+            rows = json.load(fh)
+        starts = [i for i, r in enumerate(rows) if "stage" in r] + [len(rows)]
+        for a, b in zip(starts, starts[1:]):
+            params, calls = rows[a]["params"], rows[a + 1:b]
+            grads = [c for c in calls if c["numel"] >= params // 2]  # the gradient bucket (or its half at ZeRO 1)
+            assert grads, (rows[a], calls)
+            assert all(c["dtype"] == "torch.float32" for c in grads), (rows[a], grads)
+            assert not any(c["dtype"] == "torch.bfloat16" for c in calls), (rows[a], calls)
