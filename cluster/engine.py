@@ -27,6 +27,8 @@ from depthg.world import World
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """``train.precision``: ``fp32`` (the default, the reference's precision) never; ``bf16`` always; ``auto`` on
+    CUDA. The engine's dtype is the whole step's: the backbone follows the head (``depthg.step.backbone_autocast``)."""
     if cfg.train.precision == "auto":
         return device.type == "cuda"
     return cfg.train.precision == "bf16"

@@ -1,6 +1,7 @@
 """The GPU training path as far as a CPU can build it: a bf16 DeepSpeed engine (ZeRO 0 and 1) built, stepped,
 checkpointed and resumed by the real trainer, and ``segmenter*.pt`` written from the optimizer's fp32 master
-weights, not from the bf16-rounded module the engine computes with.
+weights, not from the bf16-rounded module the engine computes with. Also (issue 28): gradients communicated in
+fp32 (the config, and two real gloo ranks), and the backbone's precision following the head's (fp32: no autocast).
 
 Before: ``cluster.engine.fp32_copy`` upcast the bf16 module, so every saved weight was a bf16 value (8 bits of
 mantissa), although DeepSpeed kept fp32 masters (``fp32_groups`` at ZeRO 0, partitioned at ZeRO 1).
@@ -160,3 +161,49 @@ def test_two_bf16_ranks_reduce_gradients_in_fp32(tmp_path):
             assert grads, (rows[a], calls)
             assert all(c["dtype"] == "torch.float32" for c in grads), (rows[a], grads)
             assert not any(c["dtype"] == "torch.bfloat16" for c in calls), (rows[a], calls)
+
+
+# ----------------------------------------------------------------------------- the backbone's precision (issue 28.10)
+def _backbone_forward_dtypes(head_dtype: torch.dtype, device: str = "cpu") -> set:
+    """``(input dtype, output dtype, autocast on)`` of every Linear / Conv2d of the frozen backbone in one
+    ``compute_losses`` with a head of ``head_dtype`` (the dtype a bf16 engine holds the module in)."""
+    from depthg.models.backbones import build_backbone
+    from depthg.models.heads import build_segmenter
+    from depthg.step import compute_losses
+
+    cfg = load_config(None, [*TINY, "model.n_classes=3"])
+    backbone = build_backbone("tiny_vit", "random").to(device)
+    segmenter = build_segmenter(cfg.model, backbone.dim, False).to(device, head_dtype)
+    seen = set()
+
+    def hook(module, inputs, output):
+        seen.add((inputs[0].dtype, output.dtype, torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")))
+
+    handles = [m.register_forward_hook(hook) for m in backbone.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    batch = {"image": torch.rand(2, 3, 32, 32), "pos_image": torch.rand(2, 3, 32, 32),
+             "depth": torch.rand(2, 1, 32, 32), "pos_depth": torch.rand(2, 1, 32, 32),
+             "label": torch.randint(0, 3, (2, 32, 32))}
+    compute_losses(backbone, segmenter, batch, cfg, 0, torch.Generator().manual_seed(0))
+    for handle in handles:
+        handle.remove()
+    assert seen
+    return seen
+
+
+def test_fp32_reaches_the_backbone_without_autocast_and_bf16_only_when_asked():
+    """train.precision=fp32: every layer of the backbone computes in fp32 with autocast off (before: bf16 autocast
+    on CUDA whatever the precision); a bf16 engine runs it under bf16 autocast on every device (before: CPU fp32)."""
+    assert _backbone_forward_dtypes(torch.float32) == {(torch.float32, torch.float32, False)}
+    assert {(out, on) for _, out, on in _backbone_forward_dtypes(torch.bfloat16)} == {(torch.bfloat16, True)}
+    # the decision is the same on CUDA: the device never turns autocast on by itself
+    from depthg.step import backbone_autocast
+
+    assert backbone_autocast(torch.float32) is None and backbone_autocast(torch.bfloat16) is torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp32_on_cuda_reaches_the_backbone_without_autocast():
+    assert _backbone_forward_dtypes(torch.float32, "cuda") == {(torch.float32, torch.float32, False)}
+    assert {(out, on) for _, out, on in _backbone_forward_dtypes(torch.bfloat16, "cuda")} == {(torch.bfloat16, True)}
