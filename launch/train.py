@@ -13,7 +13,9 @@ per emulated node); ``ray`` submits a Ray Train ``TorchTrainer`` (``cluster.ray_
 
 On Ray, ``--gpus-per-node G`` asks for G GPUs on each of ``--nodes`` nodes whether or not GPU nodes are up:
 the waiting workers make the autoscaler start them; without G the cluster's GPU node types decide (CPU
-workers when it has none); ``--device cpu`` trains on CPU workers (G per node, default 2). A request the
+workers when it has none); ``--device cpu`` trains on CPU workers (G per node, default 2). Exactly G workers run
+on each of the N nodes (each reserves a G-th of a node's CPUs; the workers print where Ray placed them, and
+another layout stops the run). A request the
 cluster's node types cannot hold is refused before anything starts. On a Ray cluster this process did not
 start (``--address``, RAY_ADDRESS, ``ray up``), even with ``--nodes 1``, the workers run on other machines:
 ``train.output`` must be shared storage (``train.output=s3://...``), else the run is refused before any worker
@@ -130,8 +132,9 @@ def launch_ray(cfg, args, hooks=None) -> dict:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     preflight.check(cfg, plan.num_workers, shared=not raycluster.started_here())
-    print(f"ray: {plan.nodes} node(s) x {plan.per_node} {'GPU' if plan.use_gpu else 'CPU'} worker(s), "
-          f"{plan.cpus_per_worker:g} CPU(s) each", flush=True)
+    print(f"ray: asking for {plan.nodes} node(s) x {plan.per_node} {'GPU' if plan.use_gpu else 'CPU'} worker(s), "
+          f"{plan.cpus_per_worker:g} CPU(s) each (at most {plan.per_node} per node); the workers print where Ray "
+          "placed them", flush=True)
     return ray_train.launch(cfg, plan, hooks=hooks)
 
 

@@ -181,7 +181,7 @@ def test_ray_train_asks_for_gpus_the_autoscaler_has_not_started_yet():
     assert plan_train(4, 4, "auto", head_only, _yaml_types()) == TrainPlan(4, 4, True, 12.0)
     assert plan_train(2, 0, "auto", head_only, _yaml_types()) == TrainPlan(2, 4, True, 12.0)  # G from the node type
     assert plan_train(1, 2, "cuda", head_only, _yaml_types()).use_gpu
-    assert plan_train(2, 3, "cpu", head_only, _yaml_types()) == TrainPlan(2, 3, False, 1.0)
+    assert plan_train(2, 3, "cpu", head_only, _yaml_types()) == TrainPlan(2, 3, False, 16.0)  # 3 per 48-CPU node
     with pytest.raises(ValueError, match=r"--nodes 5 --gpus-per-node 4 needs 5 node\(s\).*can provide 4.*gpu_a10g_x4"):
         plan_train(5, 4, "auto", head_only, _yaml_types())
     with pytest.raises(ValueError, match=r"--gpus-per-node 8 needs 1 node\(s\) with at least 8 GPU"):
@@ -193,7 +193,7 @@ def test_ray_train_plan_without_an_autoscaler_uses_the_nodes_up():
 
     up = [{"CPU": 8}, {"CPU": 48, "GPU": 4}, {"CPU": 32, "GPU": 4}]  # CPUs per GPU of the smallest node: 8
     assert plan_train(2, 4, "auto", up, None) == TrainPlan(2, 4, True, 8.0)
-    assert plan_train(1, 2, "auto", up, None) == TrainPlan(1, 2, True, 8.0)
+    assert plan_train(1, 2, "auto", up, None) == TrainPlan(1, 2, True, 16.0)  # one node: STRICT_PACK, half of 32
     with pytest.raises(ValueError, match=r"no autoscaler"):
         plan_train(3, 4, "auto", up, None)
     cpu_only = [{"CPU": 2}, {"CPU": 2}]
@@ -215,3 +215,34 @@ def test_cuda_on_a_cluster_without_gpu_node_types_names_what_it_has():
         plan_train(1, 0, "cuda", [{"CPU": 0}], cpu_types)
     with pytest.raises(ValueError, match=r"nodes up now: 2 CPU / 0 GPU, 2 CPU / 0 GPU; it has no autoscaler"):
         plan_train(2, 0, "cuda", [{"CPU": 2}, {"CPU": 2}], None)
+
+
+def test_the_plan_puts_exactly_g_workers_on_each_node():
+    """Issue 28.7: each worker reserves the CPUs that let a node hold G workers and no more, so Ray Train's PACK
+    fills N nodes with G each. Before: 12 CPUs per worker on 48-CPU / 4-GPU nodes, and ``--nodes 4
+    --gpus-per-node 2`` packed 8 workers on 2 nodes while printing "4 node(s)"."""
+    from cluster.ray_train import TrainPlan, plan_train, scaling_config
+
+    head_only = [{"CPU": 0}]
+    for g, cpus in ((1, 48.0), (2, 24.0), (3, 16.0), (4, 12.0)):
+        plan = plan_train(4, g, "auto", head_only, _yaml_types())
+        assert plan == TrainPlan(4, g, True, cpus)
+        assert int(48 // plan.cpus_per_worker) == g  # a g5.12xlarge holds exactly g of them
+    assert scaling_config(plan_train(4, 2, "auto", head_only, _yaml_types())).placement_strategy == "PACK"
+    assert scaling_config(plan_train(1, 2, "auto", head_only, _yaml_types())).placement_strategy == "STRICT_PACK"
+    mixed = [{"CPU": 48, "GPU": 4}, {"CPU": 32, "GPU": 4}]  # no one reservation holds exactly 2 on both
+    with pytest.raises(ValueError, match=r"no CPU reservation puts exactly 2 worker\(s\) on every node"):
+        plan_train(2, 2, "auto", mixed, None)
+    assert plan_train(2, 4, "auto", mixed, None) == TrainPlan(2, 4, True, 8.0)  # 4 GPUs cap both
+
+
+def test_the_workers_layout_is_checked_against_the_plan():
+    from cluster.ray_train import TrainPlan, describe_layout, layout_problem
+
+    plan = TrainPlan(2, 2, True, 24.0)
+    assert layout_problem(["a", "a", "b", "b"], plan) is None
+    assert layout_problem(["a", "b", "a", "b"], plan) is None  # ranks in any order
+    assert layout_problem(["a", "a", "a", "a"], plan) == ("Ray placed the 4 training workers on 1 node(s) (a: 4), "
+                                                          "not 2 node(s) x 2")
+    assert "on 3 node(s)" in layout_problem(["a", "a", "b", "c"], plan)
+    assert describe_layout(["a", "b", "a"]) == "node a: rank(s) 0,2; node b: rank(s) 1"
