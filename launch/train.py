@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", choices=("auto", "local", "ray", "env"), default="auto")
     parser.add_argument("--resume", default=None,
                         help="auto (continue the newest complete checkpoint in train.output, if any) | checkpoint "
-                             "URL; sets train.resume. Without it train.output must be empty (a new run)")
+                             "URL; sets train.resume. Without it train.output must be empty (a new run). DeepSpeed's "
+                             "files are loaded with weights_only=True (only its own checkpoint records allowed; "
+                             "anything else is refused unopened), but their weights are trusted: resume from your "
+                             "own storage")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--print-schedule", action="store_true",

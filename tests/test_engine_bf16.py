@@ -207,3 +207,37 @@ def test_fp32_reaches_the_backbone_without_autocast_and_bf16_only_when_asked():
 def test_fp32_on_cuda_reaches_the_backbone_without_autocast():
     assert _backbone_forward_dtypes(torch.float32, "cuda") == {(torch.float32, torch.float32, False)}
     assert {(out, on) for _, out, on in _backbone_forward_dtypes(torch.bfloat16, "cuda")} == {(torch.bfloat16, True)}
+
+
+# ----------------------------------------------------------------------------- resume loads safely (issue 28.14)
+class _RunsCode:
+    """What a hostile checkpoint file could hold: unpickling it calls ``open(marker, "w")``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(root, tmp_path):
+    """Before, DeepSpeed's ``torch.load(weights_only=False)`` ran it while resuming (the marker file appeared);
+    now the file is refused naming it, and nothing ran. Real checkpoints (fp32, bf16 at ZeRO 0 and 1) still
+    resume: ``test_bf16_engine_steps_checkpoints_resumes_and_saves_fp32_masters`` above and test_trainer.py."""
+    import shutil
+
+    out = str(tmp_path / "run")
+    _train(root, out, "train.precision=fp32", "train.num_batches=1")
+    good = checkpoints.latest_checkpoint(out)
+    bad = tmp_path / "bad" / "ckpt" / "step-00000001"
+    shutil.copytree(good, bad)
+    marker = tmp_path / "code-ran"
+    state = torch.load(bad / "mp_rank_00_model_states.pt", weights_only=True)
+    state["client_extra"] = _RunsCode(str(marker))
+    torch.save(state, bad / "mp_rank_00_model_states.pt")
+    from depthg.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"train\.resume: .*mp_rank_00_model_states\.pt holds objects other than "
+                                              r"tensors .*your own storage"):
+        _train(root, str(tmp_path / "resumed"), "train.precision=fp32", "train.num_batches=2", f"train.resume={bad}")
+    assert not marker.exists()  # nothing of the file ran
