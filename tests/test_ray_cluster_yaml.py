@@ -261,3 +261,25 @@ def test_readme_paths_exist_or_are_marked_pending():
     missing = sorted(p for p in named if not os.path.exists(os.path.join(REPO, p)))
     unmarked = [p for p in missing if not re.search(r"pending[^\n]*`" + re.escape(p) + "`", text)]
     assert not unmarked, f"cluster/README.md names files that do not exist and are not marked pending: {unmarked}"
+
+
+def _docker_pattern(rule: str) -> str:
+    """An rsync exclude (or .gitignore) rule as a .dockerignore line: Docker's patterns are relative to the context
+    root, so an anchored "/x" is "x" and an unanchored rule, which rsync matches at any depth, is "**/x"."""
+    negate, rule = rule.startswith("!"), rule.lstrip("!").rstrip("/")
+    return ("!" if negate else "") + (rule[1:] if rule.startswith("/") else "**/" + rule)
+
+
+def test_the_image_leaves_out_what_the_nodes_copy_leaves_out():
+    """Issue 28.6: cluster/Dockerfile's ``COPY .`` took the whole checkout (.git, .venv, shards, runs). .dockerignore
+    is rsync_filter's .gitignore then rsync_exclude (Docker: the last match wins; rsync: the first)."""
+    cfg = _load()
+    assert cfg["rsync_filter"] == [".gitignore"]
+    with open(os.path.join(REPO, ".gitignore")) as fh:
+        gitignore = [l.strip() for l in fh if l.strip() and not l.startswith("#")]
+    expected = [_docker_pattern(r) for r in gitignore] + [_docker_pattern(r) for r in cfg["rsync_exclude"]]
+    with open(os.path.join(REPO, ".dockerignore")) as fh:
+        lines = [l.strip() for l in fh if l.strip() and not l.startswith("#")]
+    assert lines == expected
+    with open(os.path.join(REPO, "cluster", "Dockerfile")) as fh:
+        assert "COPY --chown=ray:users . /home/ray/depthg" in fh.read()  # the context root, filtered by .dockerignore
