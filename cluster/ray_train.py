@@ -48,6 +48,11 @@ from depthg.config import Config, from_dict, to_dict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTER = "pointer.json"
 EMULATED_GPUS = "DEPTHG_EMULATED_GPUS"
+# ray_cluster.yaml's node start-up check (NVIDIA driver, the lock's versions and builds) writes what failed here and
+# starts the node's Ray with this label instead of failing the node's setup (which would make the autoscaler
+# relaunch the same broken node for as long as work waits)
+NODE_CHECK_FILE = "/mnt/local/depthg-node-check.txt"
+NODE_CHECK_LABEL = "depthg/node-check"
 _PASS_ENV = ("AWS_", "DEPTHG_", "DS_ACCELERATOR", "OMP_NUM_THREADS")
 # never forwarded: the runtime env is visible in the Ray dashboard and state API
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY)", re.I)
@@ -95,6 +100,7 @@ def train_worker(config: dict) -> None:
     from cluster.world import detect
 
     cfg, hooks, run = from_dict(Config, config["cfg"]), config.get("hooks"), config.get("run", "")
+    check_node()
     check_gpus(bool(config.get("use_gpu")))
     world = detect()
     check_layout(world, config.get("plan"))
@@ -122,6 +128,32 @@ def check_layout(world, plan: TrainPlan | None) -> list[str]:
         raise RuntimeError(f"{problem}: the layout asked for is not the one Ray gave (nodes busy with other work?); "
                            "stopping rather than training on another layout")
     return nodes
+
+
+def node_check_file() -> str:
+    return os.environ.get("DEPTHG_NODE_CHECK") or NODE_CHECK_FILE
+
+
+def check_node() -> None:
+    """A worker on a node whose start-up check failed (``ray_cluster.yaml``) stops at once with that check's
+    message: one failure to read, not a node relaunched in a loop nor a run on a broken node."""
+    path = node_check_file()
+    try:
+        with open(path) as fh:
+            found = fh.read().strip()
+    except OSError:
+        return
+    if found:
+        from cluster.raycluster import node_id
+
+        raise RuntimeError(f"node {node_id()} failed its start-up check ({path}): "
+                           f"{found}. Fix ray_cluster.yaml (ImageId) or the lock, then replace the node")
+
+
+def failed_nodes(nodes: list[dict]) -> list[str]:
+    """The addresses of the alive nodes (``ray.nodes()`` rows) labelled by a failed start-up check."""
+    return [n.get("NodeManagerAddress") or n.get("NodeID", "?") for n in nodes
+            if n.get("Alive") and (n.get("Labels") or {}).get(NODE_CHECK_LABEL) == "failed"]
 
 
 def emulated_gpus() -> bool:
@@ -330,7 +362,14 @@ def cluster_plan(nodes: int, per_node: int, device: str = "auto") -> TrainPlan:
 
     from cluster.raycluster import autoscaler_node_types
 
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    rows = ray.nodes()
+    bad = failed_nodes(rows)
+    if bad:
+        raise ValueError(f"node(s) {', '.join(bad)} failed their start-up check (ray_cluster.yaml: an NVIDIA driver "
+                         f"older than the lock's CUDA needs, or packages other than the lock's; the message is in "
+                         f"{NODE_CHECK_FILE} on the node): fix the AMI or the lock and replace the node(s) "
+                         "(`ray down`, or let them idle out) before training")
+    alive = [n["Resources"] for n in rows if n.get("Alive")]
     return plan_train(nodes, per_node, device, alive, autoscaler_node_types())
 
 
