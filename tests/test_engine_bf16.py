@@ -105,8 +105,6 @@ def _reduce_dtypes_of_a_step(rank: int, port: int, out: str) -> None:
     """One rank of 2 (gloo): a bf16 engine at ZeRO 0 and at ZeRO 1, one step each; every reduction's dtype and size."""
     import torch.distributed as dist
 
-    from depthg.step import compute_losses
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     seen = []
@@ -121,24 +119,22 @@ def _reduce_dtypes_of_a_step(rank: int, port: int, out: str) -> None:
             return _original(*args, **kwargs)
 
         setattr(dist, name, record)
+    from depthg.models.heads import build_segmenter
+    from depthg.step import losses_from_features
+
     world = World(rank=rank, world_size=2, local_rank=rank)
     device = torch.device("cpu")
-    from depthg.models.heads import build_segmenter
-
-    backbone = None
-    for stage in (0, 1):
+    for stage in (0, 1):  # the step after the backbone (random features: no backbone to build)
         cfg = load_config(None, [*TINY, f"train.zero_stage={stage}", "model.n_classes=3"])
-        if backbone is None:
-            backbone, segmenter = engines.build_models(cfg, device)
-        else:  # a fresh segmenter for the second engine, the same frozen backbone
-            segmenter = build_segmenter(cfg.model, backbone.dim, cfg.loss.lhp.enabled)
+        segmenter = build_segmenter(cfg.model, 32, cfg.loss.lhp.enabled)
         engine, _ = engines.build_engine(cfg, world, segmenter, device)
         gen = torch.Generator().manual_seed(rank)
-        batch = {"image": torch.rand(2, 3, 32, 32), "pos_image": torch.rand(2, 3, 32, 32),
-                 "depth": torch.rand(2, 1, 32, 32), "pos_depth": torch.rand(2, 1, 32, 32),
-                 "label": torch.randint(0, 3, (2, 32, 32))}
+        feats, feats_pos = torch.randn(2, 32, 4, 4, generator=gen), torch.randn(2, 32, 4, 4, generator=gen)
+        depth, pos_depth = torch.rand(2, 1, 32, 32, generator=gen), torch.rand(2, 1, 32, 32, generator=gen)
         seen.append({"stage": stage, "params": sum(p.numel() for p in segmenter.parameters() if p.requires_grad)})
-        engine.backward(compute_losses(backbone, engine.module, batch, cfg, 0, gen)["total"])
+        losses = losses_from_features(engine.module, feats, feats_pos, depth, pos_depth,
+                                      torch.randint(0, 3, (2, 32, 32), generator=gen), cfg, 0, gen)
+        engine.backward(losses["total"])
         engine.step()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(seen, fh)
