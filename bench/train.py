@@ -51,8 +51,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", choices=DEVICES,
                         help="where the step runs (auto: cuda when there is one); the loader stays on CPU")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="bf16: head and probes in bf16 as DeepSpeed's bf16 engine holds them; the backbone "
-                        "runs under bf16 autocast on CUDA either way (depthg.step.backbone_features)")
+                        help="bf16: head and probes in bf16 as DeepSpeed's bf16 engine holds them and the backbone "
+                        "under bf16 autocast; fp32: everything in fp32 (depthg.step.backbone_features)")
     parser.add_argument("--skip-streaming", action="store_true", help="only the step breakdown (no moto S3 part)")
 
 
@@ -101,7 +101,7 @@ def step_breakdown(args, root: str) -> dict:
         batch = _timed(times, "data_wait", lambda: {k: v.to(device) if torch.is_tensor(v) else v
                                                     for k, v in next(loader).items()}, sync)
         feats, feats_pos = _timed(times, "backbone", lambda: backbone_features(
-            backbone, torch.cat([batch["image"], batch["pos_image"]])).to(dtype), sync).chunk(2)
+            backbone, torch.cat([batch["image"], batch["pos_image"]]), dtype).to(dtype), sync).chunk(2)
 
         def head():
             f, fp = dropout2d(feats, cfg.model.dropout, gen), dropout2d(feats_pos, cfg.model.dropout, gen)

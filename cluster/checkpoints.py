@@ -9,13 +9,19 @@
   run (``latest_checkpoint(output, run)``) even when it died before Ray registered that checkpoint.
 * The client state holds the batch index, the step generator state and the selection's best scores, so
   a resumed run continues with the same schedule values, random draws and data position.
+* Resume loads DeepSpeed's files safely (``safe_loads``): ``torch.load(weights_only=True)`` with only the three
+  DeepSpeed classes its checkpoints hold allowed (``deepspeed_safe_globals``: ZeRO 1's ``fragment_address``,
+  ``ZeroStageEnum``, ``LossScaler``), instead of DeepSpeed's own full unpickling; a file with any other object
+  (code a pickle would run) is refused with a ``CheckpointError`` naming it, before anything is executed.
 * ``write_final``: ``segmenter_last.pt``, ``segmenter.pt`` (the selected one, see
   ``cluster.validation``) and the resolved ``config.yaml``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from typing import Callable
@@ -23,6 +29,7 @@ from typing import Callable
 from cluster.distributed import barrier
 from depthg import io
 from depthg.config import Config, ConfigError, save_config
+from depthg.checkpoint import CheckpointError
 from depthg.world import World
 
 COMPLETE = "COMPLETE"
@@ -104,6 +111,41 @@ def save_checkpoint(engine, cfg: Config, world: World, batch_idx: int, client_st
     return io.join(root, tag)
 
 
+def deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19's checkpoints of this trainer hold (fp32 / bf16, ZeRO 0 / 1): plain
+    records (an int enum, a two-int dataclass, the loss scaler's state), allowed for ``weights_only`` loading."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, ZeroStageEnum, LossScaler]
+
+
+@contextlib.contextmanager
+def safe_loads(engine):
+    """While it lasts, the engine's checkpoint engine reads files with ``torch.load(weights_only=True)`` and only
+    ``deepspeed_safe_globals`` allowed (DeepSpeed's own ``TorchCheckpointEngine.load`` unpickles anything)."""
+    import torch
+
+    ckpt_engine = engine.checkpoint_engine
+    allowed = deepspeed_safe_globals()
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"train.resume: {path} holds objects other than tensors and DeepSpeed's checkpoint "
+                                  f"records, refused unopened ({str(exc).splitlines()[0][:200]}); resume only from "
+                                  "checkpoints this project wrote to your own storage") from None
+
+    ckpt_engine.load = load  # an instance attribute shadows the method, for this load only
+    try:
+        yield
+    finally:
+        del ckpt_engine.load
+
+
 def load_checkpoint(engine, url: str) -> dict:
     """Load module + optimizer state from a checkpoint URL (downloaded first if remote); client state."""
     url = url.rstrip("/")
@@ -117,7 +159,8 @@ def load_checkpoint(engine, url: str) -> dict:
     else:
         parent = os.path.dirname(url)
     try:
-        load_path, client = engine.load_checkpoint(parent, tag=tag, load_optimizer_states=True)
+        with safe_loads(engine):
+            load_path, client = engine.load_checkpoint(parent, tag=tag, load_optimizer_states=True)
     finally:
         if stage:
             shutil.rmtree(stage, ignore_errors=True)

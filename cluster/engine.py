@@ -1,8 +1,8 @@
 """The models and the DeepSpeed engine of a training rank.
 
 * ``ds_config``: the DeepSpeed config generated from ``cfg.train`` (micro batch, accumulation,
-  ``train_batch_size = global_batch(cfg, world)``, ZeRO 0/1, bf16 on GPU / fp32 on CPU); nothing is
-  written twice.
+  ``train_batch_size = global_batch(cfg, world)``, ZeRO 0/1, bf16 or fp32 (``use_bf16``), gradient
+  communication in fp32 always: ``communication_data_type``); nothing is written twice.
 * ``build_engine``: a torch Adam with two parameter groups (head lr, probes lr) handed to
   ``deepspeed.initialize``, not a DeepSpeed optimizer (FusedAdam would JIT-compile for minutes on CPU).
   The process group is created here when the launcher has not made one (torchrun, ``deepspeed``, a single
@@ -27,6 +27,8 @@ from depthg.world import World
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """``train.precision``: ``fp32`` (the default, the reference's precision) never; ``bf16`` always; ``auto`` on
+    CUDA. The engine's dtype is the whole step's: the backbone follows the head (``depthg.step.backbone_autocast``)."""
     if cfg.train.precision == "auto":
         return device.type == "cuda"
     return cfg.train.precision == "bf16"
@@ -47,6 +49,9 @@ def ds_config(cfg: Config, world: World, bf16: bool) -> dict:
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
+        # gradients are all-reduced (ZeRO 1: reduce-scattered) in fp32 whatever the compute precision: DeepSpeed's
+        # default is the compute dtype, which would sum bf16 gradients over the ranks (8 mantissa bits)
+        "communication_data_type": "fp32",
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

@@ -49,7 +49,7 @@ def train_codes(backbone, segmenter, spec: streaming.StreamSpec, samples: int):
     segmenter.eval()
     for batch in streaming.eval_batches(spec):
         take = min(len(batch["id"]), samples - n)
-        feats = backbone_features(backbone, batch["image"][:take].to(feat_device)).to(device)
+        feats = backbone_features(backbone, batch["image"][:take].to(feat_device), dtype).to(device)
         codes.append(segmenter.head(feats.to(dtype)).float().cpu())
         labels.append(batch["label"][:take])
         n += take

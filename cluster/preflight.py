@@ -8,9 +8,11 @@ expected, before any worker is spawned or any backbone loaded:
 * ``train.select`` without validation (``train.val_every=0``); a micro batch of one (no negatives);
 * ``train.output``: a folder (local or s3://), not an existing file; a NEW run (``train.resume`` empty) needs
   an empty or missing folder, so a new config submitted into an old run's folder is refused naming
-  ``--resume auto`` instead of continuing (or skipping) that run; with ``shared=True`` (several nodes under
-  Ray) a local path is refused: its checkpoints would land on each node's own disk, which the autoscaler
-  deletes with the node;
+  ``--resume auto`` instead of continuing (or skipping) that run; with ``shared=True`` (Ray workers that may
+  run on other machines: the launchers pass ``shared=not cluster.raycluster.started_here()``, since even
+  ``--nodes 1`` trains on a worker node when the head has no CPUs) a local path is refused: the emptiness
+  check would read the head's disk, Ray Train cannot reach a head-local path from its workers, and the
+  checkpoints and ``segmenter.pt`` would land on a worker's disk, which the autoscaler deletes with the node;
 * ``train.resume``: a complete checkpoint written with the same model settings;
 * the shards: the train manifest (of the current stage-2 schema), every shard it lists, the resolution they
   were written at equal to ``data.resolution``, enough samples for one optimizer step of ``world_size``
@@ -28,7 +30,8 @@ from depthg.config import Config, ConfigError, check_depth_free
 
 
 def check(cfg: Config, world_size: int, shared: bool = False) -> None:
-    """Every check below; ``shared``: the ranks run on several machines (``train.output`` must be shared storage)."""
+    """Every check below; ``shared``: the ranks may run on other machines than this one (``train.output`` must be
+    shared storage)."""
     if cfg.train.select != "none" and not cfg.train.val_every:
         raise ConfigError(f"train.select={cfg.train.select} chooses among validation results: set train.val_every > 0")
     if cfg.train.micro_batch_per_gpu < 2:
@@ -59,9 +62,10 @@ def check_grid(cfg: Config) -> None:
 def check_output(cfg: Config, shared: bool = False) -> None:
     out = cfg.train.output
     if shared and not io.is_remote(out):
-        raise ConfigError(f"train.output={out}: a local folder, but the run spans several nodes, whose local disks "
-                          "the autoscaler deletes with the nodes (checkpoints and segmenter.pt would be lost or "
-                          "scattered); expected shared storage, e.g. train.output=s3://bucket/runs/NAME")
+        raise ConfigError(f"train.output={out}: a local folder, but the training workers run on a Ray cluster this "
+                          "process did not start, on nodes whose disks the autoscaler deletes (checkpoints and "
+                          "segmenter.pt would be lost or scattered, and Ray Train cannot reach a path on this "
+                          "machine); expected shared storage, e.g. train.output=s3://bucket/runs/NAME")
     fs, path = io.filesystem(out)
     if fs.isfile(path):
         raise ConfigError(f"train.output={out}: an existing file; expected a folder (local or s3://) for the run")

@@ -1,11 +1,14 @@
 """Multi-node training on a Ray cluster: a Ray Train (V2) ``TorchTrainer`` around ``cluster.trainer.train``.
 
-``connect()``, then ``cluster_plan(nodes, gpus_per_node, device)`` -> a ``TrainPlan`` (``plan_train``, pure):
+``cluster.raycluster.connect()``, then ``cluster_plan(nodes, gpus_per_node, device)`` -> a ``TrainPlan`` (``plan_train``, pure):
 the request decides GPU or CPU, never the nodes alive at launch. ``--gpus-per-node G`` asks for G GPU workers
 on each node; the pending workers are what makes Ray's autoscaler start GPU nodes (the node types come from
-``cluster.raycluster.autoscaler_node_types``, as the Ray stages' ``plan_actors``), and each worker reserves the
-CPUs per GPU of the smallest node type that can hold G of them (``train.loader_workers=-1`` turns them into
-loader workers). A request that no node type can hold is a ``ValueError`` before anything starts.
+``cluster.raycluster.autoscaler_node_types``, as the Ray stages' ``plan_actors``), and each worker reserves a
+G-th of the CPUs of the smallest node type that can hold G of them (``train.loader_workers=-1`` turns them into
+loader workers). A request that no node type can hold is a ``ValueError`` before anything starts. The layout
+asked for is the layout run: a worker's CPU reservation lets a node hold G workers and no more (``worker_cpus``),
+the group is packed (``scaling_config``), and each worker checks where Ray placed the group (``check_layout``:
+rank 0 prints the node ids; another layout stops the group).
 ``launch(cfg, plan)`` then runs the fit. Ray Train creates the torch process group with ``torch_config``:
 ``cpu:gloo,cuda:nccl`` on GPUs (NCCL alone would serve no CPU tensor, see ``cluster.distributed``), gloo on
 CPUs. It sets RANK / WORLD_SIZE / LOCAL_RANK / NODE_RANK, which ``cluster.world.detect`` reads, so each
@@ -22,8 +25,10 @@ After a worker failure Ray restarts the group (``FailureConfig(train.max_failure
 newest complete checkpoint written by this launch (its markers carry the run id passed to every worker).
 Ray's own run folder is ``{train.output}/ray/{run id}``, new for every launch: Ray Train V2 reloads a run
 folder it finds, which with a fixed name turned a new submission into a silent continuation of an old run.
-Multi-node runs need shared storage such as s3:// (a custom S3 endpoint from AWS_ENDPOINT_URL /
-DEPTHG_S3_ENDPOINT is honoured through a pyarrow filesystem). The workers get the driver's non-secret AWS_* /
+Runs on a Ray cluster this process did not start (``cluster.raycluster.started_here()`` False), even on one
+node, need shared storage such as s3:// (``launch/train.py`` refuses a local ``train.output`` there before any
+worker starts; a custom S3 endpoint from AWS_ENDPOINT_URL / DEPTHG_S3_ENDPOINT is honoured through a pyarrow
+filesystem). The workers get the driver's non-secret AWS_* /
 DEPTHG_* variables (endpoint, region) through the worker runtime env; credentials come from the raylet's
 environment or the instance role.
 """
@@ -43,6 +48,11 @@ from depthg.config import Config, from_dict, to_dict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTER = "pointer.json"
 EMULATED_GPUS = "DEPTHG_EMULATED_GPUS"
+# ray_cluster.yaml's node start-up check (NVIDIA driver, the lock's versions and builds) writes what failed here and
+# starts the node's Ray with this label instead of failing the node's setup (which would make the autoscaler
+# relaunch the same broken node for as long as work waits)
+NODE_CHECK_FILE = "/mnt/local/depthg-node-check.txt"
+NODE_CHECK_LABEL = "depthg/node-check"
 _PASS_ENV = ("AWS_", "DEPTHG_", "DS_ACCELERATOR", "OMP_NUM_THREADS")
 # never forwarded: the runtime env is visible in the Ray dashboard and state API
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY)", re.I)
@@ -90,8 +100,10 @@ def train_worker(config: dict) -> None:
     from cluster.world import detect
 
     cfg, hooks, run = from_dict(Config, config["cfg"]), config.get("hooks"), config.get("run", "")
+    check_node()
     check_gpus(bool(config.get("use_gpu")))
     world = detect()
+    check_layout(world, config.get("plan"))
 
     def on_checkpoint(url: str, batch: int, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -103,6 +115,45 @@ def train_worker(config: dict) -> None:
             ray.train.report({"batch": batch, **metrics}, checkpoint=ray_ckpt)
 
     train(cfg, world, on_checkpoint=on_checkpoint, hooks=hooks, run=run)
+
+
+def check_layout(world, plan: TrainPlan | None) -> list[str]:
+    """Every rank: where Ray placed the group (rank 0 prints it: the layout that runs, after start); a layout other
+    than the plan's stops the group with that message on every rank (they all gathered the same list)."""
+    nodes = worker_layout(world)
+    if world.is_main:
+        print(f"ray: workers placed on {len(set(nodes))} node(s): {describe_layout(nodes)}", flush=True)
+    problem = layout_problem(nodes, plan) if plan is not None else None
+    if problem:
+        raise RuntimeError(f"{problem}: the layout asked for is not the one Ray gave (nodes busy with other work?); "
+                           "stopping rather than training on another layout")
+    return nodes
+
+
+def node_check_file() -> str:
+    return os.environ.get("DEPTHG_NODE_CHECK") or NODE_CHECK_FILE
+
+
+def check_node() -> None:
+    """A worker on a node whose start-up check failed (``ray_cluster.yaml``) stops at once with that check's
+    message: one failure to read, not a node relaunched in a loop nor a run on a broken node."""
+    path = node_check_file()
+    try:
+        with open(path) as fh:
+            found = fh.read().strip()
+    except OSError:
+        return
+    if found:
+        from cluster.raycluster import node_id
+
+        raise RuntimeError(f"node {node_id()} failed its start-up check ({path}): "
+                           f"{found}. Fix ray_cluster.yaml (ImageId) or the lock, then replace the node")
+
+
+def failed_nodes(nodes: list[dict]) -> list[str]:
+    """The addresses of the alive nodes (``ray.nodes()`` rows) labelled by a failed start-up check."""
+    return [n.get("NodeManagerAddress") or n.get("NodeID", "?") for n in nodes
+            if n.get("Alive") and (n.get("Labels") or {}).get(NODE_CHECK_LABEL) == "failed"]
 
 
 def emulated_gpus() -> bool:
@@ -164,9 +215,12 @@ def plan_train(nodes: int, per_node: int, device: str, alive: list[dict], node_t
     start (``cluster.raycluster.autoscaler_node_types``; None = no autoscaler). The request, not the nodes that
     happen to be up, decides: ``G > 0`` with ``auto`` or ``cuda`` asks for G GPUs on each of N nodes, so the
     pending workers make the autoscaler start GPU nodes; ``G = 0`` with ``auto`` takes the GPUs per node of
-    the cluster's GPU node types (CPU workers when it has and can add none). Each GPU worker reserves the
-    CPUs per GPU of the smallest node that can hold G of them. A request no node type (or, without an
-    autoscaler, no node up) can hold raises ``ValueError`` naming what the cluster has.
+    the cluster's GPU node types (CPU workers when it has and can add none). The layout asked for is the
+    layout run: each worker reserves ``worker_cpus`` CPUs, so that every node that can host the run holds G
+    workers and none holds more (Ray Train's PACK would otherwise put 8 workers of ``--nodes 4
+    --gpus-per-node 2`` on two 4-GPU nodes); ``scaling_config`` packs the group, N x G workers then need N
+    nodes. A request no node type (or, without an autoscaler, no node up) can hold raises ``ValueError``
+    naming what the cluster has.
     """
     from cluster.raycluster import DEVICES
 
@@ -179,6 +233,12 @@ def plan_train(nodes: int, per_node: int, device: str, alive: list[dict], node_t
     gpu_kinds = [t for t in up + list(node_types or []) if t["GPU"] > 0]
     if device == "cpu" or (device == "auto" and per_node == 0 and not gpu_kinds):
         return _plan_cpu(nodes, per_node or CPU_WORKERS_PER_NODE, up, node_types)
+    if per_node == 0 and not gpu_kinds:  # --device cuda on a cluster that has and can add no GPU
+        up_now = ", ".join(f"{t['CPU']} CPU / {t['GPU']} GPU" for t in up) or "none"
+        where = (f"its autoscaler can start {_names(node_types)}" if node_types is not None
+                 else "it has no autoscaler that could add nodes")
+        raise ValueError(f"--device cuda: the cluster has no GPU and cannot add one (nodes up now: {up_now}; {where}). "
+                         "Add a GPU node type to the cluster config, or train on CPU workers with --device cpu")
     if per_node == 0:
         per_node = min(t["GPU"] for t in gpu_kinds)
     fits_up = [t for t in up if t["GPU"] >= per_node]
@@ -192,17 +252,40 @@ def plan_train(nodes: int, per_node: int, device: str, alive: list[dict], node_t
                          f"GPU(s) each; the cluster can provide {reach}: GPUs per node up now {have}, {where}. "
                          "Lower --nodes / --gpus-per-node, add a GPU node type to the cluster config, or pass "
                          "--device cpu")
-    ratios = [t["CPU"] // t["GPU"] for t in fits_up + fits_types]
-    return TrainPlan(nodes, per_node, True, float(max(1, min(ratios))))
+    return TrainPlan(nodes, per_node, True, worker_cpus(per_node, fits_up + fits_types, gpus=True, cap=nodes > 1))
+
+
+def worker_cpus(per_node: int, hosts: list[dict], gpus: bool, cap: bool = True) -> float:
+    """CPUs each of G = ``per_node`` workers reserves: the most a G-th of the smallest host in ``hosts`` (the node
+    kinds with room for G workers) offers, so that every host holds G; with ``cap`` (several nodes) also enough
+    that G + 1 never fit a host whose GPUs (``gpus``; any host for CPU workers) would allow more, so no node
+    holds more than G (one node needs no cap: ``STRICT_PACK``). Hosts whose CPU counts leave no such number
+    raise ``ValueError``."""
+    hosts = [h for h in hosts if h["CPU"] >= per_node]
+    if not hosts:  # nothing known yet (e.g. no node up and no autoscaler config): one CPU each
+        return 1.0
+    most = min(h["CPU"] // per_node for h in hosts)
+    capped = [h for h in hosts if cap and (not gpus or h["GPU"] > per_node)]  # exactly G GPUs cap a host too
+    least = max([h["CPU"] // (per_node + 1) + 1 for h in capped], default=1)
+    if least > most:
+        kinds = ", ".join(f"{h['name']} ({h['CPU']} CPU, {h['GPU']} GPU)" for h in hosts)
+        raise ValueError(f"--gpus-per-node {per_node}: no CPU reservation puts exactly {per_node} worker(s) on every "
+                         f"node of {kinds}; use node types of one size, or --gpus-per-node equal to their GPUs")
+    return float(most)
 
 
 def _plan_cpu(nodes: int, per_node: int, up: list[dict], node_types: list[dict] | None) -> TrainPlan:
-    """CPU workers, one CPU each; without an autoscaler they must fit the CPUs up now."""
+    """CPU workers, G per node (``worker_cpus``); without an autoscaler they must fit the nodes up now."""
     cpus = sum(t["CPU"] for t in up)
     if node_types is None and cpus < nodes * per_node:
         raise ValueError(f"--nodes {nodes} --gpus-per-node {per_node} --device cpu needs {nodes * per_node} CPU "
                          f"workers; the cluster has {cpus} CPU(s) and no autoscaler")
-    return TrainPlan(nodes, per_node, False, 1.0)
+    hosts = [t for t in up + list(node_types or []) if t["CPU"] >= per_node]
+    if node_types is None and len(hosts) < nodes:
+        raise ValueError(f"--nodes {nodes} --gpus-per-node {per_node} --device cpu needs {nodes} node(s) with "
+                         f"{per_node} CPUs each; the cluster has {len(hosts)} and no autoscaler (CPUs per node up now "
+                         f"{sorted(t['CPU'] for t in up)})")
+    return TrainPlan(nodes, per_node, False, worker_cpus(per_node, hosts, gpus=False, cap=nodes > 1))
 
 
 def _fit(cfg_dict: dict, plan: TrainPlan, run: str, hooks=None) -> dict:
@@ -216,7 +299,7 @@ def _fit(cfg_dict: dict, plan: TrainPlan, run: str, hooks=None) -> dict:
     path, filesystem = storage(io.join(cfg.train.output, "ray"))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg_dict, "hooks": hooks, "run": run, "use_gpu": plan.use_gpu},
+        train_loop_config={"cfg": cfg_dict, "hooks": hooks, "run": run, "use_gpu": plan.use_gpu, "plan": plan},
         torch_config=torch_config(plan.use_gpu),
         scaling_config=scaling_config(plan),
         run_config=RunConfig(name=run, storage_path=path, storage_filesystem=filesystem,
@@ -228,22 +311,49 @@ def _fit(cfg_dict: dict, plan: TrainPlan, run: str, hooks=None) -> dict:
 
 
 def scaling_config(plan: TrainPlan):
-    """Ray Train's ScalingConfig of a plan: one GPU per worker when ``use_gpu``, its CPUs beside it."""
+    """Ray Train's ScalingConfig of a plan: one GPU per worker when ``use_gpu``, its CPUs beside it (which cap a
+    node at ``per_node`` workers, ``worker_cpus``), packed: ``STRICT_PACK`` for one node (all workers on it),
+    ``PACK`` for several (with the cap, N x G workers fill N nodes)."""
     from ray.train import ScalingConfig
 
     resources = {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})}
-    return ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu, resources_per_worker=resources,
+                         placement_strategy="STRICT_PACK" if plan.nodes == 1 else "PACK")
 
 
-def connect(address: str | None = None, extra_env: dict | None = None) -> dict:
-    """Connect this driver to Ray (``address`` / RAY_ADDRESS, else a local Ray) with the workers' runtime env;
-    returns that env."""
+def worker_layout(world) -> list[str]:
+    """The Ray node id of every rank (index = rank), gathered over the CPU group; every rank calls it."""
     import ray
+    import torch.distributed as dist
 
-    env = worker_env(extra_env)
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": env})
-    return env
+    from cluster.distributed import cpu_group
+
+    node = ray.get_runtime_context().get_node_id()
+    if not world.distributed:
+        return [node]
+    nodes: list = [None] * world.world_size
+    dist.all_gather_object(nodes, node, group=cpu_group())
+    return nodes
+
+
+def layout_problem(nodes_of_ranks: list[str], plan: TrainPlan) -> str | None:
+    """None when the ranks sit ``plan.per_node`` on each of ``plan.nodes`` nodes, else what Ray placed."""
+    counts: dict[str, int] = {}
+    for node in nodes_of_ranks:
+        counts[node] = counts.get(node, 0) + 1
+    if len(counts) == plan.nodes and set(counts.values()) == {plan.per_node}:
+        return None
+    placed = ", ".join(f"{n[:12]}: {c}" for n, c in counts.items())
+    return (f"Ray placed the {len(nodes_of_ranks)} training workers on {len(counts)} node(s) ({placed}), not "
+            f"{plan.nodes} node(s) x {plan.per_node}")
+
+
+def describe_layout(nodes_of_ranks: list[str]) -> str:
+    """``node id: ranks`` per node, in rank order."""
+    ranks: dict[str, list[int]] = {}
+    for rank, node in enumerate(nodes_of_ranks):
+        ranks.setdefault(node, []).append(rank)
+    return "; ".join(f"node {n[:12]}: rank(s) {','.join(map(str, r))}" for n, r in ranks.items())
 
 
 def cluster_plan(nodes: int, per_node: int, device: str = "auto") -> TrainPlan:
@@ -252,7 +362,14 @@ def cluster_plan(nodes: int, per_node: int, device: str = "auto") -> TrainPlan:
 
     from cluster.raycluster import autoscaler_node_types
 
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    rows = ray.nodes()
+    bad = failed_nodes(rows)
+    if bad:
+        raise ValueError(f"node(s) {', '.join(bad)} failed their start-up check (ray_cluster.yaml: an NVIDIA driver "
+                         f"older than the lock's CUDA needs, or packages other than the lock's; the message is in "
+                         f"{NODE_CHECK_FILE} on the node): fix the AMI or the lock and replace the node(s) "
+                         "(`ray down`, or let them idle out) before training")
+    alive = [n["Resources"] for n in rows if n.get("Alive")]
     return plan_train(nodes, per_node, device, alive, autoscaler_node_types())
 
 
@@ -268,7 +385,10 @@ def launch(cfg: Config, plan: TrainPlan, extra_env: dict | None = None, hooks=No
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    env = connect(extra_env=extra_env)
+    from cluster.raycluster import connect
+
+    connect()  # a no-op when the launcher connected (cluster.raycluster: one connect for every stage)
+    env = worker_env(extra_env)
     if not plan.use_gpu or emulated_gpus():
         env.setdefault("DS_ACCELERATOR", "cpu")
     # the Train controller lives where trainer.fit() runs: keep it on the driver's node (the head), not on a

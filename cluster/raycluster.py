@@ -2,7 +2,11 @@
 
 ``connect()`` attaches to a running cluster when there is one (``RAY_ADDRESS`` set, or a local
 cluster started with ``ray start`` / ``ray up``, found through its address file) and otherwise
-starts a private local Ray for the job; it returns True when it started Ray.
+starts a private local Ray for the job; it returns True when it started Ray. ``started_here()`` says,
+on any later call, whether this process started the local Ray it is connected to (``connect`` did, or a
+plain ``ray.init()`` that started one, as tests do): only then do all workers share this machine's disk,
+so the launchers treat every output as shared storage otherwise (``cluster.preflight.check(...,
+shared=not started_here())``). ``cluster.ray_train`` connects through the same ``connect``.
 
 ``plan_actors`` (pure) turns a stage's device setting into ``(count, ray options, device)``. A GPU
 stage asks for ``num_gpus=1`` per actor even when no GPU node is up yet: the pending actors are the
@@ -37,6 +41,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DEVICE_HELP = ("auto: GPU actors whenever the cluster has GPUs or its autoscaler may add GPU nodes; "
                "cuda: always ask for one GPU per actor; cpu: CPU actors")
 log = logging.getLogger(__name__)
+_started = False  # connect() started the local Ray (the fallback of started_here where Ray's internals differ)
 
 
 def running_cluster_address() -> str | None:
@@ -62,6 +67,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     ``ray start`` on this machine recorded)."""
     import ray
 
+    global _started
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -73,7 +79,24 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    _started = True
     return True
+
+
+def started_here() -> bool:
+    """True only when this process is connected to a local Ray that it started itself (``connect`` or a
+    plain ``ray.init()`` that started one); False when not connected, or connected to a cluster it joined
+    (``RAY_ADDRESS``, ``ray up``, a ``ray start`` on this machine, a ``ray.cluster_utils.Cluster``)."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:  # private (pinned Ray 2.60), guarded: the driver's node object is the head only when it started it
+        from ray._private import worker
+
+        return bool(worker._global_node is not None and worker._global_node.head)
+    except Exception:  # noqa: BLE001
+        return _started
 
 
 def storage_env() -> dict[str, str]:

@@ -68,7 +68,7 @@ def val_sums(backbone, segmenter, cfg: Config, world: World) -> tuple[torch.Tens
             else:  # one sample (a short last batch) has no negatives: codes only, no STEGO loss
                 image = batch["image"].to(next(segmenter.parameters()).device)
                 dtype = next(segmenter.head.parameters()).dtype
-                codes = segmenter.head(backbone_features(backbone, image).to(dtype)).float()
+                codes = segmenter.head(backbone_features(backbone, image, dtype).to(dtype)).float()
             labels = batch["label"]
             scores = evaluation.probe_scores(segmenter, codes, labels.shape[-2:], ("cluster",))
             pred = scores["cluster"].argmax(dim=1).cpu()

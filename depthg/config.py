@@ -177,7 +177,7 @@ class TrainConfig:
     lr: float = 5e-4
     probe_lr: float = 5e-3
     zero_stage: ZeroStage = 0  # DeepSpeed ZeRO: 0 (plain data parallel) or 1 (optimizer state sharded)
-    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Precision = "fp32"  # fp32 everywhere (the reference) | bf16 (speed, backbone too) | auto (bf16 on GPU)
     loader_workers: int = -1  # per rank; -1 = auto: the node's CPUs per rank (per GPU) minus one
     shuffle_buffer: int = 256
     seed: int = 0

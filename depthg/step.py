@@ -3,7 +3,9 @@
 This is the one module that reads the loss / sampling / model config for training; the loss functions it
 calls take explicit arguments. ``compute_losses`` runs, in order (docs/METHOD.md sections 2-7):
 
-1. the frozen backbone on anchor and positive crops in one forward (no grad; bf16 autocast on CUDA);
+1. the frozen backbone on anchor and positive crops in one forward (no grad) in the head's precision: fp32
+   with no autocast for an fp32 head (``train.precision=fp32``, the reference's precision), bf16 autocast
+   only under a bf16 engine (``backbone_autocast``);
 2. ``data.depth_cast``: depth as the reference read it (8-bit integers, or Potsdam's integer cast), if asked;
 3. Dropout2d on the features (``model.dropout``, training only) and the head: ``model.dropout_masks=shared``
    drops each image's features once for the head and the correlation target; ``independent`` draws the
@@ -64,13 +66,22 @@ def stego_options(loss_cfg) -> dict:
     return {key: getattr(loss_cfg, key) for key in keys}
 
 
-def backbone_features(backbone, images: torch.Tensor) -> torch.Tensor:
-    """Frozen features [B,C,h,w] in fp32; bf16 autocast on CUDA. ``images``: float [B,3,H,W] in [0, 1], or
-    the loader's uint8 [B,3,H,W], made float here, on the device the images were moved to (THE one place
-    where batches' images become float: a quarter of the bytes cross the host-to-device copy)."""
+def backbone_autocast(compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of the frozen backbone for a head computing in ``compute_dtype``, on any device: None
+    (no autocast, fp32 throughout) for fp32; bf16 only when the head itself is bf16 (an explicit
+    ``train.precision=bf16`` / ``auto`` on CUDA: a speed setting, docs/METHOD.md)."""
+    return None if compute_dtype == torch.float32 else compute_dtype
+
+
+def backbone_features(backbone, images: torch.Tensor, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Frozen features [B,C,h,w] in fp32. ``compute_dtype``: the head's dtype; the backbone runs under autocast
+    to it only when it is not fp32 (``backbone_autocast``), else fully in fp32. ``images``: float [B,3,H,W] in
+    [0, 1], or the loader's uint8 [B,3,H,W], made float here, on the device the images were moved to (THE one
+    place where batches' images become float: a quarter of the bytes cross the host-to-device copy)."""
     if images.dtype == torch.uint8:  # (channels-last strides from the loader's collate: made contiguous here)
         images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if images.is_cuda else contextlib.nullcontext())
+    amp = backbone_autocast(compute_dtype)
+    autocast = torch.autocast(images.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         feats = backbone(images)
     return feats.float()
@@ -158,7 +169,8 @@ def compute_losses(backbone, segmenter, batch: dict, cfg, batch_idx: int,
     image, pos_image = _to(batch, "image", device), _to(batch, "pos_image", device)
     depth, pos_depth = _optional(batch, "depth", device), _optional(batch, "pos_depth", device)
     labels = _to(batch, "label", device)
-    feats, feats_pos = backbone_features(backbone, torch.cat([image, pos_image])).chunk(2)
+    dtype = next(segmenter.head.parameters()).dtype  # the engine's precision (bf16 engine: a bf16 module)
+    feats, feats_pos = backbone_features(backbone, torch.cat([image, pos_image]), dtype).chunk(2)
     return losses_from_features(segmenter, feats, feats_pos, depth, pos_depth, labels, cfg, batch_idx,
                                 generator, training)
 

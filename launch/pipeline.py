@@ -52,8 +52,10 @@ def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     common = (["--config", args.config] if args.config else []) + list(args.overrides)
     resume = ["--resume", args.resume] if args.resume else []
-    cfg = train.resolve_config(train.parse_args(common + resume))
-    preflight.check_output(cfg)  # a used train.output is refused now, not after stage 1's minutes
+    train_args = train.parse_args(common + resume)
+    cfg = train.resolve_config(train_args)
+    # a used train.output, or a local one for workers on a Ray cluster, is refused now, not after stage 1's minutes
+    preflight.check_output(cfg, shared=train.output_shared(train_args))
     timings = {}
 
     if not args.skip_data:

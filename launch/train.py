@@ -13,9 +13,13 @@ per emulated node); ``ray`` submits a Ray Train ``TorchTrainer`` (``cluster.ray_
 
 On Ray, ``--gpus-per-node G`` asks for G GPUs on each of ``--nodes`` nodes whether or not GPU nodes are up:
 the waiting workers make the autoscaler start them; without G the cluster's GPU node types decide (CPU
-workers when it has none); ``--device cpu`` trains on CPU workers (G per node, default 2). A request the
-cluster's node types cannot hold is refused before anything starts. A multi-node run needs shared storage
-(``train.output=s3://...``).
+workers when it has none); ``--device cpu`` trains on CPU workers (G per node, default 2). Exactly G workers run
+on each of the N nodes (each reserves a G-th of a node's CPUs; the workers print where Ray placed them, and
+another layout stops the run). A request the
+cluster's node types cannot hold is refused before anything starts. On a Ray cluster this process did not
+start (``--address``, RAY_ADDRESS, ``ray up``), even with ``--nodes 1``, the workers run on other machines:
+``train.output`` must be shared storage (``train.output=s3://...``), else the run is refused before any worker
+starts; only a local Ray started by this launch keeps a local ``train.output``.
 
 One output folder holds one run: a new run into a non-empty ``train.output`` is refused; ``--resume auto``
 continues from the newest complete checkpoint there (``--resume URL`` from that one), refusing other model
@@ -47,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--launcher", choices=("auto", "local", "ray", "env"), default="auto")
     parser.add_argument("--resume", default=None,
                         help="auto (continue the newest complete checkpoint in train.output, if any) | checkpoint "
-                             "URL; sets train.resume. Without it train.output must be empty (a new run)")
+                             "URL; sets train.resume. Without it train.output must be empty (a new run). DeepSpeed's "
+                             "files are loaded with weights_only=True (only its own checkpoint records allowed; "
+                             "anything else is refused unopened), but their weights are trusted: resume from your "
+                             "own storage")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("--print-schedule", action="store_true",
@@ -106,19 +113,31 @@ def workers_per_node(args) -> int:
     return torch.cuda.device_count() or 2
 
 
+def output_shared(args) -> bool:
+    """Whether ``train.output`` must be shared storage for this launch: the Ray launcher on a Ray that this process
+    did not start (connects first: ``cluster.raycluster.connect``, then ``started_here``)."""
+    if pick_launcher(args) != "ray":
+        return False
+    from cluster import raycluster
+
+    raycluster.connect(args.address)
+    return not raycluster.started_here()
+
+
 def launch_ray(cfg, args, hooks=None) -> dict:
     """Connect to Ray, plan the workers from the request and the cluster's node types, check, then fit."""
-    from cluster import preflight, ray_train
+    from cluster import preflight, ray_train, raycluster
     from depthg.config import ConfigError
 
-    ray_train.connect(args.address)
+    raycluster.connect(args.address)
     try:
         plan = ray_train.cluster_plan(args.nodes, args.gpus_per_node, args.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    preflight.check(cfg, plan.num_workers, shared=plan.nodes > 1)
-    print(f"ray: {plan.nodes} node(s) x {plan.per_node} {'GPU' if plan.use_gpu else 'CPU'} worker(s), "
-          f"{plan.cpus_per_worker:g} CPU(s) each", flush=True)
+    preflight.check(cfg, plan.num_workers, shared=not raycluster.started_here())
+    print(f"ray: asking for {plan.nodes} node(s) x {plan.per_node} {'GPU' if plan.use_gpu else 'CPU'} worker(s), "
+          f"{plan.cpus_per_worker:g} CPU(s) each (at most {plan.per_node} per node); the workers print where Ray "
+          "placed them", flush=True)
     return ray_train.launch(cfg, plan, hooks=hooks)
 
 

@@ -3,7 +3,7 @@ process: a driver connects to one cluster for its lifetime, and the test process
 local Ray (``ray_local``) untouched. Each scenario writes a JSON of what it observed.
 
     python tests/sim_scenarios.py fake-driver ADDRESS ROOT OUT.json
-    python tests/sim_scenarios.py fake-train ADDRESS ROOT OUT.json
+    python tests/sim_scenarios.py fake-train ADDRESS ROOT OUTPUT_URL OUT.json
     python tests/sim_scenarios.py multinode ROOT OUT.json
     python tests/sim_scenarios.py mining-bytes ROOT OUT.json
     python tests/sim_scenarios.py segment-node-loss ROOT OUT.json
@@ -47,19 +47,20 @@ def fake_driver(address: str, root: str, out: str) -> None:
                  "total": manifest["total"]})
 
 
-def fake_train(address: str, root: str, out: str) -> None:
+def fake_train(address: str, root: str, output: str, out: str) -> None:
     """``launch/train.py --nodes 1 --gpus-per-node 1`` on the fake autoscaling cluster before any GPU node is up:
-    the training worker's GPU request makes the autoscaler add a GPU node (not a CPU one) and runs there."""
+    the training worker's GPU request makes the autoscaler add a GPU node (not a CPU one) and runs there.
+    ``output``: shared storage (s3://), as on any cluster this driver did not start."""
     import ray
 
     import train_hooks
     from cluster.raycluster import connect
-    from depthg import shards
+    from depthg import io, shards
     from launch import train as launch_train
 
     connect(address)
     before = ray.cluster_resources()
-    data, trace, output = os.path.join(root, "data"), os.path.join(root, "trace"), os.path.join(root, "run")
+    data, trace = os.path.join(root, "data"), os.path.join(root, "trace")
     shards.write_test_shards(data, 8, size=(32, 32), num_positives=2, samples_per_shard=4)
     result = launch_train.main(["--nodes", "1", "--gpus-per-node", "1", "--address", address, "--config",
                                 os.path.join(REPO, "configs", "smoke.yaml"), f"shards.root={data}", f"train.output={output}",
@@ -70,7 +71,7 @@ def fake_train(address: str, root: str, out: str) -> None:
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     head = next(n for n, r in nodes.items() if "node:__internal_head__" in r)
     _write(out, {"resources_before": before, "plan": result["plan"], "starts": starts, "nodes": nodes, "head": head,
-                 "segmenter": os.path.exists(os.path.join(output, "segmenter.pt"))})
+                 "segmenter": io.exists(io.join(output, "segmenter.pt"))})
 
 
 def multinode(root: str, out: str) -> None:

@@ -79,13 +79,14 @@ def _lost_node_scenario(name: str, root: str, out: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_fake_autoscaler_starts_a_gpu_node_for_a_training_worker(tmp_path):
+def test_fake_autoscaler_starts_a_gpu_node_for_a_training_worker(tmp_path, s3):
     """``--gpus-per-node 1`` on a cluster whose only GPU node type is not up yet. Before, Ray Train's use_gpu came
     from the GPUs alive at launch (none): a CPU worker, which the autoscaler placed on a CPU node."""
     # the fake nodes' GPUs are logical: their workers train on the CPU with gloo (cluster.ray_train.emulated_gpus)
     with FakeAutoscaler(WORKER_TYPES, head={"CPU": 0}, pythonpath=REPO) as fake:
         env = {**fake.env(), "DEPTHG_EMULATED_GPUS": "1"}
-        seen = _run(["fake-train", fake.address, str(tmp_path)], env, str(tmp_path / "out.json"))
+        # train.output on S3: a local one is refused on a cluster the driver did not start (issue 28.1)
+        seen = _run(["fake-train", fake.address, str(tmp_path), f"{s3}/runs/fake"], env, str(tmp_path / "out.json"))
     assert seen["resources_before"].get("GPU", 0) == 0
     assert seen["plan"] == {"nodes": 1, "per_node": 1, "use_gpu": True, "cpus_per_worker": 1.0}
     (start,) = seen["starts"]

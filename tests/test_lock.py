@@ -49,7 +49,8 @@ def test_every_dependency_of_the_project_is_locked():
 def test_every_install_uses_the_lock():
     """.ci/run, the README's first command, every ray_cluster.yaml node and the node image install with it."""
     ci = _text(".ci/run")
-    assert re.search(r'pip" install -q -c cluster/constraints\.txt -e "\.\[all\]"', ci)
+    assert re.search(r'pip" install -q --build-constraint cluster/build-constraints\.txt -c cluster/constraints\.txt '
+                     r'-e "\.\[all\]"', ci)
     assert "cluster/constraints.txt" in re.search(r"hash=\$\((.*)\)", ci)[1], "CI's venv cache ignores the lock"
     first = next(line for line in _text("README.md").splitlines() if "pip install" in line)
     assert "-c cluster/constraints.txt" in first, first
@@ -90,3 +91,45 @@ def test_check_reports_a_stale_lock(tmp_path):
     stale = run("--check")
     assert stale.returncode == 1
     assert stale.stderr.startswith("error:") and "torch lock 0.0.1" in stale.stderr
+
+
+# ----------------------------------------------------------------------------- the builds (issue 28.4)
+BUILD = os.path.join(REPO, "cluster", "build-constraints.txt")
+
+
+def test_builds_from_source_are_pinned_everywhere_the_project_installs():
+    """pip applies -c to the install, not to the isolated environments that build deepspeed and pydensecrf2: every
+    install passes the build constraints (pip, setuptools, wheel as this environment has them; Cython as
+    pydensecrf2 pins it), after installing that pip (older ones know no --build-constraint); CI's cache key hashes
+    them. Before, each node built with that day's setuptools."""
+    pins = lock.read(BUILD)["packages"]
+    here = lock.build_tools()
+    assert {k: pins[k] for k in lock.BUILD_TOOLS} == here and pins["cython"] == lock.BUILD_ONLY["cython"]
+    ci = _text(".ci/run")
+    assert "cluster/build-constraints.txt" in re.search(r"hash=\$\((.*)\)", ci)[1], "CI's venv cache ignores the build pins"
+    assert 'pip" install -q -c cluster/build-constraints.txt pip setuptools wheel' in ci
+    for name in ("ray_cluster.yaml", "cluster/Dockerfile"):
+        text = _text(name)
+        installs = [l for l in text.splitlines() if '-e ".[all]"' in l and not l.lstrip().startswith("#")]
+        assert installs and all("--build-constraint cluster/build-constraints.txt" in l for l in installs), name
+        assert "-c cluster/build-constraints.txt pip" in text, name  # a pip that knows --build-constraint first
+
+
+def test_a_nodes_build_is_checked_against_ci(tmp_path):
+    """The lock records what built each source-built package here (its wheel's Generator); ``--node-check`` on a
+    node names every locked version and build that differs (this environment: none)."""
+    assert set(LOCKED["built"]) == set(lock.SOURCE_BUILT)
+    assert LOCKED["built"] == lock.generators()  # CI's venv built them with the pinned setuptools
+    assert lock.node_problems() == []
+    stale = tmp_path / "constraints.txt"
+    text = _text("cluster/constraints.txt")
+    text = re.sub(r"^# built from source: pydensecrf2 by .*$", "# built from source: pydensecrf2 by setuptools (1.0)",
+                  text, flags=re.M)
+    stale.write_text(re.sub(r"^timm==\S+$", "timm==0.0.1", text, flags=re.M))
+    problems = lock.node_problems(str(stale))
+    assert any(p.startswith("timm ") and "(lock 0.0.1)" in p for p in problems), problems
+    assert any(p.startswith("pydensecrf2 built by setuptools") and "(CI: setuptools (1.0))" in p for p in problems)
+    report = tmp_path / "node-check.txt"
+    run = subprocess.run([sys.executable, "-m", "cluster.lock", "--node-check", "--out", str(stale), "--report",
+                          str(report)], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.startswith("error: the node's packages differ") and "timm" in report.read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -98,15 +99,61 @@ def test_a_new_run_into_a_used_output_is_refused_naming_resume_auto(root, tmp_pa
     assert sorted(os.listdir(run)) == ["ckpt", "config.yaml"]  # nothing touched
 
 
-def test_a_local_output_for_several_nodes_is_refused(root, tmp_path):
+def test_a_local_output_for_shared_workers_is_refused(root, tmp_path):
     from cluster import preflight
     from depthg.config import load_config
 
     cfg = load_config(None, [f"shards.root={root}", f"train.output={tmp_path / 'run'}", *TINY])
-    with pytest.raises(ConfigError, match=r"train\.output=.*run: a local folder, but the run spans several nodes.*"
-                                          r"s3://"):
+    with pytest.raises(ConfigError, match=r"train\.output=.*run: a local folder, but the training workers run on a "
+                                          r"Ray cluster this process did not start.*s3://"):
         preflight.check(cfg, 4, shared=True)
-    preflight.check(cfg, 4)  # one node (or torchrun on one machine): a local folder is fine
+    preflight.check(cfg, 4)  # a local Ray started here (or torchrun on one machine): a local folder is fine
+
+
+JOIN = """
+import json, sys
+from depthg.errors import DepthgError
+from launch import pipeline, train
+from cluster import raycluster
+out = {}
+for name, main, argv in (("train", train.main, ["--launcher", "ray", "--address", sys.argv[1], "--nodes", "1",
+                                                 "--gpus-per-node", "1", "--device", "cpu"]),
+                         ("pipeline", pipeline.main, [])):
+    try:
+        main(argv + ["--config", "none", "shards.root=" + sys.argv[2], "train.output=" + sys.argv[3]])
+        out[name] = "ran"
+    except DepthgError as exc:
+        out[name] = str(exc)
+out["started_here"] = raycluster.started_here()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_one_node_on_a_joined_ray_refuses_a_local_output_before_any_worker(ray_local, tmp_path):
+    """Issue 28.1: ``--nodes 1`` on a Ray this process did not start trains on a worker node (a head without
+    CPUs), so a local ``train.output`` is refused naming s3:// before any worker starts, and so does the pipeline
+    under RAY_ADDRESS before stage 1. Before, ``shared=plan.nodes > 1``: one node passed the output check (the
+    missing shards were the first complaint) and the first checkpoint failed on the workers. The driver runs in
+    its own process, joining this test process's local Ray: a Ray it did not start."""
+    import subprocess
+    import sys
+
+    from cluster import raycluster
+
+    assert raycluster.started_here()  # ray_local: this process's own ray.init
+    address = ray_local.get_runtime_context().gcs_address
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "RAY_ADDRESS": address, "RAY_USAGE_STATS_ENABLED": "0"}
+    run = subprocess.run([sys.executable, "-c", JOIN, address, str(tmp_path / "no-shards"), str(tmp_path / "run")],
+                         env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, run.stdout[-3000:] + run.stderr[-3000:]
+    seen = json.loads(line[len("RESULT "):])
+    assert seen["started_here"] is False
+    for name in ("train", "pipeline"):
+        assert re.match(r"train\.output=.*run: a local folder, but the training workers run on a Ray cluster this "
+                        r"process did not start.*s3://", seen[name]), (name, seen[name])
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "no-shards")  # nothing written
 
 
 def test_max_failures_is_a_setting(root, tmp_path):
@@ -134,7 +181,7 @@ def test_ray_train_asks_for_gpus_the_autoscaler_has_not_started_yet():
     assert plan_train(4, 4, "auto", head_only, _yaml_types()) == TrainPlan(4, 4, True, 12.0)
     assert plan_train(2, 0, "auto", head_only, _yaml_types()) == TrainPlan(2, 4, True, 12.0)  # G from the node type
     assert plan_train(1, 2, "cuda", head_only, _yaml_types()).use_gpu
-    assert plan_train(2, 3, "cpu", head_only, _yaml_types()) == TrainPlan(2, 3, False, 1.0)
+    assert plan_train(2, 3, "cpu", head_only, _yaml_types()) == TrainPlan(2, 3, False, 16.0)  # 3 per 48-CPU node
     with pytest.raises(ValueError, match=r"--nodes 5 --gpus-per-node 4 needs 5 node\(s\).*can provide 4.*gpu_a10g_x4"):
         plan_train(5, 4, "auto", head_only, _yaml_types())
     with pytest.raises(ValueError, match=r"--gpus-per-node 8 needs 1 node\(s\) with at least 8 GPU"):
@@ -146,7 +193,7 @@ def test_ray_train_plan_without_an_autoscaler_uses_the_nodes_up():
 
     up = [{"CPU": 8}, {"CPU": 48, "GPU": 4}, {"CPU": 32, "GPU": 4}]  # CPUs per GPU of the smallest node: 8
     assert plan_train(2, 4, "auto", up, None) == TrainPlan(2, 4, True, 8.0)
-    assert plan_train(1, 2, "auto", up, None) == TrainPlan(1, 2, True, 8.0)
+    assert plan_train(1, 2, "auto", up, None) == TrainPlan(1, 2, True, 16.0)  # one node: STRICT_PACK, half of 32
     with pytest.raises(ValueError, match=r"no autoscaler"):
         plan_train(3, 4, "auto", up, None)
     cpu_only = [{"CPU": 2}, {"CPU": 2}]
@@ -155,3 +202,47 @@ def test_ray_train_plan_without_an_autoscaler_uses_the_nodes_up():
     assert plan_train(2, 0, "auto", cpu_only, None) == TrainPlan(2, 2, False, 1.0)  # no GPU anywhere: CPU ranks
     with pytest.raises(ValueError, match=r"needs 6 CPU workers; the cluster has 4"):
         plan_train(2, 3, "cpu", cpu_only, None)
+
+
+def test_cuda_on_a_cluster_without_gpu_node_types_names_what_it_has():
+    """Issue 28.8: before, ``min() arg is an empty sequence``."""
+    from cluster.ray_train import plan_train
+
+    cpu_types = [{"name": "cpu_m5", "CPU": 8, "GPU": 0, "max_workers": 3}]
+    with pytest.raises(ValueError, match=r"--device cuda: the cluster has no GPU and cannot add one \(nodes up now: "
+                                         r"0 CPU / 0 GPU; its autoscaler can start cpu_m5 \(0 GPU, 8 CPU, up to 3\)\)"
+                                         r".*--device cpu"):
+        plan_train(1, 0, "cuda", [{"CPU": 0}], cpu_types)
+    with pytest.raises(ValueError, match=r"nodes up now: 2 CPU / 0 GPU, 2 CPU / 0 GPU; it has no autoscaler"):
+        plan_train(2, 0, "cuda", [{"CPU": 2}, {"CPU": 2}], None)
+
+
+def test_the_plan_puts_exactly_g_workers_on_each_node():
+    """Issue 28.7: each worker reserves the CPUs that let a node hold G workers and no more, so Ray Train's PACK
+    fills N nodes with G each. Before: 12 CPUs per worker on 48-CPU / 4-GPU nodes, and ``--nodes 4
+    --gpus-per-node 2`` packed 8 workers on 2 nodes while printing "4 node(s)"."""
+    from cluster.ray_train import TrainPlan, plan_train, scaling_config
+
+    head_only = [{"CPU": 0}]
+    for g, cpus in ((1, 48.0), (2, 24.0), (3, 16.0), (4, 12.0)):
+        plan = plan_train(4, g, "auto", head_only, _yaml_types())
+        assert plan == TrainPlan(4, g, True, cpus)
+        assert int(48 // plan.cpus_per_worker) == g  # a g5.12xlarge holds exactly g of them
+    assert scaling_config(plan_train(4, 2, "auto", head_only, _yaml_types())).placement_strategy == "PACK"
+    assert scaling_config(plan_train(1, 2, "auto", head_only, _yaml_types())).placement_strategy == "STRICT_PACK"
+    mixed = [{"CPU": 48, "GPU": 4}, {"CPU": 32, "GPU": 4}]  # no one reservation holds exactly 2 on both
+    with pytest.raises(ValueError, match=r"no CPU reservation puts exactly 2 worker\(s\) on every node"):
+        plan_train(2, 2, "auto", mixed, None)
+    assert plan_train(2, 4, "auto", mixed, None) == TrainPlan(2, 4, True, 8.0)  # 4 GPUs cap both
+
+
+def test_the_workers_layout_is_checked_against_the_plan():
+    from cluster.ray_train import TrainPlan, describe_layout, layout_problem
+
+    plan = TrainPlan(2, 2, True, 24.0)
+    assert layout_problem(["a", "a", "b", "b"], plan) is None
+    assert layout_problem(["a", "b", "a", "b"], plan) is None  # ranks in any order
+    assert layout_problem(["a", "a", "a", "a"], plan) == ("Ray placed the 4 training workers on 1 node(s) (a: 4), "
+                                                          "not 2 node(s) x 2")
+    assert "on 3 node(s)" in layout_problem(["a", "a", "b", "c"], plan)
+    assert describe_layout(["a", "b", "a"]) == "node a: rank(s) 0,2; node b: rank(s) 1"

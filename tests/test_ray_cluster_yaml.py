@@ -261,3 +261,84 @@ def test_readme_paths_exist_or_are_marked_pending():
     missing = sorted(p for p in named if not os.path.exists(os.path.join(REPO, p)))
     unmarked = [p for p in missing if not re.search(r"pending[^\n]*`" + re.escape(p) + "`", text)]
     assert not unmarked, f"cluster/README.md names files that do not exist and are not marked pending: {unmarked}"
+
+
+def _docker_pattern(rule: str) -> str:
+    """An rsync exclude (or .gitignore) rule as a .dockerignore line: Docker's patterns are relative to the context
+    root, so an anchored "/x" is "x" and an unanchored rule, which rsync matches at any depth, is "**/x"."""
+    negate, rule = rule.startswith("!"), rule.lstrip("!").rstrip("/")
+    return ("!" if negate else "") + (rule[1:] if rule.startswith("/") else "**/" + rule)
+
+
+def test_the_image_leaves_out_what_the_nodes_copy_leaves_out():
+    """Issue 28.6: cluster/Dockerfile's ``COPY .`` took the whole checkout (.git, .venv, shards, runs). .dockerignore
+    is rsync_filter's .gitignore then rsync_exclude (Docker: the last match wins; rsync: the first)."""
+    cfg = _load()
+    assert cfg["rsync_filter"] == [".gitignore"]
+    with open(os.path.join(REPO, ".gitignore")) as fh:
+        gitignore = [l.strip() for l in fh if l.strip() and not l.startswith("#")]
+    expected = [_docker_pattern(r) for r in gitignore] + [_docker_pattern(r) for r in cfg["rsync_exclude"]]
+    with open(os.path.join(REPO, ".dockerignore")) as fh:
+        lines = [l.strip() for l in fh if l.strip() and not l.startswith("#")]
+    assert lines == expected
+    with open(os.path.join(REPO, "cluster", "Dockerfile")) as fh:
+        assert "COPY --chown=ray:users . /home/ray/depthg" in fh.read()  # the context root, filtered by .dockerignore
+
+
+# ----------------------------------------------------------------------------- the node start-up check (issue 28.5)
+def _node_check(tmp_path, driver: str | None) -> tuple[int, str]:
+    """Run the YAML's driver check as `ray up` would, with a fake nvidia-smi reporting ``driver`` (None: no GPU)."""
+    import subprocess
+
+    cmd = next(c for c in _load()["initialization_commands"] if "nvidia-smi --query-gpu=driver_version" in c)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n" + (f'case "$1" in -L) echo "GPU 0: NVIDIA A10G";; *) echo "{driver}";; esac\n'
+                                     if driver else "exit 9\n"))
+    fake.chmod(0o755)
+    report = tmp_path / "node-check.txt"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DEPTHG_NODE_CHECK": str(report)}
+    run = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=60)
+    return run.returncode, report.read_text()
+
+
+def test_a_node_with_an_old_driver_fails_once_with_a_message(tmp_path):
+    """Before, the check exited 1: a failed update, which makes the autoscaler terminate the node and launch another
+    from the same AMI for as long as work waits for GPUs. Now the command succeeds, the message goes to the node's
+    check file, the node joins Ray labelled, and its workers (or the next launch) stop naming it."""
+    import subprocess
+
+    rc, report = _node_check(tmp_path, "535.104.05")
+    assert rc == 0 and "NVIDIA driver 535.104.05 is older than 580.65.06" in report
+    assert _node_check(tmp_path, "580.95.05") == (0, "")  # the AMI's driver passes
+    assert _node_check(tmp_path, None) == (0, "")  # the head: no GPU, nothing to check
+    cfg = _load()
+    start = cfg["worker_start_ray_commands"][-1]
+    for content, labelled in (("NVIDIA driver 535.104.05 is older ...", True), ("", False)):
+        (tmp_path / "node-check.txt").write_text(content)
+        shim = f"ray() {{ echo \"$@\"; }}; {start}"  # what `ray start` would be given
+        out = subprocess.run(["bash", "-c", shim], env={**os.environ, "DEPTHG_NODE_CHECK": str(tmp_path / "node-check.txt"),
+                                                       "RAY_HEAD_IP": "10.0.0.1"}, capture_output=True, text=True).stdout
+        assert ("--labels=depthg/node-check=failed" in out) is labelled, out
+    # the package check never fails the setup either, and the head (never relaunched) fails `ray up` once
+    node = [c for c in cfg["setup_commands"] if "--node-check" in c]
+    assert node and node[0].endswith("|| true") and '--report "${DEPTHG_NODE_CHECK:-/mnt/local/depthg-node-check.txt}"' in node[0]
+    assert any("exit 1" in c and "DEPTHG_NODE_CHECK" in c for c in cfg["head_setup_commands"])
+    assert not any("exit 1" in c for c in cfg["initialization_commands"] + cfg["setup_commands"]
+                   + cfg["worker_start_ray_commands"])
+
+
+def test_work_refuses_a_node_whose_check_failed(tmp_path, monkeypatch):
+    from cluster import ray_train
+
+    rows = [{"Alive": True, "NodeManagerAddress": "10.0.0.5", "Labels": {"depthg/node-check": "failed"}},
+            {"Alive": True, "NodeManagerAddress": "10.0.0.6", "Labels": {}},
+            {"Alive": False, "NodeManagerAddress": "10.0.0.7", "Labels": {"depthg/node-check": "failed"}}]
+    assert ray_train.failed_nodes(rows) == ["10.0.0.5"]
+    report = tmp_path / "node-check.txt"
+    monkeypatch.setenv("DEPTHG_NODE_CHECK", str(report))
+    ray_train.check_node()  # no file: a node without the check (a local Ray)
+    report.write_text("NVIDIA driver 535.104.05 is older than 580.65.06 ...\n")
+    with pytest.raises(RuntimeError, match=r"failed its start-up check .*535\.104\.05 is older"):
+        ray_train.check_node()

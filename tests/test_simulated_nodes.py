@@ -1,4 +1,7 @@
-"""``launch/train.py --nodes 4 --gpus-per-node 1`` on a simulated 4-node Ray cluster (``ray.cluster_utils``:
+"""Placement (issue 28.7): ``--nodes 2 --gpus-per-node 1`` on two simulated nodes of 2 logical GPUs each puts one
+worker on each node (before: Ray Train's PACK put both on one node), and the workers report where they are.
+
+``launch/train.py --nodes 4 --gpus-per-node 1`` on a simulated 4-node Ray cluster (``ray.cluster_utils``:
 a head without CPUs for the driver and the Train controller, 4 nodes of 1 CPU and 1 logical GPU each, whose
 workers train on the CPU: ``DEPTHG_EMULATED_GPUS=1``), checkpoints on moto S3.
 
@@ -105,3 +108,49 @@ def test_simulated_nodes_four_node_run_survives_losing_a_node(s3, tmp_path):
     for step in (2, 4, 5):
         assert io.exists(f"{out}/ckpt/step-{step:08d}/COMPLETE")  # on S3
     assert io.exists(f"{out}/segmenter.pt")
+
+
+PLACE = """
+import json, os, sys
+import ray
+from ray.train import RunConfig
+from ray.train.torch import TorchTrainer
+from cluster import ray_train
+from cluster.raycluster import connect
+
+address, out, storage = sys.argv[1:4]
+connect(address)
+plan = ray_train.cluster_plan(2, 1, "auto")
+
+def loop(config):
+    from cluster.world import detect
+    world = detect()
+    with open(os.path.join(config["out"], f"rank{world.rank}.json"), "w") as fh:
+        json.dump({"node": ray.get_runtime_context().get_node_id()}, fh)
+    ray_train.check_layout(world, config["plan"])  # prints the layout on rank 0
+
+trainer = TorchTrainer(loop, train_loop_config={"out": out, "plan": plan}, torch_config=ray_train.torch_config(True),
+                       scaling_config=ray_train.scaling_config(plan), run_config=RunConfig(storage_path=storage))
+trainer.fit()
+print("PLAN " + json.dumps(plan.__dict__))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_simulated_nodes_two_nodes_of_two_gpus_get_one_worker_each(tmp_path):
+    out = tmp_path / "ranks"
+    out.mkdir()
+    with private_cluster([{"num_cpus": 0}] + [{"num_cpus": 2, "num_gpus": 2}] * 2, pythonpath=REPO,
+                         connect=False) as cluster:
+        nodes = {n.node_id for n in cluster.list_all_nodes() if n is not cluster.head_node}
+        env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0", "DEPTHG_EMULATED_GPUS": "1"}
+        run = subprocess.run([sys.executable, "-c", PLACE, cluster.address, str(out), str(tmp_path / "ray")], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    placed = [json.loads((out / f"rank{r}.json").read_text())["node"] for r in range(2) if (out / f"rank{r}.json").exists()]
+    assert len(placed) == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(set(placed)) == 2 and set(placed) <= nodes  # one worker on each node, none packed onto one
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads(run.stdout.split("PLAN ", 1)[1].splitlines()[0])["cpus_per_worker"] == 2.0
+    shown = [line for line in (run.stdout + run.stderr).splitlines() if "workers placed on 2 node(s)" in line]
+    assert shown and all(n[:12] in shown[0] for n in placed)  # the printed layout names the nodes Ray chose

@@ -55,10 +55,18 @@ def test_ds_config_matches_the_dataclass(micro, accum, world, zero, bf16):
     assert "optimizer" not in ds  # a torch Adam is passed instead (no FusedAdam JIT)
 
 
-def test_precision_auto_is_bf16_on_gpu_only():
-    cfg = load_config(None, [])
-    assert engine.use_bf16(cfg, torch.device("cuda")) and not engine.use_bf16(cfg, torch.device("cpu"))
-    assert engine.use_bf16(load_config(None, ["train.precision=bf16"]), torch.device("cpu"))
+def test_precision_is_fp32_unless_bf16_is_asked_for():
+    """Issue 28.10: the reference trains in fp32; bf16 is an explicit speed setting. Before, the default (auto) made
+    the engine bf16 on every GPU, the paper configs included."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not engine.use_bf16(load_config(None, []), cuda) and not engine.use_bf16(load_config(None, []), cpu)
+    auto = load_config(None, ["train.precision=auto"])
+    assert engine.use_bf16(auto, cuda) and not engine.use_bf16(auto, cpu)
+    assert engine.use_bf16(load_config(None, ["train.precision=bf16"]), cpu)
+    paper = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.startswith(("coco", "cityscapes", "potsdam")))
+    assert len(paper) == 10
+    for name in paper:  # every config that quotes a paper number, and its _paper sibling
+        assert not engine.use_bf16(load_config(os.path.join(REPO, "configs", name)), cuda), name
 
 
 def test_latest_checkpoint_needs_the_marker(tmp_path):
