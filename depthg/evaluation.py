@@ -153,6 +153,51 @@ def sample_codes(backbone, segmenter, images: torch.Tensor, per_image: int, flip
     return torch.gather(flat, 1, idx[..., None].expand(-1, -1, flat.shape[2])).reshape(-1, flat.shape[2])
 
 
+class CodeSample:
+    """A seeded uniform sample of at most ``size`` code vectors of a split, reduced shard by shard as the shards'
+    codes arrive, in any order: each vector gets a key from a generator seeded by ``(seed, shard position)``
+    and the ``size`` smallest keys are kept (a bottom-k sample: the same vectors whatever the arrival order).
+    ``codes()`` returns them in shard order, so a split with at most ``size`` vectors gives all of them, as
+    their concatenation in shard order. Memory: ``size`` vectors plus one shard's."""
+
+    def __init__(self, size: int, seed: int = 0):
+        if size < 1:
+            raise ValueError(f"CodeSample: size must be >= 1, got {size}")
+        self.size, self.seed, self.filled = int(size), int(seed), 0
+        self.rows: np.ndarray | None = None
+        self.keys = np.empty(self.size, np.float64)
+        self.order = np.empty(self.size, np.int64)  # shard position << 32 | row: the shard order
+
+    def add(self, position: int, codes) -> None:
+        codes = np.asarray(codes, np.float32)
+        n = len(codes)
+        if not n:
+            return
+        if self.rows is None:
+            self.rows = np.empty((self.size, codes.shape[1]), np.float32)
+        keys = np.random.default_rng([self.seed, int(position)]).random(n)
+        order = (int(position) << 32) + np.arange(n, dtype=np.int64)
+        if self.filled + n <= self.size:
+            free, incoming = np.arange(self.filled, self.filled + n), np.arange(n)
+        else:  # keep the `size` smallest keys of the pool and the newcomers; newcomers take the evicted slots
+            both = np.concatenate([self.keys[:self.filled], keys])
+            kept = np.zeros(len(both), bool)
+            kept[np.argpartition(both, self.size - 1)[:self.size]] = True
+            free = np.concatenate([np.flatnonzero(~kept[:self.filled]), np.arange(self.filled, self.size)])
+            incoming = np.flatnonzero(kept[self.filled:])
+        self.rows[free], self.keys[free], self.order[free] = codes[incoming], keys[incoming], order[incoming]
+        self.filled = min(self.filled + n, self.size)
+
+    def __len__(self) -> int:
+        return self.filled
+
+    def codes(self) -> np.ndarray:
+        """The kept vectors ``[n, Q]`` in shard order (then row order within a shard)."""
+        if self.rows is None:
+            return np.zeros((0, 0), np.float32)
+        return self.rows[np.argsort(self.order[:self.filled], kind="stable")]
+
+
 def fit_kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
     """Spherical (cosine) k-means on ``x`` ``[N,Q]``; returns unit centroids ``[k,Q]``. Deterministic."""
     x = F.normalize(x.float(), dim=1)
