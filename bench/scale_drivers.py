@@ -4,7 +4,8 @@ evaluation driver: the validation split is not cropped) and returns the zero-arg
 
 * ``depth_driver`` (plan-only: a synthetic source, no image is rendered): ``cluster.depthgen``'s driver lists the
   source (``Source.scan`` -> ``list_units``: ``listing.jsonl``), checks the (empty) folder for complete units,
-  reduces one summary per unit as the actors would return them (``DepthTally``) and writes the manifest.
+  builds the units' calls, reduces one summary per unit as the actors would return them (``DepthTally``) and
+  writes the manifest.
 * ``depth_rerun``: the same driver on a folder whose shards are all complete: one listing of the folder, every
   sidecar (as stage 1 writes them, ~54 kB at 320 crops) read on ``IO_THREADS`` threads and reduced, the manifest.
 * ``depth_actor_share``: one depth actor of 16 reads its units' ranges of the listing file and builds each
@@ -62,11 +63,13 @@ def _driver(n: int, complete: bool):
         local = os.path.join(root, "listing.jsonl")
         plan = depthgen.list_units(source, local, IMAGES_PER_SHARD)
         tally = depthgen.check_units(folder, plan, digest)
-        for u in tally.pending().tolist():  # the actors' summaries, as they arrive
+        calls = depthgen.unit_calls("train", tally.pending(), os.path.join(folder, "listing.jsonl"), plan, folder)
+        for _, u, *_ in calls:  # the actors' summaries, as they arrive
             images = plan.images - u * IMAGES_PER_SHARD
             tally.add(u, min(images, IMAGES_PER_SHARD) * CROPS, [])
         manifest = depthgen.write_depth_manifest(cfg, "train", folder, tally, digest, source)
-        return {"units": len(plan), "listing_bytes": os.path.getsize(local), "total": manifest["total"]}
+        return {"units": len(plan), "calls": len(calls), "listing_bytes": os.path.getsize(local),
+                "total": manifest["total"]}
 
     return work
 

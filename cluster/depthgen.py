@@ -278,7 +278,7 @@ def generate_depth(cfg: Config, split: str, max_units: int | None = None, progre
         listing = io.join(folder, LISTING)
         if len(todo):
             io.put_file(local, listing)  # written once; each unit is a byte range of it
-    calls = [(split, int(u), listing, plan.start(u), plan.stop(u), folder) for u in todo]
+    calls = unit_calls(split, todo, listing, plan, folder)
     if calls:
         if group is None:
             with depth_group(cfg, len(calls)) as own:
@@ -292,6 +292,11 @@ def generate_depth(cfg: Config, split: str, max_units: int | None = None, progre
     if len(todo) < len(pending):
         return None
     return write_depth_manifest(cfg, split, folder, tally, digest, source)
+
+
+def unit_calls(split: str, units, listing: str, plan: ListingPlan, folder: str) -> list[tuple]:
+    """The ``run_listed`` calls of ``units``: each carries its byte range of the listing, never its ids."""
+    return [(split, int(u), listing, plan.start(u), plan.stop(u), folder) for u in units]
 
 
 def _run(group, calls, split: str, progress: bool, tally: DepthTally, on_unit) -> None:

@@ -10,8 +10,14 @@ keep their GPUs busy (each actor keeps at most ``CRF_IN_FLIGHT`` images' tasks p
 hold one GPU and no CPU (``eval.device`` cuda; ``eval.num_workers`` 0 = one per GPU) or, on a
 CPU-only cluster, are placed where a CPU is free but hold none, so CRF tasks can always run.
 
-Batches never cross shards, so any assignment of shards to actors gives the same batches; the
-driver sums the per-shard matrices and calls ``depthg.metrics.score_confusions`` once. ``workers=0``
+Batches never cross shards, so any assignment of shards to actors gives the same batches. The
+driver reduces each shard's result as it arrives (``EvalTotals``: int64 matrices summed, the
+``eval.report_images`` samples with the smallest ids kept, whatever the order) and calls
+``depthg.metrics.score_confusions`` once on the sums: one Hungarian matching over the whole split. Its
+memory is O(heads x clusters x classes + samples shown), not O(split); an actor keeps only its shard's
+report candidates. With ``eval.kmeans`` the shards' codes (``KMEANS_PER_IMAGE`` per image) are reduced the
+same way into a seeded sample of at most ``KMEANS_CODES`` vectors (``depthg.evaluation.CodeSample``: all of
+them, in shard order, for a split of up to 1562 images), on which the centroids are fitted. ``workers=0``
 runs the same worker and the same CRF function in-process: the result is identical.
 
     result = evaluate(cfg, CheckpointModel(url), shard_list(cfg.shards.root))

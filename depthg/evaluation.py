@@ -6,7 +6,8 @@ a square (``depthg.data.transforms.resize_center_crop``); codes = head(backbone(
 
 * cluster head: ``cluster_probe`` log-probs -> argmax (and, with CRF, dense-CRF refined);
 * linear probe: logits -> argmax (and CRF refined);
-* optionally k-means: centroids fitted on codes of the split (``fit_kmeans``), cosine argmax.
+* optionally k-means: centroids fitted on codes of the split (``fit_kmeans``; at most a fixed number of
+  them, a seeded sample reduced as shards arrive: ``CodeSample``), cosine argmax.
 
 Each batch returns int64 confusion matrices (``depthg.metrics.confusion``) that the caller sums
 over the split before any matching. Nothing here knows about workers or Ray.

@@ -18,6 +18,12 @@ Layouts (``root`` = ``data.root``):
   channels used) or ``<id>.png``; ``{root}/gt/<id>.mat`` (key ``gt``) or ``<id>.png``; split lists
   ``labelled_train.txt`` (train), ``labelled_test.txt`` (val), ``unlabelled_train.txt``, ``all.txt``;
   without the list every image in ``imgs/`` is used. Fine classes 0..5 -> 3 coarse; 255/-1 ignore.
+
+Listing (``Source.scan``, ``base.py``): each reader's ``_scan`` yields ``(id, locator)`` in its order, the
+locator being what ``read`` needs besides the id (folder: the file name; camvid: "image label"; cityscapes:
+"city/file"; coco, potsdam, synthetic: ""). List files (camvid, COCO's curated list, Potsdam's) are streamed;
+a folder's or a glob's names are sorted in memory first. ``listed=False`` builds a reader without its listing
+(stage 1's driver streams it into a listing file; a depth actor loads from ``share(entries)``).
 """
 from __future__ import annotations
 
