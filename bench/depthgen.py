@@ -76,19 +76,23 @@ def _config(args, root: str, model: str, extra=()):
 def plain_loop(args, root: str, model: str) -> dict:
     import torch
 
-    from cluster.depthgen import DepthWorker, plan_units, source_info
+    from cluster.depthgen import DepthWorker, list_units
+    from depthg.data import build_source
 
     cfg = _config(args, root, model)
     start = time.perf_counter()
     worker = DepthWorker(to_dict(cfg), threads=args.threads)
-    units = plan_units(source_info(cfg, "train")["ids"], cfg.shards.samples_per_shard)
     folder = shards.split_dir(root, "train", "depth")
-    worker.run_unit("train", 0, units[0], folder)  # warm-up: model loaded, first batch run
+    os.makedirs(root, exist_ok=True)
+    listing = os.path.join(root, "listing.jsonl")  # the units as the Ray driver hands them out
+    plan = list_units(build_source(cfg.data, "train", listed=False), listing, cfg.shards.samples_per_shard)
+    calls = [("train", u, listing, plan.start(u), plan.stop(u), folder) for u in range(len(plan))]
+    worker.run_listed(*calls[0])  # warm-up: model loaded, first batch run
     cold = time.perf_counter() - start
     times = []
     for _ in range(max(args.repeats, 1)):
         t0 = time.perf_counter()
-        count = sum(worker.run_unit("train", i, ids, folder)["count"] for i, ids in enumerate(units))
+        count = sum(worker.run_listed(*call)["count"] for call in calls)
         times.append(time.perf_counter() - t0)
     return {"samples": count, "warm_s": min(times), "runs_s": times, "cold_s": cold + times[0],
             "threads": torch.get_num_threads()}

@@ -57,6 +57,17 @@ PLACES: dict[str, Place] = {p.name: p for p in [
     Place("offsets_table", "bench.scale_stage2:offsets_table",
           "depthg.shards.OffsetsTable.from_sidecars + to_bytes on the driver (one sidecar per 320 crops)",
           plan=True, driver=True),
+    Place("depth_driver", "bench.scale_drivers:depth_driver",
+          "stage-1 driver: source listed once into listing.jsonl, units planned, a summary per unit reduced, "
+          "manifest (synthetic source)", plan=True, driver=True),
+    Place("depth_rerun", "bench.scale_drivers:depth_rerun",
+          "stage-1 driver on a complete split: folder listed once, every sidecar read on 16 threads and reduced",
+          driver=True),
+    Place("depth_actor_share", "bench.scale_drivers:depth_actor_share",
+          "one depth actor of 16: its units' byte ranges of the listing read, each unit's source share built"),
+    Place("eval_driver", "bench.scale_drivers:eval_driver",
+          "evaluation driver (N = images): per-shard results (5 heads, 27 classes, 8 samples) and k-means codes "
+          "reduced as they arrive", driver=True),
 ]}
 
 EXTRAS: dict[str, str] = {}  # name -> "module:function"; function(args) -> dict

@@ -10,8 +10,14 @@ keep their GPUs busy (each actor keeps at most ``CRF_IN_FLIGHT`` images' tasks p
 hold one GPU and no CPU (``eval.device`` cuda; ``eval.num_workers`` 0 = one per GPU) or, on a
 CPU-only cluster, are placed where a CPU is free but hold none, so CRF tasks can always run.
 
-Batches never cross shards, so any assignment of shards to actors gives the same batches; the
-driver sums the per-shard matrices and calls ``depthg.metrics.score_confusions`` once. ``workers=0``
+Batches never cross shards, so any assignment of shards to actors gives the same batches. The
+driver reduces each shard's result as it arrives (``EvalTotals``: int64 matrices summed, the
+``eval.report_images`` samples with the smallest ids kept, whatever the order) and calls
+``depthg.metrics.score_confusions`` once on the sums: one Hungarian matching over the whole split. Its
+memory is O(heads x clusters x classes + samples shown), not O(split); an actor keeps only its shard's
+report candidates. With ``eval.kmeans`` the shards' codes (``KMEANS_PER_IMAGE`` per image) are reduced the
+same way into a seeded sample of at most ``KMEANS_CODES`` vectors (``depthg.evaluation.CodeSample``: all of
+them, in shard order, for a split of up to 1562 images), on which the centroids are fitted. ``workers=0``
 runs the same worker and the same CRF function in-process: the result is identical.
 
     result = evaluate(cfg, CheckpointModel(url), shard_list(cfg.shards.root))
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +36,7 @@ from depthg import evaluation, io, metrics, shards
 from depthg.device import resolve_device
 
 KMEANS_PER_IMAGE = 64  # code vectors sampled per image for k-means fitting
+KMEANS_CODES = 100_000  # at most this many of them fit k-means (a seeded sample of the split's beyond 1562 images)
 CRF_IN_FLIGHT = 16  # CRF tasks (one image each, ~22 MB of scores at 320 px x 54 classes) pending per actor
 ModelFn = Callable[[], tuple]  # () -> (backbone, segmenter)
 
@@ -84,9 +91,10 @@ def shard_list(url: str, split: str = "val") -> list[str]:
     return find_split(url, split)[0]
 
 
-def _keep_first(samples: list[dict], new: list[dict], n: int) -> list[dict]:
-    """The ``n`` samples with the smallest ids (so the choice does not depend on the split)."""
-    return sorted(samples + new, key=lambda s: s["id"])[:n]
+def _keep_first(samples: list, new: list, n: int, key=lambda s: s["id"]) -> list:
+    """The ``n`` samples with the smallest ids (so the choice depends neither on how the split is cut into shards
+    nor on the order results arrive in)."""
+    return sorted([*samples, *new], key=key)[:n] if n > 0 else []
 
 
 class EvalWorker:
@@ -130,33 +138,34 @@ class EvalWorker:
         return {url: torch.cat(parts).numpy()} if parts else {}
 
     def run(self, url: str, centroids: np.ndarray | None = None) -> dict:
-        """One shard: ``{"confusion": {head: int64 [rows, n_classes]}, "images", "seconds", "samples", "node"}``."""
+        """One shard: ``{"confusion": {head: int64 [rows, n_classes]}, "images", "seconds", "samples", "node"}``;
+        ``samples``: this shard's ``report_images`` with the smallest ids (only those are kept while it runs)."""
         opts = evaluation.EvalOptions(self.n_classes, flip=bool(self.cfg["flip"]), crf=bool(self.cfg["crf"]),
                                       centroids=None if centroids is None else torch.tensor(centroids))
         rows = evaluation.n_predictions(self.segmenter, opts)
         start, cpu_start = time.perf_counter(), time.process_time()
-        total, done, crf = {}, [], []  # crf: per image, a pending task (or its result)
+        limit = int(self.cfg["report_images"])
+        total, crf, cands, images = {}, [], [], 0  # crf: per image, a pending task (or its result)
         for batch in self._batches(url):
-            images, labels = evaluation.collate(batch)
+            images_t, labels = evaluation.collate(batch)
             if labels is None:
                 raise ValueError(f"evaluation needs labels; sample {batch[0]['id']} has no label.png")
-            scores, preds = evaluation.predict_scores(self.backbone, self.segmenter, images.to(self.device), opts)
+            scores, preds = evaluation.predict_scores(self.backbone, self.segmenter, images_t.to(self.device), opts)
             _add(total, evaluation.batch_confusions(preds, labels, rows, opts.n_classes))
-            done.append((batch, preds))
-            if opts.crf:
-                for i in range(len(batch)):
-                    crf.append(self._crf(images[i:i + 1], {k: v[i:i + 1].cpu() for k, v in scores.items()},
+            new = []
+            for i, sample in enumerate(batch):
+                if opts.crf:
+                    crf.append(self._crf(images_t[i:i + 1], {k: v[i:i + 1].cpu() for k, v in scores.items()},
                                          labels[i:i + 1], rows, opts, crf))
-        crf = iter(self._resolve(crf))
-        keep: list[dict] = []
-        for batch, preds in done:
-            if opts.crf:
-                parts = [next(crf) for _ in batch]
-                for confs, _ in parts:
-                    _add(total, confs)
-                preds = {**preds, **{k: torch.cat([p[k] for _, p in parts]) for k in parts[0][1]}}
-            keep = _keep_first(keep, _report_samples(batch, preds, opts.crf), int(self.cfg["report_images"]))
-        return {"confusion": total, "images": sum(len(b) for b, _ in done), "seconds": time.perf_counter() - start,
+                if limit > 0:
+                    new.append((sample, preds["cluster"][i].to(torch.int16), len(crf) - 1))
+            cands = _keep_first(cands, new, limit, key=lambda c: c[0]["id"])
+            images += len(batch)
+        crf = self._resolve(crf)
+        for confs, _ in crf:
+            _add(total, confs)
+        keep = [_report_sample(s, crf[j][1]["cluster_crf"][0] if opts.crf else pred) for s, pred, j in cands]
+        return {"confusion": total, "images": images, "seconds": time.perf_counter() - start,
                 "cpu_seconds": time.process_time() - cpu_start, "samples": keep, "node": node_id()}
 
     def _crf(self, image, scores, label, rows, opts, pending: list):
@@ -218,29 +227,51 @@ def _add(total: dict, confs: dict) -> None:
         total[k] = total[k] + v if k in total else v
 
 
-def _report_samples(batch: list[dict], preds: dict, crf: bool) -> list[dict]:
-    head = "cluster_crf" if crf else "cluster"
-    out = []
-    for i, s in enumerate(batch):
-        depth = None if s["depth"] is None else (np.clip(s["depth"], 0, 1) * 255).astype(np.uint8)
-        out.append({"id": s["id"], "image": s["image"], "depth": depth, "label": s["label"],
-                    "pred": preds[head][i].numpy().astype(np.int16), "linear": preds["linear"][i].numpy()})
-    return out
+def _report_sample(s: dict, pred: torch.Tensor) -> dict:
+    """What the report's grid draws of one image (the cluster head's prediction, CRF-refined with ``eval.crf``)."""
+    depth = None if s["depth"] is None else (np.clip(s["depth"], 0, 1) * 255).astype(np.uint8)
+    return {"id": s["id"], "image": s["image"], "depth": depth, "label": np.asarray(s["label"]).astype(np.int16),
+            "pred": pred.numpy().astype(np.int16)}
 
 
-def sum_results(results: Sequence[dict], report_images: int) -> dict:
-    """Add the per-shard matrices and counts; keep the report samples with the smallest ids."""
-    results = [r for r in results if r["confusion"]]
-    if not results:
-        raise ValueError("evaluation saw no images: are the shards empty?")
-    confusion = {k: np.sum([r["confusion"][k] for r in results], axis=0).astype(np.int64)
-                 for k in results[0]["confusion"]}
-    samples: list[dict] = []
+class EvalTotals:
+    """The per-shard results reduced as they arrive: int64 confusions summed per head, images counted, the
+    ``report_images`` samples with the smallest ids kept (the same choice whatever the order), the shards'
+    seconds and nodes. Memory: O(heads x clusters x classes + samples shown), never O(split)."""
+
+    def __init__(self, report_images: int):
+        self.report_images = int(report_images)
+        self.confusion: dict[str, np.ndarray] = {}
+        self.images, self.samples, self.nodes = 0, [], set()
+        self.shard_seconds, self.shard_cpu_seconds = [], []
+
+    def add(self, result: dict) -> None:
+        if not result["confusion"]:  # a shard without images
+            return
+        for k, v in result["confusion"].items():
+            v = np.asarray(v, np.int64)
+            self.confusion[k] = self.confusion[k] + v if k in self.confusion else v.copy()
+        self.images += int(result["images"])
+        self.samples = _keep_first(self.samples, result["samples"], self.report_images)
+        self.shard_seconds.append(result["seconds"])
+        self.shard_cpu_seconds.append(result["cpu_seconds"])
+        if result.get("node"):
+            self.nodes.add(result["node"])
+
+    def result(self) -> dict:
+        if not self.confusion:
+            raise ValueError("evaluation saw no images: are the shards empty?")
+        return {"confusion": dict(self.confusion), "images": self.images, "shard_seconds": self.shard_seconds,
+                "shard_cpu_seconds": self.shard_cpu_seconds, "nodes": sorted(self.nodes), "samples": self.samples}
+
+
+def sum_results(results: Iterable[dict], report_images: int) -> dict:
+    """Reduce per-shard results as they come (``EvalTotals``): summed matrices and counts, the report samples
+    with the smallest ids."""
+    totals = EvalTotals(report_images)
     for r in results:
-        samples = _keep_first(samples, r["samples"], report_images)
-    return {"confusion": confusion, "images": sum(r["images"] for r in results),
-            "shard_seconds": [r["seconds"] for r in results], "shard_cpu_seconds": [r["cpu_seconds"] for r in results],
-            "nodes": sorted({r["node"] for r in results if r.get("node")}), "samples": samples}
+        totals.add(r)
+    return totals.result()
 
 
 def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = None, progress: bool = False) -> dict:
@@ -250,14 +281,17 @@ def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = 
     ev = cfg.eval
     eval_cfg = {k: getattr(ev, k) for k in ("resolution", "flip", "crf", "batch_size", "report_images")}
     start = time.perf_counter()
+    totals = EvalTotals(ev.report_images)
     if workers is not None and int(workers) <= 0:
         w = EvalWorker(eval_cfg, cfg.model.n_classes, model_fn, device=ev.device)
-        centroids = _kmeans_centroids(cfg, urls, [w.sample_codes(u, KMEANS_PER_IMAGE) for u in urls]) if ev.kmeans else None
-        results, used = [w.run(u, centroids) for u in urls], 0
+        centroids = _kmeans_centroids(cfg, urls, (w.sample_codes(u, KMEANS_PER_IMAGE) for u in urls)) if ev.kmeans else None
+        for u in urls:
+            totals.add(w.run(u, centroids))
+        used = 0
     else:
-        results, used = _run_ray(cfg, eval_cfg, model_fn, urls, ev.num_workers if workers is None else int(workers),
-                                 progress)
-    out = sum_results(results, ev.report_images)
+        used = _run_ray(cfg, eval_cfg, model_fn, urls, ev.num_workers if workers is None else int(workers),
+                        progress, totals)
+    out = totals.result()
     out["scores"] = metrics.score_confusions(out["confusion"])
     out["seconds"] = time.perf_counter() - start
     out["workers"] = used
@@ -280,23 +314,31 @@ def gpu_actor_options(device: str, planned: dict) -> dict:
     return {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {}
 
 
-def _run_ray(cfg, eval_cfg: dict, model_fn: ModelFn, urls: Sequence[str], workers: int, progress: bool):
-    """Shards over the actor pool (one shard per call), k-means codes first when asked for."""
+def _run_ray(cfg, eval_cfg: dict, model_fn: ModelFn, urls: Sequence[str], workers: int, progress: bool,
+             totals: EvalTotals) -> int:
+    """Shards over the actor pool (one shard per call), k-means codes first when asked for; each result is
+    reduced into ``totals`` as it arrives. Returns the number of actors."""
     from cluster.raycluster import connect
 
     connect()  # joins RAY_ADDRESS / a local `ray start` when there is one, else starts a local Ray
     with eval_group(cfg, eval_cfg, model_fn, workers, max_actors=len(urls)) as group:
         centroids = None
         if cfg.eval.kmeans:
-            codes = list(group.map("sample_codes", [(u, KMEANS_PER_IMAGE) for u in urls], "k-means codes", progress))
+            codes = group.map("sample_codes", [(u, KMEANS_PER_IMAGE) for u in urls], "k-means codes", progress)
             centroids = _kmeans_centroids(cfg, urls, codes)
-        results = list(group.map("run", [(u, centroids) for u in urls], "evaluation", progress))
-        return results, len(group.actors)
+        for result in group.map("run", [(u, centroids) for u in urls], "evaluation", progress):
+            totals.add(result)
+        return len(group.actors)
 
 
-def _kmeans_centroids(cfg, urls: Sequence[str], code_parts: Sequence[dict]) -> np.ndarray:
-    """Fit k-means (n_classes + extra_clusters centroids) on the codes of every shard, in shard order."""
-    by_url = {u: c for part in code_parts for u, c in part.items()}
-    codes = torch.from_numpy(np.concatenate([by_url[u] for u in urls if u in by_url]))
+def _kmeans_centroids(cfg, urls: Sequence[str], code_parts: Iterable[dict]) -> np.ndarray:
+    """Fit k-means (n_classes + extra_clusters centroids) on at most ``KMEANS_CODES`` code vectors: the shards'
+    codes reduced as they arrive into a seeded sample (``evaluation.CodeSample``; every code, in shard order,
+    when the split has no more)."""
+    position = {u: i for i, u in enumerate(urls)}
+    sample = evaluation.CodeSample(KMEANS_CODES, seed=cfg.train.seed)
+    for part in code_parts:
+        for u, c in part.items():
+            sample.add(position[u], c)
     k = cfg.model.n_classes + cfg.model.extra_clusters
-    return evaluation.fit_kmeans(codes, k, seed=cfg.train.seed).numpy()
+    return evaluation.fit_kmeans(torch.from_numpy(sample.codes()), k, seed=cfg.train.seed).numpy()

@@ -85,10 +85,12 @@ def makedirs(url: str) -> None:
 
 
 def listdir(url: str) -> list[str]:
-    """Base names of the entries directly under ``url`` (empty when it does not exist)."""
+    """Base names of the entries directly under ``url`` (empty when it does not exist), listed afresh (one paged
+    listing on S3: a folder of many files costs one request per 1000, not one per file)."""
     def names(fs, path):
         # ls, not exists() + ls: s3fs's exists() on a bucket root swallows connection errors
         # (an unreachable endpoint would look like an empty folder)
+        fs.invalidate_cache(path)  # what the storage holds now, not what this process listed before
         try:
             return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
         except FileNotFoundError:

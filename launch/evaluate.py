@@ -9,7 +9,8 @@ backbone weights it carries; docs/IMPORT.md). The checkpoint's own config is the
 ``--workers 0`` evaluates in this process (no Ray); otherwise Ray actors (``eval.num_workers`` by
 default: one per GPU, or 2 on a CPU-only cluster) score the shards and the dense CRF runs as
 1-CPU Ray tasks over every CPU of the cluster; they attach to ``RAY_ADDRESS`` / a local
-``ray start`` when there is one, else start a local Ray.
+``ray start`` when there is one, else start a local Ray. Results are summed as they arrive (the report keeps
+``eval.report_images`` samples, the smallest ids); ``eval.kmeans=true`` fits on at most 100,000 codes.
 """
 from __future__ import annotations
 

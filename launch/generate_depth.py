@@ -8,8 +8,10 @@
 Writes ``{root}/depth/{split}/`` (one sample per crop, depth in [0,1]) and then
 ``{root}/{split}/`` (each sample once at ``data.resolution``, encoded per ``mining.rgb_codec`` /
 ``mining.depth_codec``, with its ``mining.num_positives`` nearest neighbours as sample indices), each
-folder's ``manifest.json`` last. Reruns skip complete shards (``shards.overwrite=true`` redoes
-them). Ray: attaches to a running cluster (``--address``, ``RAY_ADDRESS`` or a local ``ray start``),
+folder's ``manifest.json`` last. The driver lists each split's source once, into
+``{root}/depth/{split}/listing.jsonl``, and hands the depth actors units of it by byte range (no actor
+lists the source); it keeps per-shard counts, not ids. Reruns skip complete shards (``shards.overwrite=true``
+redoes them). Ray: attaches to a running cluster (``--address``, ``RAY_ADDRESS`` or a local ``ray start``),
 else starts a local one for the job. ``--device`` (``depthgen.device`` and ``mining.device``):
 ``auto`` runs one actor per GPU whenever the cluster has GPUs or its autoscaler may add GPU nodes
 (the actors' GPU requests make it start them), ``cuda`` always asks for GPUs, ``cpu`` uses CPU shares.

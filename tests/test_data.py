@@ -46,6 +46,15 @@ def test_camvid_reads_and_maps_void(tmp_path):
     np.testing.assert_array_equal(rec.label, [[0, 3, 10, -1], [-1, 5, 8, 1]])
     np.testing.assert_array_equal(rec.image, _rgb(2, 4, seed=0))
     assert len(build_source(DataConfig(dataset="camvid", root=str(tmp_path), limit=1), "train")) == 1
+    # listed once, loaded from a share: an unlisted source holds no ids, a share only its entries
+    unlisted = build_source(DataConfig(dataset="camvid", root=str(tmp_path)), "train", listed=False)
+    entries = list(unlisted.scan())
+    assert len(unlisted) == 0 and entries == [("f0", "train/f0.png trainannot/f0.png"),
+                                              ("f1", "train/f1.png trainannot/f1.png")]
+    part = unlisted.share(entries[1:])
+    assert part.ids() == ["f1"] and np.array_equal(part.load("f1").label, src.load("f1").label)
+    with pytest.raises(SourceError, match="unknown image id 'f0'"):
+        part.load("f0")
 
 
 def test_camvid_errors(tmp_path):
@@ -57,6 +66,10 @@ def test_camvid_errors(tmp_path):
         build_source(DataConfig(dataset="camvid", root=str(tmp_path)), "val")
     with pytest.raises(SourceError, match="not found"):
         build_source(DataConfig(dataset="camvid", root=str(tmp_path / "nope")), "train")
+    with open(tmp_path / "train.txt", "a") as fh:
+        fh.write("train/f0.png trainannot/f0.png\n")
+    with pytest.raises(SourceError, match=r"train\.txt:2: image id 'f0' again \(first on line 1\)"):
+        build_source(DataConfig(dataset="camvid", root=str(tmp_path)), "train")
     (tmp_path / "train" / "f0.png").write_bytes(b"not a png at all")
     with pytest.raises(SourceError, match=r"cannot read image .*f0\.png"):
         src.load("f0")

@@ -24,17 +24,83 @@ def _read_all(urls):
     return [raw for u in urls for raw in shards.iter_shard(u)]
 
 
-def test_plan_units_is_deterministic_and_complete():
-    ids = [f"x{i}" for i in range(11)]
-    units = depthgen.plan_units(ids, 4)
-    assert units == [ids[0:4], ids[4:8], ids[8:11]]
-    assert depthgen.plan_units(ids, 4) == units and depthgen.plan_units([], 4) == []
-    assert depthgen.sample_key("a.b/c d") == "a_b_c_d"
+def _images(root, names, size=(16, 20)):
+    """``root/images/NAME`` and its depth ``root/depth/STEM.npy`` (a folder dataset)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "depth"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(os.path.join(root, "images", name))
+        np.save(os.path.join(root, "depth", os.path.splitext(name)[0] + ".npy"), rng.random(size, dtype=np.float32))
+
+
+def test_listing_is_written_once_and_an_actor_reads_only_its_unit(tmp_path):
+    from depthg.data.listing import ids_digest, unit_entries
+
+    data = str(tmp_path / "data")
+    _images(data, [f"im{i}.png" for i in range(7)] + ["x.y.png"])
+    cfg = _cfg(str(tmp_path / "out"), "data.dataset=folder", f"data.root={data}", "model.n_classes=3",
+               "shards.samples_per_shard=3")
+    unlisted = build_source(cfg.data, "val", n_classes=3, listed=False)
+    assert len(unlisted) == 0 and unlisted.n_classes == 3  # class facts, no ids held
+    listing = str(tmp_path / "listing.jsonl")
+    plan = depthgen.list_units(unlisted, listing, 3)
+    ids = build_source(cfg.data, "val", n_classes=3).ids()
+    assert plan.images == 8 and len(plan) == 3 and ids[-1] == "x_y"
+    units = [unit_entries(listing, plan.start(u), plan.stop(u)) for u in range(3)]
+    assert [i for unit in units for i, _ in unit] == ids and units[2] == [("im6", "im6.png"), ("x_y", "x.y.png")]
+    assert plan.keys == [ids_digest(ids[0:3]), ids_digest(ids[3:6]), ids_digest(ids[6:8])]
+    # an actor never lists the source: a folder that no longer lists (two files map to one id) still serves it
+    _images(data, ["x_y.png"])
+    with pytest.raises(Exception, match="two images map to the id 'x_y'"):
+        build_source(cfg.data, "val", n_classes=3)
+    worker = depthgen.DepthWorker(depthgen.to_dict(cfg))
+    folder = shards.split_dir(cfg.shards.root, "val", "depth")
+    result = worker.run_listed("val", 2, listing, plan.start(2), plan.stop(2), folder)
+    assert set(result) == {"index", *depthgen.UNIT_SUMMARY} and result["count"] == 2 and result["index"] == 2
+    assert len(worker.source("val", listed=False)) == 0
+    side = shards.read_sidecar(folder, shards.shard_name(2))
+    assert side["ids"] == ["im6", "x_y"] and ids_digest(side["source_ids"]) == plan.keys[2]
+    with pytest.raises(Exception, match="unknown image id 'im0'"):
+        unlisted.share(units[2]).load("im0")
+
+
+def test_rerun_check_lists_the_folder_once_and_reduces_sidecars(tmp_path):
+    from depthg.data.listing import ids_digest
+
+    cfg = _cfg(str(tmp_path / "out"), "data.num_val=5", "shards.samples_per_shard=1")
+    folder = shards.split_dir(cfg.shards.root, "val", "depth")
+    listing = str(tmp_path / "listing.jsonl")
+    plan = depthgen.list_units(build_source(cfg.data, "val", listed=False), listing, 1)
+    digest = depthgen.depth_digest(cfg, "val")
+    worker = depthgen.DepthWorker(depthgen.to_dict(cfg))
+    for u in range(4):
+        worker.run_listed("val", u, listing, plan.start(u), plan.stop(u), folder)
+    os.remove(os.path.join(folder, shards.shard_name(1)))  # a sidecar without its shard: not complete
+    stale = shards.read_json(os.path.join(folder, "shard-000002.json"))
+    shards.write_json(os.path.join(folder, "shard-000002.json"), {**stale, "digest": "other settings"})
+    # a sidecar as the code before wrote it (the same fields): still complete
+    old = shards.read_json(os.path.join(folder, "shard-000003.json"))
+    assert ids_digest(old["source_ids"]) == plan.keys[3]
+    tally = depthgen.check_units(folder, plan, digest, threads=2)
+    assert tally.pending().tolist() == [1, 2, 4] and tally.counts.tolist() == [1, -1, -1, 1, -1]
+    assert depthgen.check_units(folder, plan, digest, overwrite=True).pending().tolist() == [0, 1, 2, 3, 4]
+    tally.add(4, 0, [{"id": "b", "error": "x"}])
+    tally.add(1, 1, [{"id": "a", "error": "y"}])
+    assert [s["id"] for s in tally.skipped_list()] == ["a", "b"]  # unit order, not arrival order
 
 
 def test_depth_shards_cover_every_sample_once(tmp_path, ray_local):
     cfg = _cfg(str(tmp_path))
-    train = depthgen.generate_depth(cfg, "train", progress=False)
+    results = []
+    train = depthgen.generate_depth(cfg, "train", progress=False, on_unit=results.append)
+    # the driver receives a summary per unit (no ids, no offsets) and hands out units of one listing file
+    assert sorted(r["index"] for r in results) == [0, 1] and all(set(r) == {"index", *depthgen.UNIT_SUMMARY}
+                                                                  for r in results)
+    with open(os.path.join(cfg.shards.root, "depth", "train", "listing.jsonl")) as fh:
+        assert len(fh.read().splitlines()) == 2
     val = depthgen.generate_depth(cfg, "val", progress=False)
     assert train["total"] == 4 * 5 and [s["count"] for s in train["shards"]] == [10, 10]
     assert val["total"] == 3 and [s["count"] for s in val["shards"]] == [2, 1]

@@ -109,3 +109,43 @@ def test_eval_actors_hold_a_gpu_and_no_cpu_so_crf_tasks_can_run():
 def test_shard_list_names_what_it_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         evaluator.shard_list(str(tmp_path), "val")
+
+
+def test_code_sample_is_bounded_seeded_and_independent_of_arrival_order():
+    rng = np.random.default_rng(0)
+    parts = [rng.random((n, 4), dtype=np.float32) for n in (5, 0, 7, 3, 6)]
+    small = evaluation.CodeSample(100, seed=3)
+    for i in (4, 2, 0, 3, 1):
+        small.add(i, parts[i])
+    np.testing.assert_array_equal(small.codes(), np.concatenate(parts))  # all of them, in shard order
+    a, b = evaluation.CodeSample(8, seed=3), evaluation.CodeSample(8, seed=3)
+    for i in range(5):
+        a.add(i, parts[i])
+    for i in (3, 0, 4, 2, 1):
+        b.add(i, parts[i])
+    assert len(a) == 8 and np.array_equal(a.codes(), b.codes())
+    every = np.concatenate(parts)
+    keys = np.concatenate([np.random.default_rng([3, i]).random(len(p)) for i, p in enumerate(parts)])
+    np.testing.assert_array_equal(a.codes(), every[np.sort(np.argsort(keys)[:8])])  # the 8 smallest keys
+    c = evaluation.CodeSample(8, seed=4)
+    for i in range(5):
+        c.add(i, parts[i])
+    assert not np.array_equal(a.codes(), c.codes())  # the seed picks the sample
+
+
+def test_results_are_reduced_as_they_arrive_keeping_the_samples_shown():
+    def result(shard, ids):
+        conf = np.full((5, 3), shard, np.int64)
+        return {"confusion": {"cluster": conf}, "images": len(ids), "seconds": 1.0, "cpu_seconds": 0.5, "node": "n",
+                "samples": [{"id": i} for i in ids[:2]]}
+
+    results = [result(0, ["c", "d"]), result(1, ["a", "e"]), {"confusion": {}, "images": 0}, result(2, ["b"])]
+    totals = evaluator.EvalTotals(report_images=2)
+    for r in reversed(results):
+        totals.add(r)
+    out = totals.result()
+    assert out["confusion"]["cluster"].dtype == np.int64 and (out["confusion"]["cluster"] == 3).all()
+    assert out["images"] == 5 and [s["id"] for s in out["samples"]] == ["a", "b"] and len(totals.samples) == 2
+    assert evaluator.sum_results(results, 2)["samples"] == out["samples"]
+    with pytest.raises(ValueError, match="saw no images"):
+        evaluator.EvalTotals(2).result()

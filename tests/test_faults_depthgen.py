@@ -22,6 +22,7 @@ import pytest
 from cluster import depthgen
 from depthg import shards
 from depthg.config import load_config
+from depthg.data import build_source
 from events import wait_for_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,5 +135,5 @@ def test_depth_actor_killed_mid_run_every_sample_once(tmp_path, ray_local):
     assert manifest["total"] == 16 * 5 and len(manifest["shards"]) == 16 and manifest["skipped"] == []
     keys = [raw["__key__"] for url in shards.shard_urls(cfg.shards.root, "train", "depth")
             for raw in shards.iter_shard(url)]
-    expected = [f"{i}_c{k}" for i in depthgen.source_info(cfg, "train")["ids"] for k in range(5)]
+    expected = [f"{i}_c{k}" for i in build_source(cfg.data, "train").ids() for k in range(5)]
     assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys))  # every sample exactly once

@@ -7,8 +7,9 @@ decides whether an unreadable image is skipped or fatal.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -31,8 +32,15 @@ class Source:
     """A list of image ids and a way to load each one.
 
     Subclasses set ``name, has_depth, has_labels``, their classes in the class statement
-    (``class X(Source, classes=NAMES, palette=RGB)``: ``n_classes`` is ``len(NAMES)``) or in ``__init__``, call
-    ``self.use_ids(ids, limit, where)`` once in ``__init__`` and implement ``read(id) -> (Record, path)``;
+    (``class X(Source, classes=NAMES, palette=RGB)``: ``n_classes`` is ``len(NAMES)``) or in ``__init__``,
+    ``where`` (what the listing reads, named when it finds nothing) and ``limit``, implement ``_scan()``
+    (every image of the split in order as ``(id, locator)``: the locator is what ``read`` needs besides the
+    id, e.g. the file name, "" when the id says it all) and ``read(id) -> (Record, path)`` (through
+    ``locator(id)``), and end ``__init__`` with ``self.listed(listed)``.
+
+    Listed (the default) the source holds every id (``ids()``, ``len``). Built with ``listed=False`` it holds
+    none: ``scan()`` streams the listing without keeping it (stage 1's driver writes it to a file) and
+    ``share(entries)`` is a copy that knows only those entries (what a depth actor loads its unit from).
     ``load(id)`` rejects unknown ids and checks that depth and label match the image's size.
     """
 
@@ -42,7 +50,10 @@ class Source:
     palette: np.ndarray = np.zeros((0, 3), np.uint8)
     has_depth: bool = False
     has_labels: bool = False
+    where: str = "?"
+    limit: int = 0
     _ids: list[str] = []
+    _loc: dict[str, str] = {}
 
     def __init_subclass__(cls, classes=None, palette=None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -51,12 +62,38 @@ class Source:
         if palette is not None:
             cls.palette = palette
 
-    def use_ids(self, ids: list[str], limit: int, where: str) -> None:
-        """Keep the first ``limit`` ids (``data.limit``, 0 = all); none at all is an error naming ``where``."""
-        ids = list(ids[:limit]) if limit and limit > 0 else list(ids)
-        if not ids:
-            raise SourceError(f"no images found in {where}")
-        self._ids, self._known = ids, set(ids)
+    def _scan(self) -> Iterator[tuple[str, str]]:
+        """``(id, locator)`` of every image of the split, in order (``limit`` not applied)."""
+        raise NotImplementedError
+
+    def scan(self) -> Iterator[tuple[str, str]]:
+        """``(id, locator)`` of the first ``limit`` images (``data.limit``, 0 = all), streamed: nothing is kept.
+        None at all raises ``SourceError`` naming ``where`` (after the scan: stream into a temporary file)."""
+        count = 0
+        for entry in self._scan():
+            if 0 < self.limit <= count:
+                break
+            count += 1
+            yield entry
+        if not count:
+            raise SourceError(f"no images found in {self.where}")
+
+    def listed(self, listed: bool = True) -> None:
+        """Hold the whole listing (``listed``), or none of it (``share`` gives a part)."""
+        self.use_entries(self.scan() if listed else ())
+
+    def use_entries(self, entries: Iterable[tuple[str, str]]) -> None:
+        self._loc = dict(entries)
+        self._ids = list(self._loc)
+
+    def share(self, entries: Iterable[tuple[str, str]]) -> "Source":
+        """A copy of this source that knows only ``entries`` (``(id, locator)`` pairs of ``scan``)."""
+        part = copy.copy(self)
+        part.use_entries(entries)
+        return part
+
+    def locator(self, id: str) -> str:
+        return self._loc[id]
 
     def ids(self) -> list[str]:
         return list(self._ids)
@@ -66,7 +103,7 @@ class Source:
         raise NotImplementedError
 
     def load(self, id: str) -> Record:
-        if id not in getattr(self, "_known", ()):
+        if id not in self._loc:
             raise SourceError(f"unknown image id {id!r} in the {self.name} source")
         record, where = self.read(id)
         h, w = record.image.shape[:2]

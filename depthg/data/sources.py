@@ -18,6 +18,12 @@ Layouts (``root`` = ``data.root``):
   channels used) or ``<id>.png``; ``{root}/gt/<id>.mat`` (key ``gt``) or ``<id>.png``; split lists
   ``labelled_train.txt`` (train), ``labelled_test.txt`` (val), ``unlabelled_train.txt``, ``all.txt``;
   without the list every image in ``imgs/`` is used. Fine classes 0..5 -> 3 coarse; 255/-1 ignore.
+
+Listing (``Source.scan``, ``base.py``): each reader's ``_scan`` yields ``(id, locator)`` in its order, the
+locator being what ``read`` needs besides the id (folder: the file name; camvid: "image label"; cityscapes:
+"city/file"; coco, potsdam, synthetic: ""). List files (camvid, COCO's curated list, Potsdam's) are streamed;
+a folder's or a glob's names are sorted in memory first. ``listed=False`` builds a reader without its listing
+(stage 1's driver streams it into a listing file; a depth actor loads from ``share(entries)``).
 """
 from __future__ import annotations
 
@@ -89,6 +95,20 @@ def read_depth(path: str, depth_max: float = 0.0) -> np.ndarray:
     raise SourceError(f"depth {path}: unsupported PNG mode {img.mode} (expected 8- or 16-bit)")
 
 
+def _list_lines(path: str):
+    """``(id, "")`` per non-empty line of an id list, streamed."""
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                yield line.strip(), ""
+
+
+def _any_file(folder: str, ext: str) -> bool:
+    """Whether ``folder`` holds a file ending in ``ext`` (stops at the first: never lists the whole folder)."""
+    with os.scandir(folder) as entries:
+        return any(e.name.lower().endswith(ext) for e in entries)
+
+
 def _require_dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
         raise SourceError(f"{what} folder not found: {path}")
@@ -125,29 +145,32 @@ class FolderSource(Source):
     name = "folder"
 
     def __init__(self, root: str, split: str = "train", n_classes: int | None = None, limit: int = 0,
-                 depth_max: float = 0.0):
+                 depth_max: float = 0.0, listed: bool = True):
         _require_dir(root, "dataset root")
         if depth_max < 0:
             raise SourceError(f"folder source: depth_max must be >= 0 metres (0 = no clip), got {depth_max}")
         self.depth_max = float(depth_max)
         base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split, "images")) else root
-        img_dir = _require_dir(os.path.join(base, "images"), "images")
-        self.paths: dict[str, str] = {}
-        for name in sorted(os.listdir(img_dir)):
+        self.img_dir = _require_dir(os.path.join(base, "images"), "images")
+        self.where, self.limit = f"{self.img_dir} (*.png, *.jpg, *.jpeg)", limit
+        self.depth_dir, self.label_dir = os.path.join(base, "depth"), os.path.join(base, "labels")
+        self.has_depth = os.path.isdir(self.depth_dir)
+        self.has_labels = os.path.isdir(self.label_dir) and _any_file(self.label_dir, ".png")
+        self._set_classes(root, base, n_classes)
+        self.listed(listed)
+
+    def _scan(self):
+        """(id, file name) in file-name order; the folder's names are sorted in memory (that is the order)."""
+        seen: dict[str, str] = {}
+        for name in sorted(os.listdir(self.img_dir)):
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTS:
                 continue
             key = stem.replace(".", "_")
-            if key in self.paths:
-                raise SourceError(f"{img_dir}: two images map to the id {key!r}: "
-                                  f"{os.path.basename(self.paths[key])} and {name}")
-            self.paths[key] = os.path.join(img_dir, name)
-        self.use_ids(list(self.paths), limit, f"{img_dir} (*.png, *.jpg, *.jpeg)")
-        self.depth_dir, self.label_dir = os.path.join(base, "depth"), os.path.join(base, "labels")
-        self.has_depth = os.path.isdir(self.depth_dir)
-        self.has_labels = os.path.isdir(self.label_dir) and any(
-            n.lower().endswith(".png") for n in os.listdir(self.label_dir))
-        self._set_classes(root, base, n_classes)
+            if key in seen:
+                raise SourceError(f"{self.img_dir}: two images map to the id {key!r}: {seen[key]} and {name}")
+            seen[key] = name
+            yield key, name
 
     def _set_classes(self, root: str, base: str, n_classes: int | None):
         for folder in (base, root):
@@ -168,7 +191,7 @@ class FolderSource(Source):
         self.palette = P.default_palette(self.n_classes)
 
     def read(self, id: str) -> tuple[Record, str]:
-        path = self.paths[id]
+        path = os.path.join(self.img_dir, self.locator(id))
         stem = os.path.splitext(os.path.basename(path))[0]
         image = read_image(path)
         label = depth = None
@@ -192,26 +215,33 @@ class CamVidSource(Source, classes=P.CAMVID_CLASSES, palette=P.CAMVID_PALETTE):
     name = "camvid"
     has_labels = True
 
-    def __init__(self, root: str, split: str = "train", limit: int = 0):
-        _require_dir(root, "CamVid root")
-        list_file = os.path.join(root, f"{split}.txt")
-        if not os.path.isfile(list_file):
-            raise SourceError(f"CamVid split list not found: {list_file} (expected 'image label' lines)")
-        self.pairs: dict[str, tuple[str, str]] = {}
-        with open(list_file) as fh:
+    def __init__(self, root: str, split: str = "train", limit: int = 0, listed: bool = True):
+        self.root = _require_dir(root, "CamVid root")
+        self.list_file = os.path.join(root, f"{split}.txt")
+        if not os.path.isfile(self.list_file):
+            raise SourceError(f"CamVid split list not found: {self.list_file} (expected 'image label' lines)")
+        self.where, self.limit = self.list_file, limit
+        self.lut = {i: i for i in range(self.n_classes)}
+        self.listed(listed)
+
+    def _scan(self):
+        """(id, "image label") per line of the split list, streamed; an id twice is an error naming both lines."""
+        first: dict[str, int] = {}  # CamVid's lists hold a few hundred lines
+        with open(self.list_file) as fh:
             for lineno, line in enumerate(fh, 1):
                 parts = line.split()
                 if not parts:
                     continue
                 if len(parts) != 2:
-                    raise SourceError(f"{list_file}:{lineno}: expected 'image label', got {line.strip()!r}")
+                    raise SourceError(f"{self.list_file}:{lineno}: expected 'image label', got {line.strip()!r}")
                 key = os.path.splitext(os.path.basename(parts[0]))[0].replace(".", "_")
-                self.pairs[key] = tuple(os.path.join(root, p) for p in parts)
-        self.use_ids(list(self.pairs), limit, list_file)
-        self.lut = {i: i for i in range(self.n_classes)}
+                if key in first:
+                    raise SourceError(f"{self.list_file}:{lineno}: image id {key!r} again (first on line {first[key]})")
+                first[key] = lineno
+                yield key, " ".join(parts)
 
     def read(self, id: str) -> tuple[Record, str]:
-        img_path, lbl_path = self.pairs[id]
+        img_path, lbl_path = (os.path.join(self.root, p) for p in self.locator(id).split(" "))
         image = read_image(img_path)
         label = _lut_map(read_label_png(lbl_path), self.lut, lbl_path, ignore=(P.CAMVID_VOID, 255))
         return Record(id, image, None, label), img_path
@@ -225,20 +255,23 @@ class CocoStuff27Source(Source, classes=P.COCO27_CLASSES, palette=P.COCO27_PALET
     has_labels = True
     CURATED = "Coco164kFull_Stuff_Coarse_7.txt"
 
-    def __init__(self, root: str, split: str = "train", limit: int = 0):
+    def __init__(self, root: str, split: str = "train", limit: int = 0, listed: bool = True):
         _require_dir(root, "COCO-Stuff root")
         sub = {"train": "train2017", "val": "val2017"}.get(split, split)
         self.img_dir = _require_dir(os.path.join(root, "images", sub), "COCO images")
         self.ann_dir = os.path.join(root, "annotations", sub)
         self.list_file = os.path.join(root, "curated", sub, self.CURATED)
-        if os.path.isfile(self.list_file):
-            with open(self.list_file) as fh:
-                ids = [ln.strip() for ln in fh if ln.strip()]
-        else:
-            ids = sorted(os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
-                         if n.lower().endswith((".jpg", ".jpeg", ".png")))
-        self.use_ids(ids, limit, self.list_file if os.path.isfile(self.list_file) else self.img_dir)
-        self.has_labels = os.path.isdir(self.ann_dir)
+        self.where = self.list_file if os.path.isfile(self.list_file) else self.img_dir
+        self.limit, self.has_labels = limit, os.path.isdir(self.ann_dir)
+        self.listed(listed)
+
+    def _scan(self):
+        """The curated list's ids, streamed; without it every image's stem, sorted."""
+        if self.where == self.list_file:
+            yield from _list_lines(self.list_file)
+            return
+        yield from ((i, "") for i in sorted(os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
+                                             if n.lower().endswith((".jpg", ".jpeg", ".png"))))
 
     def _image_path(self, id: str) -> str:
         for ext in (".jpg", ".png", ".jpeg"):
@@ -266,18 +299,21 @@ class CityscapesSource(Source, classes=P.CITYSCAPES_CLASSES, palette=P.CITYSCAPE
     name = "cityscapes"
     SUFFIX = "_leftImg8bit.png"
 
-    def __init__(self, root: str, split: str = "train", limit: int = 0):
+    def __init__(self, root: str, split: str = "train", limit: int = 0, listed: bool = True):
         _require_dir(root, "Cityscapes root")
-        img_root = _require_dir(os.path.join(root, "leftImg8bit", split), "Cityscapes leftImg8bit")
-        self.paths = {}
-        for path in sorted(glob.glob(os.path.join(img_root, "*", "*" + self.SUFFIX))):
-            self.paths[os.path.basename(path)[: -len(self.SUFFIX)]] = path
-        self.use_ids(list(self.paths), limit, f"{img_root}/*/*{self.SUFFIX}")
+        self.img_root = _require_dir(os.path.join(root, "leftImg8bit", split), "Cityscapes leftImg8bit")
+        self.where, self.limit = f"{self.img_root}/*/*{self.SUFFIX}", limit
         self.gt_root = os.path.join(root, "gtFine", split)
         self.has_labels = os.path.isdir(self.gt_root)
+        self.listed(listed)
+
+    def _scan(self):
+        """(id, "city/file") in path order."""
+        for path in sorted(glob.glob(os.path.join(self.img_root, "*", "*" + self.SUFFIX))):
+            yield os.path.basename(path)[: -len(self.SUFFIX)], os.path.relpath(path, self.img_root)
 
     def read(self, id: str) -> tuple[Record, str]:
-        img_path = self.paths[id]
+        img_path = os.path.join(self.img_root, self.locator(id))
         image = read_image(img_path)
         label = None
         if self.has_labels:
@@ -321,19 +357,22 @@ class PotsdamSource(Source, classes=P.POTSDAM_CLASSES, palette=P.POTSDAM_PALETTE
     SPLIT_FILES = {"train": "labelled_train.txt", "val": "labelled_test.txt",
                    "unlabelled_train": "unlabelled_train.txt", "all": "all.txt"}
 
-    def __init__(self, root: str, split: str = "train", limit: int = 0):
+    def __init__(self, root: str, split: str = "train", limit: int = 0, listed: bool = True):
         _require_dir(root, "Potsdam root")
         self.img_dir = _require_dir(os.path.join(root, "imgs"), "Potsdam imgs")
         self.gt_dir = os.path.join(root, "gt")
-        list_file = os.path.join(root, self.SPLIT_FILES.get(split, f"{split}.txt"))
-        if os.path.isfile(list_file):
-            with open(list_file) as fh:
-                ids = [ln.strip() for ln in fh if ln.strip()]
-        else:
-            ids = sorted({os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
-                          if n.lower().endswith((".mat", ".png"))})
-        self.use_ids(ids, limit, list_file if os.path.isfile(list_file) else self.img_dir)
-        self.has_labels = os.path.isdir(self.gt_dir)
+        self.list_file = os.path.join(root, self.SPLIT_FILES.get(split, f"{split}.txt"))
+        self.where = self.list_file if os.path.isfile(self.list_file) else self.img_dir
+        self.limit, self.has_labels = limit, os.path.isdir(self.gt_dir)
+        self.listed(listed)
+
+    def _scan(self):
+        """The split list's ids, streamed; without it every image's stem, sorted."""
+        if self.where == self.list_file:
+            yield from _list_lines(self.list_file)
+            return
+        yield from ((i, "") for i in sorted({os.path.splitext(n)[0] for n in os.listdir(self.img_dir)
+                                              if n.lower().endswith((".mat", ".png"))}))
 
     @staticmethod
     def _find(folder: str, id: str) -> str | None:
@@ -360,16 +399,17 @@ class PotsdamSource(Source, classes=P.POTSDAM_CLASSES, palette=P.POTSDAM_PALETTE
 
 
 # ----------------------------------------------------------------------------- factory
-def build_source(data_cfg, split: str, n_classes: int | None = None) -> Source:
+def build_source(data_cfg, split: str, n_classes: int | None = None, listed: bool = True) -> Source:
     """The `Source` for ``data_cfg.dataset`` and ``split`` ("train" | "val"); ``data.limit`` caps it.
-    ``n_classes`` (usually ``model.n_classes``) is used by the folder source without ``classes.txt``."""
+    ``n_classes`` (usually ``model.n_classes``) is used by the folder source without ``classes.txt``.
+    ``listed=False``: class facts and folders only, no listing held (``Source.scan`` streams it, ``share``)."""
     ds, limit = data_cfg.dataset, data_cfg.limit
     if ds == "synthetic":
         from depthg.data.synthetic import SyntheticSource
 
         num = data_cfg.num_train if split == "train" else data_cfg.num_val
         num = min(num, limit) if limit and limit > 0 else num
-        return SyntheticSource(num, data_cfg.height, data_cfg.width, data_cfg.seed, split)
+        return SyntheticSource(num, data_cfg.height, data_cfg.width, data_cfg.seed, split, listed=listed)
     readers = {"folder": FolderSource, "camvid": CamVidSource, "cocostuff27": CocoStuff27Source,
                "cityscapes": CityscapesSource, "potsdam": PotsdamSource}
     if ds not in readers:
@@ -377,5 +417,5 @@ def build_source(data_cfg, split: str, n_classes: int | None = None) -> Source:
     if not data_cfg.root:
         raise SourceError(f"data.root is empty: set data.root=<folder> for dataset {ds}")
     if ds == "folder":
-        return FolderSource(data_cfg.root, split, n_classes, limit)
-    return readers[ds](data_cfg.root, split, limit)
+        return FolderSource(data_cfg.root, split, n_classes, limit, listed=listed)
+    return readers[ds](data_cfg.root, split, limit, listed=listed)

@@ -373,7 +373,7 @@ class SyntheticSource(Source, classes=SYNTHETIC_CLASSES, palette=SYNTHETIC_PALET
     has_labels = True
 
     def __init__(self, num: int, height: int = 240, width: int = 320, seed: int = 0, split: str = "train",
-                 depth_max: float = ZOEDEPTH_NYU_MAX):
+                 depth_max: float = ZOEDEPTH_NYU_MAX, listed: bool = True):
         if split not in SPLIT_CODES:
             raise SourceError(f"synthetic split must be one of {list(SPLIT_CODES)}, got {split!r}")
         if num < 1 or height < 16 or width < 16:
@@ -382,7 +382,11 @@ class SyntheticSource(Source, classes=SYNTHETIC_CLASSES, palette=SYNTHETIC_PALET
             raise SourceError(f"synthetic source: depth_max must be >= 0 metres (0 = no clip), got {depth_max}")
         self.num, self.height, self.width, self.seed, self.split = num, height, width, seed, split
         self.depth_max = float(depth_max)
-        self.use_ids([f"syn-{split}-{i:06d}" for i in range(num)], 0, f"the synthetic {split} split")
+        self.where = f"the synthetic {split} split"
+        self.listed(listed)
+
+    def _scan(self):
+        return ((f"syn-{self.split}-{i:06d}", "") for i in range(self.num))
 
     def read(self, id: str) -> tuple[Record, str]:
         scene = render_scene(self.seed, int(id.rsplit("-", 1)[1]), self.height, self.width, self.split)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from depthg.data.base import Record, minmax
 
@@ -97,8 +96,10 @@ def transform_record(record: Record, size: int) -> Record:
                    label=None if record.label is None else resize_center_crop(record.label, size))
 
 
-def to_tensor_image(image: np.ndarray) -> torch.Tensor:
+def to_tensor_image(image: np.ndarray) -> "torch.Tensor":
     """uint8 [H,W,3] -> float32 [3,H,W] in [0,1]."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 [H,W,3] image, got {image.dtype} {image.shape}")
+    import torch  # here: listing a source (stage 1's driver) needs no torch
+
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
