@@ -123,4 +123,6 @@ def trial_eval(output: str, rounds: int) -> dict:
     print(f"trial evaluation, CRF on 2 CPUs vs 1: {speedup:.2f}x ({mean[1]:.1f} s -> {mean[2]:.1f} s)")
     return {"trial": first.id, "checkpoint": reproduce.shown(checkpoint, reproduce.REPO), "rows": rows,
             "mean_seconds": {f"{c}_cpu": round(v, 1) for c, v in mean.items()}, "speedup_2_vs_1": round(speedup, 2),
-            "note": "the whole evaluation (forward passes, CRF, report) of one trial; 2 cores shared with other jobs"}
+            "note": "the whole evaluation (model load, forward passes, CRF, report) of one trial; with 2 CPUs it includes "
+                    "starting the CRF tasks' Ray worker in the new placement group, as a trial does once; 2 cores "
+                    "shared with other jobs"}
