@@ -274,16 +274,18 @@ def sum_results(results: Iterable[dict], report_images: int) -> dict:
     return totals.result()
 
 
-def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = None, progress: bool = False) -> dict:
+def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = None, progress: bool = False,
+             crf_tasks: bool = False) -> dict:
     """Evaluate ``urls``; returns summed confusions, ``scores`` (``depthg.metrics``), counts, timings
     and report samples. ``workers``: None = ``eval.num_workers`` Ray actors (0 there = one per GPU,
-    or 2 on a CPU-only cluster); an explicit 0 = in this process, no Ray."""
+    or 2 on a CPU-only cluster); an explicit 0 = in this process, no Ray (with ``crf_tasks``: the CRF
+    as ``cpu_task``s of the Ray this process is connected to, e.g. in a Tune trial's placement group)."""
     ev = cfg.eval
     eval_cfg = {k: getattr(ev, k) for k in ("resolution", "flip", "crf", "batch_size", "report_images")}
     start = time.perf_counter()
     totals = EvalTotals(ev.report_images)
     if workers is not None and int(workers) <= 0:
-        w = EvalWorker(eval_cfg, cfg.model.n_classes, model_fn, device=ev.device)
+        w = EvalWorker(eval_cfg, cfg.model.n_classes, model_fn, device=ev.device, crf_tasks=crf_tasks and ev.crf)
         centroids = _kmeans_centroids(cfg, urls, (w.sample_codes(u, KMEANS_PER_IMAGE) for u in urls)) if ev.kmeans else None
         for u in urls:
             totals.add(w.run(u, centroids))

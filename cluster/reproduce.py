@@ -11,30 +11,40 @@ seed (``train.seed``), or a published checkpoint evaluated without training (``-
 Trials are Ray Tune trials of one function, ``run_trial`` (Tune's scheduling, its ``FailureConfig(max_failures)``
 retries, its trial placement groups, which are the resource demand Ray's autoscaler sees). Resources per trial:
 ``{GPU: 1, CPU: k}`` with ``k`` the CPUs per GPU of the smallest GPU node type (``cluster.ray_train.plan_train``, as a
-1-GPU Ray Train launch reserves), or ``{CPU: n}`` for CPU trials (``--gpus-per-trial 0``, or a cluster without GPUs).
-A trial is the product's own code, in its own process: ``cluster.trainer.train(cfg, World())`` (one rank, the 1-GPU
-paper recipe; no second Ray, no nested Ray Train), then the evaluation of ``launch/evaluate.py`` with ``--workers 0``
-(passed in as ``evaluate``: ``cluster`` never imports ``launch``).
+1-GPU Ray Train launch reserves), or ``{CPU: n}`` for CPU trials (``--gpus-per-trial 0``, or a cluster without GPUs),
+as one STRICT_PACK placement group of two bundles (``trial_bundles``): ``{GPU: 1, CPU: 1}`` for the trial's process
+and ``{CPU: k - 1}`` for the dense CRF of its evaluation. A trial is the product's own code, in its own process:
+``cluster.trainer.train(cfg, World())`` (one rank, the 1-GPU paper recipe, ``k`` threads and ``k - 1`` loader
+workers; no second Ray, no nested Ray Train), then the evaluation of ``launch/evaluate.py --workers 0 --crf-tasks``
+(passed in as ``evaluate``: ``cluster`` never imports ``launch``): codes and probes in the trial's process on its
+GPU, the CRF as 1-CPU Ray tasks that the trial's placement group captures, so they run on its ``k - 1`` other CPUs
+(a trial of 1 CPU runs the CRF in its process).
 
 Layout under ``--output`` (local folder or s3://):
 
 * ``sweep.json``: the request and every trial's resolved config (a ``--resume`` must match them);
 * ``trials/{row}/seed{S}/``: the trial's ``train.output`` (``ckpt/``, ``segmenter.pt``, ``metrics.jsonl``, ...), its
-  report ``report/`` (``eval.json`` = the trial is done), ``attempts/`` (one record per attempt) and ``trial.json``
-  (timings); ``trials/{row}/published/report/`` for a ``--checkpoint`` row;
+  report ``report/`` (``eval.json``, written last by ``depthg.report.write_report``, = the trial is done; with an
+  ``eval.json`` but another report file missing, a report of older code killed half-way, it is evaluated again),
+  ``attempts/`` (one record per attempt) and ``trial.json`` (timings, resources, the CRF's CPUs);
+  ``trials/{row}/published/report/`` for a ``--checkpoint`` row;
 * ``tune/{launch}/``: Ray Tune's own experiment folder, one per driver launch;
 * ``reproduce.json`` / ``reproduce.md``: per row, cluster and linear accuracy / mIoU with and without CRF, mean +-
   sample std over seeds, the paper's number (``PAPER``, docs/METHOD.md section 10) and the difference, the published
   checkpoint's figure, the paired difference to the STEGO row with its 95% interval for ablation rows
-  (``depthg.metrics.paired_difference``), and each trial's links. Rewritten as trials finish (a partial table).
+  (``depthg.metrics.paired_difference``), and each trial's links (local paths relative to ``--output``, configs
+  relative to the repository: ``shown``). Rewritten as trials finish (a partial table).
 
 Faults. Every attempt trains with ``train.resume=auto`` in its own folder, so a retried trial resumes from its last
-complete checkpoint; a trial whose ``eval.json`` exists is done and never runs again, a trial whose
-``segmenter.pt`` exists is only evaluated. A killed driver is resumed with ``--resume``: only the trials without
-``eval.json`` run, in a new Tune experiment (the records above, not Tune's snapshot, decide what is done, so a trial
-that finished after the last snapshot is not repeated). A new sweep into a used ``--output`` is refused naming
-``--resume``. Shared storage: ``shared`` (the driver attached to a running cluster rather than starting a private
-local Ray) requires the output and every shards root on s3:// (``cluster.preflight.check(..., shared=True)``).
+complete checkpoint; a trial whose report is complete is done and never runs again, a trial whose
+``segmenter.pt`` exists is only evaluated. The driver's log says which: ``attempt N failed, retrying (retry N of M,
+... left after it ...)`` or ``failed for good`` (``failure_line``; Tune's own lines call both "errored"). A killed
+driver is resumed with ``--resume``: only the trials without a complete report run, in a new Tune experiment (the
+records above, not Tune's snapshot, decide what is done, so a trial that finished after the last snapshot is not
+repeated). A new sweep into a used ``--output`` is refused naming ``--resume``. Shared storage: unless this process
+started the local Ray it is connected to (``shared = not cluster.raycluster.started_here()``, the rule of
+``launch/train.py``), the output, every shards root, every ``--checkpoint`` and every local ``model.weights`` file
+must be on s3:// (``check_trials``; ``cluster.preflight.check(..., shared=True)`` for each trial's output).
 
 Shards: ``shards.root=PREFIX`` is a prefix; each config's shards are ``PREFIX/{basename of its own shards.root}``
 (``coco_vits8`` and ``coco_vits8_lhp`` share ``PREFIX/coco``, ``coco_vitb8`` has ``PREFIX/coco_vitb8``: the
@@ -53,7 +63,7 @@ from typing import Callable
 
 import numpy as np
 
-from depthg import io, shards
+from depthg import io, report, shards
 from depthg.config import Config, ConfigError, from_dict, load_config, to_dict
 from depthg.errors import DepthgError
 from depthg.metrics import paired_difference
@@ -395,12 +405,15 @@ def check_shards(plan: Plan) -> None:
 
 
 def check_trials(plan: Plan, shared: bool) -> None:
-    """``cluster.preflight.check`` for every training trial (one rank); with ``shared`` (a cluster) the output and
-    every shards root must be shared storage."""
+    """``cluster.preflight.check`` for every training trial (one rank); with ``shared`` (trials on nodes other than
+    this machine) the output, every shards root, every ``--checkpoint`` and every local ``model.weights`` file must
+    be shared storage."""
     from cluster import preflight
 
     if shared:
-        urls = [plan.output, *{t.shards for t in plan.trials}, *(t.checkpoint for t in plan.trials if t.checkpoint)]
+        weights = {t.cfg["model"]["weights"] for t in plan.trials if t.train}
+        urls = [plan.output, *{t.shards for t in plan.trials}, *(t.checkpoint for t in plan.trials if t.checkpoint),
+                *sorted(w for w in weights if w and not io.is_remote(w) and os.path.exists(w))]
         local = [u for u in urls if not io.is_remote(u)]
         if local:
             raise ConfigError(f"{local[0]}: a local folder, but the trials run on the cluster's nodes, which neither "
@@ -428,11 +441,28 @@ def trial_resources(request: Request, alive: list[dict], node_types: list[dict] 
         raise ConfigError(f"--cpus-per-trial {request.cpus_per_trial}: expected >= 0 (0 = automatic)")
     if gpus == 0:
         return {"CPU": float(request.cpus_per_trial or 1)}
-    try:
-        plan = plan_train(1, 1, "cuda", alive, node_types)
+    try:  # G = 0: the GPUs per node of the smallest GPU node type, so a worker reserves a G-th of its CPUs
+        plan = plan_train(1, 0, "cuda", alive, node_types)
     except ValueError as exc:
         raise ConfigError(f"--gpus-per-trial 1: {exc}") from exc
     return {"CPU": float(request.cpus_per_trial or plan.cpus_per_worker), "GPU": 1.0}
+
+
+def crf_cpus(resources: dict) -> int:
+    """CPUs a trial's evaluation gives its dense CRF as 1-CPU Ray tasks: all but the one its own process holds (0 for
+    a trial of fewer than 2 CPUs: the CRF runs in the trial's process)."""
+    cpus = float(resources.get("CPU", 0))
+    return int(cpus - 1) if cpus >= 2 else 0
+
+
+def trial_bundles(resources: dict) -> list[dict]:
+    """The placement group of a trial (pure; STRICT_PACK: one node): ``[{GPU: 1, CPU: 1}, {CPU: k - 1}]``, the first
+    bundle the trial's process (Tune's head bundle), the second its CRF tasks (Tune's placement groups capture the
+    tasks a trial submits); one bundle when there is no CPU for CRF tasks. The total is ``resources``."""
+    if not crf_cpus(resources):
+        return [dict(resources)]
+    cpus = float(resources["CPU"])
+    return [{**resources, "CPU": 1.0}, {"CPU": cpus - 1}]
 
 
 # ----------------------------------------------------------------------------- one trial (a Tune trial's process)
@@ -440,9 +470,15 @@ def eval_json(trial_folder: str) -> str:
     return io.join(trial_folder, "report", EVAL_JSON)
 
 
+def trial_done(t: Trial) -> bool:
+    """A trial is done when its report is complete (``depthg.report.complete``: ``eval.json``, the report's last file,
+    and the others; a report of older code killed between its files is evaluated again)."""
+    return report.complete(t.report)
+
+
 def _scores(trial_folder: str) -> dict | None:
-    url = eval_json(trial_folder)
-    return json.loads(io.read_bytes(url))["scores"] if io.exists(url) else None
+    complete = report.complete(io.join(trial_folder, "report"))
+    return json.loads(io.read_bytes(eval_json(trial_folder)))["scores"] if complete else None
 
 
 def _metrics(scores: dict) -> dict:
@@ -463,7 +499,7 @@ def run_trial(config: dict, evaluate: Callable | None = None, hooks=None) -> Non
     if not gpu:  # a CPU trial on a GPU node stays off the GPUs other trials hold
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if io.exists(eval_json(t.folder)):
+    if trial_done(t):
         tune.report(_metrics(_scores(t.folder)))
         return
     record = {"attempt": uuid.uuid4().hex[:8], "pid": os.getpid(), "node": _node(), "started": time.time()}
@@ -476,13 +512,26 @@ def run_trial(config: dict, evaluate: Callable | None = None, hooks=None) -> Non
         if not io.exists(checkpoint):  # segmenter.pt is written after the last batch: training is done
             timings["train_s"] = _train(t, resources, hooks)
     start = time.perf_counter()
-    # --key=value: a path holding "=" (a row id such as smoke+sampling.mode=random) is no override
-    evaluate([f"--checkpoint={checkpoint}", f"--output={t.report}", "--workers=0", f"--shards={t.shards}",
-              *t.eval_overrides, *([] if gpu else ["eval.device=cpu"])])
+    evaluate_trial(t, checkpoint, resources, evaluate)
     timings["eval_s"] = time.perf_counter() - start
     io.write_bytes(io.join(t.folder, "trial.json"), json.dumps(
-        {"id": t.id, "seed": t.seed, "resources": resources, **record, "seconds": timings}, indent=1).encode())
+        {"id": t.id, "seed": t.seed, "resources": resources, "crf_cpus": crf_cpus(resources), **record,
+         "seconds": timings}, indent=1).encode())
     tune.report(_metrics(_scores(t.folder)))
+
+
+def evaluate_trial(t: Trial, checkpoint: str, resources: dict, evaluate: Callable) -> None:
+    """A trial's evaluation: ``launch/evaluate.py --workers 0`` in the trial's process (its GPU), the dense CRF as
+    1-CPU Ray tasks on the trial's other CPUs (``crf_cpus``; captured by its placement group) when it has any, else
+    in this process. ``bench/reproduce.py`` times this function."""
+    import torch
+
+    crf = crf_cpus(resources)
+    # the trial's process holds one CPU while its CRF tasks hold the others; without them, all of the trial's
+    torch.set_num_threads(1 if crf else max(1, int(resources.get("CPU", 1))))
+    # --key=value: a path holding "=" (a row id such as smoke+sampling.mode=random) is no override
+    evaluate([f"--checkpoint={checkpoint}", f"--output={t.report}", "--workers=0", *(["--crf-tasks"] if crf else []),
+              f"--shards={t.shards}", *t.eval_overrides, *([] if resources.get("GPU", 0) > 0 else ["eval.device=cpu"])])
 
 
 def _train(t: Trial, resources: dict, hooks) -> float:
@@ -495,6 +544,10 @@ def _train(t: Trial, resources: dict, hooks) -> float:
     if cfg.train.loader_workers < 0:  # auto: the trial's CPUs, not the node's (several trials share a node)
         cfg = _replace(cfg, "train", loader_workers=loader_workers(-1, world, cpus=int(resources.get("CPU", 1))))
     hook = hooks.get(t.id) if isinstance(hooks, dict) else hooks
+    import torch
+
+    # the trial's CPUs (Ray set the threads to its process's bundle, 1 CPU; the rest waits for the CRF tasks)
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     start = time.perf_counter()
     train(cfg, world, hooks=hook)
     return time.perf_counter() - start
@@ -517,17 +570,31 @@ def _attempts(folder: str) -> int:
     return len([n for n in io.listdir(io.join(folder, "attempts")) if n.endswith(".json")])
 
 
-def trial_record(t: Trial, errors: dict) -> dict:
+def shown(url: str, output: str) -> str:
+    """How the table records a path (pure): s3:// URLs as they are; a local path under ``output`` relative to it (the
+    table lies there, so its links work wherever the folder is moved or copied); another local path relative to the
+    repository when inside it (``configs/demo.yaml``), else absolute."""
+    if not url or io.is_remote(url) or not os.path.isabs(url):
+        return url
+    for base in (output, REPO):
+        if not io.is_remote(base) and (url == base or url.startswith(base.rstrip(os.sep) + os.sep)):
+            return os.path.relpath(url, base)
+    return url
+
+
+def trial_record(t: Trial, errors: dict, output: str = "") -> dict:
+    """A trial's row of the table; paths as ``shown`` relative to ``output`` (the sweep's folder)."""
     scores = _scores(t.folder)
     info_url = io.join(t.folder, "trial.json")
     info = json.loads(io.read_bytes(info_url)) if scores is not None and io.exists(info_url) else {}
     status = "done" if scores is not None else ("failed" if t.id in errors else "pending")
-    out = {"id": t.id, "seed": t.seed, "status": status, "attempts": _attempts(t.folder), "folder": t.folder,
-           "report": io.join(t.report, "eval.md"), "eval_json": eval_json(t.folder),
-           "checkpoint": t.checkpoint or io.join(t.folder, "segmenter.pt"), "seconds": info.get("seconds", {}),
-           "resources": info.get("resources")}
+    link = lambda url: shown(url, output or REPO)  # noqa: E731
+    out = {"id": t.id, "seed": t.seed, "status": status, "attempts": _attempts(t.folder), "folder": link(t.folder),
+           "report": link(io.join(t.report, "eval.md")), "eval_json": link(eval_json(t.folder)),
+           "checkpoint": link(t.checkpoint or io.join(t.folder, "segmenter.pt")), "seconds": info.get("seconds", {}),
+           "resources": info.get("resources"), "crf_cpus": info.get("crf_cpus")}
     if t.train:
-        out["metrics"] = io.join(t.folder, "metrics.jsonl")
+        out["metrics"] = link(io.join(t.folder, "metrics.jsonl"))
     if scores is not None:
         out["scores"] = _metrics(scores)
     if t.id in errors:
@@ -539,7 +606,7 @@ def build_table(plan: Plan, errors: dict | None = None, seconds: float | None = 
     """The sweep's table from each trial's ``eval.json`` (the one source of the numbers; a partial table while
     trials run or after some failed)."""
     errors = errors or {}
-    records = {t.id: trial_record(t, errors) for t in plan.trials}
+    records = {t.id: trial_record(t, errors, plan.output) for t in plan.trials}
     rows = []
     for row in plan.rows:
         seeded = [records[t.id] for t in plan.row_trials(row.id) if t.train]
@@ -553,7 +620,7 @@ def build_table(plan: Plan, errors: dict | None = None, seconds: float | None = 
             vs_paper[head] = {m: (None if numbers.get(m) is None or head not in heads else
                                   heads[head][m]["mean"] - numbers[m]) for m in METRICS}
         published = next((records[t.id] for t in plan.row_trials(row.id) if not t.train), None)
-        entry = {"id": row.id, "label": row.label, "config": row.config, "overrides": row.overrides,
+        entry = {"id": row.id, "label": row.label, "config": shown(row.config, REPO), "overrides": row.overrides,
                  "variant": row.variant, "seeds": len(seeded), "done": len(done), "heads": heads,
                  "paper": row.paper, "vs_paper": vs_paper, "published": published,
                  "trials": [records[t.id] for t in plan.row_trials(row.id)]}
@@ -561,7 +628,7 @@ def build_table(plan: Plan, errors: dict | None = None, seconds: float | None = 
             entry["paired"] = _paired(row, plan, records)
         rows.append(entry)
     status = {s: sum(r["status"] == s for r in records.values()) for s in ("done", "failed", "pending")}
-    return {"schema": SCHEMA, "output": plan.output, "request": dataclasses.asdict(plan.request),
+    return {"schema": SCHEMA, "output": shown(plan.output, REPO), "request": dataclasses.asdict(plan.request),
             "trials": len(plan.trials), "status": status, "seconds": seconds,
             "std": "sample standard deviation over seeds (ddof=1)", "rows": rows,
             "paper_source": "docs/METHOD.md section 10 (cluster probe with CRF; linear probe with CRF where published)"}
@@ -676,9 +743,25 @@ def write_table(plan: Plan, errors: dict | None = None, seconds: float | None = 
 
 
 # ----------------------------------------------------------------------------- the sweep on Ray Tune
+def failure_line(trial_id: str, failures: int, max_failures: int, error: str, retrying: bool) -> str:
+    """The sweep's line for a failed attempt (pure): ``retrying`` (Tune's ``on_trial_recover``: it starts the trial
+    again) or failed for good (``on_trial_error``). Tune's own log calls both "errored". ``failures``: Tune's count
+    in this launch, ``max_failures``: its limit (-1: none)."""
+    if retrying:
+        left = ("no retry limit" if max_failures < 0 else
+                f"retry {failures} of {max_failures}, {max_failures - failures} left after it")
+        return (f"trial {trial_id}: attempt {failures} failed, retrying ({left}; it resumes from the last checkpoint): "
+                f"{error}")
+    return (f"trial {trial_id}: attempt {failures} failed; failed for good ({failures} attempts, --max-failures "
+            f"{max_failures}): {error}")
+
+
 def _progress(plan: Plan, done: int, quiet: bool):
-    """A Tune callback on the driver: a line per trial event, a tqdm bar of finished trials, the partial table
-    rewritten after each one (defined here so that importing this module needs no Ray)."""
+    """A Tune callback on the driver: a line per trial event (also with ``quiet``, flushed: the driver's log may end
+    in a SIGKILL), a tqdm bar of finished trials (not with ``quiet``), the partial table rewritten after each one
+    (defined here so that importing this module needs no Ray)."""
+    import sys
+
     from ray import tune
     from tqdm import tqdm
 
@@ -695,17 +778,21 @@ def _progress(plan: Plan, done: int, quiet: bool):
             return self.bar
 
         def _say(self, text):
-            self._bar().write(text) if not quiet else None
+            self._bar().write(text)
+            sys.stdout.flush()
+
+        def _failed(self, trial, retrying):
+            self._say(failure_line(trial.config["trial"]["id"], trial.num_failures, trial.max_failures,
+                                   _first_line(trial.error_file), retrying))
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._say(f"started {trial.config['trial']['id']}")
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            self._say(f"trial {trial.config['trial']['id']} failed (failure {trial.num_failures}); Tune retries it, "
-                      "resuming from its last checkpoint")
+            self._failed(trial, True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._say(f"trial {trial.config['trial']['id']} failed for good: {_first_line(trial.error_file)}")
+            self._failed(trial, False)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             bar = self._bar()
@@ -748,7 +835,7 @@ def store(plan: Plan, stored: dict | None) -> None:
 
 def sweep(plan: Plan, resources: dict, evaluate: Callable, stored: dict | None = None, hooks=None,
           quiet: bool = False) -> dict:
-    """Run the trials that have no ``eval.json`` as Ray Tune trials (this process must be connected to Ray), then
+    """Run the trials without a complete report as Ray Tune trials (this process must be connected to Ray), then
     write the table. Raises ``SweepError`` (after writing it) when some trials failed for good."""
     from ray import tune
 
@@ -757,16 +844,19 @@ def sweep(plan: Plan, resources: dict, evaluate: Callable, stored: dict | None =
 
     start = time.perf_counter()
     store(plan, stored)
-    todo = [t for t in plan.trials if not io.exists(eval_json(t.folder))]
+    todo = [t for t in plan.trials if not trial_done(t)]
+    crf = crf_cpus(resources)
     print(f"sweep: {len(plan.rows)} row(s), {len(plan.trials)} trial(s), {len(plan.trials) - len(todo)} already done; "
-          f"each trial {resources}", flush=True)
+          f"each trial {resources}, its CRF " + (f"on {crf} of them (1-CPU Ray tasks)" if crf else "in its process"),
+          flush=True)
     errors = {}
     if todo:
         failures = plan.request.max_failures
         if failures is None:
             failures = max([from_dict(Config, t.cfg).train.max_failures for t in todo if t.train] or [2])
         path, filesystem = storage(io.join(plan.output, "tune"))
-        trainable = tune.with_resources(tune.with_parameters(run_trial, evaluate=evaluate, hooks=hooks), resources)
+        bundles = tune.PlacementGroupFactory(trial_bundles(resources), strategy="STRICT_PACK")
+        trainable = tune.with_resources(tune.with_parameters(run_trial, evaluate=evaluate, hooks=hooks), bundles)
         by_id = {t.id: dataclasses.asdict(t) for t in todo}
         tuner = tune.Tuner(
             trainable,
@@ -800,9 +890,10 @@ def run(request: Request | None, output: str, evaluate: Callable, resume: bool =
         hooks=None, shared: bool | None = None, quiet: bool = False) -> dict:
     """The whole command: checks (before Ray where they can), connect, plan resources, sweep, table.
 
-    ``request`` None (``--resume`` alone): the stored one. ``shared``: whether the trials' outputs must be shared
-    storage; None = decided by ``cluster.raycluster.connect`` (False only when this call started a private local
-    Ray; tests on a local cluster pass False)."""
+    ``request`` None (``--resume`` alone): the stored one. ``shared``: whether the trials' outputs, shards roots,
+    checkpoints and weights files must be shared storage; None = ``not cluster.raycluster.started_here()`` after
+    connecting, the rule of ``launch/train.py`` (local folders only on a local Ray this process started; a test
+    driver attached to the test's local Ray passes False)."""
     output = absolute(output)
     stored = check_output(output, resume)
     if request is None:
@@ -813,10 +904,10 @@ def run(request: Request | None, output: str, evaluate: Callable, resume: bool =
     if stored is not None:
         check_same(plan, stored)
     check_shards(plan)
-    from cluster.raycluster import autoscaler_node_types, connect
+    from cluster.raycluster import autoscaler_node_types, connect, started_here
 
-    started = connect(address)
-    shared = (not started) if shared is None else shared
+    connect(address)
+    shared = (not started_here()) if shared is None else shared
     check_trials(plan, shared)
     import ray
 

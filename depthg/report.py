@@ -1,12 +1,18 @@
 """Evaluation report: JSON, a Markdown table, a confusion-matrix PNG and a qualitative grid PNG.
 
-Drawn with PIL only. ``write_report(out_url, result, meta, class_names, palette)`` writes
+Drawn with PIL only. ``write_report(out_url, result, meta, class_names, palette, extra)`` writes
 
-* ``eval.json``      scores of every head (accuracy, mIoU, per-class IoU, cluster assignment),
-                     the summed confusion matrices and ``meta`` (backbone, depth source, checkpoint);
 * ``eval.md``        a table: cluster and linear, with and without CRF (and k-means when run);
 * ``confusion.png``  the cluster head's matched confusion (rows = ground truth, row-normalised);
-* ``samples.png``    one row per image: image | depth (when present) | ground truth | prediction.
+* ``samples.png``    one row per image: image | depth (when present) | ground truth | prediction;
+* ``extra``          the caller's files (``launch/evaluate.py``: ``eval_config.yaml``);
+* ``eval.json``      scores of every head (accuracy, mIoU, per-class IoU, cluster assignment),
+                     the summed confusion matrices and ``meta`` (backbone, depth source, checkpoint),
+                     **last**: it is the report's done-marker. An ``eval.json`` already in the folder is
+                     removed before anything else is written, so a report killed half-way never looks done.
+
+``complete(out_url)``: ``eval.json`` and the three other report files exist (a report written before
+``eval.json`` came last, killed between its files, is incomplete: evaluate it again).
 """
 from __future__ import annotations
 
@@ -130,13 +136,18 @@ def sample_grid(samples: list[dict], palette: np.ndarray, assignment=None, tile:
 
 
 # ----------------------------------------------------------------------------- all together
-def write_report(out_url: str, result: dict, meta: dict, class_names: list[str], palette: np.ndarray) -> dict:
-    """Write eval.json, eval.md, confusion.png and samples.png under ``out_url``; returns their URLs."""
+FILES = ("eval.md", "confusion.png", "samples.png", "eval.json")  # in the order written: eval.json last
+
+
+def write_report(out_url: str, result: dict, meta: dict, class_names: list[str], palette: np.ndarray,
+                 extra: dict | None = None) -> dict:
+    """Write eval.md, confusion.png, samples.png, the ``extra`` files (``{name: bytes}``) and, last, eval.json under
+    ``out_url``; returns their URLs. A stale eval.json is removed first (see the module docstring)."""
     scores = result["scores"]
-    paths = {name: io.join(out_url, name) for name in ("eval.json", "eval.md", "confusion.png", "samples.png")}
+    paths = {name: io.join(out_url, name) for name in FILES}
+    io.remove(paths["eval.json"])  # a rewritten report is not done until its new eval.json is written
     data = {"meta": meta, "images": result.get("images"), "class_names": list(class_names), "scores": scores,
             "confusion": {k: np.asarray(v).tolist() for k, v in result["confusion"].items()}}
-    io.write_bytes(paths["eval.json"], json.dumps(data, indent=1).encode())
     io.write_bytes(paths["eval.md"], markdown(scores, meta, class_names).encode())
     head = "cluster_crf" if "cluster_crf" in scores else "cluster"
     assignment = scores[head]["assignment"]
@@ -144,4 +155,14 @@ def write_report(out_url: str, result: dict, meta: dict, class_names: list[str],
     io.write_bytes(paths["confusion.png"], _png_bytes(confusion_image(matched, class_names)))
     grid = sample_grid(result.get("samples", []), palette, assignment)
     io.write_bytes(paths["samples.png"], _png_bytes(grid))
+    for name, payload in (extra or {}).items():
+        paths[name] = io.join(out_url, name)
+        io.write_bytes(paths[name], payload)
+    io.write_bytes(paths["eval.json"], json.dumps(data, indent=1).encode())
     return paths
+
+
+def complete(out_url: str) -> bool:
+    """Whether ``out_url`` holds a whole report: ``eval.json`` (written last) and the other report files (a report
+    of the code before, which wrote ``eval.json`` first, may have been killed after it)."""
+    return all(io.exists(io.join(out_url, name)) for name in reversed(FILES))

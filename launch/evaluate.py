@@ -11,6 +11,12 @@ default: one per GPU, or 2 on a CPU-only cluster) score the shards and the dense
 1-CPU Ray tasks over every CPU of the cluster; they attach to ``RAY_ADDRESS`` / a local
 ``ray start`` when there is one, else start a local Ray. Results are summed as they arrive (the report keeps
 ``eval.report_images`` samples, the smallest ids); ``eval.kmeans=true`` fits on at most 100,000 codes.
+``--workers 0 --crf-tasks`` scores in this process and sends only the CRF to 1-CPU Ray tasks (what a
+reproduction trial does: inside a Ray Tune trial the tasks run in the trial's placement group, on the CPUs it
+reserved).
+
+The report (``depthg.report.write_report``) writes ``eval.json`` last, after eval.md, the PNGs and
+``eval_config.yaml``: a folder with ``eval.json`` holds a whole report.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import sys
 from cluster import evaluator
 from cluster.raycluster import DEVICE_HELP, DEVICES
 from depthg import io, report
-from depthg.config import load_config, save_config, split_cli, to_dict
+from depthg.config import dump_yaml, load_config, split_cli, to_dict
 from launch import run
 
 
@@ -36,6 +42,9 @@ def parse(argv):
     p.add_argument("--split", default="val")
     p.add_argument("--workers", type=int, default=None, help="Ray actors (0 = in-process; default eval.num_workers)")
     p.add_argument("--device", choices=DEVICES, default=None, help=f"sets eval.device ({DEVICE_HELP})")
+    p.add_argument("--crf-tasks", action="store_true",
+                   help="with --workers 0: the dense CRF as 1-CPU Ray tasks (attaching to or starting Ray as "
+                        "--workers N does; in a Ray Tune trial: on the trial's own CPUs) instead of one by one here")
     args = p.parse_args(rest)
     return args, overrides + ([f"eval.device={args.device}"] if args.device else [])
 
@@ -85,6 +94,8 @@ def describe(cfg, args, manifest: dict, result: dict, extra: dict) -> dict:
             "split": args.split, "images": result["images"], "classes": cfg.model.n_classes,
             "clusters": cfg.model.n_classes + cfg.model.extra_clusters, "resolution": cfg.eval.resolution,
             "flip averaging": cfg.eval.flip, "crf": cfg.eval.crf, "workers": result["workers"],
+            **({"crf runs on": "1-CPU Ray tasks" if result["workers"] or args.crf_tasks else "this process, one "
+                "image at a time"} if cfg.eval.crf else {}),
             "checkpoint selection": selection(extra),
             "seconds": round(result["seconds"], 2)}
 
@@ -94,13 +105,17 @@ def main(argv=None) -> dict:
     ckpt_cfg, extra = read_checkpoint(args.checkpoint)
     cfg = load_config(args.config or None, overrides, base=ckpt_cfg)
     urls, manifest = evaluator.find_split(args.shards or cfg.shards.root, args.split)
-    result = evaluator.evaluate(cfg, evaluator.CheckpointModel(args.checkpoint), urls, args.workers)
+    if args.crf_tasks and args.workers == 0:
+        from cluster.raycluster import connect
+
+        connect()  # a no-op inside a Ray worker (a Tune trial): its tasks go where the trial's placement group is
+    result = evaluator.evaluate(cfg, evaluator.CheckpointModel(args.checkpoint), urls, args.workers,
+                                crf_tasks=args.crf_tasks)
     out = args.output or (posixpath.dirname(args.checkpoint) if io.is_remote(args.checkpoint)
                           else os.path.dirname(os.path.abspath(args.checkpoint)))
     names, palette = report.dataset_style(manifest.get("dataset", cfg.data.dataset), cfg.model.n_classes)
     meta = describe(cfg, args, manifest, result, extra)
-    paths = report.write_report(out, result, meta, names, palette)
-    save_config(cfg, io.join(out, "eval_config.yaml"))
+    paths = report.write_report(out, result, meta, names, palette, extra={"eval_config.yaml": dump_yaml(cfg).encode()})
     for key, title in report.HEADS:
         if key in result["scores"]:
             s = result["scores"][key]

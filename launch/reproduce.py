@@ -9,8 +9,10 @@
 
 Each trial trains its config at one seed (``train.seed``) with the product's trainer on one rank (the 1-GPU paper
 recipe; a CPU trial here trains 1 rank on 1 CPU where the demo's ``launch/train.py`` uses 2 workers) and evaluates
-the result as ``launch/evaluate.py --workers 0`` does. Trials run concurrently as far as the cluster's GPUs (or
-CPUs) allow; their requests are what Ray's autoscaler sees. Configs: names in configs/ or YAML paths;
+the result as ``launch/evaluate.py --workers 0 --crf-tasks`` does: on the trial's GPU, with the dense CRF as 1-CPU
+Ray tasks on the other CPUs the trial reserved (11 of a g5.12xlarge trial's 12; a 1-CPU trial runs it in its
+process). Trials run concurrently as far as the cluster's GPUs (or CPUs) allow; their requests are what Ray's
+autoscaler sees. Configs: names in configs/ or YAML paths;
 ``NAME:key=value,key=value`` is a row with its own settings. ``--ablation`` turns each config into the paper's Table 4
 rows (STEGO, + FPS, + depth loss, + both, + 3D-LHP). ``--checkpoint ROW=URL`` evaluates a published checkpoint
 (docs/IMPORT.md) on that row's shards, as a trial without training. ``key=value`` overrides apply to every trial;
@@ -18,9 +20,11 @@ rows (STEGO, + FPS, + depth loss, + both, + 3D-LHP). ``--checkpoint ROW=URL`` ev
 
 Writes ``{output}/reproduce.md`` and ``reproduce.json`` (mean +- std over seeds beside the paper's numbers, the
 published checkpoint's figure, paired intervals for ablation rows, links to every trial's run and report), rewritten
-as trials finish. A failed trial is retried by Tune (``--max-failures``), resuming from its checkpoints; a new sweep
-into a used ``--output`` is refused: ``--resume`` continues it, running only the trials without ``eval.json``. On a
-cluster (``RAY_ADDRESS``, ``--address`` or a local ``ray start``) the output and shards must be on s3://.
+as trials finish. A failed trial is retried by Tune (``--max-failures``), resuming from its checkpoints (the log
+says ``attempt N failed, retrying (retry N of M ...)`` or ``failed for good``); a new sweep into a used ``--output``
+is refused: ``--resume`` continues it, running only the trials without a complete report (``eval.json``, written
+last). Unless this command started the local Ray itself (on a cluster: ``RAY_ADDRESS``, ``--address`` or a local
+``ray start``) the output, shards, checkpoints and weights files must be on s3://.
 Everything that needs no trial is checked before the first one starts (``error: ...``). Layout and details:
 ``cluster/reproduce.py``, docs/REPRODUCE.md.
 """
@@ -48,13 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: GPU trials (the paper's 1-GPU recipe); 0: CPU trials; default: 1 when the cluster has or "
                         "can add GPU nodes")
     p.add_argument("--cpus-per-trial", type=float, default=0,
-                   help="CPUs each trial reserves (default: a GPU node type's CPUs per GPU; 1 for CPU trials)")
+                   help="CPUs each trial reserves (default: a GPU node type's CPUs per GPU; 1 for CPU trials); its "
+                        "evaluation runs the dense CRF on all but one of them")
     p.add_argument("--max-failures", type=int, default=None,
                    help="Tune retries per trial (default: the configs' train.max_failures; -1 = unlimited)")
     p.add_argument("--max-concurrent", type=int, default=0, help="at most this many trials at once (0 = as resources allow)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local ray start, "
                    "else a private local Ray)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the lines per trial event stay)")
     return p
 
 
@@ -92,7 +97,8 @@ def request_from(args, overrides):
 
 def main(argv=None, hooks=None, shared=None) -> dict:
     """``hooks``: a ``cluster.trainer.Hooks`` or ``{trial id: Hooks}`` for the trials' training (tests);
-    ``shared``: override the shared-storage rule (tests on a local cluster)."""
+    ``shared``: override the shared-storage rule ``not started_here()`` (a test driver attached to the test's local
+    Ray)."""
     from cluster import reproduce
     from launch import evaluate
 

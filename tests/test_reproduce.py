@@ -100,6 +100,41 @@ def test_trial_resources_follow_the_gpu_node_types():
         reproduce.trial_resources(reproduce.Request(gpus_per_trial=2), head, g5)
     with pytest.raises(ConfigError, match="--gpus-per-trial 1"):
         reproduce.trial_resources(reproduce.Request(gpus_per_trial=1), [{"CPU": 2}], None)
+    # the placement group: the trial's process holds the GPU and 1 CPU, its CRF tasks the other k - 1
+    assert reproduce.trial_bundles({"CPU": 12.0, "GPU": 1.0}) == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 11.0}]
+    assert reproduce.crf_cpus({"CPU": 12.0, "GPU": 1.0}) == 11
+    assert reproduce.trial_bundles({"CPU": 1.0}) == [{"CPU": 1.0}] and reproduce.crf_cpus({"CPU": 1.0}) == 0
+
+
+def test_failure_lines_say_retrying_or_failed_for_good():
+    line = reproduce.failure_line("coco/seed0", 1, 2, "RayActorError: died", retrying=True)
+    assert line.startswith("trial coco/seed0: attempt 1 failed, retrying (retry 1 of 2, 1 left after it")
+    assert "errored" not in line and line.endswith(": RayActorError: died")
+    assert "no retry limit" in reproduce.failure_line("t", 5, -1, "e", retrying=True)
+    assert reproduce.failure_line("t", 3, 2, "e", retrying=False) == \
+        "trial t: attempt 3 failed; failed for good (3 attempts, --max-failures 2): e"
+
+
+def test_the_report_writes_its_done_marker_last(tmp_path):
+    from depthg import metrics, report
+
+    result = {"confusion": {"cluster": np.eye(3, dtype=np.int64)}, "images": 1,
+              "samples": [{"id": "a", "image": None, "label": None, "pred": np.zeros((2, 2))}]}  # the grid fails
+    result["scores"] = metrics.score_confusions(result["confusion"])
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "eval.json").write_text("{}")  # an earlier report's marker
+    with pytest.raises(Exception):  # noqa: B017 - killed between the report's files
+        report.write_report(str(folder), result, {}, ["a", "b", "c"], report.dataset_style("x", 3)[1],
+                            extra={"eval_config.yaml": b"x: 1\n"})
+    assert not (folder / "eval.json").exists() and not report.complete(str(folder))
+    result["samples"] = []
+    paths = report.write_report(str(folder), result, {}, ["a", "b", "c"], report.dataset_style("x", 3)[1],
+                                extra={"eval_config.yaml": b"x: 1\n"})
+    assert report.complete(str(folder)) and open(paths["eval_config.yaml"]).read() == "x: 1\n"
+    assert json.load(open(paths["eval.json"]))["images"] == 1
+    (folder / "samples.png").unlink()  # the code before wrote eval.json first: killed after it, not done
+    assert not report.complete(str(folder))
 
 
 # ----------------------------------------------------------------------------- refused before any trial
@@ -127,6 +162,12 @@ def test_bad_requests_are_refused_before_ray_or_any_trial(tmp_path, prefix):
     plan = reproduce.plan_sweep(_request(overrides=[f"shards.root={prefix}"]), str(tmp_path / "e"))
     with pytest.raises(ConfigError, match="a local folder, but the trials run on the cluster's nodes"):
         reproduce.check_trials(plan, shared=True)  # a driver attached to a cluster: s3:// only
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"w")
+    plan = reproduce.plan_sweep(_request(overrides=["shards.root=s3://b/depthg", f"model.weights={weights}"]),
+                                "s3://b/sweep")
+    with pytest.raises(ConfigError, match=rf"^{weights}: a local folder, but the trials run on the cluster's nodes"):
+        reproduce.check_trials(plan, shared=True)  # the weights file too
 
 
 # ----------------------------------------------------------------------------- the table
@@ -134,6 +175,8 @@ def _fake_eval(folder: str, cluster_crf_miou: float) -> dict:
     from depthg import io
 
     scores = {h: {"accuracy": 0.5 + cluster_crf_miou / 10, "miou": cluster_crf_miou} for h, _ in reproduce.HEADS}
+    for name in ("eval.md", "confusion.png", "samples.png"):  # a whole report: eval.json last
+        io.write_bytes(io.join(folder, "report", name), b"")
     io.write_bytes(reproduce.eval_json(folder), json.dumps({"scores": scores}).encode())
     return scores
 
@@ -158,6 +201,10 @@ def test_table_means_paired_intervals_and_a_partial_table(tmp_path):
     assert table["status"] == {"done": 6, "failed": 1, "pending": 8}
     md = (tmp_path / "reproduce.md").read_text()
     assert "6 of 15 trials done, 1 failed" in md and "+3.7 [" in md and "RuntimeError: boom" in md
+    trial = rows["smoke+depthg"]["trials"][0]  # paths relative to the sweep's folder, the config to the repository
+    assert (trial["folder"], trial["report"]) == ("trials/smoke+depthg/seed0", "trials/smoke+depthg/seed0/report/eval.md")
+    assert rows["smoke+depthg"]["config"] == "configs/smoke.yaml" and str(tmp_path) not in json.dumps(table["rows"])
+    assert md.count(str(tmp_path)) == 1  # "Output: ..." (outside the repository: absolute)
 
 
 # ----------------------------------------------------------------------------- on Ray Tune, end to end
@@ -214,11 +261,22 @@ def test_sweep_on_tune_retries_a_killed_trial_and_resumes_a_killed_driver(tmp_pa
             if os.path.exists(reproduce.eval_json(f))}
     assert os.path.exists(crash) and _attempts(trace, CRASHES) == [0, 2]  # killed at batch 3, resumed at 2
     assert len(os.listdir(os.path.join(folders[CRASHES], "attempts"))) == 2 and PAUSES not in done
+    log = open(tmp_path / "driver.log").read()  # the sweep's own line: a retry, not an error (flushed before the kill)
+    assert f"trial {CRASHES}: attempt 1 failed, retrying (retry 1 of 2, 1 left after it" in log, log[-3000:]
 
-    # resumed with the same arguments plus a checkpoint row (a trial without training): the finished crashed trial's
-    # segmenter.pt evaluated again must give that trial's numbers
+    # resumed with the same arguments plus a checkpoint row (a trial without training), each trial now of 2 CPUs (its
+    # CRF as Ray tasks on the second), in this process, which started the local Ray: local folders allowed without
+    # any override (started_here). The finished crashed trial's segmenter.pt evaluated again (CRF tasks) must give
+    # that trial's numbers (CRF in its process)
     published = os.path.join(folders[CRASHES], "segmenter.pt")
-    table = launch.main([*argv, "--resume", "--checkpoint", f"smoke={published}"], hooks=_hooks(trace2), shared=False)
+    table = launch.main([*argv, "--resume", "--cpus-per-trial", "2", "--checkpoint", f"smoke={published}"],
+                        hooks=_hooks(trace2))
+    folders["smoke/published"] = os.path.join(out, "trials", "smoke", "published")
+    for tid, crf in ((CRASHES, "this process"), (PAUSES, "1-CPU Ray tasks"), ("smoke/published", "1-CPU Ray tasks")):
+        meta = json.load(open(reproduce.eval_json(folders[tid])))["meta"]
+        assert meta["crf runs on"].startswith(crf), (tid, meta)
+        assert json.load(open(os.path.join(folders[tid], "trial.json")))["crf_cpus"] == (0 if tid == CRASHES else 1)
+    del folders["smoke/published"]
 
     for tid, before in done.items():  # finished trials: not trained again, their reports untouched
         assert _attempts(trace2, tid) == [] and open(reproduce.eval_json(folders[tid]), "rb").read() == before
