@@ -57,6 +57,12 @@ PLACES: dict[str, Place] = {p.name: p for p in [
     Place("offsets_table", "bench.scale_stage2:offsets_table",
           "depthg.shards.OffsetsTable.from_sidecars + to_bytes on the driver (one sidecar per 320 crops)",
           plan=True, driver=True),
+    Place("segment_rerun", "bench.scale_segment:segment_rerun",
+          "cluster.segmentation.prepare on a rerun (N = images; every other unit of 32 recorded): records read on "
+          "16 threads and reduced, listing streamed past the done-set, units left spooled", driver=True),
+    Place("segment_plan", "bench.scale_segment:segment_plan",
+          "cluster.segmentation.prepare on a first run (N = images, nothing recorded): the listing streamed into "
+          "units of 32 and spooled", plan=True, driver=True),
 ]}
 
 EXTRAS: dict[str, str] = {}  # name -> "module:function"; function(args) -> dict

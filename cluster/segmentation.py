@@ -51,14 +51,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from cluster.evaluator import gpu_actor_options, resolve, submit_cpu_task
 from cluster.raycluster import node_id
-from depthg import inference, io, report
-from depthg.device import resolve_device
+from depthg import io
 from depthg.errors import DepthgError
 from depthg.reader import ahead
+
+# the driver's part imports neither torch nor the models (its process stays small: bench/scale_segment.py); the
+# worker imports them in its constructor
 
 UNITS = "_units"
 PROBS = "probs"
@@ -106,6 +106,10 @@ class SegmentWorker:
 
     def __init__(self, settings: dict, model_fn: ModelFn, threads: int | None = None, device: str = "auto",
                  crf_tasks: bool = False, io_threads: int = IO_THREADS):
+        import torch
+
+        from depthg.device import resolve_device
+
         if threads:
             torch.set_num_threads(threads)
         self.s = dict(settings)
@@ -123,6 +127,8 @@ class SegmentWorker:
 
     @staticmethod
     def _read(item: Sequence[str]):
+        from depthg import inference
+
         try:
             return inference.read_image(item[0]), None
         except (DepthgError, ValueError, OSError) as exc:  # one unreadable file does not stop the bucket
@@ -130,6 +136,9 @@ class SegmentWorker:
 
     def run(self, unit: dict) -> dict:
         """``unit`` = ``{"id", "items": [[source, name], ...]}`` -> the unit's record (also written last)."""
+        from cluster.evaluator import resolve, submit_cpu_task
+        from depthg import inference
+
         start, s = time.perf_counter(), self.s
         kept, images, skipped = [], [], []
         for (source, name), (image, error) in zip(unit["items"], self._each(self._read, unit["items"])):
@@ -164,6 +173,8 @@ class SegmentWorker:
         return record
 
     def _write(self, item: Sequence[str], image: np.ndarray, label: np.ndarray) -> dict:
+        from depthg import inference, report
+
         source, name = item
         if self.mapping is not None:
             label = self.mapping[label]
@@ -262,10 +273,10 @@ class Tally:
             self._sorted = tuple(np.frombuffer(a, dt)[order] for a, dt in
                                  ((self._names, np.int64), (self._sources, np.int64), (self._owners, np.int32)))
         keys, srcs, owners = self._sorted
+        if not len(keys):  # nothing recorded: a first run hashes nothing
+            return np.zeros(len(names), bool), np.full(len(names), -1, np.int64)
         n = np.fromiter((_hash(x) for x in names), np.int64, len(names))
         s = np.fromiter((_hash(x) for x in sources), np.int64, len(sources))
-        if not len(keys):
-            return np.zeros(len(n), bool), np.full(len(n), -1, np.int64)
         at = np.minimum(np.searchsorted(keys, n), len(keys) - 1)
         held = keys[at] == n
         done = held & (srcs[at] == s)
@@ -453,6 +464,7 @@ def _run_units(settings: dict, model_fn: ModelFn, units: Iterator[dict], count: 
         finally:
             worker.close()
         return
+    from cluster.evaluator import gpu_actor_options
     from cluster.raycluster import ActorGroup, connect
 
     connect()
