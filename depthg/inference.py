@@ -75,8 +75,8 @@ def _walk_sorted(folder: str, rel: str = "") -> Iterator[str]:
             yield rel + entry.name
 
 
-def _s3_keys(url: str) -> Iterator[str] | None:
-    """The object URLs below the S3 folder ``url``, one listing page (1000 keys) at a time in key order (S3 lists
+def _s3_keys(url: str, page: int = 1000) -> Iterator[str] | None:
+    """The object URLs below the S3 folder ``url``, one listing page (``page`` keys) at a time in key order (S3 lists
     keys in UTF-8 byte order: the order of Python strings); None when ``url`` is not on s3fs (the caller then lists
     everything at once with ``io.find``)."""
     fs, path = io.filesystem(url)
@@ -86,7 +86,8 @@ def _s3_keys(url: str) -> Iterator[str] | None:
     from fsspec.asyn import sync
 
     bucket, _, prefix = path.strip("/").partition("/")
-    kwargs = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else "", **getattr(fs, "req_kw", {})}
+    kwargs = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else "", "MaxKeys": int(page),
+              **getattr(fs, "req_kw", {})}
 
     def pages():
         while True:
