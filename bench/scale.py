@@ -65,7 +65,9 @@ PLACES: dict[str, Place] = {p.name: p for p in [
           "units of 32 and spooled", plan=True, driver=True),
 ]}
 
-EXTRAS: dict[str, str] = {}  # name -> "module:function"; function(args) -> dict
+EXTRAS: dict[str, str] = {  # name -> "module:function"; function(args) -> dict
+    "segment_records_s3": "bench.scale_segment:records_s3",
+}
 
 TARGETS = {
     "driver_peak_rss_mb_at_1M": 300,

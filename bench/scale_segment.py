@@ -90,3 +90,58 @@ def segment_rerun(n: int):
 def segment_plan(n: int):
     """A first run's driver: the listing planned into units and spooled (no records; no data needed)."""
     return _place(n, records=False)
+
+
+def records_s3(args=None, count: int = 1000) -> dict:
+    """A rerun's record reads from S3 (a moto server on loopback, real HTTP): ``count`` records of ``UNIT`` images
+    read one GET after the other (as the previous driver did) and through the job's reduction (``tally``: 16
+    reader threads). An extra of ``bench/scale.py`` (the server is another process)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    import s3fs
+
+    from bench.train import _moto
+    from cluster import segmentation
+    from cluster.world import patched_environ
+    from depthg import io
+
+    proc, endpoint = _moto()
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        with patched_environ(env):
+            s3fs.S3FileSystem.clear_instance_cache()
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            output = "s3://bench/labels"
+            settings = _settings(output)
+            key, images = segmentation.digest(settings), list(listing(count * UNIT))
+
+            def put(unit: int) -> None:
+                items = images[unit * UNIT:(unit + 1) * UNIT]
+                record = {"schema": segmentation.SCHEMA, "unit": unit, "settings": key, "skipped": [],
+                          "probs": None, "node": "node-0", "seconds": 1.0,
+                          "images": [{"source": s, "name": n, "size": [480, 640],
+                                      "files": {"label": f"{n}_label.png", "overlay": f"{n}_overlay.png"}}
+                                     for s, n in items]}
+                io.write_bytes(io.join(output, segmentation.UNITS, segmentation.unit_name(unit)),
+                               json.dumps(record, indent=1).encode())
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(put, range(count)))
+            folder = io.join(output, segmentation.UNITS)
+            t0 = time.perf_counter()
+            serial = [segmentation._read_record(io.join(folder, n)) for n in io.listdir(folder)]
+            serial_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            done = segmentation.tally(output, settings)
+            threads_s = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert len(serial) == len(done.units) == count
+    return {"records": count, "images_per_record": UNIT, "serial_s": round(serial_s, 2),
+            "threads": segmentation.READ_THREADS, "threads_s": round(threads_s, 2),
+            "speedup": round(serial_s / threads_s, 2), "records_per_s_threads": round(count / threads_s, 1),
+            "load_avg_1min": os.getloadavg()[0]}

@@ -409,8 +409,7 @@ def prepare(settings: dict, items: Iterable[tuple[str, str]], spool: str, overwr
     done = Tally() if overwrite else tally(output, settings)
     done.check(output)
     job = plan(items, done, settings["unit_size"], spool, output)
-    if job.units:
-        remove_orphans(output, done.shards)
+    remove_orphans(output, done.shards)
     return done, job
 
 
