@@ -68,9 +68,17 @@ PLACES: dict[str, Place] = {p.name: p for p in [
     Place("eval_driver", "bench.scale_drivers:eval_driver",
           "evaluation driver (N = images): per-shard results (5 heads, 27 classes, 8 samples) and k-means codes "
           "reduced as they arrive", driver=True),
+    Place("segment_rerun", "bench.scale_segment:segment_rerun",
+          "cluster.segmentation.prepare on a rerun (N = images; every other unit of 32 recorded): records read on "
+          "16 threads and reduced, listing streamed past the done-set, units left spooled", driver=True),
+    Place("segment_plan", "bench.scale_segment:segment_plan",
+          "cluster.segmentation.prepare on a first run (N = images, nothing recorded): the listing streamed into "
+          "units of 32 and spooled", plan=True, driver=True),
 ]}
 
-EXTRAS: dict[str, str] = {}  # name -> "module:function"; function(args) -> dict
+EXTRAS: dict[str, str] = {  # name -> "module:function"; function(args) -> dict
+    "segment_records_s3": "bench.scale_segment:records_s3",
+}
 
 TARGETS = {
     "driver_peak_rss_mb_at_1M": 300,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # storage settings the driver forwards to its actors (actors of an already running cluster do not
@@ -42,6 +42,7 @@ DEVICE_HELP = ("auto: GPU actors whenever the cluster has GPUs or its autoscaler
                "cuda: always ask for one GPU per actor; cpu: CPU actors")
 log = logging.getLogger(__name__)
 _started = False  # connect() started the local Ray (the fallback of started_here where Ray's internals differ)
+_END = object()  # the end of a map's calls
 
 
 def running_cluster_address() -> str | None:
@@ -269,31 +270,42 @@ class ActorGroup:
                              "build one group per config")
         return self
 
-    def map(self, method: str, calls: list[tuple], desc: str = "", progress: bool = True):
+    def map(self, method: str, calls: Iterable[tuple], desc: str = "", progress: bool = True,
+            total: int | None = None):
         """Yield ``actor.method(*call)`` results as they complete, with one driver-side tqdm bar.
 
         A call goes to an actor once it is ready (placed and constructed) and has a free slot; the
         next call is handed out *before* a result is yielded, so a consumer that pauses (or kills a
-        node) always leaves work in flight. Retries after actor death are Ray's (``MAX_RESTARTS``,
-        ``MAX_TASK_RETRIES``); the error of a call that still fails, or of a method that raises,
-        ends the map.
+        node) always leaves work in flight. ``calls`` may be any iterable (an iterator is consumed only
+        as slots free up, so the driver never holds more than the calls in flight); ``total`` is its
+        length when it has none (the bar and the actor count; None: as many actors as planned).
+        Retries after actor death are Ray's (``MAX_RESTARTS``, ``MAX_TASK_RETRIES``); the error of a
+        call that still fails, or of a method that raises, ends the map.
         """
         import ray
         from tqdm import tqdm
 
-        if not calls:
+        if total is None and hasattr(calls, "__len__"):
+            total = len(calls)
+        if total == 0:
             return
-        waiting = {actor.__ray_ready__.remote(): actor for actor in self.start(len(calls))}
-        idle, todo, running = [], deque(enumerate(calls)), {}
-        log.info("%s: %d calls; each goes to an actor once it is placed and free", desc or method, len(calls))
+        todo = iter(calls)
+        waiting = {actor.__ray_ready__.remote(): actor for actor in self.start(total)}
+        idle, running, left = [], {}, [True]
+        log.info("%s: %s calls; each goes to an actor once it is placed and free", desc or method,
+                 "?" if total is None else total)
 
         def hand_out():
-            while idle and todo:
-                actor, (i, call) = idle.pop(), todo.popleft()
+            while idle and left[0]:
+                call = next(todo, _END)
+                if call is _END:
+                    left[0] = False
+                    return
+                actor = idle.pop()
                 running[getattr(actor, method).remote(*call)] = actor
 
-        with tqdm(total=len(calls), desc=desc, unit="call", disable=not progress) as bar:
-            while todo or running:
+        with tqdm(total=total, desc=desc, unit="call", disable=not progress) as bar:
+            while left[0] or running:
                 (ref,), _ = ray.wait([*waiting, *running], num_returns=1)
                 if ref in waiting:
                     actor = waiting.pop(ref)

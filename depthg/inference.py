@@ -3,8 +3,10 @@
 ``launch/segment.py`` (and its distributed form, ``cluster/segmentation.py``) is the command; this module holds
 what they need from the library:
 
-* ``list_images`` / ``list_inputs``: the image files of a folder (recursively), a glob pattern or an fsspec URL
-  (``s3://bucket/images``), with the output name of each (its path below the input, without the extension);
+* ``iter_inputs`` (``list_inputs``, ``list_images``): the image files of a folder (recursively), a glob pattern or
+  an fsspec URL (``s3://bucket/images``) sorted by name and streamed (a sorted local walk; S3 one listing page at a
+  time), each with its output name (``output_name``: its path below the input with the extension kept, so a name
+  never depends on the other files); ``check_inputs`` fails early on an input without images;
 * ``read_image``: ``depthg.data.read_image`` (the one image reader of the project), for local files and any URL;
 * ``score_images`` -> ``finish_label``: the project's one resize (``resize_center_crop`` with ``crop=False``:
   shorter side to ``resolution``, nearest, the whole image kept, edge-padded to the backbone's stride), codes
@@ -19,7 +21,7 @@ import glob
 import io as _pyio
 import os
 import tempfile
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from depthg.data.transforms import resize_center_crop, to_tensor_image
 from depthg.evaluation import compute_codes, probe_scores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "list_inputs", "read_image", "score_images", "finish_label",
+__all__ = ["IMAGE_EXTENSIONS", "iter_inputs", "check_inputs", "list_inputs", "list_images", "output_name", "read_image", "score_images", "finish_label",
            "segment_images", "overlay", "png_bytes", "probabilities"]
 
 
@@ -46,45 +48,120 @@ def _glob_root(pattern: str) -> str:
     return head.rsplit("/", 1)[0] if "/" in head else ""
 
 
-def list_inputs(pattern: str) -> list[tuple[str, str]]:
-    """``(file, output name)`` of every image of a folder (recursively, sorted), a glob pattern or an fsspec URL of
-    either; the name is the path below the folder (or the glob's fixed part) without the extension. Names that
-    would collide (``a.png`` and ``a.jpg``) are prefixed with their index. A clear error when there is none."""
-    remote = io.is_remote(pattern)
+def output_name(source: str, root: str) -> str:
+    """The output name of ``source``: its path below ``root`` with its extension kept (``a.jpg`` -> ``a.jpg``,
+    ``sub/b.png`` -> ``sub/b.png``), so a name depends on that file's own path alone and never moves when other
+    files come or go (``a.jpg`` beside ``a.png`` are two names). Outside ``root``: the base name."""
+    if not io.is_remote(source):
+        rel = os.path.relpath(source, root or ".") if root else source
+        if rel.startswith(".."):
+            rel = os.path.basename(source)
+        return rel.replace(os.sep, "/").lstrip("/")
+    if root and source.startswith(root.rstrip("/") + "/"):
+        return source[len(root.rstrip("/")) + 1:]
+    return source.rsplit("/", 1)[-1]
+
+
+def _walk_sorted(folder: str, rel: str = "") -> Iterator[str]:
+    """Image paths below ``folder`` relative to it, in the sorted order of the whole relative path, streamed (a
+    folder's entries sorted with ``/`` after each subfolder's name: exactly the order of sorting all the paths;
+    symlinked folders are not entered, as ``os.walk``)."""
+    with os.scandir(folder) as it:
+        entries = sorted((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it)
+    for key, entry in entries:
+        if key.endswith("/"):
+            yield from _walk_sorted(entry.path, rel + key)
+        elif _is_image(entry.name) and entry.is_file():
+            yield rel + entry.name
+
+
+def _s3_keys(url: str, page: int = 1000) -> Iterator[str] | None:
+    """The object URLs below the S3 folder ``url``, one listing page (``page`` keys) at a time in key order (S3 lists
+    keys in UTF-8 byte order: the order of Python strings); None when ``url`` is not on s3fs (the caller then lists
+    everything at once with ``io.find``)."""
+    fs, path = io.filesystem(url)
+    call = getattr(fs, "_call_s3", None)  # s3fs's one request with its retries (pinned s3fs; guarded)
+    if call is None or "s3" not in tuple(getattr(fs, "protocol", ())):
+        return None
+    from fsspec.asyn import sync
+
+    bucket, _, prefix = path.strip("/").partition("/")
+    kwargs = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else "", "MaxKeys": int(page),
+              **getattr(fs, "req_kw", {})}
+
+    def pages():
+        while True:
+            try:
+                page = sync(fs.loop, call, "list_objects_v2", **kwargs)
+            except Exception as exc:  # noqa: BLE001 - rewrapped with the URL, as depthg.io does
+                raise io._wrap(url, exc) from exc
+            for item in page.get("Contents", []):
+                yield f"s3://{bucket}/{item['Key']}"
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    return pages()
+
+
+def _or_found(keys: Iterator[str], url: str) -> Iterator[str]:
+    """``keys``, or when there are none (``url`` names one object, not a folder) what ``io.find`` finds."""
+    found = False
+    for key in keys:
+        found = True
+        yield key
+    if not found:
+        yield from io.find(url)
+
+
+def iter_inputs(pattern: str) -> Iterator[tuple[str, str]]:
+    """``(file, output name)`` of every image of a folder (recursively), a glob pattern or an fsspec URL of either,
+    sorted by name; a folder is streamed (local: a sorted walk; S3: one listing page at a time), never held whole.
+    Local files are absolute paths. The name is ``output_name``: the path below the folder (or the glob's fixed
+    part) with its extension. Raises ``FileNotFoundError`` naming the input when it holds no image."""
+    remote, count = io.is_remote(pattern), 0
+    magic = any(c in pattern for c in "*?[")
     if not remote and os.path.isdir(pattern):
-        root = pattern
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(pattern) for f in names if _is_image(f))
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {pattern}")
+        root = os.path.abspath(pattern)
+        stream = ((os.path.join(root, rel), rel) for rel in _walk_sorted(root))
+        empty = f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {pattern}"
     elif not remote:
-        root = _glob_root(pattern)
-        files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        root = os.path.abspath(_glob_root(pattern) or ".")
+        files = sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
         if not files:
             raise FileNotFoundError(f"input {pattern} is neither a folder nor a glob matching any file")
         files = [f for f in files if _is_image(f)] or files  # a pattern naming files explicitly keeps them
+        stream = iter(sorted(((f, output_name(f, root)) for f in files), key=lambda item: item[1]))
+        empty = ""
     else:
-        magic = any(c in pattern for c in "*?[")
         root = _glob_root(pattern) if magic else pattern.rstrip("/")
-        files = [f for f in io.find(pattern) if _is_image(f)]
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) at {pattern}")
-    return list(zip(files, _names(files, root)))
+        pages = None if magic else _s3_keys(pattern)
+        keys = iter(io.find(pattern)) if pages is None else _or_found(pages, pattern)
+        stream = ((f, output_name(f, root)) for f in keys if _is_image(f))
+        if magic:
+            stream = iter(sorted(stream, key=lambda item: item[1]))
+        empty = f"no images ({', '.join(IMAGE_EXTENSIONS)}) at {pattern}"
+    for item in stream:
+        count += 1
+        yield item
+    if not count:
+        raise FileNotFoundError(empty)
 
 
-def _names(files: list[str], root: str) -> list[str]:
-    def rel(f: str) -> str:
-        r = os.path.relpath(f, root) if root and not io.is_remote(f) else (f[len(root):] if root and f.startswith(root) else os.path.basename(f))
-        return os.path.splitext(r.lstrip("/"))[0].replace(os.sep, "/")
+def check_inputs(pattern: str) -> None:
+    """Raise the error ``iter_inputs`` would, having listed no more than the first image (a fast check before the
+    model loads)."""
+    next(iter_inputs(pattern))
 
-    names = [rel(f) for f in files]
-    if len(set(names)) != len(names):  # e.g. a.png and a.jpg
-        return [f"{os.path.dirname(n) + '/' if '/' in n else ''}{i:05d}_{os.path.basename(n)}" for i, n in enumerate(names)]
-    return names
+
+def list_inputs(pattern: str) -> list[tuple[str, str]]:
+    """``iter_inputs`` as a list (small inputs; the bucket job streams ``iter_inputs``)."""
+    return list(iter_inputs(pattern))
 
 
 def list_images(pattern: str) -> list[str]:
-    """The image files of a folder (recursively, sorted), a glob pattern or an fsspec URL (see ``list_inputs``)."""
-    return [f for f, _ in list_inputs(pattern)]
+    """The image files of a folder (recursively, sorted), a glob pattern or an fsspec URL (see ``iter_inputs``)."""
+    return [f for f, _ in iter_inputs(pattern)]
 
 
 def read_image(path: str) -> np.ndarray:

@@ -9,11 +9,14 @@
 ``--checkpoint``: a segmenter.pt or a published DepthG / STEGO Lightning ``.ckpt`` (docs/IMPORT.md). ``--input``: a
 folder (recursively), a glob pattern or any fsspec URL of either. Needs neither depth nor labels. ``--probe cluster``
 (default) writes raw cluster ids unless ``--assignment eval.json`` (written by launch/evaluate.py) maps them to
-classes; ``--probe linear`` writes class ids. Writes ``{name}_label.png`` (ids; uint8, or uint16 above 255),
+classes; ``--probe linear`` writes class ids. ``{name}`` is the image's path below ``--input`` with its extension
+(``sub/a.jpg`` -> ``sub/a.jpg_label.png``). Writes ``{name}_label.png`` (ids; uint8, or uint16 above 255),
 ``{name}_overlay.png`` (``--no-overlays``: none), with ``--probs`` the probabilities as WebDataset shards
 ``probs/shard-NNNNNN.tar``, a record per unit of images under ``_units/`` and ``manifest.json`` last. A rerun into
-the same ``--output`` skips the images complete units hold (cluster/segmentation.py); ``--workers 0`` (default)
-runs in this process, ``N`` on N Ray actors, ``auto`` one per GPU.
+the same ``--output`` skips the images complete units hold (cluster/segmentation.py) and refuses an output made with
+other settings, by an earlier version, or holding a name for another source; ``--workers 0`` (default) runs in this
+process, ``N`` on N Ray actors, ``auto`` one per GPU. Each worker reads and writes ``--prefetch`` units while it
+scores another.
 """
 from __future__ import annotations
 
@@ -42,11 +45,19 @@ def parse(argv):
     p.add_argument("--probs", action="store_true", help="also write probabilities as WebDataset shards")
     p.add_argument("--workers", default="0", help="0 = this process; N = N Ray actors; auto = one per GPU")
     p.add_argument("--unit-size", type=int, default=32, help="images per unit of work (and per probability shard)")
-    p.add_argument("--overwrite", action="store_true", help="redo every image even if complete units exist")
+    p.add_argument("--prefetch", type=int, default=1,
+                   help="units each worker reads and writes while it scores another (0: one unit at a time)")
+    p.add_argument("--io-threads", type=int, default=8, help="image reads and output writes at once per unit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every image: removes the output's unit records, probability shards and manifest first")
     p.add_argument("--device", default="auto")
     args = p.parse_args(rest)
     if args.workers != "auto" and not args.workers.isdigit():
         p.error(f"--workers: expected a count or 'auto', got {args.workers!r}")
+    for flag, value, least in (("--unit-size", args.unit_size, 1), ("--prefetch", args.prefetch, 0),
+                               ("--io-threads", args.io_threads, 1)):
+        if value < least:
+            p.error(f"{flag}: expected an integer >= {least}, got {value}")
     return args, overrides
 
 
@@ -83,15 +94,17 @@ def settings_for(args, cfg, n_clusters: int) -> dict:
             "flip": bool(cfg.eval.flip), "mapping": None if mapping is None else mapping.tolist(),
             "assignment": args.assignment, "palette": palette.tolist(), "overlays": bool(args.overlays),
             "probs": bool(args.probs), "unit_size": int(args.unit_size),
-            "batch_size": int(args.batch_size or cfg.eval.batch_size)}
+            "batch_size": int(args.batch_size or cfg.eval.batch_size), "prefetch": int(args.prefetch),
+            "io_threads": int(args.io_threads)}
 
 
-def main(argv=None, on_unit=None) -> list[str]:
+def main(argv=None, on_unit=None) -> dict:
+    """Run the job; returns its manifest (``cluster.segmentation``)."""
     from cluster import segmentation
     from cluster.evaluator import CheckpointModel
 
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    items = inference.list_inputs(args.input)  # fail before loading the model
+    inference.check_inputs(args.input)  # fail before loading the model (the listing itself streams later)
     ckpt_cfg, backbone, segmenter = load_model(args.checkpoint)
     cfg = load_config(None, overrides, base=ckpt_cfg)
     settings = settings_for(args, cfg, segmenter.cluster_probe.n_clusters)
@@ -101,15 +114,13 @@ def main(argv=None, on_unit=None) -> list[str]:
         return preloaded.pop("model", None) or CheckpointModel(args.checkpoint)()
 
     model = model_fn if args.workers in ("0",) else CheckpointModel(args.checkpoint)
-    manifest = segmentation.segment(settings, model, items, args.workers, on_unit=on_unit, overwrite=args.overwrite,
-                                    device=args.device)
-    records = [json.loads(io.read_bytes(io.join(args.output, segmentation.UNITS, u))) for u in manifest["units"]]
-    written = [io.join(args.output, f) for r in records for e in r["images"] for f in e["files"].values()]
+    manifest = segmentation.segment(settings, model, inference.iter_inputs(args.input), args.workers,
+                                    on_unit=on_unit, overwrite=args.overwrite, device=args.device)
     for s in manifest["skipped"]:
         print(f"skipped {s['source']}: {s['error']}", file=sys.stderr)
     print(f"{manifest['images']} of {manifest['inputs']} images segmented into {args.output} "
-          f"({len(written)} files, manifest {io.join(args.output, segmentation.MANIFEST)})")
-    return written
+          f"({len(manifest['units'])} units, manifest {io.join(args.output, segmentation.MANIFEST)})")
+    return manifest
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ def test_segment_survives_a_lost_node_every_image_once(tmp_path):
     sources = [s for r in seen["records"] for s in r["sources"]]
     assert sorted(sources) == inputs and len(set(sources)) == len(inputs) == 12
     assert sorted(s for u in seen["units"] for s in u["sources"]) == inputs  # each unit reported once
-    assert seen["labels"] == sorted(os.path.basename(f)[:-4] + "_label.png" for f in inputs)
+    assert seen["labels"] == sorted(os.path.basename(f) + "_label.png" for f in inputs)  # names keep the extension
     manifest = seen["manifest"]
     assert manifest["images"] == manifest["inputs"] == 12 and len(manifest["probs_shards"]) == 6
-    assert killed not in [u["node"] for u in seen["units"][1:]] and added in {u["node"] for u in seen["units"]}
+    # the lost node's actor held two units (one scored, one read beside it: --prefetch 1) when it was removed; only
+    # those can still report it (finished before the removal), every later unit ran elsewhere
+    assert sum(u["node"] == killed for u in seen["units"][1:]) <= 2 and added in {u["node"] for u in seen["units"]}

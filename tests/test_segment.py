@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster import evaluator
+from cluster import evaluator, segmentation
 from depthg import inference, shards
 from depthg.checkpoint import save_segmenter
 from depthg.config import Config
@@ -41,14 +41,14 @@ def _images(folder, n=3, sizes=((30, 40), (48, 36), (33, 33))):
 def test_segment_folder_of_three_images_writes_six_files(checkpoint, tmp_path):
     src = _images(str(tmp_path / "in"))
     out = str(tmp_path / "out")
-    written = segment_script.main(["--checkpoint", checkpoint, "--input", src, "--output", out, "--crf",
-                                   "--batch-size", "2"])
-    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted(os.path.basename(p) for p in written)
-    assert len(written) == 6
-    assert sorted(os.listdir(out)) == sorted([os.path.basename(p) for p in written] + ["_units", "manifest.json"])
-    label = np.array(Image.open(os.path.join(out, "img1_label.png")))
+    manifest = segment_script.main(["--checkpoint", checkpoint, "--input", src, "--output", out, "--crf",
+                                    "--batch-size", "2"])
+    written = [f for r in segmentation.read_records(out) for e in r["images"] for f in e["files"].values()]
+    assert manifest["images"] == manifest["inputs"] == 3 and len(written) == 6
+    assert sorted(os.listdir(out)) == sorted(written + ["_units", "manifest.json"])
+    label = np.array(Image.open(os.path.join(out, "img1.png_label.png")))  # the name keeps the extension
     assert label.shape == (48, 36) and label.max() < 4  # 4 clusters, at the input's own size
-    overlay = np.array(Image.open(os.path.join(out, "img1_overlay.png")))
+    overlay = np.array(Image.open(os.path.join(out, "img1.png_overlay.png")))
     assert overlay.shape == (48, 36, 3)
 
 
@@ -60,7 +60,7 @@ def test_segment_labels_equal_library_prediction(checkpoint, tmp_path):
     _, backbone, segmenter = segment_script.load_model(checkpoint)
     image = inference.read_image(os.path.join(src, "img0.png"))
     expect = inference.segment_images(backbone.eval(), segmenter.eval(), [image], 32, "linear", True, False)[0]
-    np.testing.assert_array_equal(np.array(Image.open(os.path.join(out, "img0_label.png"))), expect)
+    np.testing.assert_array_equal(np.array(Image.open(os.path.join(out, "img0.png_label.png"))), expect)
 
 
 def test_segment_bad_paths_give_clear_errors(tmp_path):
