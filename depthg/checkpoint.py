@@ -10,7 +10,9 @@ Layout (a ``torch.save`` of plain Python containers and tensors only)::
 A trained segmenter does not store its frozen backbone: it is rebuilt from ``config.model.backbone`` / ``weights``.
 A model imported from the reference (``launch/convert.py``) carries its DINO weights in ``backbone_state``, so it
 needs no download. ``load_model`` (backbone + segmenter) and ``load_segmenter`` also read the reference's own
-PyTorch Lightning ``.ckpt`` files directly (``depthg.reference``, safely: no pickled code runs).
+PyTorch Lightning ``.ckpt`` files directly, and ``convert_checkpoint`` writes one as a ``segmenter.pt``
+(``depthg.reference`` does the unpickling, safely: no pickled code runs, and the mapping). This module imports
+``depthg.reference``, never the reverse; ``CheckpointError`` is defined in ``depthg.errors`` and re-exported here.
 """
 from __future__ import annotations
 

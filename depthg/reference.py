@@ -4,6 +4,8 @@ leonsick/depthg and mhamilton723/STEGO publish their models as Lightning ``.ckpt
 ``{"state_dict", "hyper_parameters": {"n_classes", "cfg"}, "epoch", "global_step", "optimizer_states", "loops",
 "callbacks", ...}`` where ``cfg`` is the run's Hydra config, an omegaconf ``DictConfig``. This module turns one
 into this project's ``Config`` + ``Segmenter`` + the DINO backbone tensors the file carries (no download).
+``depthg.checkpoint`` reads files with it (``load_model``, ``load_segmenter``, ``read_header``,
+``convert_checkpoint``); this module never imports ``depthg.checkpoint``.
 
 Safety: the file is read with ``torch.load(weights_only=True)``; the only extra classes the unpickler may name are
 ``SAFE_GLOBALS`` (omegaconf's containers, nodes and metadata, ``typing.Any``, a few builtins, Lightning's callback
