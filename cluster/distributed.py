@@ -16,22 +16,35 @@ confusions, barriers) move small CPU tensors, so two things hold them up:
   ``"nccl"``). Every rank calls the helpers in the same order, as collectives require, so the lazily
   created group is created by all ranks at the same point.
 
+Teardown. ``torch.distributed.destroy_process_group()`` does not stop gloo's threads: a group's worker and
+transport threads are joined only when the last Python reference to it goes. A group that lives on into
+interpreter exit aborts the process now and then (SIGABRT, ``terminate called without an active exception``):
+a gloo worker thread that was still releasing the last collective's work (descheduled on a loaded machine after
+it had signalled completion) needs the GIL to free the tensors' Python objects while Python is finalizing, and
+the thread exits inside a ``noexcept`` destructor. A rank that aborts after finishing turns a finished run into a
+failed one (torchrun reports it, Ray Train retries it). So this module holds its groups weakly (``cpu_group``'s
+cache never keeps a destroyed group alive), and ``shutdown(world)`` is every rank's last call (the trainer's):
+a barrier, so that no peer is still inside a collective, then the CPU group of its own and the default group
+destroyed, in that order on every rank; no reference is left, so the threads are joined there and then.
+
 Every helper takes the ``World`` and is the identity (no process group needed) in a single process.
 """
 from __future__ import annotations
 
 import os
 import socket
+import weakref
 
 import torch
-
-from depthg.device import resolve_device
 import torch.distributed as dist
 
+from depthg.device import resolve_device
 from depthg.world import World
 
 MAX_AUTO_LOADER_WORKERS = 16
-_CPU_GROUP: dict = {}  # {id(default group): group used for CPU tensors}
+# {default group: the gloo group of its own for CPU tensors, or None when the default group serves them}; weak keys,
+# so that a default group destroyed by anyone (shutdown, Ray Train, a test) is freed with its CPU group at once
+_CPU_GROUP: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def free_port() -> int:
@@ -74,12 +87,27 @@ def _active(world: World) -> bool:
 def cpu_group():
     """The process group used for CPU tensors: the default one when it serves them, else a gloo group."""
     default = dist.group.WORLD
-    key = id(default)
-    if key not in _CPU_GROUP:
+    if default not in _CPU_GROUP:
         serves_cpu = any(item.split(":")[0] == "cpu" for item in dist.get_backend_config().split(","))
-        _CPU_GROUP.clear()  # a new default group (a re-initialised process) invalidates the old one
-        _CPU_GROUP[key] = default if serves_cpu else dist.new_group(backend="gloo")
-    return _CPU_GROUP[key]
+        _CPU_GROUP[default] = None if serves_cpu else dist.new_group(backend="gloo")
+    own = _CPU_GROUP[default]
+    return default if own is None else own
+
+
+def shutdown(world: World) -> None:
+    """End this rank's process groups while the interpreter is whole; every rank's last collective call.
+
+    A barrier (every rank has finished its collectives, so no peer is still working on a group), then the CPU
+    group of its own (if any) and the default group destroyed, in that order on every rank. This module keeps no
+    reference to either, so their gloo threads are joined here rather than during interpreter exit (module
+    docstring). A no-op in a single process or when no group is up (e.g. destroyed already)."""
+    if not _active(world):
+        return
+    group = cpu_group()
+    dist.barrier(group=group)
+    if group is not dist.group.WORLD:
+        dist.destroy_process_group(group)
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:

@@ -173,5 +173,5 @@ def train(cfg: Config, world: World, on_checkpoint: Callable[[str, int, dict], N
     if world.is_main:  # train.finish: the written segmenters' probes refitted on their final codes
         checkpoints.write_final(cfg, final, total, lambda seg: finish(backbone, seg, cfg, spec, log))
     log.close()
-    distributed.barrier(world)
+    distributed.shutdown(world)  # a barrier, then the process groups ended before this rank's interpreter exits
     return last

@@ -10,7 +10,9 @@ Layout (a ``torch.save`` of plain Python containers and tensors only)::
 A trained segmenter does not store its frozen backbone: it is rebuilt from ``config.model.backbone`` / ``weights``.
 A model imported from the reference (``launch/convert.py``) carries its DINO weights in ``backbone_state``, so it
 needs no download. ``load_model`` (backbone + segmenter) and ``load_segmenter`` also read the reference's own
-PyTorch Lightning ``.ckpt`` files directly (``depthg.reference``, safely: no pickled code runs).
+PyTorch Lightning ``.ckpt`` files directly, and ``convert_checkpoint`` writes one as a ``segmenter.pt``
+(``depthg.reference`` does the unpickling, safely: no pickled code runs, and the mapping). This module imports
+``depthg.reference``, never the reverse; ``CheckpointError`` is defined in ``depthg.errors`` and re-exported here.
 """
 from __future__ import annotations
 
@@ -19,16 +21,12 @@ from typing import Any
 
 import torch
 
-from depthg import io
+from depthg import io, reference
 from depthg.config import Config, ConfigError, from_dict, to_dict
-from depthg.errors import DepthgError
+from depthg.errors import CheckpointError
 from depthg.models.heads import Segmenter
 
 FORMAT = "depthg-segmenter/1"
-
-
-class CheckpointError(DepthgError, ValueError):
-    """A checkpoint that cannot be read or does not match; the message names the file."""
 
 
 def save_segmenter(url: str, cfg: Config, segmenter: Segmenter, extra: dict | None = None,
@@ -52,11 +50,9 @@ def save_segmenter(url: str, cfg: Config, segmenter: Segmenter, extra: dict | No
 
 def read_payload(url: str, map_location="cpu") -> Any:
     """The unpickled file: ``weights_only=True`` plus only the inert stand-ins of ``depthg.reference.SAFE_GLOBALS``."""
-    from depthg.reference import safe_torch_load
-
     if not io.exists(url):
         raise FileNotFoundError(f"checkpoint not found: {url}")
-    return safe_torch_load(io.read_bytes(url), url, map_location)
+    return reference.safe_torch_load(io.read_bytes(url), url, map_location)
 
 
 def _read(url: str, map_location, payload: Any = None) -> dict[str, Any]:
@@ -105,8 +101,6 @@ def load_model(url: str, map_location="cpu"):
 def _load_any(url: str, map_location):
     """``(cfg, segmenter, extra, backbone tensors or None)`` of a depthg checkpoint or a reference Lightning one."""
     payload = read_payload(url, map_location)
-    from depthg import reference
-
     if reference.is_lightning(payload):
         cfg, segmenter, backbone_state, extra = reference.import_payload(payload, url)
         return cfg, segmenter, extra, backbone_state
@@ -134,8 +128,6 @@ def read_header(url: str) -> dict[str, Any]:
     """The checkpoint's description without building modules: format, backbone, feat_dim, segmenter, config, and
     whether it carries its backbone's weights (``embedded_backbone``)."""
     payload = read_payload(url, "cpu")
-    from depthg import reference
-
     if reference.is_lightning(payload):
         cfg, segmenter, _, extra = reference.import_payload(payload, url)
         return {"format": "lightning", "backbone": cfg.model.backbone, "feat_dim": segmenter.feat_dim,
@@ -144,3 +136,18 @@ def read_header(url: str) -> dict[str, Any]:
     payload = _read(url, "cpu", payload)
     header = {k: payload.get(k) for k in ("format", "backbone", "feat_dim", "segmenter", "config")}
     return {**header, "embedded_backbone": "backbone_state" in payload}
+
+
+def convert_checkpoint(src: str, dst: str) -> dict:
+    """Import the reference's Lightning checkpoint ``src`` and write it as a depthg ``segmenter.pt`` at ``dst`` (with
+    the backbone's tensors); returns what was imported (``extra["imported"]``, the shapes and how the reference chose
+    the file)."""
+    payload = read_payload(src, "cpu")
+    if not reference.is_lightning(payload):
+        raise CheckpointError(f"checkpoint {src} is not a PyTorch Lightning checkpoint (no state_dict with Lightning's "
+                              "entries); a depthg segmenter.pt needs no conversion")
+    cfg, segmenter, backbone_state, extra = reference.import_payload(payload, src)
+    save_segmenter(dst, cfg, segmenter, extra, backbone_state=backbone_state)
+    return {**extra["imported"], "backbone": cfg.model.backbone, "code_dim": cfg.model.code_dim,
+            "n_classes": cfg.model.n_classes, "extra_clusters": cfg.model.extra_clusters, "lhp": segmenter.lhp is not None,
+            "dataset": cfg.data.dataset, "selection": extra.get("criterion", "unknown")}

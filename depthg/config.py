@@ -3,13 +3,15 @@
 Precedence is CLI dotted overrides > YAML file > defaults. Unknown keys and values of
 the wrong type are rejected with a message naming the key and listing the valid ones.
 Every job saves the resolved config beside its outputs (``save_config``).
+A new key goes into its section's dataclass below (type, default, a comment); a key with a fixed set of values
+gets a ``Literal`` alias in "allowed values"; a check across keys goes into ``validate``. Parsing the command
+line's ``key=value`` overrides lives in ``depthg.overrides`` (re-exported here).
 
     cfg = load_config("configs/demo.yaml", ["train.micro_batch_per_gpu=8", "loss.depth.mode=distance"])
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, get_args, get_origin
@@ -17,11 +19,8 @@ from typing import Any, Iterable, Literal, Mapping, get_args, get_origin
 import yaml
 
 from depthg import io
-from depthg.errors import DepthgError
-
-
-class ConfigError(DepthgError, ValueError):
-    """A config key or value that cannot be accepted; the message names the key."""
+from depthg.errors import ConfigError
+from depthg.overrides import merge, parse_overrides, split_cli  # noqa: F401 - part of this module's interface
 
 
 # ----------------------------------------------------------------------------- allowed values
@@ -280,43 +279,7 @@ def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _parse_scalar(text: str) -> Any:
-    # YAML scalar rules: "8" -> 8, "true" -> True, "1e-3" -> 0.001, "s3://b/p" -> str
-    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", text):
-        return float(text)
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """``["train.lr=1e-3", "loss.depth.mode=distance"]`` -> nested dict."""
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        node[parts[-1]] = _parse_scalar(text.strip())
-    return nested
-
-
-def _merge(base: dict, diff: Mapping) -> dict:
-    out = dict(base)
-    for key, value in diff.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def read_yaml(path: str) -> dict[str, Any]:
-    from depthg import io
-
     try:
         with io.open_url(path, "r") as fh:
             data = yaml.safe_load(fh) or {}
@@ -333,8 +296,8 @@ def load_config(path: str | None = None, overrides: Iterable[str] = (), base: Ma
     """Defaults < ``base`` (e.g. a checkpoint's config) < YAML ``path`` < ``overrides``."""
     data: dict[str, Any] = dict(base or {})
     if path:
-        data = _merge(data, read_yaml(path))
-    data = _merge(data, parse_overrides(overrides))
+        data = merge(data, read_yaml(path))
+    data = merge(data, parse_overrides(overrides))
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
@@ -396,11 +359,3 @@ def dump_yaml(cfg) -> str:
 def save_config(cfg, url: str) -> None:
     """Write the resolved config (secrets masked) to ``url`` (a file path or s3:// URL)."""
     io.write_bytes(url, dump_yaml(cfg).encode())
-
-
-def split_cli(argv: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Split ``key=value`` overrides from the other (``--flag``) arguments."""
-    overrides, rest = [], []
-    for arg in argv:
-        (overrides if ("=" in arg and not arg.startswith("-")) else rest).append(arg)
-    return overrides, rest

@@ -4,6 +4,8 @@ leonsick/depthg and mhamilton723/STEGO publish their models as Lightning ``.ckpt
 ``{"state_dict", "hyper_parameters": {"n_classes", "cfg"}, "epoch", "global_step", "optimizer_states", "loops",
 "callbacks", ...}`` where ``cfg`` is the run's Hydra config, an omegaconf ``DictConfig``. This module turns one
 into this project's ``Config`` + ``Segmenter`` + the DINO backbone tensors the file carries (no download).
+``depthg.checkpoint`` reads files with it (``load_model``, ``load_segmenter``, ``read_header``,
+``convert_checkpoint``); this module never imports ``depthg.checkpoint``.
 
 Safety: the file is read with ``torch.load(weights_only=True)``; the only extra classes the unpickler may name are
 ``SAFE_GLOBALS`` (omegaconf's containers, nodes and metadata, ``typing.Any``, a few builtins, Lightning's callback
@@ -26,9 +28,15 @@ reference key                                          here
                                                        as in the reference's evaluation)
 ``train_cluster_probe.clusters``, ``decoder.*``,       known, not used at inference: ignored
 ``*_metrics.{stats,cherry_stats}``, and for
-``arch: dino_depth`` with ``guidance: none`` the
-unused ``net.{depth_downscaling,cross_attn,no_depth_embed}.*``
+``arch: dino_depth`` (``guidance`` none, sum or
+concat) ``net.{depth_downscaling,cross_attn,
+no_depth_embed}.*``
 =====================================================  ==============================================
+
+``arch: dino_depth`` (the reference's ``DinoFeaturizerWithDepth``) adds its depth features to the image features
+only in training mode (``guidance: sum``; its ``concat`` branch is empty); in eval mode the codes of ``none``, ``sum``
+and ``concat`` are those of the image features, so such a file is imported as a ``dino`` one. ``guidance: cross_attn`` is refused: its evaluation codes
+go through a cross-attention with a learned embedding (``net.cross_attn``, ``net.no_depth_embed``).
 
 Any other key, or a missing one, is an error naming it. At inference the reference evaluates ``model.net`` in
 eval mode: feature dropout off, codes = linear(feats) + nonlinear(feats), no LHP projection; 320 px, flip
@@ -42,8 +50,8 @@ from typing import Any
 
 import torch
 
-from depthg.checkpoint import CheckpointError
 from depthg.config import Config
+from depthg.errors import CheckpointError
 from depthg.models.heads import Segmenter
 
 DATASETS = {"cocostuff27": "cocostuff27", "cityscapes": "cityscapes", "potsdam": "potsdam", "potsdamraw": "potsdam",
@@ -171,13 +179,30 @@ def _need(rcfg: dict, key: str, url: str, allowed=None):
     return value
 
 
+def _dino_depth_guidance(rcfg: dict, url: str) -> str:
+    """``guidance`` of an ``arch: dino_depth`` run, when its evaluation codes come from the image features alone.
+
+    The reference's ``DinoFeaturizerWithDepth`` mixes its depth features into the image features only in training
+    mode for ``sum`` and ``concat``; in eval mode (all of its evaluation) both fall through to the image features,
+    like ``none``. ``cross_attn`` evaluates a cross-attention of its learned no-depth embedding over the image
+    features (``net.cross_attn``, ``net.no_depth_embed``), which this import does not implement: refused."""
+    guidance = rcfg.get("guidance", "none")
+    if guidance == "cross_attn":
+        raise CheckpointError(f"checkpoint {url}: hyper_parameters.cfg.guidance = 'cross_attn' (arch dino_depth): its "
+                              "codes at evaluation pass through the reference's cross-attention of a learned no-depth "
+                              "embedding, which this import does not implement; it supports guidance 'none', 'sum' "
+                              "and 'concat' (codes from the image features, as the reference evaluates them)")
+    if guidance not in ("none", "sum", "concat"):
+        raise CheckpointError(f"checkpoint {url}: hyper_parameters.cfg.guidance = {guidance!r} (arch dino_depth); this "
+                              "import supports 'none', 'sum', 'concat'")
+    return guidance
+
+
 def to_config(n_classes: int, rcfg: dict, url: str) -> Config:
     """This project's ``Config`` for the reference run ``rcfg``: the backbone and head shapes from the checkpoint's
     own config, evaluation as the reference's (320 px, flip, CRF), DINO's position-table interpolation."""
-    arch = _need(rcfg, "arch", url, ("dino", "dino_depth"))
-    if arch == "dino_depth" and rcfg.get("guidance", "none") != "none":
-        raise CheckpointError(f"checkpoint {url}: arch dino_depth with guidance {rcfg.get('guidance')!r} mixes depth "
-                              "features into the codes at inference; only guidance 'none' is supported")
+    if _need(rcfg, "arch", url, ("dino", "dino_depth")) == "dino_depth":
+        _dino_depth_guidance(rcfg, url)
     _need(rcfg, "dino_feat_type", url, ("feat",))
     _need(rcfg, "projection_type", url, ("nonlinear", "linear"))
     key = (_need(rcfg, "model_type", url, ("vit_small", "vit_base")), int(_need(rcfg, "dino_patch_size", url, (8,))))
@@ -250,12 +275,18 @@ def build_segmenter(cfg: Config, feat_dim: int, tensors: dict, url: str) -> Segm
     return segmenter.eval()
 
 
+MONITORS = {"test/cluster/mIoU": "val_miou", "test/cluster/Accuracy": "val_accuracy"}  # its train_segmentation.py
+
+
 def _selection(payload: dict) -> dict:
-    """How the reference chose this file: its ModelCheckpoint callback's monitor (validation labels)."""
+    """How the reference chose this file: its ModelCheckpoint callback's monitor (validation labels): cluster mIoU,
+    cluster accuracy for Potsdam; ``select`` names it in this project's words (``val_miou`` / ``val_accuracy``)."""
     for key, state in (payload.get("callbacks") or {}).items():
         if "ModelCheckpoint" in str(plain(key)) and isinstance(state, dict) and state.get("monitor"):
-            return {"select": "val_miou", "uses_labels": True, "batch": payload.get("global_step"),
-                    "criterion": f"the reference's ModelCheckpoint (monitor {state['monitor']})"}
+            monitor = str(plain(state["monitor"]))
+            return {"select": MONITORS.get(monitor, "reference"), "uses_labels": True,
+                    "batch": payload.get("global_step"),
+                    "criterion": f"the reference's ModelCheckpoint (monitor {monitor})"}
     return {"select": "none"}
 
 
@@ -272,19 +303,3 @@ def import_payload(payload: dict, url: str) -> tuple[Config, Segmenter, dict, di
                 "lightning_version": payload.get("pytorch-lightning_version"),
                 "reference_config": {k: v for k, v in rcfg.items() if isinstance(v, (str, int, float, bool, type(None)))}}
     return cfg, segmenter, backbone_state, {**_selection(payload), "imported": imported}
-
-
-def convert_checkpoint(src: str, dst: str) -> dict:
-    """Import the Lightning checkpoint ``src`` and write it as a depthg ``segmenter.pt`` at ``dst`` (with the backbone's
-    tensors); returns what was imported (``extra["imported"]``, the shapes and how the reference chose the file)."""
-    from depthg.checkpoint import read_payload, save_segmenter
-
-    payload = read_payload(src, "cpu")
-    if not is_lightning(payload):
-        raise CheckpointError(f"checkpoint {src} is not a PyTorch Lightning checkpoint (no state_dict with Lightning's "
-                              "entries); a depthg segmenter.pt needs no conversion")
-    cfg, segmenter, backbone_state, extra = import_payload(payload, src)
-    save_segmenter(dst, cfg, segmenter, extra, backbone_state=backbone_state)
-    return {**extra["imported"], "backbone": cfg.model.backbone, "code_dim": cfg.model.code_dim,
-            "n_classes": cfg.model.n_classes, "extra_clusters": cfg.model.extra_clusters, "lhp": segmenter.lhp is not None,
-            "dataset": cfg.data.dataset, "selection": extra.get("criterion", "unknown")}

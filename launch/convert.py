@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from depthg import io
-from depthg.reference import convert_checkpoint
+from depthg.checkpoint import convert_checkpoint
 from launch import run
 
 

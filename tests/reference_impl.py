@@ -1,9 +1,9 @@
 """An independent transcription of the reference's model and evaluation forward pass, for the import tests.
 
 Written from the public definitions of leonsick/depthg / mhamilton723/STEGO (``src/dino/vision_transformer.py``,
-``src/modules.py``: DinoFeaturizer, ClusterLookup; ``src/train_segmentation.py``: LitUnsupervisedSegmenter;
-``src/eval_segmentation.py``), in this project's own words and without any of its code: module attribute names
-are the reference's so that ``state_dict()`` has its exact key layout. ``write_lightning_checkpoint`` writes a
+``src/modules.py``: DinoFeaturizer, DinoFeaturizerWithDepth, ClusterLookup; ``src/train_segmentation.py``:
+LitUnsupervisedSegmenter; ``src/eval_segmentation.py``), in this project's own words and without any of its code:
+module attribute names are the reference's so that ``state_dict()`` has its exact key layout. ``write_lightning_checkpoint`` writes a
 ``.ckpt`` as PyTorch Lightning does (``hyper_parameters.cfg`` a pickled omegaconf DictConfig, optimizer states,
 loops, callbacks).
 """
@@ -120,6 +120,48 @@ class Featurizer(nn.Module):
         return self.dropout(feat), code
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm2d: each pixel's channels normalised, then scaled and shifted per channel."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels)), eps
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt((x - mean).pow(2).mean(1, keepdim=True) + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class DepthFeaturizer(Featurizer):
+    """DinoFeaturizerWithDepth (``arch: dino_depth``) in eval mode, as every evaluation runs it: the depth input is
+    zeros and ``sum`` / ``concat`` mix nothing in (those branches need training mode), so the codes are the image
+    features'; ``cross_attn`` codes come from a cross-attention whose queries are the learned no-depth embedding and
+    whose keys and values are the image tokens. Its depth modules are here for their key layout (ViT-S sizes)."""
+
+    def __init__(self, arch: str, dim: int, nonlinear: bool = True, guidance: str = "sum"):
+        super().__init__(arch, dim, nonlinear)
+        n_feats = ARCHS[arch][0]
+        self.guidance = guidance
+        self.depth_downscaling = nn.Sequential(
+            nn.Conv2d(1, 64, 2, stride=2), ChannelNorm(64), nn.GELU(), nn.Conv2d(64, 128, 2, stride=2),
+            ChannelNorm(128), nn.GELU(), nn.Conv2d(128, n_feats, 2, stride=2))
+        self.cross_attn = nn.MultiheadAttention(n_feats, 8, dropout=0.1)
+        self.no_depth_embed = nn.Embedding(1, n_feats)
+
+    def forward(self, img):
+        feat, _ = super().forward(img)
+        if self.guidance == "cross_attn":
+            b, c, h, w = feat.shape
+            tokens = feat.flatten(2).permute(2, 0, 1)  # [h*w, b, c]
+            queries = self.no_depth_embed.weight.view(1, 1, c).expand(h * w, b, c)
+            feat = self.cross_attn(queries, tokens, tokens)[0].permute(1, 2, 0).reshape(b, c, h, w)
+        code = self.cluster1(self.dropout(feat))
+        if self.nonlinear:
+            code = code + self.cluster2(self.dropout(feat))
+        return self.dropout(feat), code, None
+
+
 class ClusterLookup(nn.Module):
     def __init__(self, dim: int, n: int):
         super().__init__()
@@ -140,11 +182,13 @@ class LitSegmenter(nn.Module):
     """LitUnsupervisedSegmenter's modules under its attribute names (its ``state_dict`` layout)."""
 
     def __init__(self, n_classes: int, arch: str = "vit_small", dim: int = 70, extra_clusters: int = 0,
-                 nonlinear: bool = True, lhp: bool = False):
+                 nonlinear: bool = True, lhp: bool = False, guidance: str | None = None):
         super().__init__()
         if lhp:
             self.lhp_module = Projection(dim)
-        self.net = Featurizer(arch, dim, nonlinear)
+        # guidance given: arch dino_depth (DinoFeaturizerWithDepth), else arch dino (DinoFeaturizer)
+        self.net = (Featurizer(arch, dim, nonlinear) if guidance is None
+                    else DepthFeaturizer(arch, dim, nonlinear, guidance))
         self.train_cluster_probe = ClusterLookup(dim, n_classes)
         self.cluster_probe = ClusterLookup(dim, n_classes + extra_clusters)
         self.linear_probe = nn.Conv2d(dim, n_classes, 1)
@@ -209,11 +253,13 @@ def write_lightning_checkpoint(path: str, model: LitSegmenter, n_classes: int, c
                 p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    monitor = {"monitor": "test/cluster/mIoU", "best_model_score": torch.tensor(25.6), "best_model_path": "/ckpt/a.ckpt",
+    # the reference's train_segmentation.py: Potsdam files are chosen on cluster accuracy, the others on cluster mIoU
+    metric = "test/cluster/Accuracy" if isinstance(cfg, dict) and cfg.get("dataset_name") == "potsdam" else "test/cluster/mIoU"
+    monitor = {"monitor": metric, "best_model_score": torch.tensor(25.6), "best_model_path": "/ckpt/a.ckpt",
                "current_score": torch.tensor(24.9), "dirpath": "/ckpt", "best_k_models": {"/ckpt/a.ckpt": torch.tensor(25.6)},
                "kth_best_model_path": "/ckpt/b.ckpt", "kth_value": torch.tensor(24.0), "last_model_path": "/ckpt/last.ckpt"}
     key = _old_lightning_callback_class() if old_callbacks else (
-        "ModelCheckpoint{'monitor': 'test/cluster/mIoU', 'mode': 'max', 'every_n_train_steps': 5}")
+        f"ModelCheckpoint{{'monitor': '{metric}', 'mode': 'max', 'every_n_train_steps': 5}}")
     payload = {"epoch": 3, "global_step": 7000, "pytorch-lightning_version": "1.4.9" if old_callbacks else "2.0.2",
                "state_dict": state_dict if state_dict is not None else model.state_dict(),
                "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 2334},

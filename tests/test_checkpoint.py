@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import pathlib
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from depthg import io as dio
 from depthg.checkpoint import FORMAT, CheckpointError, load_segmenter, read_header, save_segmenter
 from depthg.config import load_config
 from depthg.models import build_segmenter
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _setup(lhp: bool = True, extra_clusters: int = 2):
@@ -106,3 +109,45 @@ def test_config_with_unknown_key_is_rejected_naming_file(tmp_path):
     _write(url, payload)
     with pytest.raises(CheckpointError, match=r"seg.pt.*no_such_key"):
         load_segmenter(str(url))
+
+
+def _import_graph(package: str = "depthg") -> dict[str, set[str]]:
+    """``{module: the package's modules it imports}`` from the source, imports inside functions included; an import
+    between a package and its own submodules (re-exports) is left out."""
+    import ast
+
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                          for a in node.names}
+        graph[name] = {m for m in found if m in files and m != name
+                       and not m.startswith(name + ".") and not name.startswith(m + ".")}
+    return graph
+
+
+def test_the_library_has_no_import_cycle_and_config_stays_small():
+    """depthg's modules import in one direction (checkpoint -> reference, config -> overrides, both -> errors; no
+    cycle, not even through an import inside a function), and depthg/config.py stays under 400 lines."""
+    graph = _import_graph()
+    assert "depthg.reference" in graph["depthg.checkpoint"] and "depthg.checkpoint" not in graph["depthg.reference"]
+    cycles, done = [], set()
+
+    def walk(node, path):
+        for nxt in sorted(graph[node]):
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in done:
+                walk(nxt, path + [nxt])
+        done.add(node)
+
+    for module in sorted(graph):
+        walk(module, [module])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    assert len((ROOT / "depthg" / "config.py").read_text().splitlines()) < 400

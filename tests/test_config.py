@@ -174,6 +174,7 @@ def test_paper_configs_say_what_they_reproduce(name):
     assert (cfg.model.backbone, cfg.model.code_dim, cfg.data.dataset) == (backbone, code_dim, dataset)
     assert cfg.train.num_batches == 2334 and cfg.train.global_batch(1) == (16 if dataset == "potsdam" else 32)
     assert "--print-schedule" in text or "schedules as in" in text
+    assert cfg.train.finish == "none"  # both report the probes trained in the loop, as the reference did (no refit)
     if backbone == "dino_vits8":
         assert cfg.model.weights == DINO_VITS8_300EP_URL  # the 300-epoch checkpoint STEGO and DepthG load
     if reference:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import weakref
 
 import pytest
 import torch
@@ -55,9 +56,17 @@ def _rank(rank: int, backend: str, via_engine: bool, port: int, out: str) -> Non
     result["bad"] = distributed.count_over_ranks(rank == 1, world)
     distributed.barrier(world)
     result["own_cpu_group"] = distributed.cpu_group() is not torch.distributed.group.WORLD
+    groups = [weakref.ref(g) for g in {torch.distributed.group.WORLD, distributed.cpu_group()}]
+    threads = len(os.listdir("/proc/self/task"))
+    if via_engine:  # the trainer's teardown
+        distributed.shutdown(world)
+    else:  # someone else's (Ray Train's): cluster.distributed must not keep the groups alive either
+        torch.distributed.destroy_process_group()
+    # no reference left anywhere: torch freed the groups, and gloo joined their threads, before this process exits
+    result["groups_alive"] = [g() is not None for g in groups]
+    result["threads_joined"] = threads - len(os.listdir("/proc/self/task"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
-    torch.distributed.destroy_process_group()
 
 
 def _run_two(tmp_path, backend: str, via_engine: bool) -> list[dict]:
@@ -74,6 +83,7 @@ def _run_two(tmp_path, backend: str, via_engine: bool) -> list[dict]:
 
 def _check_helpers(results: list[dict]) -> None:
     for r in results:
+        assert not any(r["groups_alive"]) and r["threads_joined"] > 0, r  # torn down before the process exits
         assert r["sum"] == [4.5]
         assert r["confusion"] == [[0, 3, 6], [9, 12, 15]]  # int64, exact
         assert r["mean"] == {"loss": 0.5, "lr": 0.5}
@@ -93,7 +103,9 @@ def test_nccl_like_group_runs_the_trainer_collectives(tmp_path):
 
 def test_nccl_launch_paths_create_a_group_that_serves_cpu_tensors(tmp_path):
     """Both launch paths choose ``cpu:gloo,cuda:nccl`` on GPUs; created through the deepspeed path (with
-    NCCL emulated), the default group serves CPU tensors and the helpers use it directly."""
+    NCCL emulated), the default group serves CPU tensors and the helpers use it directly; ``shutdown`` (the trainer's
+    last call) frees the group and joins gloo's threads before the process exits (once a race that aborted rank 0
+    at exit, after its results were written)."""
     backend = distributed.process_group_backend("cuda")
     assert backend == "cpu:gloo,cuda:nccl"
     assert ray_train.torch_config(use_gpu=True).backend == backend  # Ray Train's TorchConfig, the same choice

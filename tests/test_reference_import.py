@@ -25,7 +25,8 @@ def _checkpoint(path, n_classes=27, model_type="vit_small", dim=70, extra=0, see
     """A Lightning checkpoint of a randomly initialised reference model, and that model."""
     torch.manual_seed(seed)
     model = R.LitSegmenter(n_classes, model_type, dim, extra, nonlinear=cfg.get("projection_type", "nonlinear") == "nonlinear",
-                           lhp=cfg.get("lhp", False))
+                           lhp=cfg.get("lhp", False),
+                           guidance=cfg.get("guidance", "none") if cfg.get("arch") == "dino_depth" else None)
     state = model.state_dict()
     if state_edit:
         state = state_edit(dict(state))
@@ -85,6 +86,27 @@ def test_vitb8_linear_projection_lhp_and_old_lightning_layout(tmp_path):
     code_ref, cluster_ref, linear_ref = R.reference_eval(ref, _reference_input(image, 56))
     for ours, theirs in ((codes, code_ref), (cluster, cluster_ref), (linear, linear_ref)):
         assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_dino_depth_sum_and_concat_evaluate_on_image_features_cross_attn_is_refused(tmp_path):
+    """``arch: dino_depth`` files: the reference mixes depth in only in training mode, so ``sum`` / ``concat`` codes
+    at evaluation are the image features' (equal to the transcription); ``cross_attn`` codes are not, refused."""
+    image = _image(56, 64, seed=3)
+    x_ref = _reference_input(image, 56)
+    for guidance in ("sum", "concat"):
+        url, ref = _checkpoint(tmp_path / f"{guidance}.ckpt", arch="dino_depth", guidance=guidance)
+        assert any(k.startswith("net.depth_downscaling.") for k in ref.state_dict())  # the reference's depth modules
+        cfg, backbone, segmenter, extra = load_model(url)
+        assert extra["imported"]["reference_config"]["guidance"] == guidance
+        _, codes, cluster, linear = _ours(backbone, segmenter, image, 56)
+        for ours, theirs in zip((codes, cluster, linear), R.reference_eval(ref, x_ref)):
+            assert (ours - theirs).abs().max().item() < 1e-5
+    url, ref = _checkpoint(tmp_path / "cross.ckpt", arch="dino_depth", guidance="cross_attn")
+    cross_codes = R.reference_eval(ref, x_ref)[0]
+    ref.net.guidance = "none"  # the same weights on the image features alone: other codes, so no import can fake it
+    assert (cross_codes - R.reference_eval(ref, x_ref)[0]).abs().max().item() > 1e-3
+    with pytest.raises(CheckpointError, match=r"guidance = 'cross_attn' \(arch dino_depth\).*'none', 'sum' and 'concat'"):
+        load_model(url)
 
 
 def test_dino_position_table_matches_the_transcription():
@@ -178,6 +200,9 @@ def test_convert_then_evaluate_and_segment_a_reference_checkpoint(tmp_path):
     out = str(tmp_path / "potsdam_vits8.pt")
     info = convert_script.main([url, out])
     assert info["backbone"] == "dino_vits8" and info["n_classes"] == 3 and info["dataset"] == "potsdam"
+    # the reference chose its Potsdam files on validation cluster accuracy (the others on cluster mIoU)
+    assert info["selection"] == "the reference's ModelCheckpoint (monitor test/cluster/Accuracy)"
+    assert load_segmenter(out)[2]["select"] == "val_accuracy"
     with pytest.raises(OSError, match="exists; pass --force"):
         convert_script.main([url, out])
     assert read_header(out)["embedded_backbone"] is True
