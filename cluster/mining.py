@@ -49,7 +49,8 @@ from depthg.config import Config, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 LAYOUT_SEED = 0  # the layout's seed (a split's layout is a function of its depth shards' counts alone)
-KNN_CALL_ROWS = 16384  # query rows per neighbours call (whole training shards; computed in fixed blocks)
+KNN_CALL_ROWS = 16384  # query rows per neighbours call at most (whole training shards; computed in fixed blocks)
+KNN_CALLS_PER_ACTOR = 4  # ... and fewer rows (whole query blocks) when that gives each actor fewer calls
 KNN_DEVICE_KEYS = 0.5  # keys go to the GPU once when they take at most this share of its free memory
 FETCH_THREADS = 16  # parallel reads of feature files while an actor builds its node's key file
 
@@ -302,6 +303,16 @@ def knn_calls(first: np.ndarray, rows: int = KNN_CALL_ROWS) -> list[tuple[tuple[
     return out
 
 
+def call_rows(n: int, actors: int) -> int:
+    """Query rows per neighbours call: whole query blocks, ``KNN_CALL_ROWS`` at most, fewer when the split
+    would give an actor fewer than ``KNN_CALLS_PER_ACTOR`` calls (the calls balance the actors; the split of
+    the rows into calls changes no neighbour, ``depthg.knn``)."""
+    from depthg.knn import QUERY_ROWS
+
+    blocks = n // (QUERY_ROWS * KNN_CALLS_PER_ACTOR * max(actors, 1))
+    return QUERY_ROWS * max(1, min(KNN_CALL_ROWS // QUERY_ROWS, blocks))
+
+
 def write_neighbours(cfg: Config, group, folder: str, feats: str, n_units: int, table: shards.OffsetsTable,
                      progress: bool, split: str) -> None:
     """Phase 3 over every actor of the pool: row files of every training shard."""
@@ -311,7 +322,8 @@ def write_neighbours(cfg: Config, group, folder: str, feats: str, n_units: int, 
              "num_positives": int(cfg.mining.num_positives), "folder": folder,
              "digest": hashlib.sha1(f"{feats}|{len(table)}".encode()).hexdigest()[:16]}
     ref = ray.put(setup)  # one copy in the object store; each call passes the reference
-    calls = [(ref, shard_range, row_range) for shard_range, row_range in knn_calls(table.first)]
+    calls = [(ref, shard_range, row_range) for shard_range, row_range in
+             knn_calls(table.first, call_rows(len(table), len(group.start())))]
     for _ in group.map("neighbours", calls, desc=f"neighbours {split}", progress=progress):
         pass
 
