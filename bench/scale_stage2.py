@@ -242,7 +242,7 @@ def _stage1_bytes_child() -> dict:
     from bench.mining_io import mining_run
 
     tmp = _tmp()
-    r = mining_run(argparse.Namespace(nodes=2, gpus_per_node=2, samples=64, per_shard=4, positives=3), tmp)
+    r = mining_run(argparse.Namespace(nodes=2, gpus_per_node=2, samples=64, per_shard=2, positives=3), tmp)
     return {"nodes": r["nodes"], "actors": r["actors"], "depth_shards": r["depth_shards"],
             "depth_shard_bytes": r["depth_shard_bytes"], "bytes_read_summed_over_nodes": sum(r["bytes_read_per_node"].values()),
             "ratio": round(r["cluster_ratio"], 4), "max_node_ratio": round(r["max_node_ratio"], 4), "goal": 1.2}

@@ -76,7 +76,8 @@ LAYOUT_SALT = 0x1A7  # separates the stage-2 layout permutation from other strea
 LAYOUT = "grouped/3"  # stage 2's layout (manifest "layout"): units of depth shards, positives in row files
 ROWS = "idx"  # manifest "rows": each training shard's row file, ``rows_name`` (the loader's only index)
 UNIT_SHARDS = 16  # depth shards per stage-2 unit at most (``unit_size``)
-MIN_UNITS = 8  # ... and fewer when the split has fewer than 8 x 16 shards, so its units spread over actors
+MIN_UNITS = 8  # ... and fewer when the split has fewer than 8 x 16 shards, so its units spread over actors,
+MIN_UNIT_SHARDS = 5  # ... but 5 at least (the crops of a five-cropped image then land in 5 different shards)
 SPREAD = 256  # training shards' names start with one of 256 two-hex-digit prefixes (object-store partitions)
 
 
@@ -377,20 +378,23 @@ class Unit:
 
 
 def unit_size(n_shards: int) -> int:
-    """Depth shards per unit: ``UNIT_SHARDS``, fewer for small splits (at least ``MIN_UNITS`` units)."""
-    return max(1, min(UNIT_SHARDS, -(-int(n_shards) // MIN_UNITS)))
+    """Depth shards per unit: ``UNIT_SHARDS``, fewer for small splits (at least ``MIN_UNITS`` units), never fewer
+    than ``MIN_UNIT_SHARDS`` (all of them in a split of fewer)."""
+    return max(1, min(int(n_shards), max(MIN_UNIT_SHARDS, min(UNIT_SHARDS, -(-int(n_shards) // MIN_UNITS)))))
 
 
 def plan_units(depth_counts: Sequence[int], seed: int = 0) -> list[Unit]:
     """The stage-2 layout ``grouped/3`` from the depth shards' counts alone (O(shards), no sample id): the depth
-    shards in one seeded permutation, cut into units of ``unit_size`` shards (random members, not neighbours
-    in the listing); a unit of G shards holding M samples writes ``min(G, M)`` training shards of equal size
+    shards in one seeded permutation, cut into ceil(S / ``unit_size``) units of equal size within one (random
+    members, not neighbours in the listing); a unit of G shards holding M samples writes ``min(G, M)`` training shards of equal size
     (within one), numbered unit after unit. ``deal`` says which samples go where."""
     g = unit_size(len(depth_counts))
     order = np.random.default_rng(np.random.SeedSequence([seed, LAYOUT_SALT, 3])).permutation(len(depth_counts))
+    n_units = -(-len(order) // g)
+    bounds = [len(order) * u // n_units for u in range(n_units + 1)]  # equal sizes within one (>= 5 shards)
     units, first = [], 0
-    for index, a in enumerate(range(0, len(order), g)):
-        members = tuple(int(x) for x in order[a:a + g])
+    for index in range(n_units):
+        members = tuple(int(x) for x in order[bounds[index]:bounds[index + 1]])
         total = sum(int(depth_counts[m]) for m in members)
         out = min(len(members), total)
         counts = tuple(total // out + (j < total % out) for j in range(out)) if out else ()
@@ -403,8 +407,9 @@ def deal(unit: Unit, seed: int = 0) -> list[np.ndarray]:
     """For each training shard of ``unit``, its samples in stored order as positions in the concatenation of
     the unit's depth shards (in ``unit.depth`` order): position p goes to the unit's shard ``p mod G'``
     (G' = its shard count), then each shard is permuted (seeded by the unit). The crops of an image, adjacent
-    in a depth shard, land in G' different training shards (all five apart once G' >= 5): a loader's range
-    never holds two crops of one image, so they never become each other's negatives."""
+    in a depth shard, land in G' different training shards (all five apart once G' >= 5, i.e. in any split of
+    5 depth shards or more): a loader's range never holds two crops of one image, so they never become each
+    other's negatives."""
     n_out = len(unit.counts)
     rng = np.random.default_rng(np.random.SeedSequence([seed, LAYOUT_SALT, 3, unit.index]))
     positions = np.arange(sum(unit.counts))

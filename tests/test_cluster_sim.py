@@ -118,7 +118,7 @@ def test_mining_reads_each_depth_shard_once_per_cluster(tmp_path):
     env.pop("RAY_ADDRESS", None)
     seen = _run(["mining-bytes", str(tmp_path / "work")], env, str(tmp_path / "out.json"))
     total, per_node = seen["depth_shard_bytes"], seen["bytes_read_per_node"]
-    assert seen["actors"] == 4 and seen["samples"] == 32
+    assert seen["actors"] == 4 and seen["samples"] == 64
     assert len(per_node) == 2  # both nodes' actors read depth shards ...
     assert total <= sum(per_node.values()) <= 1.2 * total, sum(per_node.values()) / total  # ... each once in all
     assert seen["driver_shard_bytes"] == 0

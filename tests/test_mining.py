@@ -45,7 +45,7 @@ def test_mining_end_to_end(tmp_path, ray_local):
     cfg = _cfg(root)
     manifest = mining.mine_neighbors(cfg, "val", progress=False)
     assert manifest["kind"] == "train" and manifest["total"] == 10 and manifest["num_positives"] == 3
-    units = shards.plan_units([4, 4, 2], mining.LAYOUT_SEED)  # one depth shard per unit in so small a split
+    units = shards.plan_units([4, 4, 2], mining.LAYOUT_SEED)  # one unit of the 3 depth shards
     assert [s["count"] for s in manifest["shards"]] == [c for u in units for c in u.counts]
     assert [s["name"] for s in manifest["shards"]] == [f"{i:02x}-shard-{i:06d}.tar" for i in range(3)]
     assert manifest["layout"] == shards.LAYOUT and manifest["rows"] == "idx"
@@ -85,17 +85,17 @@ def test_mining_end_to_end(tmp_path, ray_local):
 
 def test_mining_resume_is_byte_identical(tmp_path, ray_local):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    for root in (full, part):
-        shards.write_test_shards(root, 9, size=(16, 16), with_positives=False, samples_per_shard=3, split="train")
+    for root in (full, part):  # 10 depth shards: 2 units of 5
+        shards.write_test_shards(root, 10, size=(16, 16), with_positives=False, samples_per_shard=1, split="train")
     mining.mine_neighbors(_cfg(full), "train", progress=False)
     assert mining.mine_neighbors(_cfg(part), "train", max_units=1, progress=False) is None
     assert not io.exists(os.path.join(part, "train", "manifest.json"))
     written = sorted(n for n in os.listdir(os.path.join(part, "train")) if n.endswith(".tar"))
-    assert len(written) == 1
-    stamp = os.stat(os.path.join(part, "train", written[0])).st_mtime_ns
+    assert len(written) == 5
+    stamps = {n: os.stat(os.path.join(part, "train", n)).st_mtime_ns for n in written}
     m = mining.mine_neighbors(_cfg(part), "train", progress=False)
-    assert m["total"] == 9
-    assert os.stat(os.path.join(part, "train", written[0])).st_mtime_ns == stamp  # not redone
+    assert m["total"] == 10
+    assert {n: os.stat(os.path.join(part, "train", n)).st_mtime_ns for n in written} == stamps  # not redone
     names = sorted(os.listdir(os.path.join(full, "train")))
     assert names == sorted(os.listdir(os.path.join(part, "train")))
     for name in names:
@@ -122,13 +122,13 @@ def test_another_k_reads_no_stage1_byte_and_keeps_shards_and_features(tmp_path, 
     folder, train = mining.features_folder(_cfg(root), "train", dm), os.path.join(root, "train")
     stamps = lambda path, ext: {n: os.stat(os.path.join(path, n)).st_mtime_ns for n in os.listdir(path) if n.endswith(ext)}  # noqa: E731
     kept, tars = stamps(folder, ".npy"), stamps(train, ".tar")
-    assert sorted(kept) == [f"unit-{i:06d}.npy" for i in range(3)]
+    assert sorted(kept) == ["unit-000000.npy"]  # 3 depth shards: one unit
     results.clear()
     second = mining.mine_neighbors(_cfg(root, **{"mining.num_positives": 2}), "train", progress=False,
                                    on_unit=results.append)
     assert second["num_positives"] == 2 and first["num_positives"] == 3
     assert stamps(folder, ".npy") == kept and stamps(train, ".tar") == tars
-    assert [r["depth_bytes_read"] for r in results] == [0, 0, 0]
+    assert [r["depth_bytes_read"] for r in results] == [0]
     assert [len(p) for p in _train_samples(root, "train")[2]] == [2] * 8
     assert mining.features_folder(_cfg(root, **{"data.resolution": 16}), "train", dm) != folder
 

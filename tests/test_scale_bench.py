@@ -26,7 +26,7 @@ def test_stage2_places_run_at_a_small_n():
     """Each stage-2 place's setup and work run (in this process, N = 3,000 crops) and report their figures."""
     from bench import scale_stage2
 
-    assert scale_stage2.driver_plan(3000)()["units"] == 5  # 10 shards: units of 2 (at least 8 units, 16 shards at most)
-    assert scale_stage2.unit_reads(3000)()["unit_samples"] == 2 * scale_stage2.PER_SHARD
+    assert scale_stage2.driver_plan(3000)()["units"] == 2  # 10 shards: units of 5 (at least 5 shards, at most 16)
+    assert scale_stage2.unit_reads(3000)()["unit_samples"] == 4 * scale_stage2.PER_SHARD  # 9 shards: units of 4 + 5
     assert scale_stage2.loader_rows(3000)()["positive_ranges"] == 2000 * 32 * 7
     assert scale_stage2.knn_actor(3000, actors=3)()["query_rows"] == 1000
