@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from cluster.mining import MiningWorker
+
 PER_SHARD = 320  # crops per shard (64 images x 5 crops, as stage 1 writes COCO)
 DIM = 384  # ViT-S/8 features
 
@@ -184,6 +186,20 @@ def stage1_bytes_per_cluster(args=None) -> dict:
     return _child("stage1-bytes", {})
 
 
+class SessionWorker(MiningWorker):
+    """A ``MiningWorker`` in its own scheduling session. Linux shares the CPU between sessions when
+    ``kernel.sched_autogroup_enabled`` is 1 (this machine: 2 cores shared by several users' sessions), not
+    between threads: two actors of one session then share that session's slice and cannot show their
+    parallelism. An actor per session is what separate machines or GPUs give each actor."""
+
+    def __init__(self, *args, **kwargs):
+        try:
+            os.setsid()
+        except OSError:  # already a session leader
+            pass
+        super().__init__(*args, **kwargs)
+
+
 def _knn_actors_child(n: int) -> dict:
     import torch
 
@@ -208,10 +224,11 @@ def _knn_actors_child(n: int) -> dict:
     cfg = load_config(None, ["mining.device=cpu", f"mining.cache_dir={root}/cache", "model.backbone=tiny_vit"])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
-    out = {"n": n, "dim": DIM, "k": 7, "threads_per_actor": 1, "load_avg_1min_before": os.getloadavg()[0]}
+    out = {"n": n, "dim": DIM, "k": 7, "threads_per_actor": 1, "session_per_actor": True,
+           "load_avg_1min_before": os.getloadavg()[0]}
     rows = {}
     for actors in (1, 2):
-        with ActorGroup(mining.MiningWorker, (to_dict(cfg), f"knn{actors}"), actors, threads=1, device="cpu",
+        with ActorGroup(SessionWorker, (to_dict(cfg), f"knn{actors}"), actors, threads=1, device="cpu",
                         cpus_per_actor=1) as group:
             ray.get([a.__ray_ready__.remote() for a in group.start()])
             start = time.perf_counter()

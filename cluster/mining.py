@@ -35,6 +35,7 @@ import hashlib
 import io as _pyio
 import json
 import logging
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -159,7 +160,7 @@ class MiningWorker:
         for s in range(*shard_range):
             a, b = int(table.first[s]) - g0, int(table.first[s + 1]) - g0
             shards.write_rows(setup["folder"], table.names[s], shards.build_rows(table, s, positives[a:b]))
-        return {"shards": list(shard_range), "rows": g1 - g0, "node": node_id()}
+        return {"shards": list(shard_range), "rows": g1 - g0, "node": node_id(), "pid": os.getpid()}
 
     def _keys(self, setup: dict):
         """The split's keys (held once: this node's memory-mapped key file, on the GPU when it fits) and its
@@ -324,8 +325,8 @@ def write_neighbours(cfg: Config, group, folder: str, feats: str, n_units: int, 
     ref = ray.put(setup)  # one copy in the object store; each call passes the reference
     calls = [(ref, shard_range, row_range) for shard_range, row_range in
              knn_calls(table.first, call_rows(len(table), len(group.start())))]
-    for _ in group.map("neighbours", calls, desc=f"neighbours {split}", progress=progress):
-        pass
+    for result in group.map("neighbours", calls, desc=f"neighbours {split}", progress=progress):
+        log.debug("neighbours of shards %s on %s (pid %s)", result["shards"], result["node"], result["pid"])
 
 
 def _train_key(cfg: Config, dm: dict) -> dict:

@@ -3,7 +3,7 @@
 Layout under a root (local folder or ``s3://bucket/prefix``)::
 
     {root}/depth/{split}/shard-000000.tar, shard-000000.json, ..., manifest.json             # stage 1: depth
-    {root}/{split}/shard-000000.tar, shard-000000.json, ..., offsets.npz, manifest.json      # stage 2: train
+    {root}/{split}/00-shard-000000.tar, .json, .idx, ..., offsets.npz, manifest.json         # stage 2: train
 
 One WebDataset sample per crop (five-cropped train) or image (val). ``__key__`` is the sample id (no dots:
 webdataset splits the key at the first dot). Member encodings are ``depthg.codecs``'s (the name says the
@@ -14,11 +14,18 @@ encoding). Members of a sample:
   ``{"id", "source_id", "crop", "split", "dataset", "neighbors": []}``.
 * stage 2 (``kind: train``): each sample ONCE, already at the training resolution (the project's one resize,
   ``resize_center_crop`` at the manifest's ``resolution``), encoded as the manifest's ``encoding`` says:
-  ``rgb.{png,jpg,webp}``, ``depth.{png,npy,npy.gz}``, ``label.png`` (always PNG) and ``meta.json`` with
-  ``neighbors`` (the k neighbour ids) and ``positives``: K **global sample indices** of the same split
-  (manifest order: shard after shard, each in stored order), neighbour ranks 1..K. No positive is embedded:
-  a loader draws one per visit and reads only that sample's rgb + depth, one exact byte range found in the
-  split's offsets table.
+  ``rgb.{png,jpg,webp}``, ``depth.{png,npy,npy.gz}``, ``label.png`` (always PNG) and ``meta.json`` (stage 1's,
+  without ``neighbors``). Its K positives (neighbour ranks 1..K, as **global sample indices** of the same split:
+  manifest order, shard after shard, each in stored order) are in its shard's **row file**
+  (``shard-NNNNNN.idx``, ``row_dtype(K)``: one fixed-size row per sample carrying its own byte range and each
+  positive's index, shard and rgb + depth byte range). No positive is embedded: a loader reads a segment's
+  rows (one exact range), then its samples (one), and per visit draws one positive and reads only its rgb +
+  depth (one), so no process holds a table of the split. Splits of layout ``shuffled/2`` (before) kept the
+  positives in ``meta.json`` and are read through the offsets table.
+* stage-2 layout ``grouped/3`` (``plan_units``, ``deal``): units of up to 16 depth shards drawn at random, each
+  written by one actor into as many training shards, the crops of an image in different shards; training
+  shard names start with ``{index % 256:02x}-`` (``train_shard_name``: random positive reads spread over 256 key
+  prefixes). ``shuffled_layout`` (one global permutation) was the layout before.
 
 ``depth.*`` is absent in shards written with ``depthgen.source=none`` (manifest ``depth_source: none``),
 ``label.png`` when unlabelled. A sample's members are stored rgb, depth, then the rest sorted (a positive's
@@ -29,11 +36,14 @@ Each shard ``shard-NNNNNN.tar`` gets a sidecar ``shard-NNNNNN.json`` written *af
 "ids", "offsets", "prefix", "skipped", "digest"}``; ``offsets``: each sample's first byte, then the end of
 the last; ``prefix``: where each sample's rgb + depth members end): a shard counts as complete only when both
 exist. Stage 2 then writes the offsets table ``offsets.npz`` (``OffsetsTable``: per sample in manifest order
-int32 ``shard`` and int64 ``start``, ``prefix``, ``stop``; the shard ``names``), then ``manifest.json`` last::
+int32 ``shard`` and int64 ``start``, ``prefix``, ``stop``; the shard ``names``; filled in O(N) as sidecars
+arrive, stored as 8 bytes per sample, the earlier int64 form still read), the row files, then
+``manifest.json`` last::
 
     {"schema": "depthg-shards/1"|"depthg-shards/2", "kind": "depth"|"train", "split", "shards": [{"name", "count"}],
      "total", "dataset", "n_classes", "depth_source", "config", "skipped": [{"id", "error"}], ...,
-     stage 2: "index": "offsets.npz", "encoding": {"rgb", "rgb_quality", "depth", "label", "members"}, "resolution"}
+     stage 2: "index": "offsets.npz", "rows": "idx", "layout": "grouped/3", "num_positives", "encoding": {"rgb",
+     "rgb_quality", "depth", "label", "members"}, "resolution"}
 
 A stage-2 manifest of schema ``depthg-shards/1`` (K positives embedded as ``pos{k}.*``, ~8x the storage) is
 refused by ``read_manifest`` with one line saying how to regenerate it (``python launch/mine_neighbors.py``;
@@ -43,9 +53,9 @@ Readers: ``shard_urls(root, split, kind)`` (from the manifest; which ranges a ra
 ``depthg.planner``'s job), ``iter_shard(url, start, stop, offsets)`` (raw sample dicts of a local or s3://
 shard, the same dicts ``wds.WebDataset`` yields; a range of samples alone is ONE exact ranged read,
 ``depthg.io.read_range``), ``parse_samples(data)`` (raw dicts of a byte range), ``decode_sample(raw)``
-(numpy arrays), ``read_index(folder)`` (the offsets table). ``shuffled_layout`` is the stage-2 write order.
+(numpy arrays), ``read_index(folder)`` (the offsets table), ``read_rows(url, a, b, K)`` (rows of a row file).
 ``register_gopen()`` lets plain ``wds.WebDataset("s3://...")`` read through fsspec (custom endpoints included).
-``write_test_shards`` writes tiny synthetic shards + manifest (+ offsets table) for other modules' tests.
+``write_test_shards`` writes tiny synthetic shards + manifest (+ offsets table, row files) for other modules' tests.
 """
 from __future__ import annotations
 

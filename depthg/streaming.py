@@ -8,20 +8,23 @@ One worker's stages, each a small generator function::
 
     plan (planner.stream_segments: the shard ranges of the worker's chunks)
     -> read each range's raw samples (``depthg.reader.ShardReader``: ONE exact ranged read per planned
-       segment, located by the split's offsets table; the next segments are read ahead on a thread pool)
-    -> draw a positive: one ``rng.integers(K)`` per sample over the K global indices of its
-       ``meta.json`` ``positives`` (the same draw, stream and seeds as when the K were embedded)
+       segment, after one exact read of its rows in the shard's row file (layout ``grouped/3``; splits
+       written before: located by the split's offsets table); the next segments are read ahead on a pool)
+    -> draw a positive: one ``rng.integers(K)`` per sample over its K positives (its row's, which carry
+       their byte ranges, or the global indices of its ``meta.json`` ``positives`` in splits written
+       before; the same draw, stream and seeds as when the K were embedded)
     -> shuffle buffer (on the raw, still-compressed bytes; per epoch: drained when the epoch changes)
     -> skip (resume: the samples of the current epoch already trained on, replayed raw)
     -> fetch each drawn positive's rgb + depth (``depthg.reader.PositiveReader``: one exact range per
-       positive, ``spec.prefetch`` samples ahead on the pool, so storage latency overlaps decoding)
+       positive, the range its anchor's row carries; ``spec.prefetch`` samples ahead on the pool, so
+       storage latency overlaps decoding)
     -> decode (anchor: rgb, depth, label, meta; positive: rgb, depth)
     -> to the training resolution (``depthg.data.transforms.resize_center_crop``; stage-2 samples are
        stored at it, so this is the identity there)
     -> batch: ``image, pos_image`` uint8 [B,3,R,R] (made float in [0, 1] on the training device by
        ``depthg.step.backbone_features``), ``depth, pos_depth`` float32 [B,1,R,R], ``label`` int64, the
        ``id`` and ``pos_id`` lists, ``step``, and since the previous batch: ``skipped`` damage events,
-       storage ``bytes`` read and member bytes ``decoded``
+       storage ``bytes`` read (samples, rows and positives) and member bytes ``decoded``
 
 The shuffle buffer sits before decoding so that a resumed run can skip the batches it already trained on
 by replaying the raw stream without decoding: resume is exact to the sample (same world size and loader
