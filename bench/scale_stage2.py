@@ -8,7 +8,8 @@ one process receives at ``n`` crops and returns the zero-argument work that is m
 * ``loader_rows``: a loader worker's lookups: 2,000 random segments' rows read from row files (what carries the
   positives' ranges), the worker's memory for the split's tables.
 * ``knn_actor``: one of 16 mining actors' exact top-k (N/16 query rows x N keys, C = 384, float32, 1 thread);
-  N^2/P by design; measured up to 100k crops (1M would take ~20 min per run here).
+  N^2/P by design; measured up to 100k crops (1M would take ~25 min per run here). Its memory is the fixed
+  block's (4096 x 32768), the same at any N from 32k keys on: the fitted memory growth does not extrapolate.
 
 Extras (several processes, each run in its own subprocess so Ray starts clean): ``knn_actors`` (the neighbours
 phase of ``cluster.mining`` on 1 vs 2 CPU actors of one torch thread each, the same N: seconds, speedup,
@@ -150,7 +151,7 @@ def knn_actor(n: int, actors: int = 16):
 
     if n > 200_000:
         raise ValueError(f"knn_actor is measured up to 200k crops (N^2/P compute: {n} would take "
-                         f"~{(n / 100_000) ** 2 * 1.5:.0f} min here); the fit of 10k-100k extrapolates")
+                         f"~{(n / 100_000) ** 2 * 0.25:.0f} min here); the fit of 10k-100k extrapolates")
     torch.set_num_threads(1)
     keys = normalize(torch.randn(n, DIM, generator=torch.Generator().manual_seed(0)))
     rows = n // actors

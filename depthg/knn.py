@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-QUERY_ROWS = 2048  # queries per block
-KEY_ROWS = 32768  # keys per block: one block's similarities are 256 MiB of float32
-BLOCK_BYTES = 17 * QUERY_ROWS * KEY_ROWS  # the most one block holds (see ``_stable_topk``): ~1.1 GiB
+QUERY_ROWS = 4096  # queries per block (with key blocks streamed from host memory: 2 kFLOP per byte moved)
+KEY_ROWS = 32768  # keys per block: one block's similarities are 512 MiB of float32
+BLOCK_BYTES = 17 * QUERY_ROWS * KEY_ROWS  # the most one block holds (see ``_stable_topk``): ~2.1 GiB
 
 
 def topk_blocks(queries: torch.Tensor, keys: torch.Tensor, k: int, first: int | None = None,
