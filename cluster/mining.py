@@ -258,6 +258,8 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
     table = write_units(cfg, split, group, units, dm, folder, max_units, progress, on_unit)
     if table is None:
         return None
+    if len(table) < 2:
+        raise ValueError(f"split {split} has {len(table)} sample(s): mining neighbours needs at least 2")
     if len(table) - 1 < int(cfg.mining.num_positives):
         log.warning("split %s has %d samples: positives cycle through %d neighbours", split, len(table), len(table) - 1)
     write_neighbours(cfg, group, folder, features_folder(cfg, split, dm), len(units), table, progress, split)

@@ -209,3 +209,26 @@ def test_node_cache_builds_each_file_once_per_node(tmp_path):
     for cache in (*actors, other):
         cache.close()
     assert not os.path.exists(os.path.join(str(tmp_path), "depthg-cache-job"))
+
+
+def test_unit_calls_carry_counts_not_samples(tmp_path):
+    """The driver hands each actor a unit (depth shard indices, counts), URLs and the settings: the calls are
+    the same size whether a shard holds 10 or 10,000 samples (no id or neighbour list passes through them)."""
+    class Recorder:  # stands in for the actor pool: records the calls, returns no result
+        def map(self, method, calls, desc="", progress=True):
+            self.calls = calls
+            return iter(())
+
+    import pickle
+
+    sizes = []
+    for per_shard in (10, 10_000):
+        dm = {"split": "train", "total": 40 * per_shard, "digest": "d",
+              "shards": [{"name": shards.shard_name(i), "count": per_shard} for i in range(40)]}
+        units = shards.plan_units([per_shard] * 40)
+        group = Recorder()
+        assert mining.write_units(_cfg(str(tmp_path)), "train", group, units, dm, str(tmp_path), len(units) - 1,
+                                  False) is None
+        assert len(group.calls) == len(units) - 1
+        sizes.append(len(pickle.dumps(group.calls)))
+    assert abs(sizes[1] - sizes[0]) < 200, sizes
