@@ -192,6 +192,7 @@ def build_keys(setup: dict, path: str) -> None:
     from depthg.knn import normalize
 
     urls = [io.join(setup["features"], feature_name(i)) for i in range(setup["units"])]
+    log.info("this node's kNN keys: %d crops from %d feature files -> %s", setup["n"], len(urls), path)
     keys = None
     row = 0
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
@@ -206,6 +207,7 @@ def build_keys(setup: dict, path: str) -> None:
     if row != setup["n"]:
         raise RuntimeError(f"features under {setup['features']} hold {row} rows, the split {setup['n']}")
     keys.flush()
+    log.info("this node's kNN keys written: %.1f GB", keys.nbytes / 1e9)
     del keys
 
 
