@@ -150,8 +150,11 @@ class MiningWorker:
     # ------------------------------------------------------------------------- 3. neighbours
     def neighbours(self, setup: dict, shard_range: tuple[int, int], row_range: tuple[int, int]) -> dict:
         """Top-k of rows ``row_range`` (training shards ``shard_range``) over the whole split; their row files."""
+        import time
+
         from depthg.knn import topk_blocks
 
+        cpu = time.process_time()
         keys, table = self._keys(setup)
         g0, g1 = row_range
         kk = min(setup["k"], setup["num_positives"], len(table) - 1)
@@ -160,7 +163,8 @@ class MiningWorker:
         for s in range(*shard_range):
             a, b = int(table.first[s]) - g0, int(table.first[s + 1]) - g0
             shards.write_rows(setup["folder"], table.names[s], shards.build_rows(table, s, positives[a:b]))
-        return {"shards": list(shard_range), "rows": g1 - g0, "node": node_id(), "pid": os.getpid()}
+        return {"shards": list(shard_range), "rows": g1 - g0, "node": node_id(), "pid": os.getpid(),
+                "cpu_s": time.process_time() - cpu}
 
     def _keys(self, setup: dict):
         """The split's keys (held once: this node's memory-mapped key file, on the GPU when it fits) and its
@@ -319,8 +323,9 @@ def call_rows(n: int, actors: int) -> int:
 
 
 def write_neighbours(cfg: Config, group, folder: str, feats: str, n_units: int, table: shards.OffsetsTable,
-                     progress: bool, split: str) -> None:
-    """Phase 3 over every actor of the pool: row files of every training shard."""
+                     progress: bool, split: str) -> dict:
+    """Phase 3 over every actor of the pool: row files of every training shard; returns the CPU seconds
+    each actor (node, pid) spent on it."""
     import ray
 
     setup = {"features": feats, "units": n_units, "n": len(table), "k": int(cfg.mining.k),
@@ -329,8 +334,10 @@ def write_neighbours(cfg: Config, group, folder: str, feats: str, n_units: int, 
     ref = ray.put(setup)  # one copy in the object store; each call passes the reference
     calls = [(ref, shard_range, row_range) for shard_range, row_range in
              knn_calls(table.first, call_rows(len(table), len(group.start())))]
+    cpu: dict = {}
     for result in group.map("neighbours", calls, desc=f"neighbours {split}", progress=progress):
-        log.debug("neighbours of shards %s on %s (pid %s)", result["shards"], result["node"], result["pid"])
+        cpu[(result["node"], result["pid"])] = cpu.get((result["node"], result["pid"]), 0.0) + result["cpu_s"]
+    return cpu
 
 
 def _train_key(cfg: Config, dm: dict) -> dict:
