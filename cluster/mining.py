@@ -128,8 +128,8 @@ class MiningWorker:
                         None if label is None else resize_center_crop(label, res), meta, encoding))
             counts.append(count)
         if sum(counts) != sum(u.counts):
-            raise RuntimeError(f"depth shards {', '.join(depth_urls)} hold {sum(counts)} samples, their manifest "
-                               f"{sum(u.counts)}: rerun python launch/generate_depth.py")
+            raise shards.ShardError(f"depth shards {', '.join(depth_urls)} hold {sum(counts)} samples, their "
+                                    f"manifest {sum(u.counts)}: rerun python launch/generate_depth.py")
         return encoded, (self._features(images) if features else None)
 
     def _features(self, images: list) -> np.ndarray:
@@ -253,6 +253,9 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
     done = _finished_manifest(cfg, split, dm)
     if done is not None:
         return done
+    if int(dm["total"]) < 2:
+        raise shards.ShardError(f"{io.join(depth_folder, shards.MANIFEST)}: split {split} has {dm['total']} "
+                                "sample(s); mining neighbours needs at least 2 (python launch/generate_depth.py)")
     units = shards.plan_units([int(s["count"]) for s in dm["shards"]], LAYOUT_SEED)
     if group is None:
         with mining_group(cfg, max_actors=len(units)) as own:
@@ -264,8 +267,6 @@ def mine_neighbors(cfg: Config, split: str, max_units: int | None = None, progre
     table = write_units(cfg, split, group, units, dm, folder, max_units, progress, on_unit)
     if table is None:
         return None
-    if len(table) < 2:
-        raise ValueError(f"split {split} has {len(table)} sample(s): mining neighbours needs at least 2")
     if len(table) - 1 < int(cfg.mining.num_positives):
         log.warning("split %s has %d samples: positives cycle through %d neighbours", split, len(table), len(table) - 1)
     write_neighbours(cfg, group, folder, features_folder(cfg, split, dm), len(units), table, progress, split)

@@ -232,3 +232,9 @@ def test_unit_calls_carry_counts_not_samples(tmp_path):
         assert len(group.calls) == len(units) - 1
         sizes.append(len(pickle.dumps(group.calls)))
     assert abs(sizes[1] - sizes[0]) < 200, sizes
+
+
+def test_a_split_of_one_sample_is_refused_by_name_before_any_work(tmp_path):
+    shards.write_test_shards(str(tmp_path), 1, size=(8, 8), with_positives=False, split="val")
+    with pytest.raises(shards.ShardError, match=r"depth/val/manifest.json: split val has 1 sample.*at least 2"):
+        mining.mine_neighbors(_cfg(str(tmp_path)), "val", progress=False, group=object())
