@@ -17,9 +17,15 @@ shard, as ``launch/generate_depth.py`` writes them). Each rank's micro batch at 
   become each other's negatives); ``chance`` is the value for a batch drawn at random.
 * ``reads_per_trained_sample``: samples read from storage per sample trained in the epoch (1 = each byte
   read once; the old planner read every shard in every slot when there were fewer shards than slots).
+* How random the order is (issue 26), per rank micro batch over the window: ``images_per_batch``, the distinct
+  source images in a batch (a batch of B from a full shuffle holds ~B), and ``depth_shards_per_batch``, the
+  distinct stage-1 shards (64 consecutive listed images each) its samples come from (a full shuffle: ~B).
 
 ``layout``: ``source`` (stage-2 shards in depth-shard order, the five crops of an image adjacent, before
-issue 15) or ``shuffled`` (``depthg.shards.shuffled_layout``, what ``cluster/mining.py`` writes now).
+issue 15), ``shuffled`` (``depthg.shards.shuffled_layout``: one global permutation, what ``cluster/mining.py``
+wrote before issue 26; the full-shuffle reference) or ``grouped`` (layout ``grouped/3``,
+``depthg.shards.plan_units`` + ``deal``: units of up to 16 random depth shards, each read once in the cluster,
+what ``cluster/mining.py`` writes now).
 The ``current`` planner is ``depthg.streaming.worker_stream`` itself (placeholder reads). The ``old`` planner
 is modelled below from the code before issue 15 (shards split round-robin over the
 slots, or every shard read by every slot with a sample stride when there were fewer shards than slots;
@@ -60,6 +66,12 @@ def layout(images: int, kind: str) -> list[list[int]]:
     """Sample ids per stage-2 shard; sample ``i`` is crop ``i % 5`` of image ``i // 5``."""
     ids = list(range(images * CROPS))
     per_shard = [ids[i:i + IMAGES_PER_SHARD * CROPS] for i in range(0, len(ids), IMAGES_PER_SHARD * CROPS)]
+    if kind == "grouped":
+        out = []
+        for unit in shards.plan_units([len(p) for p in per_shard]):
+            source = [i for d in unit.depth for i in per_shard[d]]
+            out += [[source[p] for p in part] for part in shards.deal(unit)]
+        return out
     return shards.shuffled_layout(per_shard) if kind == "shuffled" else per_shard
 
 
@@ -133,28 +145,33 @@ def measure(steps, reads: int, total: int, batch: int) -> dict:
     epoch0 = collections.Counter(i for rank in steps for b in rank for i, e in b if e == 0)
     in_window = collections.Counter(i for rank in steps for b in rank[:window] for i, _ in b)
     same = anchors = 0
+    per_batch, per_shards = [], []
     for rank in steps:
         for b in rank[:window]:
             images = collections.Counter(i // CROPS for i, _ in b)
             same += sum(images[i // CROPS] > 1 for i, _ in b)
             anchors += len(b)
+            per_batch.append(len(images))
+            per_shards.append(len({i // (CROPS * IMAGES_PER_SHARD) for i, _ in b}))
     return {"seen_fraction": len(epoch0) / total, "repeated_fraction": sum(c > 1 for c in epoch0.values()) / total,
             "extra_fraction": sum(c - 1 for c in epoch0.values()) / total,
             "window_seen_fraction": len(in_window) / total,
             "window_repeated_fraction": sum(c > 1 for c in in_window.values()) / total,
             "same_image_fraction": same / max(1, anchors), "chance": (batch - 1) * (CROPS - 1) / (total - 1),
-            "reads_per_trained_sample": reads / max(1, sum(epoch0.values())), "window_steps": window}
+            "reads_per_trained_sample": reads / max(1, sum(epoch0.values())), "window_steps": window,
+            "images_per_batch": float(np.mean(per_batch)), "depth_shards_per_batch": float(np.mean(per_shards))}
 
 
 def _table(rows: list[dict]) -> str:
     head = (f"{'case':<58}{'planner':<9}{'layout':<9}{'ranks':>6}{'wkrs':>5}{'shards':>7}{'seen':>8}{'twice':>8}"
-            f"{'same img':>9}{'chance':>8}{'win seen':>9}{'reads':>7}")
+            f"{'same img':>9}{'chance':>8}{'win seen':>9}{'reads':>7}{'img/b':>7}{'shd/b':>7}")
     lines = [head]
     for r in rows:
         lines.append(f"{r['case']:<58}{r['planner']:<9}{r['layout']:<9}{r['world_size']:>6}{r['workers']:>5}"
                      f"{r['shards']:>7}{r['seen_fraction']:>8.2%}{r['repeated_fraction']:>8.2%}"
                      f"{r['same_image_fraction']:>9.2%}{r['chance']:>8.2%}{r['window_seen_fraction']:>9.2%}"
-                     f"{r['reads_per_trained_sample']:>7.2f}")
+                     f"{r['reads_per_trained_sample']:>7.2f}{r['images_per_batch']:>7.1f}"
+                     f"{r['depth_shards_per_batch']:>7.1f}")
     return "\n".join(lines)
 
 
@@ -162,7 +179,7 @@ def run(args) -> dict:
     rows, t0 = [], time.perf_counter()
     cases = [c for c in CASES if "issue" in c[0]] if args.quick else CASES
     for case, images, ranks, workers in cases:
-        variants = [("old", "source"), ("current", "shuffled")]
+        variants = [("old", "source"), ("current", "shuffled"), ("current", "grouped")]
         if "issue" in case:
             variants.insert(1, ("current", "source"))  # the planner alone, before the shuffled layout
         for name, kind in variants:

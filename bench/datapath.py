@@ -125,15 +125,19 @@ def write_old_stage2(crops, folder: str, k: int, per_shard: int) -> list[dict]:
 
 
 def write_new_stage2(crops, root: str, enc: codecs.Encoding, args, per_shard: int) -> list[dict]:
-    """As ``cluster.mining.MiningWorker.write_unit``: each crop once at the resolution, positives by index."""
+    """As ``cluster.mining`` writes them: each crop once at the resolution, positives in the shards' row files."""
     res, folder = args.resolution, shards.split_dir(root, "train", "train")
     samples = [shards.encode_sample(c.id, resize_center_crop(c.image, res), resize_center_crop(c.depth, res),
-                                    resize_center_crop(c.label, res), {"positives": pos}, enc)
-               for c, pos in zip(crops, _positives(len(crops), args.positives))]
+                                    resize_center_crop(c.label, res), {}, enc) for c in crops]
     infos = _put(folder, samples, per_shard)
-    shards.write_index(folder, infos)
-    shards.write_manifest(folder, {"kind": "train", "split": "train", "index": shards.INDEX, "resolution": res,
-                                   "encoding": enc.as_dict(), "n_classes": 12, "depth_source": "synthetic",
+    table = shards.OffsetsTable.from_sidecars(infos)
+    shards.write_index(folder, table)
+    positives = np.array(_positives(len(crops), args.positives))
+    for i, info in enumerate(infos):  # the row files: each sample's positives and their byte ranges
+        shards.write_rows(folder, info["name"], shards.build_rows(table, i, positives[table.first[i]:table.first[i + 1]]))
+    shards.write_manifest(folder, {"kind": "train", "split": "train", "index": shards.INDEX, "rows": shards.ROWS,
+                                   "resolution": res, "num_positives": args.positives, "encoding": enc.as_dict(),
+                                   "n_classes": 12, "depth_source": "synthetic",
                                    "shards": [{"name": i["name"], "count": i["count"]} for i in infos]})
     return infos
 
@@ -183,15 +187,14 @@ def new_loader(root: str, args, steps: int, **spec) -> dict:
 
 
 def counted_bytes(local_root: str, args, steps: int, counts: str) -> dict:
-    """Storage bytes read per trained sample (counting file system, no read-ahead) and member bytes decoded."""
+    """Storage bytes read per trained sample (counting file system, no read-ahead: the samples, their rows and
+    their positives; the loader reads no table) and member bytes decoded."""
     from bench.mining_io import COUNT_DIR_ENV, _read_logs, register_counting
-    from depthg.reader import offsets_table
 
     register_counting()
     root = "counted://" + local_root
     spec, _ = streaming.open_split(root, "train", micro_batch=args.batch, resolution=args.resolution,
                                    num_steps=steps, shuffle_buffer=0, fetch_threads=0)
-    offsets_table(spec.index_url)  # once per loader worker: not a per-sample cost
     for name in os.listdir(counts):
         os.remove(os.path.join(counts, name))
     os.environ[COUNT_DIR_ENV] = counts
@@ -200,7 +203,7 @@ def counted_bytes(local_root: str, args, steps: int, counts: str) -> dict:
     finally:
         os.environ.pop(COUNT_DIR_ENV, None)
     trained = sum(len(b["id"]) for b in batches)
-    storage = sum(n for _, _, n, name in _read_logs(counts) if name.endswith(".tar"))
+    storage = sum(n for _, _, n, name in _read_logs(counts) if name.endswith((".tar", "." + shards.ROWS)))
     return {"bytes_read_per_sample": storage / trained, "bytes_decoded_per_sample": sum(b["decoded"] for b in batches) / trained,
             "loader_reported_equals_storage": storage == sum(b["bytes"] for b in batches),
             "offsets_table_bytes": len(shards.read_index(shards.split_dir(local_root, "train", "train")).to_bytes())}

@@ -74,10 +74,20 @@ PLACES: dict[str, Place] = {p.name: p for p in [
     Place("segment_plan", "bench.scale_segment:segment_plan",
           "cluster.segmentation.prepare on a first run (N = images, nothing recorded): the listing streamed into "
           "units of 32 and spooled", plan=True, driver=True),
+    Place("driver_plan", "bench.scale_stage2:driver_plan",
+          "cluster.mining's driver plan: units from the depth counts, unit calls, neighbours calls", plan=True, driver=True),
+    Place("unit_reads", "bench.scale_stage2:unit_reads",
+          "a mining actor's unit: deal + its 16 depth shards streamed once (no index of the split)"),
+    Place("loader_rows", "bench.scale_stage2:loader_rows",
+          "a loader worker: rows of 2,000 random 32-sample segments read from row files (no table of the split)"),
+    Place("knn_actor", "bench.scale_stage2:knn_actor",
+          "one of 16 mining actors' exact top-k: N/16 queries x N keys, C=384, fp32, 1 thread", quadratic_ok=True),
 ]}
 
 EXTRAS: dict[str, str] = {  # name -> "module:function"; function(args) -> dict
     "segment_records_s3": "bench.scale_segment:records_s3",
+    "knn_actors": "bench.scale_stage2:knn_actors",
+    "stage1_bytes_per_cluster": "bench.scale_stage2:stage1_bytes_per_cluster",
 }
 
 TARGETS = {

@@ -1,9 +1,14 @@
 """Reading a split from storage: planned anchor ranges and drawn positives, each ONE exact ranged read.
 
 ``ShardReader`` reads the planned ranges of shards (``depthg.planner.stream_segments``): a range of a shard
-is one ``depthg.io.read_range`` of exactly its samples' bytes, located through the split's offsets table
-(stage 2, ``offsets.npz``) or, for stage-1 splits, the shard's sidecar. ``PositiveReader`` reads one drawn
-positive: the rgb + depth prefix of that sample (``depthg.shards.OffsetsTable.sample``), nothing else.
+is one ``depthg.io.read_range`` of exactly its samples' bytes. In a split of layout ``grouped/3`` (manifest
+``rows``) the range's rows come first, one exact read of the shard's row file (``depthg.shards.row_dtype``):
+they give the range's bytes and, for each sample, its positives' byte ranges, attached to the sample
+(``__row__``); the process holds no table of the split (O(1) memory in N). Splits written before (positives
+in ``meta.json``) are located through the split's offsets table (``offsets.npz``, read once per process,
+``offsets_table``) or, for stage-1 splits, the shard's sidecar. ``PositiveReader`` reads one drawn positive:
+the rgb + depth prefix of that sample (carried by its anchor's row, or ``depthg.shards.OffsetsTable.sample``),
+nothing else.
 ``ahead`` runs such reads on a small thread pool ahead of the consumer, so object-storage latency overlaps
 decoding. Storage serves exactly the bytes asked for, so the bytes a loader counts are the bytes read.
 
@@ -50,12 +55,15 @@ def log_damage(skipped: list | None, url: str, error: str) -> None:
 
 def shard_samples(url: str, start: int = 0, stop: int | None = None, offsets: Sequence[int] | None = None,
                   skipped: list | None = None, meter: list | None = None,
-                  required: Sequence[str] = WITH_DEPTH) -> Iterator[dict]:
-    """Raw samples ``[start, stop)`` of one shard. A damaged shard (truncated, not a tar, missing) ends where
-    it breaks and a sample lacking a ``required`` member is dropped: each is logged naming the shard and
-    appended to ``skipped``; training goes on. Storage that cannot be reached is still an error."""
+                  required: Sequence[str] = WITH_DEPTH, rows=None) -> Iterator[dict]:
+    """Raw samples ``[start, stop)`` of one shard (``rows``: theirs, attached in order as ``__row__``). A damaged
+    shard (truncated, not a tar, missing) ends where it breaks and a sample lacking a ``required`` member is
+    dropped: each is logged naming the shard and appended to ``skipped``; training goes on. Storage that
+    cannot be reached is still an error."""
     try:
-        for raw in shardfmt.iter_shard(url, start, stop, offsets, meter):
+        for i, raw in enumerate(shardfmt.iter_shard(url, start, stop, offsets, meter)):
+            if rows is not None:
+                raw["__row__"] = rows[i]
             missing = [m for m in required if member(raw, m) is None]
             if missing:
                 log_damage(skipped, url, f"sample {raw.get('__key__')} lacks {', '.join(missing)}")
@@ -72,9 +80,9 @@ class ShardReader:
     (``index_url``) or, without one, from a shard's sidecar when a range starts or stops inside it."""
 
     def __init__(self, urls: Sequence[str], counts: Sequence[int], required: Sequence[str] = WITH_DEPTH,
-                 index_url: str | None = None):
+                 index_url: str | None = None, rows_k: int | None = None):
         self.urls, self.counts, self.offsets, self.required = list(urls), list(counts), {}, tuple(required)
-        self.index_url = index_url
+        self.index_url, self.rows_k = index_url, rows_k
 
     def _offsets(self, shard: int):
         if shard not in self.offsets:
@@ -97,22 +105,44 @@ class ShardReader:
     def __call__(self, segs: Sequence[tuple[int, int, int]], skipped: list | None = None,
                  meter: list | None = None) -> Iterator[dict]:
         for shard, start, stop in segs:
+            if self.rows_k is not None:
+                yield from self._with_rows(shard, start, stop, skipped, meter)
+                continue
             whole = start == 0 and stop == self.counts[shard]
             offsets = None if whole and not self.index_url else self._offsets(shard)
             yield from shard_samples(self.urls[shard], start, stop, offsets, skipped, meter, self.required)
 
 
+    def _with_rows(self, shard: int, start: int, stop: int, skipped, meter) -> Iterator[dict]:
+        """Samples ``[start, stop)`` of a ``grouped/3`` shard: its rows (one exact read), then its bytes."""
+        url = self.urls[shard]
+        try:
+            rows = shardfmt.read_rows(shardfmt.rows_name(url), start, stop, self.rows_k, meter)
+        except io.StorageError:
+            raise
+        except DAMAGE as exc:
+            log_damage(skipped, shardfmt.rows_name(url), f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}")
+            return
+        offsets = [*rows["start"].tolist(), int(rows["stop"][-1])]
+        yield from shard_samples(url, 0, stop - start, offsets, skipped, meter, self.required, rows)
+
+
 class PositiveReader:
     """``(raw, bytes read, error)`` of sample ``index`` of a stage-2 split: its rgb + depth members only, one
-    exact range (``raw`` None and ``error`` set when that range is damaged). Picklable; safe in threads."""
+    exact range (``raw`` None and ``error`` set when that range is damaged). ``where``: the range carried by
+    the anchor's row, ``(shard, start, end)`` with ``urls`` the split's shards; without it the split's offsets
+    table locates ``index`` (splits written before row files). Picklable; safe in threads."""
 
-    def __init__(self, index_url: str, required: Sequence[str] = WITH_DEPTH):
-        self.index_url, self.required = index_url, tuple(required)
-        self.folder = index_url.rsplit("/", 1)[0]
+    def __init__(self, index_url: str | None, required: Sequence[str] = WITH_DEPTH, urls: Sequence[str] | None = None):
+        self.index_url, self.required, self.urls = index_url, tuple(required), urls
+        self.folder = index_url.rsplit("/", 1)[0] if index_url else None
 
-    def __call__(self, index: int) -> tuple[dict | None, int, str | None]:
-        name, start, end = offsets_table(self.index_url).sample(int(index))
-        url = io.join(self.folder, name)
+    def __call__(self, index: int, where: tuple[int, int, int] | None = None) -> tuple[dict | None, int, str | None]:
+        if where is not None:
+            url, start, end = self.urls[where[0]], where[1], where[2]
+        else:
+            name, start, end = offsets_table(self.index_url).sample(int(index))
+            url = io.join(self.folder, name)
         data = b""
         try:
             data = io.read_range(url, start, end)

@@ -3,7 +3,7 @@
 Layout under a root (local folder or ``s3://bucket/prefix``)::
 
     {root}/depth/{split}/shard-000000.tar, shard-000000.json, ..., manifest.json             # stage 1: depth
-    {root}/{split}/shard-000000.tar, shard-000000.json, ..., offsets.npz, manifest.json      # stage 2: train
+    {root}/{split}/00-shard-000000.tar, .json, .idx, ..., offsets.npz, manifest.json         # stage 2: train
 
 One WebDataset sample per crop (five-cropped train) or image (val). ``__key__`` is the sample id (no dots:
 webdataset splits the key at the first dot). Member encodings are ``depthg.codecs``'s (the name says the
@@ -14,11 +14,18 @@ encoding). Members of a sample:
   ``{"id", "source_id", "crop", "split", "dataset", "neighbors": []}``.
 * stage 2 (``kind: train``): each sample ONCE, already at the training resolution (the project's one resize,
   ``resize_center_crop`` at the manifest's ``resolution``), encoded as the manifest's ``encoding`` says:
-  ``rgb.{png,jpg,webp}``, ``depth.{png,npy,npy.gz}``, ``label.png`` (always PNG) and ``meta.json`` with
-  ``neighbors`` (the k neighbour ids) and ``positives``: K **global sample indices** of the same split
-  (manifest order: shard after shard, each in stored order), neighbour ranks 1..K. No positive is embedded:
-  a loader draws one per visit and reads only that sample's rgb + depth, one exact byte range found in the
-  split's offsets table.
+  ``rgb.{png,jpg,webp}``, ``depth.{png,npy,npy.gz}``, ``label.png`` (always PNG) and ``meta.json`` (stage 1's,
+  without ``neighbors``). Its K positives (neighbour ranks 1..K, as **global sample indices** of the same split:
+  manifest order, shard after shard, each in stored order) are in its shard's **row file**
+  (``shard-NNNNNN.idx``, ``row_dtype(K)``: one fixed-size row per sample carrying its own byte range and each
+  positive's index, shard and rgb + depth byte range). No positive is embedded: a loader reads a segment's
+  rows (one exact range), then its samples (one), and per visit draws one positive and reads only its rgb +
+  depth (one), so no process holds a table of the split. Splits of layout ``shuffled/2`` (before) kept the
+  positives in ``meta.json`` and are read through the offsets table.
+* stage-2 layout ``grouped/3`` (``plan_units``, ``deal``): units of up to 16 depth shards drawn at random, each
+  written by one actor into as many training shards, the crops of an image in different shards; training
+  shard names start with ``{index % 256:02x}-`` (``train_shard_name``: random positive reads spread over 256 key
+  prefixes). ``shuffled_layout`` (one global permutation) was the layout before.
 
 ``depth.*`` is absent in shards written with ``depthgen.source=none`` (manifest ``depth_source: none``),
 ``label.png`` when unlabelled. A sample's members are stored rgb, depth, then the rest sorted (a positive's
@@ -29,11 +36,14 @@ Each shard ``shard-NNNNNN.tar`` gets a sidecar ``shard-NNNNNN.json`` written *af
 "ids", "offsets", "prefix", "skipped", "digest"}``; ``offsets``: each sample's first byte, then the end of
 the last; ``prefix``: where each sample's rgb + depth members end): a shard counts as complete only when both
 exist. Stage 2 then writes the offsets table ``offsets.npz`` (``OffsetsTable``: per sample in manifest order
-int32 ``shard`` and int64 ``start``, ``prefix``, ``stop``; the shard ``names``), then ``manifest.json`` last::
+int32 ``shard`` and int64 ``start``, ``prefix``, ``stop``; the shard ``names``; filled in O(N) as sidecars
+arrive, stored as 8 bytes per sample, the earlier int64 form still read), the row files, then
+``manifest.json`` last::
 
     {"schema": "depthg-shards/1"|"depthg-shards/2", "kind": "depth"|"train", "split", "shards": [{"name", "count"}],
      "total", "dataset", "n_classes", "depth_source", "config", "skipped": [{"id", "error"}], ...,
-     stage 2: "index": "offsets.npz", "encoding": {"rgb", "rgb_quality", "depth", "label", "members"}, "resolution"}
+     stage 2: "index": "offsets.npz", "rows": "idx", "layout": "grouped/3", "num_positives", "encoding": {"rgb",
+     "rgb_quality", "depth", "label", "members"}, "resolution"}
 
 A stage-2 manifest of schema ``depthg-shards/1`` (K positives embedded as ``pos{k}.*``, ~8x the storage) is
 refused by ``read_manifest`` with one line saying how to regenerate it (``python launch/mine_neighbors.py``;
@@ -43,9 +53,9 @@ Readers: ``shard_urls(root, split, kind)`` (from the manifest; which ranges a ra
 ``depthg.planner``'s job), ``iter_shard(url, start, stop, offsets)`` (raw sample dicts of a local or s3://
 shard, the same dicts ``wds.WebDataset`` yields; a range of samples alone is ONE exact ranged read,
 ``depthg.io.read_range``), ``parse_samples(data)`` (raw dicts of a byte range), ``decode_sample(raw)``
-(numpy arrays), ``read_index(folder)`` (the offsets table). ``shuffled_layout`` is the stage-2 write order.
+(numpy arrays), ``read_index(folder)`` (the offsets table), ``read_rows(url, a, b, K)`` (rows of a row file).
 ``register_gopen()`` lets plain ``wds.WebDataset("s3://...")`` read through fsspec (custom endpoints included).
-``write_test_shards`` writes tiny synthetic shards + manifest (+ offsets table) for other modules' tests.
+``write_test_shards`` writes tiny synthetic shards + manifest (+ offsets table, row files) for other modules' tests.
 """
 from __future__ import annotations
 
@@ -55,6 +65,7 @@ import os
 import posixpath
 import re
 import tempfile
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -72,11 +83,30 @@ KINDS = ("depth", "train")
 MANIFEST = "manifest.json"
 INDEX = "offsets.npz"
 LAYOUT_SALT = 0x1A7  # separates the stage-2 layout permutation from other streams of the same seed
+LAYOUT = "grouped/3"  # stage 2's layout (manifest "layout"): units of depth shards, positives in row files
+ROWS = "idx"  # manifest "rows": each training shard's row file, ``rows_name`` (the loader's only index)
+UNIT_SHARDS = 16  # depth shards per stage-2 unit at most (``unit_size``)
+MIN_UNITS = 8  # ... and fewer when the split has fewer than 8 x 16 shards, so its units spread over actors,
+MIN_UNIT_SHARDS = 5  # ... but 5 at least (the crops of a five-cropped image then land in 5 different shards)
+SPREAD = 256  # training shards' names start with one of 256 two-hex-digit prefixes (object-store partitions)
 
 
 # ----------------------------------------------------------------------------- names
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
+
+
+def train_shard_name(index: int) -> str:
+    """A stage-2 shard's name: ``{index % 256:02x}-shard-{index:06d}.tar``. Positives are read at random over
+    the whole split, one ranged GET each; the leading two hex digits spread those GETs evenly over 256 key
+    prefixes, so an object store that partitions by key prefix (S3: ~5,500 GET/s per partition) can serve
+    them from as many partitions (cluster/README.md section 5: the arithmetic)."""
+    return f"{index % SPREAD:02x}-{shard_name(index)}"
+
+
+def rows_name(name: str) -> str:
+    """The row file of training shard ``name`` (``...shard-NNNNNN.idx``)."""
+    return re.sub(r"\.tar$", "." + ROWS, name)
 
 
 def sidecar_name(name: str) -> str:
@@ -188,29 +218,64 @@ class OffsetsTable:
         counts = np.bincount(self.shard, minlength=len(self.names))
         self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.by_name = {n: i for i, n in enumerate(self.names)}
+        self.filled = np.ones(len(self.names), bool)
+
+    @classmethod
+    def empty(cls, names: Sequence[str], counts: Sequence[int]) -> "OffsetsTable":
+        """A table of shards ``names`` holding ``counts`` samples, to be filled shard by shard (``fill``) as
+        their sidecars arrive: O(N) memory and work in all (numpy, no per-sample Python object)."""
+        counts = np.asarray(counts, np.int64)
+        n = int(counts.sum())
+        table = cls(names, np.repeat(np.arange(len(counts), dtype=np.int32), counts), np.zeros(n, np.int64),
+                    np.zeros(n, np.int64), np.zeros(n, np.int64))
+        table.filled[:] = False
+        return table
+
+    def fill(self, shard: int, offsets: Sequence[int], prefix: Sequence[int] | None = None) -> None:
+        """Shard ``shard``'s part from its sidecar's ``offsets`` (count + 1) and ``prefix`` (count)."""
+        a, b = int(self.first[shard]), int(self.first[shard + 1])
+        off = np.asarray(offsets, np.int64)
+        pre = off[1:] if prefix is None or len(prefix) == 0 else np.asarray(prefix, np.int64)
+        if len(off) != b - a + 1 or len(pre) != b - a:
+            raise ShardError(f"sidecar of {self.names[shard]}: {len(off)} offsets for {b - a} samples")
+        self.start[a:b], self.stop[a:b], self.prefix[a:b] = off[:-1], off[1:], pre
+        self.filled[shard] = True
 
     @classmethod
     def from_sidecars(cls, infos: Sequence[dict]) -> "OffsetsTable":
-        shard, start, prefix, stop = [], [], [], []
+        table = cls.empty([info["name"] for info in infos], [int(info["count"]) for info in infos])
         for i, info in enumerate(infos):
-            off, pre = info["offsets"], info.get("prefix") or info["offsets"][1:]
-            if len(off) != info["count"] + 1 or len(pre) != info["count"]:
-                raise ShardError(f"sidecar of {info['name']}: {len(off)} offsets for {info['count']} samples")
-            shard += [i] * info["count"]
-            start, prefix, stop = start + off[:-1], prefix + list(pre), stop + off[1:]
-        return cls([info["name"] for info in infos], shard, start, prefix, stop)
+            table.fill(i, info["offsets"], info.get("prefix"))
+        return table
 
     def to_bytes(self) -> bytes:
+        """8 bytes per sample, uncompressed (written in well under a second at 10M samples): per sample int32
+        ``size`` (stop - start) and ``head`` (prefix - start), per shard ``counts`` and ``base`` (its first
+        sample's start); starts follow, a shard's samples being contiguous (``start[g+1] = stop[g]``)."""
+        counts = np.diff(self.first)
+        nonempty = counts > 0
+        base = np.zeros(len(self.names), np.int64)
+        base[nonempty] = self.start[self.first[:-1][nonempty]]
         buf = _pyio.BytesIO()
-        np.savez_compressed(buf, names=np.array(self.names, dtype=str), shard=self.shard, start=self.start,
-                            prefix=self.prefix, stop=self.stop)
+        np.savez(buf, names=np.array(self.names, dtype=str), counts=counts, base=base,
+                 size=(self.stop - self.start).astype(np.int32), head=(self.prefix - self.start).astype(np.int32))
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "?") -> "OffsetsTable":
+        """Either form: sizes (``to_bytes``) or, as written before, the int64 ``start``/``prefix``/``stop``."""
         try:
             with np.load(_pyio.BytesIO(data), allow_pickle=False) as z:
-                return cls(list(z["names"]), z["shard"], z["start"], z["prefix"], z["stop"])
+                if "size" not in z:
+                    return cls(list(z["names"]), z["shard"], z["start"], z["prefix"], z["stop"])
+                counts, size = z["counts"].astype(np.int64), z["size"].astype(np.int64)
+                shard = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+                first = np.concatenate([[0], np.cumsum(counts)])
+                ends = np.cumsum(size)  # running sum over the split; each shard restarts at its base
+                before = np.concatenate([[0], ends])[first[:-1]]
+                stop = ends - np.repeat(before, counts) + np.repeat(z["base"], counts)
+                start = stop - size
+                return cls(list(z["names"]), shard, start, start + z["head"], stop)
         except (KeyError, ValueError, OSError) as exc:
             raise ShardError(f"{where}: not an offsets table ({exc}); rerun python launch/mine_neighbors.py") from exc
 
@@ -227,10 +292,13 @@ class OffsetsTable:
         return self.names[int(self.shard[index])], int(self.start[index]), int(self.prefix[index])
 
 
-def write_index(folder_url: str, infos: Sequence[dict]) -> str:
-    """Write the offsets table of the shards whose sidecars are ``infos`` (manifest order); returns its URL."""
+def write_index(folder_url: str, infos: Sequence[dict] | OffsetsTable) -> str:
+    """Write the offsets table (or build it from the sidecars ``infos``, manifest order); returns its URL."""
+    table = infos if isinstance(infos, OffsetsTable) else OffsetsTable.from_sidecars(infos)
+    if not table.filled.all():
+        raise ShardError(f"offsets table of {folder_url}: no sidecar for {table.names[int(np.argmin(table.filled))]}")
     url = io.join(folder_url, INDEX)
-    io.write_bytes(url, OffsetsTable.from_sidecars(infos).to_bytes())
+    io.write_bytes(url, table.to_bytes())
     return url
 
 
@@ -296,8 +364,8 @@ def shard_urls(root_url: str, split: str, kind: str = "train") -> list[str]:
 # ----------------------------------------------------------------------------- write order
 def shuffled_layout(per_shard: Sequence[Sequence[str]], seed: int = 0) -> list[list[str]]:
     """The ids of ``per_shard`` (one id list per shard) in one seeded global permutation, cut into shards
-    of the same sizes. Stage-2 shards are written in this order: the five crops of an image (adjacent in
-    depth shards) then never share a loader's range, so they do not become each other's negatives."""
+    of the same sizes: the stage-2 write order of layout ``shuffled/2`` (every training shard drew from every
+    depth shard, so every node needed all of stage 1), kept as the full-shuffle reference (bench/coverage.py)."""
     ids = [i for part in per_shard for i in part]
     rng = np.random.default_rng(np.random.SeedSequence([seed, LAYOUT_SALT]))
     order = [ids[j] for j in rng.permutation(len(ids))]
@@ -306,6 +374,95 @@ def shuffled_layout(per_shard: Sequence[Sequence[str]], seed: int = 0) -> list[l
         out.append(order[start:start + len(part)])
         start += len(part)
     return out
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One stage-2 work unit: depth shards ``depth`` (in this order) -> training shards ``first ..
+    first + len(counts) - 1`` holding ``counts`` samples."""
+
+    index: int
+    depth: tuple[int, ...]
+    first: int
+    counts: tuple[int, ...]
+
+
+def unit_size(n_shards: int) -> int:
+    """Depth shards per unit: ``UNIT_SHARDS``, fewer for small splits (at least ``MIN_UNITS`` units), never fewer
+    than ``MIN_UNIT_SHARDS`` (all of them in a split of fewer)."""
+    return max(1, min(int(n_shards), max(MIN_UNIT_SHARDS, min(UNIT_SHARDS, -(-int(n_shards) // MIN_UNITS)))))
+
+
+def plan_units(depth_counts: Sequence[int], seed: int = 0) -> list[Unit]:
+    """The stage-2 layout ``grouped/3`` from the depth shards' counts alone (O(shards), no sample id): the depth
+    shards in one seeded permutation, cut into ceil(S / ``unit_size``) units of equal size within one (random
+    members, not neighbours in the listing); a unit of G shards holding M samples writes ``min(G, M)`` training shards of equal size
+    (within one), numbered unit after unit. ``deal`` says which samples go where."""
+    g = unit_size(len(depth_counts))
+    order = np.random.default_rng(np.random.SeedSequence([seed, LAYOUT_SALT, 3])).permutation(len(depth_counts))
+    n_units = -(-len(order) // g)
+    bounds = [len(order) * u // n_units for u in range(n_units + 1)]  # equal sizes within one (>= 5 shards)
+    units, first = [], 0
+    for index in range(n_units):
+        members = tuple(int(x) for x in order[bounds[index]:bounds[index + 1]])
+        total = sum(int(depth_counts[m]) for m in members)
+        out = min(len(members), total)
+        counts = tuple(total // out + (j < total % out) for j in range(out)) if out else ()
+        units.append(Unit(index, members, first, counts))
+        first += out
+    return units
+
+
+def deal(unit: Unit, seed: int = 0) -> list[np.ndarray]:
+    """For each training shard of ``unit``, its samples in stored order as positions in the concatenation of
+    the unit's depth shards (in ``unit.depth`` order): position p goes to the unit's shard ``p mod G'``
+    (G' = its shard count), then each shard is permuted (seeded by the unit). The crops of an image, adjacent
+    in a depth shard, land in G' different training shards (all five apart once G' >= 5, i.e. in any split of
+    5 depth shards or more): a loader's range never holds two crops of one image, so they never become each
+    other's negatives."""
+    n_out = len(unit.counts)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, LAYOUT_SALT, 3, unit.index]))
+    positions = np.arange(sum(unit.counts))
+    return [rng.permutation(positions[j::n_out]) for j in range(n_out)]
+
+
+# ----------------------------------------------------------------------------- row files (layout grouped/3)
+def row_dtype(k: int) -> np.dtype:
+    """One row per sample of a training shard, in stored order (little-endian, no header, ``row_dtype(K)
+    .itemsize`` bytes each: 212 at K = 7): the sample's own byte range (``start``, ``stop``) and, for each of
+    its K positives, the global index ``pos``, its shard's manifest index ``pos_shard`` and the byte range of
+    its rgb + depth (``pos_start``, ``pos_end``). A loader reads a segment's rows by one exact range and then
+    everything it needs is carried there: no table of the split in any process."""
+    k = int(k)
+    return np.dtype([("start", "<i8"), ("stop", "<i8"), ("pos", "<i8", (k,)), ("pos_shard", "<i4", (k,)),
+                     ("pos_start", "<i8", (k,)), ("pos_end", "<i8", (k,))])
+
+
+def build_rows(table: OffsetsTable, shard: int, positives: np.ndarray) -> np.ndarray:
+    """The rows of training shard ``shard``: ``positives`` [count, K] global indices of its samples' positives."""
+    a, b = int(table.first[shard]), int(table.first[shard + 1])
+    positives = np.asarray(positives, np.int64).reshape(b - a, -1)
+    rows = np.zeros(b - a, row_dtype(positives.shape[1]))
+    rows["start"], rows["stop"], rows["pos"] = table.start[a:b], table.stop[a:b], positives
+    rows["pos_shard"], rows["pos_start"], rows["pos_end"] = (table.shard[positives], table.start[positives],
+                                                             table.prefix[positives])
+    return rows
+
+
+def write_rows(folder_url: str, name: str, rows: np.ndarray) -> None:
+    """Write the rows of training shard ``name`` (atomic, as every write of ``depthg.io``)."""
+    io.write_bytes(io.join(folder_url, rows_name(name)), np.ascontiguousarray(rows).tobytes())
+
+
+def read_rows(url: str, a: int, b: int, k: int, meter: list | None = None) -> np.ndarray:
+    """Rows ``[a, b)`` of the row file ``url``: one exact ranged read (``ShardError`` when it comes back short)."""
+    width = row_dtype(k).itemsize
+    data = io.read_range(url, a * width, b * width)
+    if meter is not None:
+        meter[0] += len(data)
+    if len(data) != (b - a) * width:
+        raise ShardError(f"{url}: {len(data)} bytes for rows {a}-{b} of {width} bytes (truncated?)")
+    return np.frombuffer(data, row_dtype(k))
 
 
 # ----------------------------------------------------------------------------- tiny test shards
@@ -329,8 +486,9 @@ def write_test_shards(root_url: str, n_samples: int, size: tuple[int, int] = (32
     """Write tiny synthetic shards + manifest under ``root_url`` (local or s3://); returns the manifest.
 
     ``with_positives=True`` writes stage-2 (``kind="train"``, ``{root}/{split}``, ``encoding`` default
-    ``codecs.TRAIN_DEFAULT``, + offsets table) shards whose positives are the next samples (cyclically, by
-    global index; resolution recorded when ``size`` is square); otherwise stage-1 ``{root}/depth/{split}`` shards.
+    ``codecs.TRAIN_DEFAULT``, + offsets table and row files) shards whose positives are the next samples
+    (cyclically, by global index; resolution recorded when ``size`` is square); otherwise stage-1
+    ``{root}/depth/{split}`` shards.
     """
     rng = np.random.default_rng(seed)
     data = [_synthetic_sample(rng, size, n_classes) for _ in range(n_samples)]
@@ -342,17 +500,20 @@ def write_test_shards(root_url: str, n_samples: int, size: tuple[int, int] = (32
     for start in range(0, n_samples, samples_per_shard):
         samples = []
         for i in range(start, min(start + samples_per_shard, n_samples)):
-            nbrs = [(i + 1 + j) % n_samples for j in range(num_positives)] if with_positives else []
             meta = {"source_id": ids[i], "crop": -1, "split": split, "dataset": "test",
-                    "neighbors": [ids[j] for j in nbrs], **({"positives": nbrs} if with_positives else {})}
+                    **({} if with_positives else {"neighbors": []})}
             samples.append(encode_sample(ids[i], data[i][0], data[i][1], data[i][2] if labelled else None, meta, enc))
         infos.append(put_shard(folder, shard_name(len(infos)), samples))
     manifest = {"kind": kind, "split": split, "shards": [{"name": s["name"], "count": s["count"]} for s in infos],
                 "dataset": "test", "n_classes": n_classes, "depth_source": "synthetic-test", "config": {},
                 "skipped": [], "num_positives": num_positives if with_positives else 0}
     if with_positives:
-        write_index(folder, infos)
-        manifest.update({"index": INDEX, "encoding": enc.as_dict(),
+        table = OffsetsTable.from_sidecars(infos)
+        write_index(folder, table)
+        nxt = (np.arange(n_samples)[:, None] + 1 + np.arange(num_positives)[None]) % n_samples
+        for i, info in enumerate(infos):
+            write_rows(folder, info["name"], build_rows(table, i, nxt[table.first[i]:table.first[i + 1]]))
+        manifest.update({"index": INDEX, "rows": ROWS, "encoding": enc.as_dict(),
                          "resolution": size[0] if size[0] == size[1] else None})
     write_manifest(folder, manifest)
     return read_manifest(folder)

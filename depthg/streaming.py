@@ -8,20 +8,23 @@ One worker's stages, each a small generator function::
 
     plan (planner.stream_segments: the shard ranges of the worker's chunks)
     -> read each range's raw samples (``depthg.reader.ShardReader``: ONE exact ranged read per planned
-       segment, located by the split's offsets table; the next segments are read ahead on a thread pool)
-    -> draw a positive: one ``rng.integers(K)`` per sample over the K global indices of its
-       ``meta.json`` ``positives`` (the same draw, stream and seeds as when the K were embedded)
+       segment, after one exact read of its rows in the shard's row file (layout ``grouped/3``; splits
+       written before: located by the split's offsets table); the next segments are read ahead on a pool)
+    -> draw a positive: one ``rng.integers(K)`` per sample over its K positives (its row's, which carry
+       their byte ranges, or the global indices of its ``meta.json`` ``positives`` in splits written
+       before; the same draw, stream and seeds as when the K were embedded)
     -> shuffle buffer (on the raw, still-compressed bytes; per epoch: drained when the epoch changes)
     -> skip (resume: the samples of the current epoch already trained on, replayed raw)
     -> fetch each drawn positive's rgb + depth (``depthg.reader.PositiveReader``: one exact range per
-       positive, ``spec.prefetch`` samples ahead on the pool, so storage latency overlaps decoding)
+       positive, the range its anchor's row carries; ``spec.prefetch`` samples ahead on the pool, so
+       storage latency overlaps decoding)
     -> decode (anchor: rgb, depth, label, meta; positive: rgb, depth)
     -> to the training resolution (``depthg.data.transforms.resize_center_crop``; stage-2 samples are
        stored at it, so this is the identity there)
     -> batch: ``image, pos_image`` uint8 [B,3,R,R] (made float in [0, 1] on the training device by
        ``depthg.step.backbone_features``), ``depth, pos_depth`` float32 [B,1,R,R], ``label`` int64, the
        ``id`` and ``pos_id`` lists, ``step``, and since the previous batch: ``skipped`` damage events,
-       storage ``bytes`` read and member bytes ``decoded``
+       storage ``bytes`` read (samples, rows and positives) and member bytes ``decoded``
 
 The shuffle buffer sits before decoding so that a resumed run can skip the batches it already trained on
 by replaying the raw stream without decoding: resume is exact to the sample (same world size and loader
@@ -87,14 +90,19 @@ def _meta(raw: dict) -> dict:
 
 
 def positive_stage(samples: Iterable[dict], rng: np.random.Generator) -> Iterator[dict]:
-    """Draw one positive per sample uniformly from the K global indices of its ``meta.json`` ``positives``
-    (``__positive__`` = the draw j, ``__positive_index__`` = the index); K=0 (unmined split): none drawn,
-    the crop is its own positive. One ``rng.integers(K)`` per sample with K > 0, as when K were embedded."""
+    """Draw one positive per sample uniformly from its K positives: those of its row (``__row__``, layout
+    ``grouped/3``: ``__positive_range__`` = the drawn one's carried byte range) or the K global indices of its
+    ``meta.json`` ``positives`` (splits written before); ``__positive__`` = the draw j,
+    ``__positive_index__`` = the index. K=0 (unmined split): none drawn, the crop is its own positive. One
+    ``rng.integers(K)`` per sample with K > 0, as when K were embedded."""
     for raw in samples:
-        positives = _meta(raw).get("positives") or []
-        if positives:
+        row = raw.get("__row__")
+        positives = row["pos"] if row is not None else (_meta(raw).get("positives") or [])
+        if len(positives):
             j = int(rng.integers(len(positives)))
             raw["__positive__"], raw["__positive_index__"] = j, int(positives[j])
+            if row is not None:
+                raw["__positive_range__"] = (int(row["pos_shard"][j]), int(row["pos_start"][j]), int(row["pos_end"][j]))
         yield raw
 
 
@@ -105,7 +113,9 @@ def skip_stage(samples: Iterable[dict], count: int) -> Iterator[dict]:
 
 def _fetch_one(fetch: Callable | None, raw: dict):
     index = raw.get("__positive_index__")
-    return raw, (fetch(index) if fetch is not None and index is not None else (None, 0, None))
+    if fetch is None or index is None:
+        return raw, (None, 0, None)
+    return raw, fetch(index, raw.get("__positive_range__"))
 
 
 def fetch_stage(samples: Iterable[dict], fetch: Callable | None, pool=None, depth: int = 0,
@@ -233,6 +243,7 @@ class StreamSpec:
     num_workers: int = 1  # DataLoader workers of this rank (>= 1; 0 loader workers counts as 1)
     required: Sequence[str] = WITH_DEPTH  # what every sample holds (``required_members(manifest)``)
     index_url: str | None = None  # the split's offsets table (stage 2): exact ranges, positives by reference
+    rows_k: int | None = None  # layout grouped/3: positives per row of the shards' row files (no table read)
     with_positives: bool = True  # False: no positive is read (each crop is its own; e.g. the probe finishing)
     fetch_threads: int = 8  # reader threads per loader worker (ranges and positives ahead); 0: none
     prefetch: int = 0  # positives read ahead of decoding; 0 = 2 x micro_batch
@@ -249,12 +260,14 @@ class StreamSpec:
 
     def read(self, segs, skipped=None, meter=None) -> Iterator[dict]:
         if self.reader is None:
-            self.reader = ShardReader(self.urls, self.counts, self.required, self.index_url)
+            self.reader = ShardReader(self.urls, self.counts, self.required, self.index_url, self.rows_k)
         return self.reader(segs, skipped, meter)
 
     def positives(self) -> PositiveReader | None:
         """What reads a drawn positive (None: each crop is its own positive)."""
-        return PositiveReader(self.index_url, self.required) if self.index_url and self.with_positives else None
+        if not self.with_positives or not (self.index_url or self.rows_k):
+            return None
+        return PositiveReader(self.index_url, self.required, self.urls if self.rows_k is not None else None)
 
     def pool(self) -> ThreadPoolExecutor | None:
         return ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="depthg-read") if self.fetch_threads else None
@@ -396,5 +409,6 @@ def open_split(root: str, split: str, **spec_kwargs) -> tuple[StreamSpec, dict]:
     urls = [io.join(folder, s["name"]) for s in manifest["shards"]]
     counts = [int(s["count"]) for s in manifest["shards"]]
     index = io.join(folder, manifest["index"]) if manifest.get("index") else None
+    rows_k = int(manifest.get("num_positives") or 0) if manifest.get("rows") == shardfmt.ROWS else None
     return StreamSpec(urls=urls, counts=counts, required=required_members(manifest), index_url=index,
-                      **spec_kwargs), manifest
+                      rows_k=rows_k, **spec_kwargs), manifest

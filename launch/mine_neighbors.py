@@ -2,13 +2,15 @@
 
     python launch/mine_neighbors.py [--config FILE] [--splits train,val] [--device auto|cpu|cuda] [key=value ...]
 
-Reads ``{root}/depth/{split}/manifest.json`` (written by ``launch/generate_depth.py``), computes
-global backbone features on Ray actors (kept under ``{root}/features/``, so a rerun with another
-``mining.k`` skips them), exact cosine top-``mining.k`` over the split on one of those actors (its
-GPU), and writes ``{root}/{split}/``: each sample once at ``data.resolution`` (``mining.rgb_codec``,
-``rgb_quality``, ``depth_codec``) with its ``mining.num_positives`` positives as sample indices, the
-offsets table, then the manifest. Rerun it after changing ``data.resolution`` or the encoding, and to
-convert a split written with embedded positives (schema depthg-shards/1): the depth shards are reused.
+Reads ``{root}/depth/{split}/manifest.json`` (written by ``launch/generate_depth.py``) and, on Ray actors,
+streams each depth shard once in the cluster (units of up to 16 random depth shards): every sample's global
+backbone feature (kept under ``{root}/features/``) and its training sample at ``data.resolution``
+(``mining.rgb_codec``, ``rgb_quality``, ``depth_codec``), written as ``{root}/{split}/`` shards; then the
+exact cosine top-``mining.k`` over the split, its query rows split over every actor, gives each sample its
+``mining.num_positives`` positives, written with their byte ranges in each shard's row file; the offsets
+table, then the manifest. A rerun with another ``mining.k`` / ``num_positives`` rewrites only the row files.
+Rerun it after changing ``data.resolution`` or the encoding, and to convert a split of an earlier layout
+(positives in ``meta.json``, or embedded: schema depthg-shards/1): the depth shards are reused.
 """
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ def mining_bytes(root: str, out: str) -> None:
 
     from bench.mining_io import mining_run
 
-    args = argparse.Namespace(nodes=2, gpus_per_node=2, samples=32, per_shard=4, positives=3)
+    args = argparse.Namespace(nodes=2, gpus_per_node=2, samples=64, per_shard=2, positives=3)
     os.makedirs(root, exist_ok=True)
     _write(out, mining_run(args, root))
 

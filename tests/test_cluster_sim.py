@@ -11,8 +11,8 @@ process (tests/sim_scenarios.py).
   right then (a hook, no timing) and a replacement added (the autoscaler's job on a real cluster):
   Ray restarts the lost actor there and redoes its units; every sample is present exactly once.
 * mining bytes: stage 2 with two MiningWorker actors on each of two simulated nodes reads each depth shard
-  about once per node (one cache per node, cluster/nodecache.py), counted by a wrapping fsspec file system;
-  a cache per actor would read about twice that.
+  once in the whole cluster (a unit's actor streams its own depth shards), counted by a wrapping fsspec file
+  system; a shard cache per node (the design before) read it once per node, twice in all.
 * segment_node_loss: distributed segmentation (2 actors, CRF as Ray tasks) on a 3-node cluster; the node of the
   first finished unit is removed from the driver's hook and replaced: every image in exactly one complete unit,
   its label written once under its name, one probability shard per unit, the manifest last.
@@ -114,16 +114,14 @@ def test_multinode_stages_survive_a_lost_node_every_sample_once(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_mining_reads_each_depth_shard_once_per_node(tmp_path):
+def test_mining_reads_each_depth_shard_once_per_cluster(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     seen = _run(["mining-bytes", str(tmp_path / "work")], env, str(tmp_path / "out.json"))
     total, per_node = seen["depth_shard_bytes"], seen["bytes_read_per_node"]
-    assert seen["actors"] == 4 and seen["samples"] == 32
-    assert len(per_node) == 2  # both nodes' actors read depth shards
-    for node, nbytes in per_node.items():
-        # each node writes training shards whose positives come from anywhere: it needs most shards ...
-        assert 0.5 * total <= nbytes <= 1.2 * total, (node, nbytes / total)  # ... and fetches each one once
+    assert seen["actors"] == 4 and seen["samples"] == 64
+    assert len(per_node) == 2  # both nodes' actors read depth shards ...
+    assert total <= sum(per_node.values()) <= 1.2 * total, sum(per_node.values()) / total  # ... each once in all
     assert seen["driver_shard_bytes"] == 0
 
 

@@ -28,20 +28,29 @@ def _images(root: str) -> dict:
             for raw in shards.iter_shard(u)}
 
 
+def _positives(root: str) -> dict:
+    """Every sample's K positives (global indices) from the shards' row files, by id."""
+    out = {}
+    for url, entry in zip(shards.shard_urls(root, "train"), shards.read_manifest(f"{root}/train")["shards"]):
+        rows = shards.read_rows(shards.rows_name(url), 0, entry["count"], 3)
+        out.update({raw["__key__"]: row["pos"].tolist() for raw, row in zip(shards.iter_shard(url), rows)})
+    return out
+
+
 def test_positive_draws_are_the_embedded_layouts_and_the_bytes_are_the_referenced_samples(split):
     """With the shuffle buffer off the stream order is the plan's; the positive of its n-th sample of epoch e
-    is ``positives[j]`` with j the n-th ``integers(K)`` of ``slot_rng(seed, e, rank, worker, POSITIVE_STREAM)``:
-    the draw, stream and seed the loader used when the K positives were embedded. The positive's pixels
-    are that sample's own (read by one exact range)."""
+    is ``positives[j]`` (its row's) with j the n-th ``integers(K)`` of ``slot_rng(seed, e, rank, worker,
+    POSITIVE_STREAM)``: the draw, stream and seed the loader used when the K positives were embedded. The
+    positive's pixels are that sample's own (read by one exact range, carried by the anchor's row)."""
     spec, _ = st.open_split(split, "train", micro_batch=4, resolution=16, shuffle_buffer=0, seed=7, num_steps=8)
     batches = list(st.make_loader(spec, 0))  # 32 samples: one epoch of 20 and 12 of the next
-    decoded = _images(split)
+    decoded, positives = _images(split), _positives(split)
     ids = [i for b in batches for i in b["id"]]
     pos_ids = [i for b in batches for i in b["pos_id"]]
     rngs = {e: st.slot_rng(7, e, 0, 0, st.POSITIVE_STREAM) for e in (0, 1)}
     for n, (anchor, positive) in enumerate(zip(ids, pos_ids)):
         j = int(rngs[n // 20].integers(3))
-        assert positive == [*decoded][decoded[anchor]["meta"]["positives"][j]]
+        assert positive == [*decoded][positives[anchor][j]]
     images = torch.cat([b["pos_image"] for b in batches])
     depths = torch.cat([b["pos_depth"] for b in batches])
     for k, positive in enumerate(pos_ids):
@@ -64,26 +73,25 @@ def test_read_ahead_threads_change_no_batch_and_resume_stays_exact(split):
 
 
 def _counted_run(root: str, counts, monkeypatch, **kw):
-    """(storage bytes of the shards read, batches) of one loader pass, counted by the file system."""
+    """(storage bytes of the shards and row files read, batches) of one loader pass, counted by the file system."""
     from bench.mining_io import COUNT_DIR_ENV, _read_logs
 
     for log in counts.iterdir():
         log.unlink()
     spec, _ = st.open_split(root, "train", micro_batch=4, resolution=224, **kw)
-    offsets_table(spec.index_url)  # read once per process; only the samples' bytes are counted below
     monkeypatch.setenv(COUNT_DIR_ENV, str(counts))
     batches = list(st.make_loader(spec, 0))
     monkeypatch.delenv(COUNT_DIR_ENV)
-    return sum(n for _, _, n, name in _read_logs(str(counts)) if name.endswith(".tar")), batches
+    return sum(n for _, _, n, name in _read_logs(str(counts)) if name.endswith((".tar", ".idx"))), batches
 
 
 def test_bytes_read_per_trained_sample_within_1_2x_of_the_bytes_decoded(tmp_path, monkeypatch):
     """Counted at the storage layer (``bench.mining_io``'s counting file system over the local disk): without
     read-ahead the loader reads exactly the bytes its batches report, and at 224 px those are within 1.2x
     of the member bytes it decodes (anchor rgb, depth, label, meta + the positive's rgb, depth; the rest is
-    tar headers). With the shuffle buffer and read-ahead threads on, storage also serves what was read
+    tar headers and the rows). No offsets table is read (the rows carry every range). With the shuffle buffer and read-ahead threads on, storage also serves what was read
     ahead past the last batch: at most the buffer plus two planned segments."""
-    from bench.mining_io import register_counting
+    from bench.mining_io import _read_logs, register_counting
 
     register_counting()
     counts = tmp_path / "counts"
@@ -93,6 +101,7 @@ def test_bytes_read_per_trained_sample_within_1_2x_of_the_bytes_decoded(tmp_path
     storage, batches = _counted_run(root, counts, monkeypatch, shuffle_buffer=0, fetch_threads=0, num_steps=8)
     reported, decoded = sum(b["bytes"] for b in batches), sum(b["decoded"] for b in batches)
     assert storage == reported > 0 and sum(len(b["id"]) for b in batches) == 32
+    assert not any(name.endswith(".npz") for _, _, _, name in _read_logs(str(counts)))
     assert decoded <= storage <= 1.2 * decoded, (storage, decoded)
     storage, batches = _counted_run(root, counts, monkeypatch, shuffle_buffer=4, fetch_threads=4, num_steps=8)
     reported, decoded = sum(b["bytes"] for b in batches), sum(b["decoded"] for b in batches)

@@ -58,3 +58,26 @@ def test_many_ties_match_brute_force_in_order():
     for chunk in (1, 8, 64):
         _, idx = topk_cosine(feats, 9, chunk=chunk)
         assert torch.equal(idx, _brute(feats.double(), 9))
+
+
+@pytest.mark.parametrize("key_rows,query_rows", [(7, 5), (64, 1000), (1000, 13)])
+def test_query_blocks_over_actors_and_key_blocks_equal_one_process(key_rows, query_rows):
+    """The split's queries cut over 3 'actors' (rows first..; one actor holding a single row), keys in fixed
+    blocks merged: exactly one process's result, also with many exact ties (quantised features); and the
+    brute force's neighbours on a seeded set."""
+    from depthg.knn import normalize, topk_blocks
+
+    g = torch.Generator().manual_seed(2)
+    random, quantised = torch.randn(150, 8, generator=g), torch.randint(0, 3, (150, 3), generator=g).float() + 0.5
+    for feats in (random, quantised):
+        keys = normalize(feats)
+        one = topk_blocks(keys, keys, 9, first=0, key_rows=key_rows, query_rows=query_rows)
+        parts = [(0, 40), (40, 41), (41, 150)]
+        got = [topk_blocks(keys[a:b], keys, 9, first=a, key_rows=key_rows, query_rows=query_rows) for a, b in parts]
+        assert torch.equal(torch.cat([i for _, i in got]), one[1]) and torch.equal(torch.cat([s for s, _ in got]), one[0])
+    assert torch.equal(one[1][:, :3], topk_blocks(keys, keys, 3, first=0, key_rows=key_rows, query_rows=query_rows)[1])
+    assert torch.equal(topk_blocks(normalize(random), normalize(random), 9, first=0, key_rows=key_rows,
+                                   query_rows=query_rows)[1], _brute(random.double(), 9))
+    # queries that are not keys: nothing excluded
+    _, idx = topk_blocks(normalize(random)[:5], normalize(random), 3, key_rows=key_rows, query_rows=query_rows)
+    assert idx[:, 0].tolist() == list(range(5))

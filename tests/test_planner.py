@@ -129,3 +129,30 @@ def test_shuffled_layout_keeps_sizes_and_spreads_the_crops_of_an_image():
     same = sum(a.split("_")[0] == b.split("_")[0] for p in out for a, b in zip(p, p[1:]))
     assert same / sum(len(p) - 1 for p in out) < 0.01
     assert np.mean([a.split("_")[0] == b.split("_")[0] for p in per_shard for a, b in zip(p, p[1:])]) > 0.7
+
+
+def test_grouped_layout_from_counts_each_sample_once_crops_of_an_image_apart():
+    """Layout grouped/3 (``plan_units`` + ``deal``) from the depth shards' counts alone: every depth sample in
+    exactly one training shard, each unit reading its own depth shards (each depth shard in one unit), the five
+    crops of an image (adjacent in a depth shard) in five different training shards, seeded and stable."""
+    counts = [320] * 40 + [100, 0, 5]
+    units = shards.plan_units(counts, seed=0)
+    assert shards.unit_size(len(counts)) == 6 and len(units) == 8
+    assert sorted(d for u in units for d in u.depth) == list(range(len(counts)))
+    assert [u.first for u in units] == list(np.cumsum([0] + [len(u.counts) for u in units[:-1]]))
+    placed = []
+    for u in units:
+        starts = np.cumsum([0] + [counts[d] for d in u.depth])
+        source = [(d, i) for d in u.depth for i in range(counts[d])]  # positions of the unit's concatenation
+        parts = shards.deal(u, seed=0)
+        assert [len(p) for p in parts] == list(u.counts) and max(u.counts) - min(u.counts) <= 1
+        for j, part in enumerate(parts):
+            placed += [source[p] for p in part]
+            image = {(source[p][0], source[p][1] // 5) for p in part}  # 5 crops per image, adjacent
+            assert len(image) == len(part)  # no two crops of one image in a shard
+        assert starts[-1] == sum(u.counts)
+    assert sorted(placed) == sorted((d, i) for d, c in enumerate(counts) for i in range(c))
+    again = shards.plan_units(counts, seed=0)
+    assert again == units and shards.plan_units(counts, seed=1) != units
+    assert [shards.unit_size(n) for n in (1, 3, 8, 24, 47, 775, 10**5)] == [1, 3, 5, 5, 6, 16, 16]
+    assert all(np.array_equal(a, b) for a, b in zip(shards.deal(units[3]), shards.deal(again[3])))

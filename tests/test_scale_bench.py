@@ -20,3 +20,13 @@ def test_child_measures_a_place_in_a_fresh_process():
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["n"] == 2000 and row["seconds"] >= 0 and row["peak_rss_mb"] >= row["start_rss_mb"] > 0
     assert row["table_bytes"] > 0
+
+
+def test_stage2_places_run_at_a_small_n():
+    """Each stage-2 place's setup and work run (in this process, N = 3,000 crops) and report their figures."""
+    from bench import scale_stage2
+
+    assert scale_stage2.driver_plan(3000)()["units"] == 2  # 10 shards: units of 5 (at least 5 shards, at most 16)
+    assert scale_stage2.unit_reads(3000)()["unit_samples"] == 4 * scale_stage2.PER_SHARD  # 9 shards: units of 4 + 5
+    assert scale_stage2.loader_rows(3000)()["positive_ranges"] == 2000 * 32 * 7
+    assert scale_stage2.knn_actor(3000, actors=3)()["query_rows"] == 1000

@@ -67,7 +67,7 @@ def test_test_shards_read_by_plain_webdataset(tmp_path):
 
     m = shards.write_test_shards(str(tmp_path), 10, size=(12, 16), num_positives=2, samples_per_shard=4)
     assert m["schema"] == shards.TRAIN_SCHEMA and m["total"] == 10 and [s["count"] for s in m["shards"]] == [4, 4, 2]
-    assert m["index"] == "offsets.npz" and m["encoding"]["rgb"] == "jpeg" and m["resolution"] is None
+    assert m["index"] == "offsets.npz" and m["rows"] == "idx" and m["encoding"]["rgb"] == "jpeg" and m["resolution"] is None
     urls = shards.shard_urls(str(tmp_path), "train", "train")
     assert all(os.path.exists(u) for u in urls)
     keys, seen = [], []
@@ -76,17 +76,23 @@ def test_test_shards_read_by_plain_webdataset(tmp_path):
         seen.append(shards.decode_sample(raw))
         assert not any(k.startswith("pos") for k in raw)  # no embedded positive
     assert keys == [f"train-{i:05d}" for i in range(10)]
-    # positives are the next samples cyclically, by global index (manifest order), and agree with the neighbours
-    for g, d in enumerate(seen):
-        assert d["meta"]["positives"] == [(g + 1) % 10, (g + 2) % 10]
-        assert d["meta"]["neighbors"] == [keys[p] for p in d["meta"]["positives"]]
+    # positives are the next samples cyclically, by global index (manifest order), in the shards' row files,
+    # which carry each sample's own byte range and its positives' rgb + depth ranges (nothing in meta.json)
+    table = shards.read_index(str(tmp_path / "train"))
+    rows = np.concatenate([shards.read_rows(shards.rows_name(u), 0, c, 2) for u, c in zip(urls, [4, 4, 2])])
+    assert rows.dtype.itemsize == shards.row_dtype(2).itemsize == 16 + 2 * 28
+    assert rows["pos"].tolist() == [[(g + 1) % 10, (g + 2) % 10] for g in range(10)]
+    assert np.array_equal(rows["start"], table.start) and np.array_equal(rows["stop"], table.stop)
+    assert np.array_equal(rows["pos_start"], table.start[rows["pos"]]) and np.array_equal(rows["pos_end"], table.prefix[rows["pos"]])
+    assert np.array_equal(rows["pos_shard"], table.shard[rows["pos"]])
+    for d in seen:
+        assert "positives" not in d["meta"] and "neighbors" not in d["meta"]
         assert d["image"].shape == (12, 16, 3) and d["depth"].shape == (12, 16)
     assert min(d["label"].min() for d in seen) == -1
     # iter_shard yields the same raw dicts as webdataset
     ours = [raw["__key__"] for u in urls for raw in shards.iter_shard(u)]
     assert ours == keys
     # the offsets table: sample g's bytes parse to sample g alone; its prefix holds exactly rgb + depth
-    table = shards.read_index(str(tmp_path / "train"))
     assert len(table) == 10 and table.names == [os.path.basename(u) for u in urls]
     for g in (0, 5, 9):
         name, start, prefix = table.sample(g)
@@ -153,3 +159,33 @@ def test_parse_samples_of_a_range_matches_webdataset_and_handles_damage(tmp_path
         next(cut)
     with pytest.raises(shards.ShardError, match="no tar header at byte 0"):
         list(shards.parse_samples(b"\x01garbage" * 100, "u"))
+
+
+def test_offsets_table_in_linear_time_and_both_file_forms(tmp_path):
+    """``OffsetsTable.empty`` + ``fill`` (numpy, as sidecars arrive, in any order) equals ``from_sidecars``; the
+    8-bytes-per-sample file reads back exactly, and a table written in the earlier form (int64 start / prefix /
+    stop, compressed) stays readable."""
+    infos = [{"name": "a", "count": 3, "offsets": [0, 10, 25, 31], "prefix": [4, 20, 30]},
+             {"name": "b", "count": 0, "offsets": [0], "prefix": []},
+             {"name": "c", "count": 2, "offsets": [512, 600, 700], "prefix": [550, 650]}]
+    ref = shards.OffsetsTable.from_sidecars(infos)
+    table = shards.OffsetsTable.empty(["a", "b", "c"], [3, 0, 2])
+    for i in (2, 0):
+        table.fill(i, infos[i]["offsets"], infos[i]["prefix"])
+    with pytest.raises(shards.ShardError, match="no sidecar for b"):
+        shards.write_index(str(tmp_path), table)
+    table.fill(1, [0], [])
+    for t in (table, shards.OffsetsTable.from_bytes(ref.to_bytes())):
+        for key in ("shard", "start", "prefix", "stop", "first"):
+            assert np.array_equal(getattr(t, key), getattr(ref, key)), key
+    assert ref.start.tolist() == [0, 10, 25, 512, 600] and ref.stop.tolist() == [10, 25, 31, 600, 700]
+    assert ref.sample(4) == ("c", 600, 650) and ref.segment(0, 1, 3) == (10, 31)
+    with pytest.raises(shards.ShardError, match="4 offsets for 2 samples"):
+        table.fill(2, [0, 1, 2, 3], [1, 2])
+    import io as pyio
+
+    old = pyio.BytesIO()
+    np.savez_compressed(old, names=np.array(ref.names), shard=ref.shard, start=ref.start, prefix=ref.prefix, stop=ref.stop)
+    back = shards.OffsetsTable.from_bytes(old.getvalue())
+    assert back.names == ["a", "b", "c"] and np.array_equal(back.prefix, ref.prefix)
+    assert len(ref.to_bytes()) < len(old.getvalue()) + 400

@@ -83,7 +83,8 @@ def test_every_sample_equally_often_over_epochs_with_uneven_shards(tmp_path):
 def test_fewer_shards_than_slots_read_each_shard_once(tmp_path):
     """2 shards over 2 ranks x 2 workers: each slot reads its half of one shard as one exact range, so one
     epoch reads the shards' sample bytes once in total (the old planner read every shard in every slot), plus
-    one positive's rgb + depth per trained sample (the bytes the offsets table gives it)."""
+    one positive's rgb + depth per trained sample (the bytes the offsets table gives it) and each sample's row
+    (which carries those ranges)."""
     shardfmt.write_test_shards(str(tmp_path), n_samples=16, size=(8, 8), num_positives=1, samples_per_shard=8)
     urls = shardfmt.shard_urls(str(tmp_path), "train")
     sidecars = [shardfmt.read_sidecar(str(tmp_path / "train"), os.path.basename(u)) for u in urls]
@@ -102,7 +103,7 @@ def test_fewer_shards_than_slots_read_each_shard_once(tmp_path):
                 g = int(pid.split("-")[1])
                 positives += int(table.prefix[g] - table.start[g])
     assert sorted(ids) == [f"train-{i:05d}" for i in range(16)]  # one epoch, each sample once
-    assert read == size + positives
+    assert read == size + positives + 16 * shardfmt.row_dtype(1).itemsize
 
 
 def test_eval_batches_count_every_sample_once_for_any_world_size(tmp_path):
