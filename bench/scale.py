@@ -42,8 +42,8 @@ DEFAULT_PLAN_SIZES = (10_000_000, 50_000_000)
 class Place:
     """``target``: ``module:function``; ``function(n)`` does the setup and returns the zero-argument work, which
     may return a dict of extra figures (bytes, counts). ``plan``: needs no data (run at the plan sizes too).
-    ``driver``: the process is a driver (the 300 MB target applies). ``quadratic_ok``: N^2 work by design
-    (kNN compute), exempt from the linear-growth target."""
+    ``driver``: the process is a driver (the 300 MB target applies). ``quadratic_ok``: N^2 work by design (kNN
+    compute), exempt from the linear-growth target. ``max_n``: not run above it (the fit extrapolates)."""
 
     name: str
     target: str
@@ -51,6 +51,7 @@ class Place:
     plan: bool = False
     driver: bool = False
     quadratic_ok: bool = False
+    max_n: int = 0  # the largest N it is run at (0: every size); its fit extrapolates beyond
 
 
 PLACES: dict[str, Place] = {p.name: p for p in [
@@ -81,7 +82,8 @@ PLACES: dict[str, Place] = {p.name: p for p in [
     Place("loader_rows", "bench.scale_stage2:loader_rows",
           "a loader worker: rows of 2,000 random 32-sample segments read from row files (no table of the split)"),
     Place("knn_actor", "bench.scale_stage2:knn_actor",
-          "one of 16 mining actors' exact top-k: N/16 queries x N keys, C=384, fp32, 1 thread", quadratic_ok=True),
+          "one of 16 mining actors' exact top-k: N/16 queries x N keys, C=384, fp32, 1 thread", quadratic_ok=True,
+          max_n=200_000),
 ]}
 
 EXTRAS: dict[str, str] = {  # name -> "module:function"; function(args) -> dict
@@ -231,6 +233,8 @@ def run(args) -> dict:
         place = PLACES[name]
         rows = []
         for n in sizes + (plan_sizes if place.plan else []):
+            if place.max_n and n > place.max_n:
+                continue
             row = run_child(name, n, args.timeout)
             rows.append(row)
             print(f"  {name} N={n}: " + (row["error"] if "error" in row else
