@@ -93,8 +93,8 @@ class DepthGenConfig:
 
 @dataclass
 class MiningConfig:
-    k: int = 30  # neighbours kept per crop (cosine top-k of global features)
-    num_positives: int = 7  # positives per training sample (neighbour ranks 1..K, stored as sample indices)
+    k: int = 30  # cosine top-k searched per crop (global features); the row files keep ranks 1..num_positives
+    num_positives: int = 7  # positives per training sample (neighbour ranks 1..K, with their byte ranges in the rows)
     # how stage 2 stores each sample at data.resolution (depthg.codecs; bench/datapath.json measures them)
     rgb_codec: RgbCodec = "jpeg"
     rgb_quality: int = 95  # JPEG / WebP quality

@@ -1,7 +1,7 @@
 """Benchmarks: print a table and write JSON. Never timed assertions in tests.
 
     python launch/benchmark.py fps [--out bench/fps.json]
-    python launch/benchmark.py depthgen | train | eval | quality | quality-diag | coverage | mining-io | datapath | segment
+    python launch/benchmark.py depthgen | train | eval | quality | quality-diag | coverage | mining-io | datapath | segment | scale | reproduce
 
 Each name maps to ``bench/<name>.py`` (``-`` read as ``_``) exposing ``add_arguments(parser)`` and
 ``run(args) -> dict`` (the dict is written as JSON to ``--out``, default ``bench/<name>.json``).
