@@ -26,7 +26,9 @@ def main(argv=None) -> dict:
     modules = {}
     for name in NAMES:
         modules[name] = importlib.import_module(f"bench.{name.replace('-', '_')}")
-        p = sub.add_parser(name, help=(modules[name].__doc__ or "").strip().splitlines()[0])
+        doc = (modules[name].__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc or None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--out", default=f"bench/{name.replace('-', '_')}.json", help="where to write the JSON result")
         modules[name].add_arguments(p)
     args = parser.parse_args(argv)
