@@ -137,6 +137,7 @@ class MiningWorker:
         import torch
 
         from depthg.data import to_tensor_image
+        from depthg.knn import normalize
 
         size = max(int(self.cfg.mining.batch_size), 1)
         out = [np.zeros((0, self.backbone().dim), np.float32)]
@@ -144,7 +145,7 @@ class MiningWorker:
             for start in range(0, len(images), size):
                 x = torch.stack([to_tensor_image(im) for im in images[start:start + size]])
                 f = self.backbone()(x.to(self.device)).float().mean(dim=(2, 3))
-                out.append(torch.nn.functional.normalize(f, dim=1).cpu().numpy())
+                out.append(normalize(f).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
     # ------------------------------------------------------------------------- 3. neighbours
@@ -200,8 +201,7 @@ def build_keys(setup: dict, path: str) -> None:
     keys = None
     row = 0
     with ThreadPoolExecutor(FETCH_THREADS) as pool:
-        for data in pool.map(io.read_bytes, urls):
-            part = np.load(_pyio.BytesIO(data), allow_pickle=False)
+        for part in pool.map(read_features, urls):
             if not len(part):
                 continue
             if keys is None:

@@ -441,7 +441,7 @@ def segment(settings: dict, model_fn: ModelFn, items: Iterable[tuple[str, str]],
                     if on_unit is not None:
                         on_unit(record)
             finally:
-                records.close()  # a stopped job: the units in flight finish (or are cancelled) here
+                records.close()  # a stopped job: the units in flight finish here
     manifest = _manifest(settings, job, done, written, list(skipped.values()), time.perf_counter() - start,
                          stats["workers"])
     io.write_bytes(io.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
@@ -482,21 +482,17 @@ def _pipeline(run: Callable[[dict], dict], units: Iterator[dict], in_flight: int
             yield run(unit)
         return
     with ThreadPoolExecutor(in_flight, thread_name_prefix="segment-unit") as pool:
-        running = set()
-        try:
-            for unit in units:
-                running.add(pool.submit(run, unit))
-                if len(running) >= in_flight:
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for f in finished:
-                        yield f.result()
-            while running:
+        running = set()  # never more than the pool's threads: every submitted unit is running, none queued
+        for unit in units:
+            running.add(pool.submit(run, unit))
+            if len(running) >= in_flight:
                 finished, running = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
                     yield f.result()
-        finally:
-            for f in running:
-                f.cancel()
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                yield f.result()
 
 
 def _manifest(settings: dict, job: Plan, done: Tally, written: int, skipped: list, seconds: float,

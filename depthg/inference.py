@@ -3,10 +3,10 @@
 ``launch/segment.py`` (and its distributed form, ``cluster/segmentation.py``) is the command; this module holds
 what they need from the library:
 
-* ``iter_inputs`` (``list_inputs``, ``list_images``): the image files of a folder (recursively), a glob pattern or
+* ``iter_inputs`` (``list_inputs``): the image files of a folder (recursively), a glob pattern or
   an fsspec URL (``s3://bucket/images``) sorted by name and streamed (a sorted local walk; S3 one listing page at a
   time), each with its output name (``output_name``: its path below the input with the extension kept, so a name
-  never depends on the other files); ``check_inputs`` fails early on an input without images;
+  never depends on the other files); an input without images raises at its first item;
 * ``read_image``: ``depthg.data.read_image`` (the one image reader of the project), for local files and any URL;
 * ``score_images`` -> ``finish_label``: the project's one resize (``resize_center_crop`` with ``crop=False``:
   shorter side to ``resolution``, nearest, the whole image kept, edge-padded to the backbone's stride), codes
@@ -34,7 +34,7 @@ from depthg.data.transforms import resize_center_crop, to_tensor_image
 from depthg.evaluation import compute_codes, probe_scores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-__all__ = ["IMAGE_EXTENSIONS", "iter_inputs", "check_inputs", "list_inputs", "list_images", "output_name", "read_image", "score_images", "finish_label",
+__all__ = ["IMAGE_EXTENSIONS", "iter_inputs", "list_inputs", "output_name", "read_image", "score_images", "finish_label",
            "segment_images", "overlay", "png_bytes", "probabilities"]
 
 
@@ -148,20 +148,9 @@ def iter_inputs(pattern: str) -> Iterator[tuple[str, str]]:
         raise FileNotFoundError(empty)
 
 
-def check_inputs(pattern: str) -> None:
-    """Raise the error ``iter_inputs`` would, having listed no more than the first image (a fast check before the
-    model loads)."""
-    next(iter_inputs(pattern))
-
-
 def list_inputs(pattern: str) -> list[tuple[str, str]]:
     """``iter_inputs`` as a list (small inputs; the bucket job streams ``iter_inputs``)."""
     return list(iter_inputs(pattern))
-
-
-def list_images(pattern: str) -> list[str]:
-    """The image files of a folder (recursively, sorted), a glob pattern or an fsspec URL (see ``iter_inputs``)."""
-    return [f for f, _ in iter_inputs(pattern)]
 
 
 def read_image(path: str) -> np.ndarray:

@@ -21,6 +21,7 @@ scores another.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -104,7 +105,8 @@ def main(argv=None, on_unit=None) -> dict:
     from cluster.evaluator import CheckpointModel
 
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    inference.check_inputs(args.input)  # fail before loading the model (the listing itself streams later)
+    inputs = inference.iter_inputs(args.input)
+    first = next(inputs)  # an input without images fails here, before the model loads; the listing streams on
     ckpt_cfg, backbone, segmenter = load_model(args.checkpoint)
     cfg = load_config(None, overrides, base=ckpt_cfg)
     settings = settings_for(args, cfg, segmenter.cluster_probe.n_clusters)
@@ -114,7 +116,7 @@ def main(argv=None, on_unit=None) -> dict:
         return preloaded.pop("model", None) or CheckpointModel(args.checkpoint)()
 
     model = model_fn if args.workers in ("0",) else CheckpointModel(args.checkpoint)
-    manifest = segmentation.segment(settings, model, inference.iter_inputs(args.input), args.workers,
+    manifest = segmentation.segment(settings, model, itertools.chain([first], inputs), args.workers,
                                     on_unit=on_unit, overwrite=args.overwrite, device=args.device)
     for s in manifest["skipped"]:
         print(f"skipped {s['source']}: {s['error']}", file=sys.stderr)
