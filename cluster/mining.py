@@ -180,7 +180,9 @@ class MiningWorker:
                 free, _ = torch.cuda.mem_get_info(self.device)
                 if keys.numel() * 4 <= KNN_DEVICE_KEYS * free:
                     keys = keys.to(self.device)
-            self._knn = (setup["digest"], keys, shards.read_index(setup["folder"]))
+            import ray
+
+            self._knn = (setup["digest"], keys, ray.get(setup["table"]))  # the driver's table, once per node's store
         return self._knn[1], self._knn[2]
 
     def close(self) -> None:
@@ -331,7 +333,8 @@ def write_neighbours(cfg: Config, group, folder: str, feats: str, n_units: int, 
 
     setup = {"features": feats, "units": n_units, "n": len(table), "k": int(cfg.mining.k),
              "num_positives": int(cfg.mining.num_positives), "folder": folder,
-             "digest": hashlib.sha1(f"{feats}|{len(table)}".encode()).hexdigest()[:16]}
+             "digest": hashlib.sha1(f"{feats}|{len(table)}".encode()).hexdigest()[:16],
+             "table": ray.put(table)}  # the offsets table the driver holds: fetched by an actor once, not re-read
     ref = ray.put(setup)  # one copy in the object store; each call passes the reference
     calls = [(ref, shard_range, row_range) for shard_range, row_range in
              knn_calls(table.first, call_rows(len(table), len(group.start())))]
