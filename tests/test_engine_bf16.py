@@ -138,6 +138,10 @@ def _reduce_dtypes_of_a_step(rank: int, port: int, out: str) -> None:
         engine.step()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(seen, fh)
+    del engine
+    from cluster.distributed import shutdown
+
+    shutdown(world)  # as the trainer ends: groups freed and gloo's threads joined before exit (no abort at teardown)
 
 
 def test_two_bf16_ranks_reduce_gradients_in_fp32(tmp_path):

@@ -35,10 +35,11 @@ def _rank(rank: int, world_size: int, root: str, port: int, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
-    conf, sums = _sums(_cfg(root), World(rank=rank, world_size=world_size))
+    world = World(rank=rank, world_size=world_size)
+    conf, sums = _sums(_cfg(root), world)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump({"conf": conf, "sums": sums}, fh)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(world)  # as the trainer ends (no gloo thread left for interpreter exit)
 
 
 @pytest.mark.slow
