@@ -251,7 +251,7 @@ def test_sweep_on_tune_retries_a_killed_trial_and_resumes_a_killed_driver(tmp_pa
                                   stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                   env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
         try:  # the retried trial is done and the paused one waits: kill the driver (its trials die with it)
-            _wait([reproduce.eval_json(os.path.join(out, "trials", *CRASHES.split("/"))),
+            _wait([os.path.join(out, "trials", *CRASHES.split("/"), "trial.json"),  # written after eval.json
                    os.path.join(pause, "paused-0")], driver)
         finally:
             driver.send_signal(signal.SIGKILL)
