@@ -106,6 +106,9 @@ def add_arguments(parser) -> None:
                         help="further N for the places that need no data (plan-only)")
     parser.add_argument("--places", default="", help="comma-separated subset of: " + ", ".join(PLACES))
     parser.add_argument("--no-extras", action="store_true", help="skip the multi-process measurements")
+    parser.add_argument("--update", action="store_true",
+                        help="with --places: replace only those places in the existing --out file (the other places "
+                             "and the extras keep their rows; the targets are checked again on the whole)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per (place, N) before it is abandoned")
 
 
@@ -228,6 +231,15 @@ def run(args) -> dict:
     unknown = [p for p in chosen if p not in PLACES]
     if unknown:
         raise SystemExit(f"error: --places: unknown {', '.join(unknown)}; expected some of {', '.join(PLACES)}")
+    previous = None
+    if args.update:
+        if not args.places:
+            raise SystemExit("error: --update needs --places NAME,...: the places to measure again")
+        try:
+            with open(args.out) as fh:
+                previous = json.load(fh)
+        except FileNotFoundError:
+            raise SystemExit(f"error: --update: {args.out} does not exist; run without --update first") from None
     result: dict = {"at": AT, "sizes": sizes, "plan_sizes": plan_sizes, "places": {}, "extras": {}}
     for name in chosen:
         place = PLACES[name]
@@ -244,6 +256,9 @@ def run(args) -> dict:
         for name, target in EXTRAS.items():
             print(f"  extra {name} ...", flush=True)
             result["extras"][name] = _load(target)(args)
+    if previous is not None:
+        updated = sorted({*previous.get("updated_places", []), *chosen})
+        result = {**previous, "places": {**previous["places"], **result["places"]}, "updated_places": updated}
     result["targets"] = check_targets(result)
 
     print(f"\n{'place':<28} {'N':>10} {'s':>9} {'peak MB':>9} {'+MB':>8}   fit t / mem   ~at 50M crops")

@@ -13,8 +13,9 @@ evaluation driver: the validation split is not cropped) and returns the zero-arg
 * ``eval_driver``: ``cluster.evaluator``'s driver reduces per-shard results as they arrive (``EvalTotals``:
   5 heads' int64 confusions at 27 classes, each shard's 8 report samples, here 64 px: at 320 px a kept sample is
   ~0.8 MB and only the 8 shown are kept) and the shards' k-means codes (64 per image, 70 dims, into
-  ``evaluation.CodeSample`` of ``KMEANS_CODES``); the inputs are made fresh per shard, as deserialising them
-  would (their making is in the time). The k-means fit itself runs on at most ``KMEANS_CODES`` vectors: constant.
+  ``metrics.CodeSample`` of ``KMEANS_CODES``); the inputs are made fresh per shard, as deserialising them
+  would (their making is in the time). The k-means fit itself (at most ``KMEANS_CODES`` vectors: constant) runs
+  on an actor, and the checkpoint is read in a child process: the driver imports ``launch.evaluate`` and no torch.
 """
 from __future__ import annotations
 
@@ -129,8 +130,11 @@ def depth_actor_share(n: int):
 
 def eval_driver(n: int):
     """The evaluation driver at ``n`` validation images: per-shard results and k-means codes reduced."""
+    import sys
+
     from cluster import evaluator
-    from depthg import evaluation
+    from depthg import metrics
+    from launch import evaluate  # noqa: F401 - the driver's own imports (no torch: its start RSS is the real one)
 
     shards_n = -(-n // IMAGES_PER_SHARD)
     classes, dim, tile, shown = 27, 70, 64, 8
@@ -146,7 +150,7 @@ def eval_driver(n: int):
                 "cpu_seconds": 1.0, "node": "node", "samples": samples}
 
     def work() -> dict:
-        codes = evaluation.CodeSample(evaluator.KMEANS_CODES, seed=0)
+        codes = metrics.CodeSample(evaluator.KMEANS_CODES, seed=0)
         for s in range(shards_n):
             codes.add(s, base_codes + np.float32(s))
         totals = evaluator.EvalTotals(shown)
@@ -154,6 +158,6 @@ def eval_driver(n: int):
             totals.add(result(s))
         out = totals.result()
         return {"shards": shards_n, "images": out["images"], "kmeans_codes": len(codes),
-                "samples_kept": len(out["samples"])}
+                "samples_kept": len(out["samples"]), "driver_imports_torch": "torch" in sys.modules}
 
     return work

@@ -16,7 +16,7 @@ driver reduces each shard's result as it arrives (``EvalTotals``: int64 matrices
 ``depthg.metrics.score_confusions`` once on the sums: one Hungarian matching over the whole split. Its
 memory is O(heads x clusters x classes + samples shown), not O(split); an actor keeps only its shard's
 report candidates. With ``eval.kmeans`` the shards' codes (``KMEANS_PER_IMAGE`` per image) are reduced the
-same way into a seeded sample of at most ``KMEANS_CODES`` vectors (``depthg.evaluation.CodeSample``: all of
+same way into a seeded sample of at most ``KMEANS_CODES`` vectors (``depthg.metrics.CodeSample``: all of
 them, in shard order, for a split of up to 1562 images), on which the centroids are fitted. ``workers=0``
 runs the same worker and the same CRF function in-process: the result is identical.
 
@@ -29,11 +29,9 @@ import zlib
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 
 from cluster.raycluster import node_id
-from depthg import evaluation, io, metrics, shards
-from depthg.device import resolve_device
+from depthg import io, metrics, shards
 
 KMEANS_PER_IMAGE = 64  # code vectors sampled per image for k-means fitting
 KMEANS_CODES = 100_000  # at most this many of them fit k-means (a seeded sample of the split's beyond 1562 images)
@@ -63,6 +61,8 @@ class RandomModel:
         self.args = (backbone, weights, code_dim, n_classes, extra_clusters, seed)
 
     def __call__(self):
+        import torch
+
         from depthg.models import Segmenter, build_backbone
 
         name, weights, code_dim, n_classes, extra, seed = self.args
@@ -71,6 +71,30 @@ class RandomModel:
             torch.manual_seed(seed)
             segmenter = Segmenter(backbone.dim, code_dim, n_classes, extra)
         return backbone, segmenter
+
+
+def read_checkpoint(url: str, isolated: bool = False) -> tuple[dict, dict]:
+    """(config as a dict, extra) of a segmenter.pt or a reference Lightning .ckpt, read once (safely:
+    ``depthg.checkpoint``). ``isolated``: read in a short-lived child process, so that neither torch nor the
+    file's tensors ever enter this one: the driver of a Ray evaluation imports no torch and holds, for the
+    whole run, only the reduced results (``EvalTotals``, ``metrics.CodeSample``). A refusal is raised here."""
+    if not io.exists(url):
+        raise FileNotFoundError(f"checkpoint not found: {url}")
+    if not isolated:
+        return _read_checkpoint(url)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_read_checkpoint, url).result()
+
+
+def _read_checkpoint(url: str) -> tuple[dict, dict]:
+    from depthg.checkpoint import load_segmenter
+    from depthg.config import to_dict
+
+    cfg, _, extra = load_segmenter(url)
+    return (cfg if isinstance(cfg, dict) else to_dict(cfg)), extra
 
 
 def find_split(url: str, split: str = "val") -> tuple[list[str], dict]:
@@ -105,6 +129,10 @@ class EvalWorker:
 
     def __init__(self, eval_cfg: dict, n_classes: int, model_fn: ModelFn, threads: int | None = None,
                  device: str = "auto", crf_tasks: bool = False):
+        import torch
+
+        from depthg.device import resolve_device
+
         if threads:
             torch.set_num_threads(threads)
         self.cfg = dict(eval_cfg)
@@ -116,6 +144,8 @@ class EvalWorker:
         self.segmenter = segmenter.to(self.device).eval()
 
     def _batches(self, url: str):
+        from depthg import evaluation
+
         size, batch = int(self.cfg["resolution"]), int(self.cfg["batch_size"])
         pending = []
         for raw in shards.iter_shard(url):
@@ -131,6 +161,10 @@ class EvalWorker:
 
         Seeded per shard name, so the codes do not depend on how shards are split over workers.
         """
+        import torch
+
+        from depthg import evaluation
+
         shard = zlib.crc32(url.rsplit("/", 1)[-1].encode())
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, shard]).generate_state(1)[0]))
         parts = [evaluation.sample_codes(self.backbone, self.segmenter, evaluation.collate(b)[0].to(self.device),
@@ -140,6 +174,10 @@ class EvalWorker:
     def run(self, url: str, centroids: np.ndarray | None = None) -> dict:
         """One shard: ``{"confusion": {head: int64 [rows, n_classes]}, "images", "seconds", "samples", "node"}``;
         ``samples``: this shard's ``report_images`` with the smallest ids (only those are kept while it runs)."""
+        import torch
+
+        from depthg import evaluation
+
         opts = evaluation.EvalOptions(self.n_classes, flip=bool(self.cfg["flip"]), crf=bool(self.cfg["crf"]),
                                       centroids=None if centroids is None else torch.tensor(centroids))
         rows = evaluation.n_predictions(self.segmenter, opts)
@@ -168,6 +206,20 @@ class EvalWorker:
         return {"confusion": total, "images": images, "seconds": time.perf_counter() - start,
                 "cpu_seconds": time.process_time() - cpu_start, "samples": keep, "node": node_id()}
 
+    def fit_centroids(self, codes: np.ndarray, k: int, seed: int) -> np.ndarray:
+        """k-means centroids ``[k, Q]`` of ``codes`` (``depthg.evaluation.fit_kmeans``), on the CPU with one torch
+        thread whatever this worker's device and share: the same centroids in this process and in any actor."""
+        import torch
+
+        from depthg import evaluation
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return evaluation.fit_kmeans(torch.from_numpy(np.ascontiguousarray(codes)), k, seed=seed).numpy()
+        finally:
+            torch.set_num_threads(threads)
+
     def _crf(self, image, scores, label, rows, opts, pending: list):
         args = (image, scores, label, rows, opts.n_classes, opts.crf_params)
         return submit_cpu_task(crf_task, args, pending) if self.crf_tasks else crf_task(*args)
@@ -179,6 +231,10 @@ class EvalWorker:
 def crf_task(image: torch.Tensor, scores: dict, label: torch.Tensor, rows: dict, n_classes: int,
              params) -> tuple[dict, dict]:
     """Dense CRF of one image's probe scores: ``(confusions, predictions as int16)`` of the CRF heads."""
+    import torch
+
+    from depthg import evaluation
+
     preds = evaluation.crf_predictions(image, scores, params)
     confs = evaluation.batch_confusions(preds, label, rows, n_classes)
     return confs, {k: v.to(torch.int16) for k, v in preds.items()}
@@ -286,7 +342,8 @@ def evaluate(cfg, model_fn: ModelFn, urls: Sequence[str], workers: int | None = 
     totals = EvalTotals(ev.report_images)
     if workers is not None and int(workers) <= 0:
         w = EvalWorker(eval_cfg, cfg.model.n_classes, model_fn, device=ev.device, crf_tasks=crf_tasks and ev.crf)
-        centroids = _kmeans_centroids(cfg, urls, (w.sample_codes(u, KMEANS_PER_IMAGE) for u in urls)) if ev.kmeans else None
+        centroids = _kmeans_centroids(cfg, urls, (w.sample_codes(u, KMEANS_PER_IMAGE) for u in urls),
+                                      w.fit_centroids) if ev.kmeans else None
         for u in urls:
             totals.add(w.run(u, centroids))
         used = 0
@@ -327,20 +384,20 @@ def _run_ray(cfg, eval_cfg: dict, model_fn: ModelFn, urls: Sequence[str], worker
         centroids = None
         if cfg.eval.kmeans:
             codes = group.map("sample_codes", [(u, KMEANS_PER_IMAGE) for u in urls], "k-means codes", progress)
-            centroids = _kmeans_centroids(cfg, urls, codes)
+            centroids = _kmeans_centroids(cfg, urls, codes, lambda *args: group.call("fit_centroids", *args))
         for result in group.map("run", [(u, centroids) for u in urls], "evaluation", progress):
             totals.add(result)
         return len(group.actors)
 
 
-def _kmeans_centroids(cfg, urls: Sequence[str], code_parts: Iterable[dict]) -> np.ndarray:
+def _kmeans_centroids(cfg, urls: Sequence[str], code_parts: Iterable[dict], fit: Callable) -> np.ndarray:
     """Fit k-means (n_classes + extra_clusters centroids) on at most ``KMEANS_CODES`` code vectors: the shards'
-    codes reduced as they arrive into a seeded sample (``evaluation.CodeSample``; every code, in shard order,
-    when the split has no more)."""
+    codes reduced as they arrive into a seeded sample (``metrics.CodeSample``; every code, in shard order,
+    when the split has no more), fitted by ``fit(codes, k, seed)`` (an ``EvalWorker.fit_centroids``: here or on an
+    actor, so the driver never imports torch)."""
     position = {u: i for i, u in enumerate(urls)}
-    sample = evaluation.CodeSample(KMEANS_CODES, seed=cfg.train.seed)
+    sample = metrics.CodeSample(KMEANS_CODES, seed=cfg.train.seed)
     for part in code_parts:
         for u, c in part.items():
             sample.add(position[u], c)
-    k = cfg.model.n_classes + cfg.model.extra_clusters
-    return evaluation.fit_kmeans(torch.from_numpy(sample.codes()), k, seed=cfg.train.seed).numpy()
+    return fit(sample.codes(), cfg.model.n_classes + cfg.model.extra_clusters, cfg.train.seed)

@@ -7,7 +7,7 @@ a square (``depthg.data.transforms.resize_center_crop``); codes = head(backbone(
 * cluster head: ``cluster_probe`` log-probs -> argmax (and, with CRF, dense-CRF refined);
 * linear probe: logits -> argmax (and CRF refined);
 * optionally k-means: centroids fitted on codes of the split (``fit_kmeans``; at most a fixed number of
-  them, a seeded sample reduced as shards arrive: ``CodeSample``), cosine argmax.
+  them, a seeded sample reduced as shards arrive: ``depthg.metrics.CodeSample``), cosine argmax.
 
 Each batch returns int64 confusion matrices (``depthg.metrics.confusion``) that the caller sums
 over the split before any matching. Nothing here knows about workers or Ray.
@@ -152,67 +152,6 @@ def sample_codes(backbone, segmenter, images: torch.Tensor, per_image: int, flip
     take = min(per_image, flat.shape[1])
     idx = torch.stack([torch.randperm(flat.shape[1], generator=generator)[:take] for _ in range(flat.shape[0])])
     return torch.gather(flat, 1, idx[..., None].expand(-1, -1, flat.shape[2])).reshape(-1, flat.shape[2])
-
-
-class CodeSample:
-    """A seeded uniform sample of at most ``size`` code vectors of a split, reduced shard by shard as the shards'
-    codes arrive, in any order: each vector gets a key from a generator seeded by ``(seed, shard position)``
-    and the ``size`` smallest keys are kept (a bottom-k sample: the same vectors whatever the arrival order).
-    ``codes()`` returns them in shard order, so a split with at most ``size`` vectors gives all of them, as
-    their concatenation in shard order. Once ``size`` are held, a newcomer whose key is not below the largest
-    kept key cannot enter and is dropped at once; the others wait in a buffer of ``size // 4`` that is merged
-    when full. Memory: ``1.25 x size`` vectors."""
-
-    def __init__(self, size: int, seed: int = 0):
-        if size < 1:
-            raise ValueError(f"CodeSample: size must be >= 1, got {size}")
-        self.size, self.seed, self.filled = int(size), int(seed), 0
-        self.capacity = self.size + max(self.size // 4, 1)
-        self.rows: np.ndarray | None = None
-        self.keys = np.empty(self.capacity, np.float64)
-        self.order = np.empty(self.capacity, np.int64)  # shard position << 32 | row: the shard order
-        self.bound = np.inf  # every kept key is below it once `size` are held
-
-    def add(self, position: int, codes) -> None:
-        codes = np.asarray(codes, np.float32)
-        if not len(codes):
-            return
-        if self.rows is None:
-            self.rows = np.empty((self.capacity, codes.shape[1]), np.float32)
-        keys = np.random.default_rng([self.seed, int(position)]).random(len(codes))
-        rows = np.flatnonzero(keys < self.bound)
-        while len(rows):
-            room = self.capacity - self.filled
-            if not room:
-                self._merge()
-                rows = rows[keys[rows] < self.bound]
-                continue
-            take, rows = rows[:room], rows[room:]
-            end = self.filled + len(take)
-            self.rows[self.filled:end], self.keys[self.filled:end] = codes[take], keys[take]
-            self.order[self.filled:end] = (int(position) << 32) + take
-            self.filled = end
-
-    def _merge(self) -> None:
-        """Keep the ``size`` smallest keys in slots ``[0, size)``; the bound becomes the largest of them."""
-        if self.filled > self.size:
-            kept = np.zeros(self.filled, bool)
-            kept[np.argpartition(self.keys[:self.filled], self.size - 1)[:self.size]] = True
-            holes, movers = np.flatnonzero(~kept[:self.size]), self.size + np.flatnonzero(kept[self.size:])
-            self.rows[holes], self.keys[holes], self.order[holes] = self.rows[movers], self.keys[movers], self.order[movers]
-            self.filled = self.size
-        if self.filled == self.size:
-            self.bound = float(self.keys[:self.size].max())
-
-    def __len__(self) -> int:
-        return min(self.filled, self.size)
-
-    def codes(self) -> np.ndarray:
-        """The kept vectors ``[n, Q]`` in shard order (then row order within a shard)."""
-        if self.rows is None:
-            return np.zeros((0, 0), np.float32)
-        self._merge()
-        return self.rows[np.argsort(self.order[:self.filled], kind="stable")]
 
 
 def fit_kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:

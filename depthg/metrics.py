@@ -12,13 +12,15 @@ with an id >= n_classes. Here every pixel counts: one Hungarian assignment (maxi
 pixels) pairs ``n_classes`` clusters with the classes one to one, and every remaining cluster is
 mapped to its majority class. With ``n_pred < n_classes`` the unmatched classes simply receive no
 prediction (IoU 0 where they occur).
+
+``CodeSample`` is the other split-wide reduction: the seeded, bounded sample of code vectors that k-means is
+fitted on. numpy and scipy only (no torch): an evaluation driver imports this module and stays light.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
 
 
@@ -43,7 +45,7 @@ def confusion(pred, target, n_pred: int, n_classes: int) -> np.ndarray:
 
 
 def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # a torch tensor (this module never imports torch: evaluation drivers stay without it)
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -124,3 +126,64 @@ def paired_difference(a, b) -> dict:
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     return {"mean": float(d.mean()), "std": float(d.std(ddof=1)), "ci95": [float(d.mean() - half), float(d.mean() + half)],
             "n": len(d)}
+
+
+class CodeSample:
+    """A seeded uniform sample of at most ``size`` code vectors of a split, reduced shard by shard as the shards'
+    codes arrive, in any order: each vector gets a key from a generator seeded by ``(seed, shard position)``
+    and the ``size`` smallest keys are kept (a bottom-k sample: the same vectors whatever the arrival order).
+    ``codes()`` returns them in shard order, so a split with at most ``size`` vectors gives all of them, as
+    their concatenation in shard order. Once ``size`` are held, a newcomer whose key is not below the largest
+    kept key cannot enter and is dropped at once; the others wait in a buffer of ``size // 4`` that is merged
+    when full. Memory: ``1.25 x size`` vectors."""
+
+    def __init__(self, size: int, seed: int = 0):
+        if size < 1:
+            raise ValueError(f"CodeSample: size must be >= 1, got {size}")
+        self.size, self.seed, self.filled = int(size), int(seed), 0
+        self.capacity = self.size + max(self.size // 4, 1)
+        self.rows: np.ndarray | None = None
+        self.keys = np.empty(self.capacity, np.float64)
+        self.order = np.empty(self.capacity, np.int64)  # shard position << 32 | row: the shard order
+        self.bound = np.inf  # every kept key is below it once `size` are held
+
+    def add(self, position: int, codes) -> None:
+        codes = np.asarray(codes, np.float32)
+        if not len(codes):
+            return
+        if self.rows is None:
+            self.rows = np.empty((self.capacity, codes.shape[1]), np.float32)
+        keys = np.random.default_rng([self.seed, int(position)]).random(len(codes))
+        rows = np.flatnonzero(keys < self.bound)
+        while len(rows):
+            room = self.capacity - self.filled
+            if not room:
+                self._merge()
+                rows = rows[keys[rows] < self.bound]
+                continue
+            take, rows = rows[:room], rows[room:]
+            end = self.filled + len(take)
+            self.rows[self.filled:end], self.keys[self.filled:end] = codes[take], keys[take]
+            self.order[self.filled:end] = (int(position) << 32) + take
+            self.filled = end
+
+    def _merge(self) -> None:
+        """Keep the ``size`` smallest keys in slots ``[0, size)``; the bound becomes the largest of them."""
+        if self.filled > self.size:
+            kept = np.zeros(self.filled, bool)
+            kept[np.argpartition(self.keys[:self.filled], self.size - 1)[:self.size]] = True
+            holes, movers = np.flatnonzero(~kept[:self.size]), self.size + np.flatnonzero(kept[self.size:])
+            self.rows[holes], self.keys[holes], self.order[holes] = self.rows[movers], self.keys[movers], self.order[movers]
+            self.filled = self.size
+        if self.filled == self.size:
+            self.bound = float(self.keys[:self.size].max())
+
+    def __len__(self) -> int:
+        return min(self.filled, self.size)
+
+    def codes(self) -> np.ndarray:
+        """The kept vectors ``[n, Q]`` in shard order (then row order within a shard)."""
+        if self.rows is None:
+            return np.zeros((0, 0), np.float32)
+        self._merge()
+        return self.rows[np.argsort(self.order[:self.filled], kind="stable")]

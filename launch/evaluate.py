@@ -10,7 +10,8 @@ backbone weights it carries; docs/IMPORT.md). The checkpoint's own config is the
 default: one per GPU, or 2 on a CPU-only cluster) score the shards and the dense CRF runs as
 1-CPU Ray tasks over every CPU of the cluster; they attach to ``RAY_ADDRESS`` / a local
 ``ray start`` when there is one, else start a local Ray. Results are summed as they arrive (the report keeps
-``eval.report_images`` samples, the smallest ids); ``eval.kmeans=true`` fits on at most 100,000 codes.
+``eval.report_images`` samples, the smallest ids); ``eval.kmeans=true`` fits on at most 100,000 codes (on an
+actor). With Ray this process never imports torch: the checkpoint's config is read in a short-lived child.
 ``--workers 0 --crf-tasks`` scores in this process and sends only the CRF to 1-CPU Ray tasks (what a
 reproduction trial does: inside a Ray Tune trial the tasks run in the trial's placement group, on the CPUs it
 reserved).
@@ -28,7 +29,7 @@ import sys
 from cluster import evaluator
 from cluster.raycluster import DEVICE_HELP, DEVICES
 from depthg import io, report
-from depthg.config import dump_yaml, load_config, split_cli, to_dict
+from depthg.config import dump_yaml, load_config, split_cli
 from launch import run
 
 
@@ -47,20 +48,6 @@ def parse(argv):
                         "--workers N does; in a Ray Tune trial: on the trial's own CPUs) instead of one by one here")
     args = p.parse_args(rest)
     return args, overrides + ([f"eval.device={args.device}"] if args.device else [])
-
-
-def read_checkpoint(url: str) -> tuple[dict, dict]:
-    """(config as a dict, extra) of a segmenter.pt or a reference Lightning .ckpt, read once."""
-    if not io.exists(url):
-        raise FileNotFoundError(f"checkpoint not found: {url}")
-    from depthg.checkpoint import load_segmenter
-
-    cfg, _, extra = load_segmenter(url)
-    return (cfg if isinstance(cfg, dict) else to_dict(cfg)), extra
-
-
-def checkpoint_config(url: str) -> dict:
-    return read_checkpoint(url)[0]
 
 
 def selection(extra: dict) -> str:
@@ -102,7 +89,8 @@ def describe(cfg, args, manifest: dict, result: dict, extra: dict) -> dict:
 
 def main(argv=None) -> dict:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    ckpt_cfg, extra = read_checkpoint(args.checkpoint)
+    # a Ray evaluation's driver never imports torch: the checkpoint's config is read in a child process
+    ckpt_cfg, extra = evaluator.read_checkpoint(args.checkpoint, isolated=args.workers != 0)
     cfg = load_config(args.config or None, overrides, base=ckpt_cfg)
     urls, manifest = evaluator.find_split(args.shards or cfg.shards.root, args.split)
     if args.crf_tasks and args.workers == 0:

@@ -114,11 +114,11 @@ def test_shard_list_names_what_it_looked_for(tmp_path):
 def test_code_sample_is_bounded_seeded_and_independent_of_arrival_order():
     rng = np.random.default_rng(0)
     parts = [rng.random((n, 4), dtype=np.float32) for n in (5, 0, 7, 3, 6)]
-    small = evaluation.CodeSample(100, seed=3)
+    small = metrics.CodeSample(100, seed=3)
     for i in (4, 2, 0, 3, 1):
         small.add(i, parts[i])
     np.testing.assert_array_equal(small.codes(), np.concatenate(parts))  # all of them, in shard order
-    a, b = evaluation.CodeSample(8, seed=3), evaluation.CodeSample(8, seed=3)
+    a, b = metrics.CodeSample(8, seed=3), metrics.CodeSample(8, seed=3)
     for i in range(5):
         a.add(i, parts[i])
     for i in (3, 0, 4, 2, 1):
@@ -127,7 +127,7 @@ def test_code_sample_is_bounded_seeded_and_independent_of_arrival_order():
     every = np.concatenate(parts)
     keys = np.concatenate([np.random.default_rng([3, i]).random(len(p)) for i, p in enumerate(parts)])
     np.testing.assert_array_equal(a.codes(), every[np.sort(np.argsort(keys)[:8])])  # the 8 smallest keys
-    c = evaluation.CodeSample(8, seed=4)
+    c = metrics.CodeSample(8, seed=4)
     for i in range(5):
         c.add(i, parts[i])
     assert not np.array_equal(a.codes(), c.codes())  # the seed picks the sample

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,3 +96,24 @@ def test_evaluate_main_writes_report_beside_checkpoint(checkpoint, tmp_path):
     assert data["images"] == 3 and set(data["scores"]) == {"cluster", "cluster_crf", "linear", "linear_crf"}
     assert len(data["scores"]["cluster"]["assignment"]) == 4
     assert out["scores"]["linear"]["accuracy"] == data["scores"]["linear"]["accuracy"]
+
+
+def test_a_ray_evaluation_driver_never_imports_torch(checkpoint, tmp_path, ray_local):
+    """launch/evaluate.py with Ray actors, as its own process: the checkpoint's config is read in a child process and
+    k-means is fitted on an actor, so the driver never imports torch (its memory is the reduced results, not torch's
+    ~600 MB); its report equals the in-process evaluation's."""
+    root = str(tmp_path / "shards")
+    shards.write_test_shards(root, n_samples=5, size=(36, 40), with_positives=False, samples_per_shard=2,
+                             split="val", n_classes=3)
+    common = ["--checkpoint", checkpoint, "--shards", root, "eval.kmeans=true"]
+    evaluate_script.main([*common, "--workers", "0", "--output", str(tmp_path / "here")])
+    code = ("import json, sys; from launch import evaluate; evaluate.main(sys.argv[1:]); "
+            "print(json.dumps({'torch': 'torch' in sys.modules}))")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-c", code, *common, "--workers", "1", "--output", str(tmp_path / "ray")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch": False}
+    here, ray_run = (json.load(open(tmp_path / name / "eval.json")) for name in ("here", "ray"))
+    assert set(here["scores"]) == {"cluster", "linear", "kmeans"} and here["images"] == ray_run["images"] == 5
+    assert ray_run["scores"] == here["scores"] and ray_run["meta"]["workers"] == 1
