@@ -50,9 +50,14 @@ def merge(base: Mapping, diff: Mapping) -> dict:
     return out
 
 
-def split_cli(argv: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Split ``key=value`` overrides from the other (``--flag``) arguments."""
+def split_cli(argv: Iterable[str], value_flags: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Split ``key=value`` overrides from the other (``--flag``) arguments. Never an override: a token that is the
+    value of one of ``value_flags`` (``--checkpoint ROW=URL``), or whose key holds a colon (a sweep's row
+    override ``NAME:key=value``; no config key has one)."""
+    argv, value_flags = list(argv), set(value_flags)
     overrides, rest = [], []
-    for arg in argv:
-        (overrides if ("=" in arg and not arg.startswith("-")) else rest).append(arg)
+    for i, arg in enumerate(argv):
+        key = arg.split("=", 1)[0]
+        is_value = i > 0 and argv[i - 1] in value_flags
+        (overrides if ("=" in arg and not arg.startswith("-") and ":" not in key and not is_value) else rest).append(arg)
     return overrides, rest

@@ -63,20 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_argv(argv) -> tuple[list[str], list[str]]:
-    """``(overrides, the rest)``: ``key=value`` tokens are overrides, except a row ``NAME:key=value`` (a colon in the
-    key) and the value of ``--checkpoint ROW=URL``."""
-    overrides, rest = [], []
-    for i, arg in enumerate(argv):
-        key = arg.split("=", 1)[0]
-        value_of = argv[i - 1] if i else ""
-        if "=" in arg and not arg.startswith("-") and ":" not in key and value_of != "--checkpoint":
-            overrides.append(arg)
-        else:
-            rest.append(arg)
-    return overrides, rest
-
-
 def request_from(args, overrides):
     """The ``cluster.reproduce.Request`` of the command line; None for ``--resume`` without rows (the stored one)."""
     from cluster import reproduce
@@ -100,9 +86,10 @@ def main(argv=None, hooks=None, shared=None) -> dict:
     ``shared``: override the shared-storage rule ``not started_here()`` (a test driver attached to the test's local
     Ray)."""
     from cluster import reproduce
+    from depthg.config import split_cli
     from launch import evaluate
 
-    overrides, rest = split_argv(list(sys.argv[1:] if argv is None else argv))
+    overrides, rest = split_cli(sys.argv[1:] if argv is None else argv, value_flags=("--checkpoint",))
     args = build_parser().parse_args(rest)
     return reproduce.run(request_from(args, overrides), args.output, evaluate.main, resume=args.resume,
                          address=args.address, hooks=hooks, shared=shared, quiet=args.quiet)

@@ -61,6 +61,10 @@ def test_parse_overrides_types():
 def test_split_cli():
     over, rest = split_cli(["--config", "x.yaml", "train.lr=1", "--nodes", "4"])
     assert over == ["train.lr=1"] and rest == ["--config", "x.yaml", "--nodes", "4"]
+    # a sweep's row override (NAME:key=value) and a flag's ROW=URL value are not overrides
+    argv = ["demo:train.lr=2", "--checkpoint", "smoke=s3://b/x.pt", "train.lr=1", "--seeds", "2"]
+    assert split_cli(argv, value_flags=("--checkpoint",)) == (
+        ["train.lr=1"], ["demo:train.lr=2", "--checkpoint", "smoke=s3://b/x.pt", "--seeds", "2"])
 
 
 def test_round_trip_and_masking(tmp_path):
