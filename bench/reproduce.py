@@ -17,7 +17,6 @@ docs/REPRODUCE.md and cluster/README.md section 8 quote it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -69,7 +68,7 @@ def run(args) -> dict:
         print(f"  {r['label']:30s} cluster + CRF mIoU {crf.get('miou', {}).get('mean', float('nan')):.1f} "
               f"+- {crf.get('miou', {}).get('std') or 0:.1f} over {r['done']} seeds")
     out = {"command": "python launch/reproduce.py " + " ".join(argv), "seconds": round(seconds, 1),
-           "load_avg": load, "trial_seconds": per_trial, "table": json.loads(json.dumps(table))}
+           "load_avg": load, "trial_seconds": per_trial, "table": table}
     if args.eval_rounds > 0:
         out["trial_eval"] = trial_eval(args.output, args.eval_rounds)
     return out
@@ -81,9 +80,8 @@ def _timed_evaluation(trial: dict, checkpoint: str, resources: dict) -> dict:
     from launch import evaluate
 
     start = time.perf_counter()
-    reproduce.evaluate_trial(reproduce.Trial(**trial), checkpoint, resources, evaluate.main)
-    return {"seconds": time.perf_counter() - start,
-            "crf runs on": json.load(open(reproduce.eval_json(trial["folder"])))["meta"].get("crf runs on")}
+    meta = reproduce.evaluate_trial(reproduce.Trial(**trial), checkpoint, resources, evaluate.main)["meta"]
+    return {"seconds": time.perf_counter() - start, "crf runs on": meta.get("crf runs on")}
 
 
 def trial_eval(output: str, rounds: int) -> dict:

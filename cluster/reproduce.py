@@ -64,7 +64,8 @@ from typing import Callable
 import numpy as np
 
 from depthg import io, report, shards
-from depthg.config import Config, ConfigError, from_dict, load_config, to_dict
+from cluster.raycluster import node_id
+from depthg.config import Config, ConfigError, TrainConfig, from_dict, load_config, to_dict
 from depthg.errors import DepthgError
 from depthg.metrics import paired_difference
 
@@ -283,7 +284,7 @@ def plan_sweep(request: Request, output: str) -> Plan:
             if any(r.id == row.id for r in rows):
                 raise ConfigError(f"--configs: row {row.id} is listed twice")
             rows.append(row)
-            cfg = load_config(path, overrides + row.overrides)
+            cfg = load_config(path, overrides + row.overrides) if switches else base
             root = _shards_root(cfg, prefix)
             weights = cfg.model.weights
             if weights and not io.is_remote(weights) and os.path.exists(weights):
@@ -477,6 +478,7 @@ def trial_done(t: Trial) -> bool:
 
 
 def _scores(trial_folder: str) -> dict | None:
+    """The scores of a trial's complete report (``trial_done``), else None."""
     complete = report.complete(io.join(trial_folder, "report"))
     return json.loads(io.read_bytes(eval_json(trial_folder)))["scores"] if complete else None
 
@@ -499,10 +501,11 @@ def run_trial(config: dict, evaluate: Callable | None = None, hooks=None) -> Non
     if not gpu:  # a CPU trial on a GPU node stays off the GPUs other trials hold
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if trial_done(t):
-        tune.report(_metrics(_scores(t.folder)))
+    done = _scores(t.folder)
+    if done is not None:
+        tune.report(_metrics(done))
         return
-    record = {"attempt": uuid.uuid4().hex[:8], "pid": os.getpid(), "node": _node(), "started": time.time()}
+    record = {"attempt": uuid.uuid4().hex[:8], "pid": os.getpid(), "node": node_id(), "started": time.time()}
     io.write_bytes(io.join(t.folder, "attempts", f"{time.time():.3f}-{record['attempt']}.json"),
                    json.dumps(record).encode())
     timings = {}
@@ -512,25 +515,26 @@ def run_trial(config: dict, evaluate: Callable | None = None, hooks=None) -> Non
         if not io.exists(checkpoint):  # segmenter.pt is written after the last batch: training is done
             timings["train_s"] = _train(t, resources, hooks)
     start = time.perf_counter()
-    evaluate_trial(t, checkpoint, resources, evaluate)
+    scores = evaluate_trial(t, checkpoint, resources, evaluate)["scores"]
     timings["eval_s"] = time.perf_counter() - start
     io.write_bytes(io.join(t.folder, "trial.json"), json.dumps(
         {"id": t.id, "seed": t.seed, "resources": resources, "crf_cpus": crf_cpus(resources), **record,
          "seconds": timings}, indent=1).encode())
-    tune.report(_metrics(_scores(t.folder)))
+    tune.report(_metrics(scores))
 
 
-def evaluate_trial(t: Trial, checkpoint: str, resources: dict, evaluate: Callable) -> None:
+def evaluate_trial(t: Trial, checkpoint: str, resources: dict, evaluate: Callable) -> dict:
     """A trial's evaluation: ``launch/evaluate.py --workers 0`` in the trial's process (its GPU), the dense CRF as
     1-CPU Ray tasks on the trial's other CPUs (``crf_cpus``; captured by its placement group) when it has any, else
-    in this process. ``bench/reproduce.py`` times this function."""
+    in this process; returns ``evaluate``'s result (``scores``, ``paths``, ``meta``). ``bench/reproduce.py`` times
+    this function."""
     import torch
 
     crf = crf_cpus(resources)
     # the trial's process holds one CPU while its CRF tasks hold the others; without them, all of the trial's
     torch.set_num_threads(1 if crf else max(1, int(resources.get("CPU", 1))))
     # --key=value: a path holding "=" (a row id such as smoke+sampling.mode=random) is no override
-    evaluate([f"--checkpoint={checkpoint}", f"--output={t.report}", "--workers=0", *(["--crf-tasks"] if crf else []),
+    return evaluate([f"--checkpoint={checkpoint}", f"--output={t.report}", "--workers=0", *(["--crf-tasks"] if crf else []),
               f"--shards={t.shards}", *t.eval_overrides, *([] if resources.get("GPU", 0) > 0 else ["eval.device=cpu"])])
 
 
@@ -551,12 +555,6 @@ def _train(t: Trial, resources: dict, hooks) -> float:
     start = time.perf_counter()
     train(cfg, world, hooks=hook)
     return time.perf_counter() - start
-
-
-def _node() -> str | None:
-    from cluster.raycluster import node_id
-
-    return node_id()
 
 
 # ----------------------------------------------------------------------------- the table
@@ -853,7 +851,8 @@ def sweep(plan: Plan, resources: dict, evaluate: Callable, stored: dict | None =
     if todo:
         failures = plan.request.max_failures
         if failures is None:
-            failures = max([from_dict(Config, t.cfg).train.max_failures for t in todo if t.train] or [2])
+            failures = max([from_dict(Config, t.cfg).train.max_failures for t in todo if t.train]
+                           or [TrainConfig().max_failures])
         path, filesystem = storage(io.join(plan.output, "tune"))
         bundles = tune.PlacementGroupFactory(trial_bundles(resources), strategy="STRICT_PACK")
         trainable = tune.with_resources(tune.with_parameters(run_trial, evaluate=evaluate, hooks=hooks), bundles)
