@@ -179,8 +179,8 @@ def _need(rcfg: dict, key: str, url: str, allowed=None):
     return value
 
 
-def _dino_depth_guidance(rcfg: dict, url: str) -> str:
-    """``guidance`` of an ``arch: dino_depth`` run, when its evaluation codes come from the image features alone.
+def _check_dino_depth_guidance(rcfg: dict, url: str) -> None:
+    """Refuse an ``arch: dino_depth`` run unless its evaluation codes come from the image features alone.
 
     The reference's ``DinoFeaturizerWithDepth`` mixes its depth features into the image features only in training
     mode for ``sum`` and ``concat``; in eval mode (all of its evaluation) both fall through to the image features,
@@ -195,14 +195,13 @@ def _dino_depth_guidance(rcfg: dict, url: str) -> str:
     if guidance not in ("none", "sum", "concat"):
         raise CheckpointError(f"checkpoint {url}: hyper_parameters.cfg.guidance = {guidance!r} (arch dino_depth); this "
                               "import supports 'none', 'sum', 'concat'")
-    return guidance
 
 
 def to_config(n_classes: int, rcfg: dict, url: str) -> Config:
     """This project's ``Config`` for the reference run ``rcfg``: the backbone and head shapes from the checkpoint's
     own config, evaluation as the reference's (320 px, flip, CRF), DINO's position-table interpolation."""
     if _need(rcfg, "arch", url, ("dino", "dino_depth")) == "dino_depth":
-        _dino_depth_guidance(rcfg, url)
+        _check_dino_depth_guidance(rcfg, url)
     _need(rcfg, "dino_feat_type", url, ("feat",))
     _need(rcfg, "projection_type", url, ("nonlinear", "linear"))
     key = (_need(rcfg, "model_type", url, ("vit_small", "vit_base")), int(_need(rcfg, "dino_patch_size", url, (8,))))
