@@ -75,35 +75,6 @@ def _walk_sorted(folder: str, rel: str = "") -> Iterator[str]:
             yield rel + entry.name
 
 
-def _s3_keys(url: str, page: int = 1000) -> Iterator[str] | None:
-    """The object URLs below the S3 folder ``url``, one listing page (``page`` keys) at a time in key order (S3 lists
-    keys in UTF-8 byte order: the order of Python strings); None when ``url`` is not on s3fs (the caller then lists
-    everything at once with ``io.find``)."""
-    fs, path = io.filesystem(url)
-    call = getattr(fs, "_call_s3", None)  # s3fs's one request with its retries (pinned s3fs; guarded)
-    if call is None or "s3" not in tuple(getattr(fs, "protocol", ())):
-        return None
-    from fsspec.asyn import sync
-
-    bucket, _, prefix = path.strip("/").partition("/")
-    kwargs = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else "", "MaxKeys": int(page),
-              **getattr(fs, "req_kw", {})}
-
-    def pages():
-        while True:
-            try:
-                page = sync(fs.loop, call, "list_objects_v2", **kwargs)
-            except Exception as exc:  # noqa: BLE001 - rewrapped with the URL, as depthg.io does
-                raise io._wrap(url, exc) from exc
-            for item in page.get("Contents", []):
-                yield f"s3://{bucket}/{item['Key']}"
-            if not page.get("IsTruncated"):
-                return
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
-
-    return pages()
-
-
 def _or_found(keys: Iterator[str], url: str) -> Iterator[str]:
     """``keys``, or when there are none (``url`` names one object, not a folder) what ``io.find`` finds."""
     found = False
@@ -135,7 +106,7 @@ def iter_inputs(pattern: str) -> Iterator[tuple[str, str]]:
         empty = ""
     else:
         root = _glob_root(pattern) if magic else pattern.rstrip("/")
-        pages = None if magic else _s3_keys(pattern)
+        pages = None if magic else io.iter_s3_keys(pattern)
         keys = iter(io.find(pattern)) if pages is None else _or_found(pages, pattern)
         stream = ((f, output_name(f, root)) for f in keys if _is_image(f))
         if magic:

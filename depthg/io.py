@@ -12,7 +12,7 @@ import os
 import posixpath
 import re
 import uuid
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import fsspec
 
@@ -195,3 +195,32 @@ def find(url: str) -> list[str]:
         return sorted(fs.unstrip_protocol(p) if is_remote(url) else p for p in found)
 
     return _call(url, files)
+
+
+def iter_s3_keys(url: str, page: int = 1000) -> Iterator[str] | None:
+    """The object URLs below the S3 folder ``url``, one listing page (``page`` keys) at a time in key order (S3 lists
+    keys in UTF-8 byte order: the order of Python strings); None when ``url`` is not on s3fs (the caller then lists
+    everything at once with ``find``)."""
+    fs, path = filesystem(url)
+    call = getattr(fs, "_call_s3", None)  # s3fs's one request with its retries (pinned s3fs; guarded)
+    if call is None or "s3" not in tuple(getattr(fs, "protocol", ())):
+        return None
+    from fsspec.asyn import sync
+
+    bucket, _, prefix = path.strip("/").partition("/")
+    kwargs = {"Bucket": bucket, "Prefix": prefix + "/" if prefix else "", "MaxKeys": int(page),
+              **getattr(fs, "req_kw", {})}
+
+    def pages():
+        while True:
+            try:
+                page = sync(fs.loop, call, "list_objects_v2", **kwargs)
+            except Exception as exc:  # noqa: BLE001 - rewrapped with the URL, as every call here is
+                raise _wrap(url, exc) from exc
+            for item in page.get("Contents", []):
+                yield f"s3://{bucket}/{item['Key']}"
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    return pages()

@@ -126,7 +126,7 @@ def test_ray_actors_with_crf_tasks_equal_one_process(checkpoint, tmp_path, ray_l
 def test_s3_input_and_output(checkpoint, s3, ray_local):
     _images(lambda rel, data: io.write_bytes(f"{s3}/images/{rel}", data), 4)
     io.write_bytes(f"{s3}/images/notes.txt", b"not an image")
-    pages = inference._s3_keys(f"{s3}/images", page=2)  # the listing streamed page by page, in key order
+    pages = io.iter_s3_keys(f"{s3}/images", page=2)  # the listing streamed page by page, in key order
     assert list(pages) == io.find(f"{s3}/images")
     out = f"{s3}/labels"
     segment_script.main(["--checkpoint", checkpoint, "--input", f"{s3}/images", "--output", out,
