@@ -24,6 +24,7 @@ runs the same worker and the same CRF function in-process: the result is identic
 """
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from typing import Callable, Iterable, Sequence
@@ -77,10 +78,11 @@ def read_checkpoint(url: str, isolated: bool = False) -> tuple[dict, dict]:
     """(config as a dict, extra) of a segmenter.pt or a reference Lightning .ckpt, read once (safely:
     ``depthg.checkpoint``). ``isolated``: read in a short-lived child process, so that neither torch nor the
     file's tensors ever enter this one: the driver of a Ray evaluation imports no torch and holds, for the
-    whole run, only the reduced results (``EvalTotals``, ``metrics.CodeSample``). A refusal is raised here."""
+    whole run, only the reduced results (``EvalTotals``, ``metrics.CodeSample``); a process that imported torch
+    already (``launch/pipeline.py`` after training) reads it itself. A refusal is raised here."""
     if not io.exists(url):
         raise FileNotFoundError(f"checkpoint not found: {url}")
-    if not isolated:
+    if not isolated or "torch" in sys.modules:
         return _read_checkpoint(url)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
