@@ -359,6 +359,25 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def relocated(stored: dict, output: str) -> dict:
+    """A stored sweep whose folder moved (a local one moved, an s3:// one copied) as if planned in ``output``: every
+    path inside its old folder (the trials' folders and ``train.output``, a ``--checkpoint`` inside it) rebased, so
+    that it resumes there. The old folder is read from the trials' folders (``{output}/trials/{id}``)."""
+    old = next((tr["folder"][:-len(f"/trials/{tid}")] for tid, tr in stored.get("trials", {}).items()
+                if str(tr.get("folder", "")).endswith(f"/trials/{tid}")), output)
+
+    def moved(value):
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+            return output + value[len(old):]
+        return value
+
+    return stored if old == output else moved(stored)
+
+
 def check_same(plan: Plan, stored: dict) -> None:
     """A resumed trial must have the config it started with (new trials may be added)."""
     old = stored.get("trials", {})
@@ -895,6 +914,8 @@ def run(request: Request | None, output: str, evaluate: Callable, resume: bool =
     driver attached to the test's local Ray passes False)."""
     output = absolute(output)
     stored = check_output(output, resume)
+    if stored is not None:
+        stored = relocated(stored, output)
     if request is None:
         if stored is None:
             raise ConfigError("--configs: expected at least one config (e.g. --configs coco_vits8)")

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/reproduce", help="the sweep's folder, local or s3:// (default runs/reproduce)")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --output: finished trials are kept, the others resume (alone: with "
-                        "the arguments it was started with)")
+                        "the arguments it was started with); a sweep folder moved or copied to --output resumes there")
     p.add_argument("--gpus-per-trial", type=int, default=None,
                    help="1: GPU trials (the paper's 1-GPU recipe); 0: CPU trials; default: 1 when the cluster has or "
                         "can add GPU nodes")

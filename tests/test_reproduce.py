@@ -264,13 +264,19 @@ def test_sweep_on_tune_retries_a_killed_trial_and_resumes_a_killed_driver(tmp_pa
     log = open(tmp_path / "driver.log").read()  # the sweep's own line: a retry, not an error (flushed before the kill)
     assert f"trial {CRASHES}: attempt 1 failed, retrying (retry 1 of 2, 1 left after it" in log, log[-3000:]
 
-    # resumed with the same arguments plus a checkpoint row (a trial without training), each trial now of 2 CPUs (its
-    # CRF as Ray tasks on the second), in this process, which started the local Ray: local folders allowed without
-    # any override (started_here). The finished crashed trial's segmenter.pt evaluated again (CRF tasks) must give
-    # that trial's numbers (CRF in its process)
+    # the sweep's folder moved elsewhere, then resumed there with the same arguments plus a checkpoint row (a trial
+    # without training), each trial now of 2 CPUs (its CRF as Ray tasks on the second), in this process, which
+    # started the local Ray: local folders allowed without any override (started_here). The finished crashed
+    # trial's segmenter.pt evaluated again (CRF tasks) must give that trial's numbers (CRF in its process)
+    moved = str(tmp_path / "moved")
+    os.rename(out, moved)
+    out, folders = moved, {tid: os.path.join(moved, "trials", *tid.split("/")) for tid in TRIALS}
+    argv[argv.index("--output") + 1] = out
     published = os.path.join(folders[CRASHES], "segmenter.pt")
     table = launch.main([*argv, "--resume", "--cpus-per-trial", "2", "--checkpoint", f"smoke={published}"],
                         hooks=_hooks(trace2))
+    assert json.load(open(os.path.join(out, "sweep.json")))["trials"][PAUSES]["cfg"]["train"]["output"] == \
+        folders[PAUSES]  # the stored sweep rebased onto its new folder
     folders["smoke/published"] = os.path.join(out, "trials", "smoke", "published")
     for tid, crf in ((CRASHES, "this process"), (PAUSES, "1-CPU Ray tasks"), ("smoke/published", "1-CPU Ray tasks")):
         meta = json.load(open(reproduce.eval_json(folders[tid])))["meta"]
