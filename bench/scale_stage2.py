@@ -145,26 +145,39 @@ def loader_rows(n: int):
 
 
 def knn_actor(n: int, actors: int = 16):
-    """One of ``actors`` mining actors: its ``n / actors`` query rows against all ``n`` keys (1 torch thread)."""
+    """One of ``actors`` mining actors: its ``n / actors`` query rows against all ``n`` keys (1 torch thread), in
+    the production block shape (``QUERY_ROWS`` x ``KEY_ROWS``), so the sizes are whole blocks: ``n / actors`` a
+    multiple of ``QUERY_ROWS`` and ``n`` of ``KEY_ROWS`` (other shapes would pad or shrink the blocks and time
+    another kernel)."""
     import torch
 
-    from depthg.knn import QUERY_ROWS, normalize, topk_blocks
+    from depthg.knn import KEY_ROWS, QUERY_ROWS, normalize, topk_blocks
 
-    if n > 200_000:
-        raise ValueError(f"knn_actor is measured up to 200k crops (N^2/P compute: {n} would take "
-                         f"~{(n / 100_000) ** 2 * 0.25:.0f} min here); the fit of 10k-100k extrapolates")
+    rows = n // actors
+    if n % KEY_ROWS or rows % QUERY_ROWS:
+        raise ValueError(f"knn_actor runs at whole blocks: N a multiple of {KEY_ROWS} and N/{actors} of {QUERY_ROWS}, "
+                         f"got {n}")
+    if n > 300_000:
+        raise ValueError(f"knn_actor is measured up to 262k crops (N^2/P compute on one CPU thread: {n} would take "
+                         f"~{(n / 262_144) ** 2 * 1.5:.0f} min here); the fit extrapolates")
     torch.set_num_threads(1)
     keys = normalize(torch.randn(n, DIM, generator=torch.Generator().manual_seed(0)))
-    rows = n // actors
-    blocks = -(-rows // QUERY_ROWS)
-    block = -(-rows // blocks)  # ~QUERY_ROWS rows per block and no padding (a call of whole blocks, as at scale)
     topk_blocks(keys[:8], keys[:64], 7, first=0)  # first-use costs before the measurement
 
     def work() -> dict:
-        _, idx = topk_blocks(keys[:rows], keys, 7, first=0, query_rows=block)
-        return {"query_rows": rows, "query_block": block, "actors": actors, "threads": 1, "k": 7, "dim": DIM, "checksum": int(idx.sum())}
+        _, idx = topk_blocks(keys[:rows], keys, 7, first=0)
+        return {"query_rows": rows, "query_block": QUERY_ROWS, "key_block": KEY_ROWS, "actors": actors, "threads": 1,
+                "k": 7, "dim": DIM, "checksum": int(idx.sum())}
 
     return work
+
+
+def knn_actor_memory_mb(n: int, actors: int = 16) -> float:
+    """the work's block (depthg.knn.BLOCK_BYTES) + top-k state of its rows; the keys (N x 384 x 4 B) are held before it
+    (shared by a node's actors; 73 GiB at 50M crops, float32), so they are not in delta_mb."""
+    from depthg.knn import BLOCK_BYTES
+
+    return (BLOCK_BYTES + (n // actors) * 7 * 12) / 2**20
 
 
 # ----------------------------------------------------------------------------- extras (subprocesses)
