@@ -68,6 +68,9 @@ PLACES: dict[str, Place] = {p.name: p for p in [
     Place("depth_rerun", "bench.scale_drivers:depth_rerun",
           "stage-1 driver on a complete split: folder listed once, every sidecar read on 16 threads and reduced",
           driver=True),
+    Place("folder_listing", "bench.scale_drivers:folder_listing",
+          "stage-1 driver listing a real folder source (N = images, one flat folder of empty .jpg files) into "
+          "listing.jsonl: names sorted in bounded memory (sorted runs spilled, merged), ids checked", driver=True),
     Place("depth_actor_share", "bench.scale_drivers:depth_actor_share",
           "one depth actor of 16: its units' byte ranges of the listing read, each unit's source share built"),
     Place("eval_driver", "bench.scale_drivers:eval_driver",
@@ -79,6 +82,10 @@ PLACES: dict[str, Place] = {p.name: p for p in [
     Place("segment_plan", "bench.scale_segment:segment_plan",
           "cluster.segmentation.prepare on a first run (N = images, nothing recorded): the listing streamed into "
           "units of 32 and spooled", plan=True, driver=True),
+    Place("segment_walk", "bench.scale_segment:segment_walk",
+          "bucket segmentation driver listing a local folder (N = images, one flat folder of empty files): "
+          "inference.iter_inputs, the sorted walk in bounded memory (the process holds torch: depthg.inference "
+          "imports it, as launch/segment.py's driver loads the model; +MB is the walk's own)"),
     Place("driver_plan", "bench.scale_stage2:driver_plan",
           "cluster.mining's driver plan: units from the depth counts, unit calls, neighbours calls", plan=True, driver=True),
     Place("unit_reads", "bench.scale_stage2:unit_reads",

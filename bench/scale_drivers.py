@@ -8,6 +8,10 @@ evaluation driver: the validation split is not cropped) and returns the zero-arg
   writes the manifest.
 * ``depth_rerun``: the same driver on a folder whose shards are all complete: one listing of the folder, every
   sidecar (as stage 1 writes them, ~54 kB at 320 crops) read on ``IO_THREADS`` threads and reduced, the manifest.
+* ``folder_listing`` (N = images): the stage-1 driver lists a real folder source (``N`` empty ``.jpg`` files in one
+  flat ``images/`` folder, made in the setup) into ``listing.jsonl`` (``FolderSource.scan`` -> ``list_units``): the
+  names sorted in bounded memory (``listing.sorted_stream``: runs spilled to ``TMPDIR``) and checked for two images
+  of one id.
 * ``depth_actor_share``: one depth actor of 16 reads its units' ranges of the listing file and builds each
   unit's share of the (unlisted) source: what an actor holds no longer grows with the split.
 * ``eval_driver``: ``cluster.evaluator``'s driver reduces per-shard results as they arrive (``EvalTotals``:
@@ -101,6 +105,33 @@ def depth_driver(n: int):
 
 def depth_rerun(n: int):
     return _driver(n, complete=True)
+
+
+def image_folder(n: int) -> str:
+    """A scratch folder with ``images/`` holding ``n`` empty image files (``IMG_00000000.jpg`` ...): what a listing
+    reads (names and types, never the bytes)."""
+    root = _scratch()
+    folder = os.path.join(root, "images")
+    os.makedirs(folder)
+    for i in range(n):
+        os.close(os.open(os.path.join(folder, f"IMG_{i:08d}.jpg"), os.O_CREAT | os.O_WRONLY, 0o644))
+    return root
+
+
+def folder_listing(n: int):
+    """The stage-1 driver's listing of a real folder of ``n`` images (N = images, not crops)."""
+    from cluster import depthgen
+    from depthg.data import FolderSource
+
+    root = image_folder(n)
+
+    def work() -> dict:
+        source = FolderSource(root, "train", n_classes=27, listed=False)
+        local = os.path.join(root, "listing.jsonl")
+        plan = depthgen.list_units(source, local, IMAGES_PER_SHARD)
+        return {"images": plan.images, "units": len(plan), "listing_bytes": os.path.getsize(local)}
+
+    return work
 
 
 def depth_actor_share(n: int):

@@ -6,6 +6,8 @@ record (``Tally``), streams the listing past the done-set and spools the units l
 ``segment_plan(n)``: a first run's plan of ``n`` listed images (nothing recorded; needs no data, so it also runs at
 10M and 50M). The listing is synthetic, streamed as S3 pages would be (sorted names under ``s3://bucket/photos``);
 the records are real files on local disk (``/tmp``), read by the job's reader threads.
+``segment_walk(n)``: the driver's listing of a local folder (``inference.iter_inputs``: a sorted walk, each
+folder's names through ``listing.sorted_stream``) of ``n`` empty image files in one flat folder, consumed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,22 @@ import tempfile
 
 UNIT = 32  # images per unit (launch/segment.py's default --unit-size)
 ROOT = "s3://bucket/photos/"
+
+
+def segment_walk(n: int):
+    """``inference.iter_inputs`` over a real flat folder of ``n`` images (the setup makes the files)."""
+    from bench.scale_drivers import image_folder
+    from depthg import inference
+
+    folder = os.path.join(image_folder(n), "images")
+
+    def work() -> dict:
+        count = 0
+        for _ in inference.iter_inputs(folder):
+            count += 1
+        return {"images": count}
+
+    return work
 
 
 def listing(n: int):

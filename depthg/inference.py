@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from depthg import crf as crf_mod
 from depthg import io
+from depthg.data.listing import sorted_stream
 from depthg.data.sources import read_image as _read_local_image
 from depthg.data.transforms import resize_center_crop, to_tensor_image
 from depthg.evaluation import compute_codes, probe_scores
@@ -64,15 +65,37 @@ def output_name(source: str, root: str) -> str:
 
 def _walk_sorted(folder: str, rel: str = "") -> Iterator[str]:
     """Image paths below ``folder`` relative to it, in the sorted order of the whole relative path, streamed (a
-    folder's entries sorted with ``/`` after each subfolder's name: exactly the order of sorting all the paths;
-    symlinked folders are not entered, as ``os.walk``)."""
-    with os.scandir(folder) as it:
-        entries = sorted((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it)
-    for key, entry in entries:
+    folder's names sorted with ``/`` after each subfolder's name: exactly the order of sorting all the paths;
+    symlinked folders are not entered, as ``os.walk``). Each folder's names go through ``sorted_stream`` (runs
+    spilled to a temporary folder), so a flat folder of millions of images is never held."""
+    def names() -> Iterator[str]:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    yield e.name + "/"
+                elif _is_image(e.name) and e.is_file():
+                    yield e.name
+
+    for key in sorted_stream(names()):
         if key.endswith("/"):
-            yield from _walk_sorted(entry.path, rel + key)
-        elif _is_image(entry.name) and entry.is_file():
-            yield rel + entry.name
+            yield from _walk_sorted(os.path.join(folder, key[:-1]), rel + key)
+        else:
+            yield rel + key
+
+
+def _glob_sorted(pattern: str, root: str) -> Iterator[tuple[str, str]]:
+    """``(file, output name)`` of the local files ``pattern`` matches, by output name (then path), streamed through
+    ``sorted_stream``: the image files, or every file when none is an image (a pattern naming files explicitly keeps
+    them: the glob is then run a second time). Raises ``FileNotFoundError`` when it matches no file."""
+    for images in (True, False):
+        found = (os.path.abspath(f) for f in glob.iglob(pattern, recursive=True) if os.path.isfile(f))
+        count = 0
+        for name, f in sorted_stream((output_name(f, root), f) for f in found if not images or _is_image(f)):
+            count += 1
+            yield f, name
+        if count:
+            return
+    raise FileNotFoundError(f"input {pattern} is neither a folder nor a glob matching any file")
 
 
 def _or_found(keys: Iterator[str], url: str) -> Iterator[str]:
@@ -98,19 +121,15 @@ def iter_inputs(pattern: str) -> Iterator[tuple[str, str]]:
         empty = f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {pattern}"
     elif not remote:
         root = os.path.abspath(_glob_root(pattern) or ".")
-        files = sorted(os.path.abspath(f) for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-        if not files:
-            raise FileNotFoundError(f"input {pattern} is neither a folder nor a glob matching any file")
-        files = [f for f in files if _is_image(f)] or files  # a pattern naming files explicitly keeps them
-        stream = iter(sorted(((f, output_name(f, root)) for f in files), key=lambda item: item[1]))
+        stream = _glob_sorted(pattern, root)
         empty = ""
     else:
         root = _glob_root(pattern) if magic else pattern.rstrip("/")
         pages = None if magic else io.iter_s3_keys(pattern)
         keys = iter(io.find(pattern)) if pages is None else _or_found(pages, pattern)
         stream = ((f, output_name(f, root)) for f in keys if _is_image(f))
-        if magic:
-            stream = iter(sorted(stream, key=lambda item: item[1]))
+        if magic:  # ``io.find`` returns the glob's matches whole (fsspec's glob); their sort is bounded
+            stream = ((f, name) for name, f in sorted_stream((name, f) for f, name in stream))
         empty = f"no images ({', '.join(IMAGE_EXTENSIONS)}) at {pattern}"
     for item in stream:
         count += 1

@@ -8,19 +8,80 @@ and loads from ``Source.share(entries)``, so no actor lists the source.
 
     plan = write_listing(source.scan(), fh, unit_size)     # the driver, into a local file, then uploaded
     entries = unit_entries(url, plan.start(u), plan.stop(u))   # an actor, unit u only
+
+A listing that must be sorted first (a folder's names, a glob's matches) goes through ``sorted_stream``, the
+project's one bounded-memory sort: runs of at most ``SORT_CHUNK`` items sorted in memory and spilled to a
+temporary folder, then merged (``heapq.merge``), so the order is exactly ``sorted()``'s and no process holds
+the whole listing.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
+import os
+import pickle
+import tempfile
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from depthg.data.base import SourceError
 
 LISTING = "listing.jsonl"
+SORT_CHUNK = 100_000  # items one sorted run holds in memory (~20 MB of short string pairs)
+_BATCH = 1024  # items per pickle record of a spilled run
+_END = object()
+
+
+def sorted_stream(items: Iterable[Any], key: Callable[[Any], Any] | None = None,
+                  chunk: int | None = None) -> Iterator[Any]:
+    """``sorted(items, key=key)``, streamed in bounded memory (the order is exactly ``sorted``'s: stable).
+
+    Runs of at most ``chunk`` items (``SORT_CHUNK`` when None) are sorted in memory; when there is more than one,
+    each is spilled (pickled) to a ``tempfile.TemporaryDirectory`` (``TMPDIR``) and the runs are merged with
+    ``heapq.merge`` (ties keep the earlier run first: stable). The folder is removed when the stream ends, raises
+    or is closed early. When everything fits in one run, no file is written. Items must pickle (short tuples of
+    strings here). All of ``items`` is consumed before the first item comes out."""
+    chunk = SORT_CHUNK if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"sorted_stream: chunk must be >= 1, got {chunk}")
+    it = iter(items)
+    run = list(itertools.islice(it, chunk))
+    nxt = next(it, _END)
+    if nxt is _END:  # one run: in memory, nothing spilled
+        run.sort(key=key)
+        yield from run
+        return
+    it = itertools.chain([nxt], it)
+    with tempfile.TemporaryDirectory(prefix="depthg-sort-") as tmp:
+        readers: list[Iterator[Any]] = []
+        try:
+            while run:
+                run.sort(key=key)
+                path = os.path.join(tmp, f"run{len(readers):06d}.pkl")
+                with open(path, "wb") as fh:
+                    for i in range(0, len(run), _BATCH):
+                        pickle.dump(run[i:i + _BATCH], fh, protocol=pickle.HIGHEST_PROTOCOL)
+                readers.append(_read_run(path))
+                run.clear()  # never two runs in memory
+                run.extend(itertools.islice(it, chunk))
+            yield from heapq.merge(*readers, key=key)
+        finally:
+            for reader in readers:
+                reader.close()  # its file closed before the folder goes
+
+
+def _read_run(path: str) -> Iterator[Any]:
+    with open(path, "rb") as fh:
+        while True:
+            try:
+                batch = pickle.load(fh)
+            except EOFError:
+                return
+            yield from batch
 
 
 def ids_digest(ids: Sequence[str]) -> str:

@@ -22,8 +22,10 @@ Layouts (``root`` = ``data.root``):
 Listing (``Source.scan``, ``base.py``): each reader's ``_scan`` yields ``(id, locator)`` in its order, the
 locator being what ``read`` needs besides the id (folder: the file name; camvid: "image label"; cityscapes:
 "city/file"; coco, potsdam, synthetic: ""). List files (camvid, COCO's curated list, Potsdam's) are streamed;
-a folder's or a glob's names are sorted in memory first. ``listed=False`` builds a reader without its listing
-(stage 1's driver streams it into a listing file; a depth actor loads from ``share(entries)``).
+the folder source's names are sorted in bounded memory (``listing.sorted_stream``); COCO's folder without its list,
+Cityscapes' glob and Potsdam's folder (published datasets of known size, at most ~164k files) are sorted in memory.
+``listed=False`` builds a reader without its listing (stage 1's driver streams it into a listing file; a depth actor
+loads from ``share(entries)``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from depthg.data import palettes as P
 from depthg.data.base import Record, Source, SourceError, check_label_range, clip_minmax
+from depthg.data.listing import sorted_stream
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -109,6 +112,10 @@ def _any_file(folder: str, ext: str) -> bool:
         return any(e.name.lower().endswith(ext) for e in entries)
 
 
+def _second(pair):
+    return pair[1]
+
+
 def _require_dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
         raise SourceError(f"{what} folder not found: {path}")
@@ -160,16 +167,35 @@ class FolderSource(Source):
         self.listed(listed)
 
     def _scan(self):
-        """(id, file name) in file-name order; the folder's names are sorted in memory (that is the order)."""
-        seen: dict[str, str] = {}
-        for name in sorted(os.listdir(self.img_dir)):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() not in IMAGE_EXTS:
-                continue
-            key = stem.replace(".", "_")
-            if key in seen:
-                raise SourceError(f"{self.img_dir}: two images map to the id {key!r}: {seen[key]} and {name}")
-            seen[key] = name
+        """(id, file name) in file-name order, in bounded memory: the folder is read once (``os.scandir``) into two
+        external sorts (``listing.sorted_stream``: runs spilled to a temporary folder), one by (id, name) that finds
+        ids two images map to, one by name that is the order. Two images mapping to one id raise when the listing
+        reaches the second one in name order (the first such pair, the message naming both), as a held ``seen``
+        set did; that is before the first listing line when nothing is skipped (``limit`` 0)."""
+        clash = None  # (second name, id, first name) of the clash met first in name order
+
+        def images():
+            with os.scandir(self.img_dir) as entries:
+                for entry in entries:
+                    stem, ext = os.path.splitext(entry.name)
+                    if ext.lower() in IMAGE_EXTS:
+                        yield stem.replace(".", "_"), entry.name
+
+        def checked(by_id):
+            nonlocal clash
+            prev, first = None, None
+            for key, name in by_id:
+                if key != prev:
+                    prev, first = key, name
+                elif first is not None:  # the id's second name (in name order): a clash
+                    if clash is None or name < clash[0]:
+                        clash = (name, key, first)
+                    first = None
+                yield key, name
+
+        for key, name in sorted_stream(checked(sorted_stream(images())), key=_second):
+            if clash is not None and name == clash[0]:
+                raise SourceError(f"{self.img_dir}: two images map to the id {key!r}: {clash[2]} and {name}")
             yield key, name
 
     def _set_classes(self, root: str, base: str, n_classes: int | None):
