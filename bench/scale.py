@@ -260,13 +260,14 @@ def run(args) -> dict:
     result: dict = {"at": AT, "sizes": sizes, "plan_sizes": plan_sizes, "places": {}, "extras": {}}
     for name in chosen:
         place = PLACES[name]
-        rows = []
+        rows, load_before = [], round(os.getloadavg()[0], 2)  # what else ran on the machine, per place
         for n in list(place.sizes) or sizes + (plan_sizes if place.plan else []):
             row = run_child(name, n, args.timeout)
             rows.append(row)
             print(f"  {name} N={n}: " + (row["error"] if "error" in row else
                   f"{row['seconds']:.3f} s, peak {row['peak_rss_mb']:.0f} MB (+{row['delta_mb']:.0f})"), flush=True)
         result["places"][name] = summarise(place, rows)
+        result["places"][name]["load_avg_1min_before"] = load_before
     if not args.no_extras and not args.places:
         for name, target in EXTRAS.items():
             print(f"  extra {name} ...", flush=True)
