@@ -67,6 +67,9 @@ class DepthWorker:
     ``threads``: torch threads and PNG-encoding threads (the actor's CPU share)."""
 
     def __init__(self, cfg_dict: dict, threads: int = 0):
+        from cluster.raycluster import check_node
+
+        check_node()  # first: a node that failed its start-up check stops here, once, with its message
         import torch
 
         if threads:

@@ -131,6 +131,9 @@ class EvalWorker:
 
     def __init__(self, eval_cfg: dict, n_classes: int, model_fn: ModelFn, threads: int | None = None,
                  device: str = "auto", crf_tasks: bool = False):
+        from cluster.raycluster import check_node
+
+        check_node()  # first: a node that failed its start-up check stops here, once, with its message
         import torch
 
         from depthg.device import resolve_device

@@ -60,6 +60,9 @@ class MiningWorker:
     """Units (features + training shards) and neighbours (top-k + row files). Plain class; Ray makes it an actor."""
 
     def __init__(self, cfg_dict: dict, job: str = "local", threads: int = 0):
+        from cluster.raycluster import check_node
+
+        check_node()  # first: a node that failed its start-up check stops here, once, with its message
         import torch
 
         from depthg.device import resolve_device

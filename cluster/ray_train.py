@@ -22,7 +22,10 @@ written by the trainer); a launch resumes only when ``train.resume`` says so (``
 the launching process (``cluster.preflight``). At every checkpoint all workers call ``ray.train.report`` (the
 same number of times, as Ray requires); rank 0 attaches a tiny Ray ``Checkpoint`` holding ``pointer.json``.
 After a worker failure Ray restarts the group (``FailureConfig(train.max_failures)``), which resumes from the
-newest complete checkpoint written by this launch (its markers carry the run id passed to every worker).
+newest complete checkpoint written by this launch (its markers carry the run id passed to every worker), except
+for a worker on a node that failed its start-up check (``check_node``, ``cluster.raycluster``): that ends the run
+at once, whatever ``train.max_failures`` says (a Ray Train callback turns it into a controller error, which Ray
+Train never retries), and ``launch`` raises it as one ``NodeCheckError``.
 Ray's own run folder is ``{train.output}/ray/{run id}``, new for every launch: Ray Train V2 reloads a run
 folder it finds, which with a fixed name turned a new submission into a silent continuation of an old run.
 Runs on a Ray cluster this process did not start (``cluster.raycluster.started_here()`` False), even on one
@@ -42,17 +45,15 @@ import tempfile
 import uuid
 
 from cluster.distributed import process_group_backend
+# the node start-up check (ray_cluster.yaml) has one implementation, cluster.raycluster's: a worker calls check_node
+# first, a worker's NodeCheckError ends the run without a retry (_stop_on_node_check), cluster_plan refuses the nodes
+from cluster.raycluster import check_node, failed_nodes, node_check_error, refuse_failed_nodes  # noqa: F401
 from depthg import io
 from depthg.config import Config, from_dict, to_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTER = "pointer.json"
 EMULATED_GPUS = "DEPTHG_EMULATED_GPUS"
-# ray_cluster.yaml's node start-up check (NVIDIA driver, the lock's versions and builds) writes what failed here and
-# starts the node's Ray with this label instead of failing the node's setup (which would make the autoscaler
-# relaunch the same broken node for as long as work waits)
-NODE_CHECK_FILE = "/mnt/local/depthg-node-check.txt"
-NODE_CHECK_LABEL = "depthg/node-check"
 _PASS_ENV = ("AWS_", "DEPTHG_", "DS_ACCELERATOR", "OMP_NUM_THREADS")
 # never forwarded: the runtime env is visible in the Ray dashboard and state API
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|CREDENTIAL|ACCESS_KEY)", re.I)
@@ -128,32 +129,6 @@ def check_layout(world, plan: TrainPlan | None) -> list[str]:
         raise RuntimeError(f"{problem}: the layout asked for is not the one Ray gave (nodes busy with other work?); "
                            "stopping rather than training on another layout")
     return nodes
-
-
-def node_check_file() -> str:
-    return os.environ.get("DEPTHG_NODE_CHECK") or NODE_CHECK_FILE
-
-
-def check_node() -> None:
-    """A worker on a node whose start-up check failed (``ray_cluster.yaml``) stops at once with that check's
-    message: one failure to read, not a node relaunched in a loop nor a run on a broken node."""
-    path = node_check_file()
-    try:
-        with open(path) as fh:
-            found = fh.read().strip()
-    except OSError:
-        return
-    if found:
-        from cluster.raycluster import node_id
-
-        raise RuntimeError(f"node {node_id()} failed its start-up check ({path}): "
-                           f"{found}. Fix ray_cluster.yaml (ImageId) or the lock, then replace the node")
-
-
-def failed_nodes(nodes: list[dict]) -> list[str]:
-    """The addresses of the alive nodes (``ray.nodes()`` rows) labelled by a failed start-up check."""
-    return [n.get("NodeManagerAddress") or n.get("NodeID", "?") for n in nodes
-            if n.get("Alive") and (n.get("Labels") or {}).get(NODE_CHECK_LABEL) == "failed"]
 
 
 def emulated_gpus() -> bool:
@@ -303,11 +278,28 @@ def _fit(cfg_dict: dict, plan: TrainPlan, run: str, hooks=None) -> dict:
         torch_config=torch_config(plan.use_gpu),
         scaling_config=scaling_config(plan),
         run_config=RunConfig(name=run, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=[_stop_on_node_check()]),
     )
     result = trainer.fit()
     return {"output": cfg.train.output, "metrics": dict(result.metrics or {}), "run": run, "plan": dataclasses.asdict(plan),
             "ray_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _stop_on_node_check():
+    """A Ray Train callback (on the Train controller) that ends the run when a worker raised ``NodeCheckError``:
+    FailureConfig would restart the group on the same broken node (``train.max_failures`` times, or forever at
+    -1); an error raised by a callback is a controller error, which Ray Train raises instead of retrying."""
+    from ray.train import UserCallback
+
+    class StopOnNodeCheck(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank in sorted(worker_exceptions):
+                found = node_check_error(worker_exceptions[rank])
+                if found is not None:
+                    raise found
+
+    return StopOnNodeCheck()
 
 
 def scaling_config(plan: TrainPlan):
@@ -363,12 +355,7 @@ def cluster_plan(nodes: int, per_node: int, device: str = "auto") -> TrainPlan:
     from cluster.raycluster import autoscaler_node_types
 
     rows = ray.nodes()
-    bad = failed_nodes(rows)
-    if bad:
-        raise ValueError(f"node(s) {', '.join(bad)} failed their start-up check (ray_cluster.yaml: an NVIDIA driver "
-                         f"older than the lock's CUDA needs, or packages other than the lock's; the message is in "
-                         f"{NODE_CHECK_FILE} on the node): fix the AMI or the lock and replace the node(s) "
-                         "(`ray down`, or let them idle out) before training")
+    refuse_failed_nodes(rows, "training")
     alive = [n["Resources"] for n in rows if n.get("Alive")]
     return plan_train(nodes, per_node, device, alive, autoscaler_node_types())
 
@@ -395,4 +382,10 @@ def launch(cfg: Config, plan: TrainPlan, extra_env: dict | None = None, hooks=No
     # worker node that may go away
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     fit = ray.remote(num_cpus=0)(_fit).options(runtime_env={"env_vars": env}, scheduling_strategy=here)
-    return ray.get(fit.remote(to_dict(cfg), plan, uuid.uuid4().hex[:16], hooks))
+    try:
+        return ray.get(fit.remote(to_dict(cfg), plan, uuid.uuid4().hex[:16], hooks))
+    except ray.exceptions.RayError as exc:  # a worker's node failed its start-up check: that message, once
+        found = node_check_error(exc)
+        if found is None:
+            raise
+        raise found from None

@@ -19,13 +19,25 @@ actor that crashes or loses its node is restarted (same constructor arguments) a
 were running on it are resubmitted by Ray; stage calls are idempotent (each writes its own output
 atomically). ``map`` only hands calls to actors as they become ready and free (at most
 ``in_flight`` each), so work never waits on an actor the cluster cannot place yet.
+
+The node's start-up check (``ray_cluster.yaml``: NVIDIA driver, the lock's packages) never fails a node's setup,
+which would make the autoscaler relaunch the same broken node in a loop: it writes its message to the node's check
+file and the node joins Ray labelled ``depthg/node-check=failed``. ``check_node()`` is the one reader: every GPU
+actor's constructor (depth, mining, evaluation, segmentation) and every Ray Train worker call it first and raise
+``NodeCheckError`` with the message. A constructor's error is never retried by Ray (the actor is dead, whatever
+its ``max_restarts``), and ``ActorGroup.map`` ends the stage with that one error (``node_check_error`` finds it
+inside Ray's wrapping); ``cluster.ray_train`` stops the Train run for it without a retry. ``ActorGroup.start`` and
+``cluster.ray_train.cluster_plan`` refuse to start while a labelled node is alive (``refuse_failed_nodes``).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import deque
 from typing import Callable, Iterable
+
+from depthg.errors import DepthgError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # storage settings the driver forwards to its actors (actors of an already running cluster do not
@@ -112,6 +124,71 @@ def node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+# ----------------------------------------------------------------------------- the node's start-up check
+# ray_cluster.yaml's start-up check (NVIDIA driver, the lock's versions and builds) writes what failed here
+# (DEPTHG_NODE_CHECK overrides the path) and starts the node's Ray with this label
+NODE_CHECK_FILE = "/mnt/local/depthg-node-check.txt"
+NODE_CHECK_ENV = "DEPTHG_NODE_CHECK"
+NODE_CHECK_LABEL = "depthg/node-check"
+_NODE_CHECK_TEXT = re.compile(r"NodeCheckError: ([^\n]+)")
+
+
+class NodeCheckError(DepthgError, RuntimeError):
+    """The node this process runs on failed its start-up check (``ray_cluster.yaml``): final, never retried."""
+
+
+def node_check_file() -> str:
+    return os.environ.get(NODE_CHECK_ENV) or NODE_CHECK_FILE
+
+
+def check_node() -> None:
+    """Raise ``NodeCheckError`` with the start-up check's message when this node failed it (its check file is not
+    empty); nothing on a node without the check (a laptop, a local Ray). The first thing every GPU actor and Ray
+    Train worker does: one failure to read, not a generic CUDA error nor a node relaunched in a loop."""
+    path = node_check_file()
+    try:
+        with open(path) as fh:
+            found = "; ".join(line.strip() for line in fh if line.strip())
+    except OSError:
+        return
+    if found:
+        raise NodeCheckError(f"node {node_id()} failed its start-up check ({path}): {found}. Fix ray_cluster.yaml "
+                             "(ImageId) or the lock, then replace the node (`ray down`, or let it idle out)")
+
+
+def node_check_error(exc: BaseException | None) -> NodeCheckError | None:
+    """The ``NodeCheckError`` inside a Ray error (an actor's creation task, a Train worker's or controller's error,
+    a task's), or None. Ray keeps the object in some wrappings and only its text in others (``ActorDiedError``)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NodeCheckError):
+            return NodeCheckError(*e.args)
+        todo += [getattr(e, a, None) for a in ("cause", "_base_exc", "controller_failure", "__cause__")]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    found = _NODE_CHECK_TEXT.search(str(exc)) if exc is not None else None
+    return NodeCheckError(found.group(1).strip()) if found else None
+
+
+def failed_nodes(nodes: list[dict]) -> list[str]:
+    """The addresses of the alive nodes (``ray.nodes()`` rows) labelled by a failed start-up check."""
+    return [n.get("NodeManagerAddress") or n.get("NodeID", "?") for n in nodes
+            if n.get("Alive") and (n.get("Labels") or {}).get(NODE_CHECK_LABEL) == "failed"]
+
+
+def refuse_failed_nodes(rows: list[dict], what: str) -> None:
+    """``NodeCheckError`` naming the alive nodes of ``rows`` (``ray.nodes()``) that failed their start-up check."""
+    bad = failed_nodes(rows)
+    if bad:
+        raise NodeCheckError(f"node(s) {', '.join(bad)} failed their start-up check (ray_cluster.yaml: an NVIDIA "
+                             f"driver older than the lock's CUDA needs, or packages other than the lock's; the message "
+                             f"is in {NODE_CHECK_FILE} on the node): fix the AMI or the lock and replace the node(s) "
+                             f"(`ray down`, or let them idle out) before {what}")
 
 
 # ----------------------------------------------------------------------------- what the cluster may hold
@@ -245,6 +322,7 @@ class ActorGroup:
 
         if self.actors:
             return self.actors
+        refuse_failed_nodes(ray.nodes(), f"starting {self.actor_cls.__name__} actors")
         count, options, device = actor_resources(self.num_actors, self.device, self.cpus_per_actor)
         count = max(min([count, *[n for n in (self.max_actors, max_actors) if n]]), 1)
         if self.options_fn is not None:
@@ -254,8 +332,9 @@ class ActorGroup:
         if self.in_flight > 1:
             options["max_concurrency"] = self.in_flight
         env = storage_env()
-        if env:
-            options["runtime_env"] = {"env_vars": env}
+        if env:  # beside the variables an options_fn set (tests: the node check's file)
+            runtime = dict(options.get("runtime_env") or {})
+            options["runtime_env"] = {**runtime, "env_vars": {**(runtime.get("env_vars") or {}), **env}}
         self.plan = {"count": count, "device": device, "threads": threads, "options": options}
         log.info("%s: %d actor(s) on %s, %s", self.actor_cls.__name__, count, device,
                  {k: v for k, v in options.items() if k != "runtime_env"})
@@ -280,7 +359,8 @@ class ActorGroup:
         as slots free up, so the driver never holds more than the calls in flight); ``total`` is its
         length when it has none (the bar and the actor count; None: as many actors as planned).
         Retries after actor death are Ray's (``MAX_RESTARTS``, ``MAX_TASK_RETRIES``); the error of a
-        call that still fails, or of a method that raises, ends the map.
+        call that still fails, or of a method that raises, ends the map, and so does an actor whose constructor
+        raised (Ray never restarts one): a node's failed start-up check ends it as that ``NodeCheckError``.
         """
         import ray
         from tqdm import tqdm
@@ -309,7 +389,13 @@ class ActorGroup:
                 (ref,), _ = ray.wait([*waiting, *running], num_returns=1)
                 if ref in waiting:
                     actor = waiting.pop(ref)
-                    ray.get(ref)  # raises when the actor cannot be constructed
+                    try:
+                        ray.get(ref)  # raises when the actor cannot be constructed (never restarted by Ray)
+                    except ray.exceptions.RayError as exc:  # a node that failed its start-up check: its message
+                        found = node_check_error(exc)
+                        if found is None:
+                            raise
+                        raise found from None
                     idle.extend([actor] * self.in_flight)
                     hand_out()
                     continue

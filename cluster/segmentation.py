@@ -106,6 +106,9 @@ class SegmentWorker:
 
     def __init__(self, settings: dict, model_fn: ModelFn, threads: int | None = None, device: str = "auto",
                  crf_tasks: bool = False, io_threads: int = IO_THREADS):
+        from cluster.raycluster import check_node
+
+        check_node()  # first: a node that failed its start-up check stops here, once, with its message
         import torch
 
         from depthg.device import resolve_device
