@@ -100,24 +100,17 @@ CONFIG_SETTING = {"coco_vits8": ("coco_vits8", "depthg"), "coco_vits8_lhp": ("co
 # ----------------------------------------------------------------------------- Table 4: the ablation variants
 def variant_overrides(cfg: Config) -> dict[str, list[str]]:
     """The paper's Table 4 rows as settings of ``cfg`` (the config's own depth term and FPS mode; ``sampling.mode=fps``
-    when the config samples at random, ``loss.depth.mode`` paper / reference when it has none).
-
-    The rows that sample at random (STEGO, + depth loss) keep S constant (``sampling.decay_every=0``): the sample-count
-    decay is an FPS setting (the reference's ``fps_sample_decay``) and STEGO samples a fixed count. The + 3D-LHP row
-    uses the reference's LHP (``loss.lhp.mode=reference``, as ``configs/coco_vits8_lhp.yaml``, whose number the paper
-    reports) when the depth term is the reference's, the improved LHP with the paper's reading."""
+    when the config samples at random, ``loss.depth.mode`` paper / reference when it has none)."""
     fps = cfg.sampling.mode if cfg.sampling.mode != "random" else "fps"
     depth = cfg.loss.depth.mode
     if depth == "none":
         depth = "paper" if cfg.data.depth_cast == "none" else "reference"
     off = ["loss.lhp.enabled=false"]
-    random = ["sampling.mode=random", "sampling.decay_every=0", "sampling.first_decay=0"]
-    lhp = ["loss.lhp.enabled=true", f"loss.lhp.mode={'reference' if depth == 'reference' else 'improved'}"]
-    return {"stego": ["loss.depth.mode=none", *random, *off],
+    return {"stego": ["loss.depth.mode=none", "sampling.mode=random", *off],
             "fps": ["loss.depth.mode=none", f"sampling.mode={fps}", *off],
-            "depth": [f"loss.depth.mode={depth}", *random, *off],
+            "depth": [f"loss.depth.mode={depth}", "sampling.mode=random", *off],
             "depthg": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", *off],
-            "lhp": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", *lhp]}
+            "lhp": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", "loss.lhp.enabled=true"]}
 
 
 VARIANTS = {"stego": "STEGO", "fps": "+ FPS", "depth": "+ depth loss", "depthg": "+ both (DepthG)", "lhp": "+ 3D-LHP"}
@@ -185,11 +178,7 @@ class Plan:
 
 
 def absolute(url: str) -> str:
-    """A local path made absolute; a URL without its trailing ``/`` (``io.join`` builds the trial folders without
-    one, so ``s3://b/x/`` and ``s3://b/x`` are one sweep)."""
-    if not url:
-        return url
-    return url.rstrip("/") if io.is_remote(url) else os.path.abspath(url)
+    return url if not url or io.is_remote(url) else os.path.abspath(url)
 
 
 def parse_seeds(text) -> list[int]:
@@ -272,23 +261,8 @@ def _replace(cfg: Config, section: str, **values) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
 
 
-def check_request(request: Request) -> None:
-    """The numeric flags' ranges (before any config is read or Ray started)."""
-    if request.gpus_per_trial not in (None, 0, 1):
-        raise ConfigError(f"--gpus-per-trial {request.gpus_per_trial}: a trial is the paper's 1-GPU recipe (global "
-                          "batch train.micro_batch_per_gpu on one rank); expected 0 (CPU trials) or 1. Train a "
-                          "multi-GPU run with python launch/train.py --nodes N --gpus-per-node G")
-    if request.cpus_per_trial < 0:
-        raise ConfigError(f"--cpus-per-trial {request.cpus_per_trial}: expected >= 0 (0 = automatic)")
-    if request.max_concurrent < 0:
-        raise ConfigError(f"--max-concurrent {request.max_concurrent}: expected >= 0 (0 = as many as the cluster holds)")
-    if request.max_failures is not None and request.max_failures < -1:
-        raise ConfigError(f"--max-failures {request.max_failures}: expected >= 0 retries, or -1 for no limit")
-
-
 def plan_sweep(request: Request, output: str) -> Plan:
     """Rows and trials of ``request`` (reads the YAML files; every config is validated here)."""
-    check_request(request)
     if not request.configs and not request.checkpoints:
         raise ConfigError("--configs: expected at least one config (e.g. --configs coco_vits8), or --checkpoint ROW=URL")
     overrides, prefix = _check_overrides(list(request.overrides))
@@ -323,11 +297,6 @@ def plan_sweep(request: Request, output: str) -> Plan:
     eval_overrides = [o for o in overrides if o.split("=", 1)[0].strip().startswith("eval.")]
     for name, url in request.checkpoints.items():
         row = next((r for r in rows if r.id == name), None)
-        if row is None:  # a row id holding "=" itself (smoke+sampling.mode=random): the longest row id it starts with
-            item = f"{name}={url}"
-            held = sorted((r for r in rows if item.startswith(r.id + "=")), key=lambda r: -len(r.id))
-            if held:
-                row, url = held[0], item[len(held[0].id) + 1:]
         if row is None:
             path, stem = config_file(name)
             row = Row(id=_row_id(stem, []), label=stem, config=path, name=stem, overrides=[], paper=_paper(stem, ""))
@@ -480,11 +449,16 @@ def trial_resources(request: Request, alive: list[dict], node_types: list[dict] 
     ``node_types``: ``cluster.raycluster.autoscaler_node_types()``."""
     from cluster.ray_train import plan_train
 
-    check_request(request)
     gpus = request.gpus_per_trial
     if gpus is None:
         have = [r for r in alive if r.get("GPU", 0) > 0] + [t for t in node_types or [] if t.get("GPU", 0) > 0]
         gpus = 1 if have else 0
+    if gpus not in (0, 1):
+        raise ConfigError(f"--gpus-per-trial {gpus}: a trial is the paper's 1-GPU recipe (global batch "
+                          "train.micro_batch_per_gpu on one rank); expected 0 (CPU trials) or 1. Train a multi-GPU run "
+                          "with python launch/train.py --nodes N --gpus-per-node G")
+    if request.cpus_per_trial < 0:
+        raise ConfigError(f"--cpus-per-trial {request.cpus_per_trial}: expected >= 0 (0 = automatic)")
     if gpus == 0:
         return {"CPU": float(request.cpus_per_trial or 1)}
     try:  # G = 0: the GPUs per node of the smallest GPU node type, so a worker reserves a G-th of its CPUs
