@@ -8,6 +8,10 @@ A *row* is a config (``configs/NAME.yaml`` or a YAML path, optionally ``NAME:key
 its own settings; with ``--ablation`` each config gives the five rows of ``VARIANTS``); a *trial* is a row at one
 seed (``train.seed``), or a published checkpoint evaluated without training (``--checkpoint NAME=URL``).
 
+Local paths of the request (``--output``, YAML ``--configs``, ``shards.root=``, ``model.weights=``, ``--checkpoint``)
+are made absolute at plan time (``absolute_request``; an s3:// URL loses a trailing "/"), so ``sweep.json`` resumes
+from any working directory. The flags' ranges are checked before Ray starts (``check_request``).
+
 Trials are Ray Tune trials of one function, ``run_trial`` (Tune's scheduling, its ``FailureConfig(max_failures)``
 retries, its trial placement groups, which are the resource demand Ray's autoscaler sees). Resources per trial:
 ``{GPU: 1, CPU: k}`` with ``k`` the CPUs per GPU of the smallest GPU node type (``cluster.ray_train.plan_train``, as a
@@ -30,10 +34,12 @@ Layout under ``--output`` (local folder or s3://):
   ``trials/{row}/published/report/`` for a ``--checkpoint`` row;
 * ``tune/{launch}/``: Ray Tune's own experiment folder, one per driver launch;
 * ``reproduce.json`` / ``reproduce.md``: per row, cluster and linear accuracy / mIoU with and without CRF, mean +-
-  sample std over seeds, the paper's number (``PAPER``, docs/METHOD.md section 10) and the difference, the published
-  checkpoint's figure, the paired difference to the STEGO row with its 95% interval for ablation rows
-  (``depthg.metrics.paired_difference``), and each trial's links (local paths relative to ``--output``, configs
-  relative to the repository: ``shown``). Rewritten as trials finish (a partial table).
+  sample std over seeds (each value with its seed: ``heads.*.*.values`` / ``.seeds``), the paper's cluster and linear
+  numbers (``PAPER``, docs/METHOD.md section 10) and the differences (``vs_paper``), the published checkpoint's figure
+  and its difference to the paper (``published_vs_paper``), the paired difference to the STEGO row with its 95%
+  interval for ablation rows (``depthg.metrics.paired_difference``), and each trial's links (markdown links in
+  ``reproduce.md``; local paths relative to ``--output``, configs relative to the repository: ``shown``). Rewritten
+  as trials finish or fail for good (a partial table, failed trials marked failed at once).
 
 Faults. Every attempt trains with ``train.resume=auto`` in its own folder, so a retried trial resumes from its last
 complete checkpoint; a trial whose report is complete is done and never runs again, a trial whose
@@ -65,7 +71,7 @@ import numpy as np
 
 from depthg import io, report, shards
 from cluster.raycluster import node_id
-from depthg.config import Config, ConfigError, TrainConfig, from_dict, load_config, to_dict
+from depthg.config import Config, ConfigError, LHPConfig, TrainConfig, from_dict, load_config, to_dict
 from depthg.errors import DepthgError
 from depthg.metrics import paired_difference
 
@@ -98,19 +104,48 @@ CONFIG_SETTING = {"coco_vits8": ("coco_vits8", "depthg"), "coco_vits8_lhp": ("co
 
 
 # ----------------------------------------------------------------------------- Table 4: the ablation variants
-def variant_overrides(cfg: Config) -> dict[str, list[str]]:
+def variant_overrides(cfg: Config, lhp: LHPConfig | None = None) -> dict[str, list[str]]:
     """The paper's Table 4 rows as settings of ``cfg`` (the config's own depth term and FPS mode; ``sampling.mode=fps``
-    when the config samples at random, ``loss.depth.mode`` paper / reference when it has none)."""
+    when the config samples at random, ``loss.depth.mode`` paper / reference when it has none).
+
+    Random-sampling rows (STEGO, + depth loss) sample a fixed S: ``sampling.decay_every=0`` (and ``first_decay=0``,
+    which validation requires then). The reference's sample-count decay is its ``fps_sample_decay`` option, part of
+    its FPS recipe (COCO ViT-S/8: S 11 -> 9 -> 8 -> 7); STEGO samples 11 throughout. The FPS rows keep the config's.
+
+    The + 3D-LHP row trains the recipe of the paper's LHP number: ``lhp``, the ``loss.lhp`` section of the config's
+    ``_lhp`` sibling where one exists (``lhp_sibling``: ``coco_vits8`` -> ``configs/coco_vits8_lhp.yaml``, whose
+    55.1 / 26.7 is the paper's, ``mode: reference``), else the config's own section when it enables LHP itself, else
+    the config's section with ``mode=reference`` when its depth term is the reference's (the reference recipe's LHP),
+    or as it is (the paper's reading)."""
     fps = cfg.sampling.mode if cfg.sampling.mode != "random" else "fps"
     depth = cfg.loss.depth.mode
     if depth == "none":
         depth = "paper" if cfg.data.depth_cast == "none" else "reference"
+    if lhp is None:
+        lhp = cfg.loss.lhp
+        if not lhp.enabled and depth == "reference":
+            lhp = dataclasses.replace(lhp, mode="reference")
     off = ["loss.lhp.enabled=false"]
-    return {"stego": ["loss.depth.mode=none", "sampling.mode=random", *off],
+    fixed = ["sampling.mode=random", "sampling.decay_every=0", "sampling.first_decay=0"]
+    on = [f"loss.lhp.{k}={_value(v)}" for k, v in dataclasses.asdict(lhp).items() if k != "enabled"]
+    return {"stego": ["loss.depth.mode=none", *fixed, *off],
             "fps": ["loss.depth.mode=none", f"sampling.mode={fps}", *off],
-            "depth": [f"loss.depth.mode={depth}", "sampling.mode=random", *off],
+            "depth": [f"loss.depth.mode={depth}", *fixed, *off],
             "depthg": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", *off],
-            "lhp": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", "loss.lhp.enabled=true"]}
+            "lhp": [f"loss.depth.mode={depth}", f"sampling.mode={fps}", "loss.lhp.enabled=true", *on]}
+
+
+def _value(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def lhp_sibling(path: str) -> str:
+    """The YAML of a config's 3D-LHP recipe beside it, or "" (``X.yaml`` -> ``X_lhp.yaml``; ``X_paper.yaml`` ->
+    ``X_lhp_paper.yaml``, the naming of configs/)."""
+    folder, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    name = f"{stem[:-len('_paper')]}_lhp_paper" if stem.endswith("_paper") else f"{stem}_lhp"
+    sibling = os.path.join(folder, name + ".yaml")
+    return sibling if os.path.isfile(sibling) and os.path.abspath(sibling) != os.path.abspath(path) else ""
 
 
 VARIANTS = {"stego": "STEGO", "fps": "+ FPS", "depth": "+ depth loss", "depthg": "+ both (DepthG)", "lhp": "+ 3D-LHP"}
@@ -178,7 +213,14 @@ class Plan:
 
 
 def absolute(url: str) -> str:
-    return url if not url or io.is_remote(url) else os.path.abspath(url)
+    """A local path made absolute (``os.path.abspath``: no trailing separator), a remote URL without its trailing
+    ``/`` (``s3://b/x/`` and ``s3://b/x`` are one sweep: the trials' folders are built with ``io.join``)."""
+    if not url:
+        return url
+    if io.is_remote(url):
+        scheme, _, rest = str(url).partition("://")
+        return f"{scheme}://{rest.rstrip('/')}" if rest.rstrip("/") else url
+    return os.path.abspath(url)
 
 
 def parse_seeds(text) -> list[int]:
@@ -196,14 +238,75 @@ def parse_seeds(text) -> list[int]:
     return seeds
 
 
-def parse_checkpoints(items) -> dict[str, str]:
+def parse_checkpoints(items, rows=()) -> dict[str, str]:
+    """``--checkpoint ROW=URL`` items -> {row: URL}. A row id may hold "=" (``smoke+sampling.mode=random``): the
+    longest of ``rows`` (``row_ids``) that the item starts with, followed by "=", is its row; else the text before the
+    first "=" (a config name)."""
     out = {}
     for item in items or ():
-        name, sep, url = str(item).partition("=")
-        if not sep or not name or not url:
+        item = str(item)
+        name = max((r for r in rows if item.startswith(r + "=")), key=len, default=None)
+        if name is not None:
+            url = item[len(name) + 1:]
+        else:
+            name, sep, url = item.partition("=")
+            if not sep:
+                name = ""
+        if not name or not url:
             raise ConfigError(f"--checkpoint {item!r}: expected ROW=URL, e.g. coco_vits8=s3://bucket/cocostuff_vits.ckpt")
         out[name] = url
     return out
+
+
+def row_ids(configs, ablation: bool) -> list[str]:
+    """The ids of the rows ``plan_sweep`` makes of ``--configs`` (pure: no file is read)."""
+    out = []
+    for spec in configs or ():
+        name, row_overrides = split_row(spec)
+        path = name.endswith((".yaml", ".yml")) or os.sep in name
+        stem = os.path.splitext(os.path.basename(name))[0] if path else name
+        out += [_row_id(stem, row_overrides + ([v] if v else [])) for v in (VARIANTS if ablation else [""])]
+    return out
+
+
+def check_request(request: Request) -> None:
+    """The ranges of the numeric flags (before Ray starts; ``trial_resources`` checks them again)."""
+    if request.gpus_per_trial not in (None, 0, 1):
+        raise ConfigError(f"--gpus-per-trial {request.gpus_per_trial}: a trial is the paper's 1-GPU recipe (global "
+                          "batch train.micro_batch_per_gpu on one rank); expected 0 (CPU trials) or 1. Train a "
+                          "multi-GPU run with python launch/train.py --nodes N --gpus-per-node G")
+    if request.cpus_per_trial < 0:
+        raise ConfigError(f"--cpus-per-trial {request.cpus_per_trial:g}: expected >= 0 (0 = automatic)")
+    if request.max_failures is not None and request.max_failures < -1:
+        raise ConfigError(f"--max-failures {request.max_failures}: expected retries >= 0, or -1 (unlimited)")
+    if request.max_concurrent < 0:
+        raise ConfigError(f"--max-concurrent {request.max_concurrent}: expected >= 0 (0 = as many as resources allow)")
+
+
+def _absolute_spec(spec: str) -> str:
+    """A ``--configs`` item naming a YAML path, made absolute (its ``:key=value`` part kept); a config name as is."""
+    name, sep, rest = spec.partition(":")
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        return os.path.abspath(name) + sep + rest
+    return spec
+
+
+def absolute_request(request: Request) -> Request:
+    """``request`` with its local paths absolute (``--configs`` YAML paths, a local ``shards.root=`` prefix, an
+    existing local ``model.weights=`` file, local ``--checkpoint`` files), so that ``sweep.json`` resumes from any
+    working directory (``--resume`` alone replans from the stored request)."""
+    def override(item: str) -> str:
+        key, sep, value = item.partition("=")
+        value = value.strip()
+        if sep and key.strip() == "shards.root" and value:
+            return f"{key}={absolute(value)}"
+        if sep and key.strip() == "model.weights" and value and not io.is_remote(value) and os.path.exists(value):
+            return f"{key}={os.path.abspath(value)}"
+        return item
+
+    return dataclasses.replace(request, configs=[_absolute_spec(str(c)) for c in request.configs or ()],
+                               overrides=[override(str(o)) for o in request.overrides or ()],
+                               checkpoints={k: absolute(v) for k, v in (request.checkpoints or {}).items()})
 
 
 def config_file(name: str) -> tuple[str, str]:
@@ -265,6 +368,8 @@ def plan_sweep(request: Request, output: str) -> Plan:
     """Rows and trials of ``request`` (reads the YAML files; every config is validated here)."""
     if not request.configs and not request.checkpoints:
         raise ConfigError("--configs: expected at least one config (e.g. --configs coco_vits8), or --checkpoint ROW=URL")
+    check_request(request)
+    request = absolute_request(request)
     overrides, prefix = _check_overrides(list(request.overrides))
     output = absolute(output)
     rows, trials = [], []
@@ -272,7 +377,11 @@ def plan_sweep(request: Request, output: str) -> Plan:
         name, row_overrides = split_row(spec)
         path, stem = config_file(name)
         base = load_config(path, overrides + row_overrides)
-        variants = variant_overrides(base) if request.ablation else {"": []}
+        variants = {"": []}
+        if request.ablation:
+            sibling = lhp_sibling(path)
+            lhp = load_config(sibling, overrides + row_overrides).loss.lhp if sibling else None
+            variants = variant_overrides(base, lhp)
         for variant, switches in variants.items():
             row = Row(id=_row_id(stem, row_overrides + ([variant] if variant else [])),
                       label=f"{stem}{':' + ','.join(row_overrides) if row_overrides else ''}"
@@ -298,7 +407,12 @@ def plan_sweep(request: Request, output: str) -> Plan:
     for name, url in request.checkpoints.items():
         row = next((r for r in rows if r.id == name), None)
         if row is None:
-            path, stem = config_file(name)
+            try:
+                path, stem = config_file(name)
+            except ConfigError:
+                known = ", ".join(r.id for r in rows) or "none"
+                raise ConfigError(f"--checkpoint {name}={url}: {name!r} is neither a row of this sweep ({known}) nor a "
+                                  "config name (configs/NAME.yaml) or YAML path") from None
             row = Row(id=_row_id(stem, []), label=stem, config=path, name=stem, overrides=[], paper=_paper(stem, ""))
             rows.append(row)
         cfg = load_config(row.config, overrides + row.overrides)
@@ -449,16 +563,11 @@ def trial_resources(request: Request, alive: list[dict], node_types: list[dict] 
     ``node_types``: ``cluster.raycluster.autoscaler_node_types()``."""
     from cluster.ray_train import plan_train
 
+    check_request(request)
     gpus = request.gpus_per_trial
     if gpus is None:
         have = [r for r in alive if r.get("GPU", 0) > 0] + [t for t in node_types or [] if t.get("GPU", 0) > 0]
         gpus = 1 if have else 0
-    if gpus not in (0, 1):
-        raise ConfigError(f"--gpus-per-trial {gpus}: a trial is the paper's 1-GPU recipe (global batch "
-                          "train.micro_batch_per_gpu on one rank); expected 0 (CPU trials) or 1. Train a multi-GPU run "
-                          "with python launch/train.py --nodes N --gpus-per-node G")
-    if request.cpus_per_trial < 0:
-        raise ConfigError(f"--cpus-per-trial {request.cpus_per_trial}: expected >= 0 (0 = automatic)")
     if gpus == 0:
         return {"CPU": float(request.cpus_per_trial or 1)}
     try:  # G = 0: the GPUs per node of the smallest GPU node type, so a worker reserves a G-th of its CPUs
@@ -577,10 +686,11 @@ def _train(t: Trial, resources: dict, hooks) -> float:
 
 
 # ----------------------------------------------------------------------------- the table
-def _stats(values: list[float]) -> dict:
+def _stats(values: list[float], seeds: list[int]) -> dict:
+    """Mean, sample std, n, and each value with its seed (``values[i]`` is seed ``seeds[i]``'s)."""
     v = np.asarray(values, np.float64)
     return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else None,
-            "n": len(v), "values": [float(x) for x in v]}
+            "n": len(v), "values": [float(x) for x in v], "seeds": [int(s) for s in seeds]}
 
 
 def _attempts(folder: str) -> int:
@@ -631,15 +741,21 @@ def build_table(plan: Plan, errors: dict | None = None, seconds: float | None = 
         heads = {}
         for head, _ in HEADS:
             if all(f"{head}/accuracy" in r["scores"] for r in done) and done:
-                heads[head] = {m: _stats([r["scores"][f"{head}/{m}"] for r in done]) for m in METRICS}
-        vs_paper = {}
+                heads[head] = {m: _stats([r["scores"][f"{head}/{m}"] for r in done], [r["seed"] for r in done])
+                               for m in METRICS}
+        vs_paper, published_vs_paper = {}, {}
+        published = next((records[t.id] for t in plan.row_trials(row.id) if not t.train), None)
+        pub_scores = (published or {}).get("scores") or {}
         for head, numbers in row.paper.items():
             vs_paper[head] = {m: (None if numbers.get(m) is None or head not in heads else
                                   heads[head][m]["mean"] - numbers[m]) for m in METRICS}
-        published = next((records[t.id] for t in plan.row_trials(row.id) if not t.train), None)
+            if published is not None:
+                published_vs_paper[head] = {m: (None if numbers.get(m) is None or f"{head}/{m}" not in pub_scores
+                                                else pub_scores[f"{head}/{m}"] - numbers[m]) for m in METRICS}
         entry = {"id": row.id, "label": row.label, "config": shown(row.config, REPO), "overrides": row.overrides,
                  "variant": row.variant, "seeds": len(seeded), "done": len(done), "heads": heads,
                  "paper": row.paper, "vs_paper": vs_paper, "published": published,
+                 "published_vs_paper": published_vs_paper,
                  "trials": [records[t.id] for t in plan.row_trials(row.id)]}
         if row.baseline:
             entry["paired"] = _paired(row, plan, records)
@@ -688,6 +804,15 @@ def _diff(v) -> str:
     return "-" if v is None else f"{v:+.1f}"
 
 
+def _diffs(d: dict | None) -> str:
+    return f"{_diff((d or {}).get('accuracy'))} / {_diff((d or {}).get('miou'))}"
+
+
+def _link(text: str, url: str) -> str:
+    """A markdown link (pure); the target in <...> where a space or parenthesis would end it."""
+    return f"[{text}](<{url}>)" if any(c in url for c in " ()<>") else f"[{text}]({url})"
+
+
 def _paper_cell(numbers: dict | None) -> str:
     if not numbers:
         return "-"
@@ -709,20 +834,25 @@ def markdown(table: dict) -> str:
              f"pending" + (f"; {table['seconds']:.0f} s" if table.get("seconds") else "") + f". Output: {table['output']}",
              "", "Accuracy / mIoU in %, mean +- sample std over the seeds done; paper: " + table["paper_source"] + ".", "",
              "| row | seeds | cluster | cluster + CRF | paper | diff (CRF - paper) | linear | linear + CRF | paper linear "
-             "| published checkpoint (cluster + CRF) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| diff (linear CRF - paper) | published checkpoint (cluster + CRF) | published - paper (CRF) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         h, paper, vs = r["heads"], r["paper"], r["vs_paper"]
-        diff = vs.get("cluster_crf", {})
+        diff, ldiff = vs.get("cluster_crf", {}), vs.get("linear_crf", {})
         pub = r["published"]
-        pub_cell = "-"
+        pub_cell = pub_diff = "-"
         if pub:
             s = pub.get("scores") or {}
             pub_cell = (f"{s['cluster_crf/accuracy']:.1f} / {s['cluster_crf/miou']:.1f}" if "cluster_crf/accuracy" in s
                         else f"{s['cluster/accuracy']:.1f} / {s['cluster/miou']:.1f} (no CRF)" if s else pub["status"])
+            pd = (r.get("published_vs_paper") or {}).get("cluster_crf")
+            if pd and (pd.get("accuracy") is not None or pd.get("miou") is not None):
+                pub_diff = f"{_diff(pd.get('accuracy'))} / {_diff(pd.get('miou'))}"
         lines.append(f"| {r['label']} | {r['done']}/{r['seeds']} | {_pair(h.get('cluster'))} | "
                      f"{_pair(h.get('cluster_crf'))} | {_paper_cell(paper.get('cluster_crf'))} | "
-                     f"{_diff(diff.get('accuracy'))} / {_diff(diff.get('miou'))} | {_pair(h.get('linear'))} | "
-                     f"{_pair(h.get('linear_crf'))} | {_paper_cell(paper.get('linear_crf'))} | {pub_cell} |")
+                     f"{_diffs(diff)} | {_pair(h.get('linear'))} | "
+                     f"{_pair(h.get('linear_crf'))} | {_paper_cell(paper.get('linear_crf'))} | "
+                     f"{_diffs(ldiff) if paper.get('linear_crf') else '-'} | {pub_cell} | {pub_diff} |")
     paired = [r for r in table["rows"] if r.get("paired")]
     if paired:
         lines += ["", "## Ablation: each row minus its STEGO row, paired by seed (95% t interval)", "",
@@ -748,7 +878,7 @@ def markdown(table: dict) -> str:
             status = t["status"] + (f": {t['error']}" if t.get("error") else "")
             fmt = lambda k: f"{sec[k]:.0f}" if k in sec else "-"  # noqa: E731
             lines.append(f"| {t['id']} | {status} | {t['attempts']} | {fmt('train_s')} | {fmt('eval_s')} | {score} | "
-                         f"{t['report']} | {t['folder']} |")
+                         f"{_link('eval.md', t['report'])} | {_link('run', t['folder'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -773,14 +903,18 @@ def failure_line(trial_id: str, failures: int, max_failures: int, error: str, re
             f"{max_failures}): {error}")
 
 
-def _progress(plan: Plan, done: int, quiet: bool):
+def _progress(plan: Plan, done: int, quiet: bool, errors: dict | None = None):
     """A Tune callback on the driver: a line per trial event (also with ``quiet``, flushed: the driver's log may end
-    in a SIGKILL), a tqdm bar of finished trials (not with ``quiet``), the partial table rewritten after each one
-    (defined here so that importing this module needs no Ray)."""
+    in a SIGKILL), a tqdm bar of finished trials (not with ``quiet``), the partial table rewritten after each trial
+    that finishes or fails for good, with the errors known so far (``errors``, {trial id: first line}, filled here
+    as trials fail for good: a failed trial reads "failed" at once, not "pending" until the sweep ends). Defined
+    here so that importing this module needs no Ray."""
     import sys
 
     from ray import tune
     from tqdm import tqdm
+
+    errors = {} if errors is None else errors
 
     class _Progress(tune.Callback):
         def __init__(self):
@@ -799,8 +933,18 @@ def _progress(plan: Plan, done: int, quiet: bool):
             sys.stdout.flush()
 
         def _failed(self, trial, retrying):
-            self._say(failure_line(trial.config["trial"]["id"], trial.num_failures, trial.max_failures,
-                                   _first_line(trial.error_file), retrying))
+            error = _first_line(trial.error_file)
+            self._say(failure_line(trial.config["trial"]["id"], trial.num_failures, trial.max_failures, error,
+                                   retrying))
+            if not retrying:
+                errors[trial.config["trial"]["id"]] = error
+                self._table()
+
+        def _table(self):
+            try:
+                write_table(plan, errors)
+            except Exception as exc:  # noqa: BLE001 - the partial table is a courtesy; the sweep goes on
+                self._say(f"(partial table not written: {exc})")
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._say(f"started {trial.config['trial']['id']}")
@@ -818,10 +962,7 @@ def _progress(plan: Plan, done: int, quiet: bool):
             score = ("cluster + CRF {:.1f} / {:.1f}".format(result["cluster_crf/accuracy"], result["cluster_crf/miou"])
                      if "cluster_crf/accuracy" in result else "done")
             self._say(f"finished {trial.config['trial']['id']}: {score}")
-            try:
-                write_table(plan)
-            except Exception as exc:  # noqa: BLE001 - the partial table is a courtesy; the sweep goes on
-                self._say(f"(partial table not written: {exc})")
+            self._table()
 
         def on_experiment_end(self, trials, **info):
             if self.bar is not None:
@@ -840,14 +981,18 @@ def _first_line(path_or_error) -> str:
     return (lines[-1] if lines else "unknown error")[:300]
 
 
-def store(plan: Plan, stored: dict | None) -> None:
-    """``sweep.json``: the request and every trial's config (kept from earlier launches)."""
+def sweep_record(plan: Plan, stored: dict | None) -> dict:
+    """What ``sweep.json`` holds (pure): the request and every trial's config (kept from earlier launches)."""
     trials = dict((stored or {}).get("trials", {}))
     for t in plan.trials:
         trials[t.id] = {"cfg": t.cfg, "checkpoint": t.checkpoint, "folder": t.folder}
-    data = {"schema": SCHEMA, "request": dataclasses.asdict(plan.request), "trials": trials,
+    return {"schema": SCHEMA, "request": dataclasses.asdict(plan.request), "trials": trials,
             "launches": list((stored or {}).get("launches", [])) + [time.strftime("%Y-%m-%dT%H:%M:%S")]}
-    io.write_bytes(sweep_file(plan.output), json.dumps(data, indent=1).encode())
+
+
+def store(plan: Plan, stored: dict | None) -> None:
+    """``sweep.json``: ``sweep_record``."""
+    io.write_bytes(sweep_file(plan.output), json.dumps(sweep_record(plan, stored), indent=1).encode())
 
 
 def sweep(plan: Plan, resources: dict, evaluate: Callable, stored: dict | None = None, hooks=None,
@@ -885,7 +1030,7 @@ def sweep(plan: Plan, resources: dict, evaluate: Callable, stored: dict | None =
             run_config=tune.RunConfig(name=f"launch-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
                                       storage_path=path, storage_filesystem=filesystem, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=failures),
-                                      callbacks=[_progress(plan, len(plan.trials) - len(todo), quiet)]))
+                                      callbacks=[_progress(plan, len(plan.trials) - len(todo), quiet, errors)]))
         grid = tuner.fit()
         for result in grid:
             if result.error is not None:
@@ -913,6 +1058,8 @@ def run(request: Request | None, output: str, evaluate: Callable, resume: bool =
     connecting, the rule of ``launch/train.py`` (local folders only on a local Ray this process started; a test
     driver attached to the test's local Ray passes False)."""
     output = absolute(output)
+    if request is not None:
+        check_request(request)
     stored = check_output(output, resume)
     if stored is not None:
         stored = relocated(stored, output)

@@ -30,7 +30,7 @@ cloudpickle.register_pickle_by_value(train_hooks)  # Ray workers get the hook cl
 
 from cluster import reproduce  # noqa: E402
 from depthg import shards  # noqa: E402
-from depthg.config import ConfigError  # noqa: E402
+from depthg.config import ConfigError, load_config, to_dict  # noqa: E402
 
 SMOKE = os.path.join(REPO, "configs", "smoke.yaml")
 ROWS = ["smoke", "smoke:sampling.mode=random"]
@@ -88,6 +88,21 @@ def test_ablation_rows_are_table_4_from_the_existing_settings():
         "coco_vits8+stego": 24.5, "coco_vits8+fps": 24.6, "coco_vits8+depth": 24.7, "coco_vits8+depthg": 25.6,
         "coco_vits8+lhp": 26.7}
     assert {r.baseline for r in plan.rows[1:]} == {"coco_vits8+stego"} and not plan.rows[0].baseline
+    # + 3D-LHP is the recipe of the paper's 55.1 / 26.7, configs/coco_vits8_lhp.yaml (mode: reference), not the
+    # default loss.lhp.mode=improved: the row's config equals that file's but for the sweep's own keys
+    assert cfg["coco_vits8+lhp"]["loss"]["lhp"]["mode"] == "reference"
+    sibling = reproduce._flat(to_dict(load_config(os.path.join(REPO, "configs", "coco_vits8_lhp.yaml"))))
+    mine = reproduce._flat(json.loads(json.dumps(cfg["coco_vits8+lhp"])))
+    own = {"train.output", "train.seed", "train.resume", "shards.root"}
+    assert {k: v for k, v in mine.items() if k not in own} == {k: v for k, v in sibling.items() if k not in own}
+    # random-sampling rows sample a fixed S (the reference's decay is its FPS option); FPS rows keep COCO's decay
+    decay = {row: (c["sampling"]["decay_every"], c["sampling"]["first_decay"]) for row, c in cfg.items()}
+    assert decay == {"coco_vits8+stego": (0, 0), "coco_vits8+depth": (0, 0), "coco_vits8+fps": (1000, 1),
+                     "coco_vits8+depthg": (1000, 1), "coco_vits8+lhp": (1000, 1)}
+    # no _lhp sibling: the reference depth term gets the reference LHP (Potsdam's 80.4 is the reference code's)
+    potsdam = reproduce.plan_sweep(reproduce.Request(configs=["potsdam_vits8"], seeds=[0], ablation=True), "/x")
+    lhp = next(t.cfg for t in potsdam.trials if t.row == "potsdam_vits8+lhp")["loss"]["lhp"]
+    assert (lhp["enabled"], lhp["mode"]) == (True, "reference")
 
 
 def test_trial_resources_follow_the_gpu_node_types():
@@ -104,6 +119,67 @@ def test_trial_resources_follow_the_gpu_node_types():
     assert reproduce.trial_bundles({"CPU": 12.0, "GPU": 1.0}) == [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 11.0}]
     assert reproduce.crf_cpus({"CPU": 12.0, "GPU": 1.0}) == 11
     assert reproduce.trial_bundles({"CPU": 1.0}) == [{"CPU": 1.0}] and reproduce.crf_cpus({"CPU": 1.0}) == 0
+
+
+def test_an_s3_output_with_a_trailing_slash_is_the_same_sweep():
+    req = reproduce.Request(configs=["smoke"], seeds=[0], overrides=["shards.root=s3://b/depthg/"])
+    plan = reproduce.plan_sweep(req, "s3://b/x/")
+    assert plan.output == "s3://b/x" and plan.trials[0].folder == "s3://b/x/trials/smoke/seed0"
+    assert plan.trials[0].shards == "s3://b/depthg/synthetic"
+    stored = json.loads(json.dumps(reproduce.sweep_record(plan, None)))
+    for output in ("s3://b/x", "s3://b/x/", "s3://b/x//"):  # resumed with or without the slash: not "moved"
+        again = reproduce.relocated(stored, reproduce.absolute(output))
+        assert again == stored and "//trials" not in json.dumps(again)
+        reproduce.check_same(reproduce.plan_sweep(req, output), again)
+
+
+def test_flag_ranges_are_refused_before_ray_naming_the_flag(tmp_path):
+    from launch import reproduce as launch
+
+    for kw, flag in (({"gpus_per_trial": 2}, "--gpus-per-trial 2"), ({"cpus_per_trial": -1}, "--cpus-per-trial -1"),
+                     ({"max_concurrent": -1}, "--max-concurrent -1"), ({"max_failures": -7}, "--max-failures -7")):
+        with pytest.raises(ConfigError, match=f"^{flag}: .*expected"):
+            reproduce.plan_sweep(reproduce.Request(configs=["smoke"], **kw), str(tmp_path / "x"))
+    reproduce.plan_sweep(reproduce.Request(configs=["smoke"], max_failures=-1, max_concurrent=0), str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match="^--max-concurrent -1: expected >= 0"):  # from the command line, no Ray
+        launch.main(["--configs", "smoke", "--max-concurrent", "-1", "--output", str(tmp_path / "y")], shared=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_checkpoint_row_id_may_hold_an_equals_sign(tmp_path):
+    from launch import reproduce as launch
+
+    def request(*argv):
+        return launch.request_from(launch.build_parser().parse_args(["--configs", *ROWS, *argv]), [])
+
+    req = request("--checkpoint", "smoke+sampling.mode=random=/p/segmenter.pt", "--checkpoint", "smoke=s3://b/a=b.pt")
+    assert req.checkpoints == {"smoke+sampling.mode=random": "/p/segmenter.pt", "smoke": "s3://b/a=b.pt"}
+    published = [t for t in reproduce.plan_sweep(req, str(tmp_path)).trials if not t.train]
+    assert [(t.id, t.checkpoint) for t in published] == [("smoke+sampling.mode=random/published", "/p/segmenter.pt"),
+                                                         ("smoke/published", "s3://b/a=b.pt")]
+    with pytest.raises(ConfigError, match=r"^--checkpoint smoke\+depth=/p.pt: 'smoke\+depth' is neither a row"):
+        reproduce.plan_sweep(request("--checkpoint", "smoke+depth=/p.pt"), str(tmp_path))
+    with pytest.raises(ConfigError, match="^--checkpoint 'smoke': expected ROW=URL"):
+        request("--checkpoint", "smoke")
+
+
+def test_resume_alone_replans_from_another_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    (tmp_path / "a" / "mine.yaml").write_text(open(SMOKE).read())
+    req = reproduce.Request(configs=["./mine.yaml:sampling.mode=random"], seeds=[0],
+                            overrides=["shards.root=prefix", "train.num_batches=4"],
+                            checkpoints={"mine+sampling.mode=random": "seg.pt"})
+    plan = reproduce.plan_sweep(req, "../sweep")
+    stored = json.loads(json.dumps(reproduce.sweep_record(plan, None)))
+    assert stored["request"]["configs"] == [f"{tmp_path}/a/mine.yaml:sampling.mode=random"]
+    assert stored["request"]["overrides"] == [f"shards.root={tmp_path}/a/prefix", "train.num_batches=4"]
+    assert stored["request"]["checkpoints"] == {"mine+sampling.mode=random": f"{tmp_path}/a/seg.pt"}
+    monkeypatch.chdir(tmp_path / "b")  # --resume alone: the stored request, replanned elsewhere
+    again = reproduce.plan_sweep(reproduce.Request(**stored["request"]), str(tmp_path / "sweep"))
+    reproduce.check_same(again, stored)
+    assert [t.shards for t in again.trials] == [f"{tmp_path}/a/prefix/synthetic"] * 2
 
 
 def test_failure_lines_say_retrying_or_failed_for_good():
@@ -193,6 +269,7 @@ def test_table_means_paired_intervals_and_a_partial_table(tmp_path):
     rows = {r["id"]: r for r in table["rows"]}
     stats = rows["smoke+depthg"]["heads"]["cluster_crf"]["miou"]
     assert stats["values"] == pytest.approx([35.0, 33.0, 36.0]) and stats["mean"] == pytest.approx(104 / 3)
+    assert stats["seeds"] == [0, 1, 2]  # each value's seed
     assert stats["std"] == pytest.approx(float(np.std([35.0, 33.0, 36.0], ddof=1)))
     paired = rows["smoke+depthg"]["paired"]["cluster_crf"]["miou"]
     expected = paired_difference([35, 33, 36], [30, 32, 31])
@@ -205,6 +282,42 @@ def test_table_means_paired_intervals_and_a_partial_table(tmp_path):
     assert (trial["folder"], trial["report"]) == ("trials/smoke+depthg/seed0", "trials/smoke+depthg/seed0/report/eval.md")
     assert rows["smoke+depthg"]["config"] == "configs/smoke.yaml" and str(tmp_path) not in json.dumps(table["rows"])
     assert md.count(str(tmp_path)) == 1  # "Output: ..." (outside the repository: absolute)
+    assert "| [eval.md](trials/smoke+depthg/seed0/report/eval.md) | [run](trials/smoke+depthg/seed0) |" in md
+
+
+def test_table_differences_to_the_paper_linear_and_the_published_checkpoint(tmp_path):
+    plan = reproduce.plan_sweep(reproduce.Request(configs=["coco_vits8"], seeds=[0, 2],
+                                                  checkpoints={"coco_vits8": str(tmp_path / "seg.pt")}), str(tmp_path))
+    for t, miou in zip(plan.trials, (0.30, 0.34, 0.28)):  # seed 0, seed 2, the published checkpoint
+        _fake_eval(t.folder, miou)
+    row = reproduce.write_table(plan)["rows"][0]
+    assert row["heads"]["linear_crf"]["miou"]["seeds"] == [0, 2]
+    assert row["heads"]["linear_crf"]["miou"]["values"] == pytest.approx([30.0, 34.0])
+    assert row["vs_paper"]["linear_crf"] == pytest.approx({"accuracy": 53.2 - 73.7, "miou": 32.0 - 38.9})
+    assert row["published_vs_paper"]["cluster_crf"] == pytest.approx({"accuracy": 52.8 - 56.3, "miou": 28.0 - 25.6})
+    md = (tmp_path / "reproduce.md").read_text()
+    assert "| 73.7 / 38.9 | -20.5 / -6.9 | 52.8 / 28.0 | -3.5 / +2.4 |" in md, md
+
+
+def test_the_partial_table_marks_a_trial_failed_for_good_at_once(tmp_path):
+    from types import SimpleNamespace
+
+    plan = reproduce.plan_sweep(reproduce.Request(configs=["smoke"], seeds=[0, 1]), str(tmp_path))
+    progress = reproduce._progress(plan, 0, quiet=True)
+
+    def trial(tid):
+        return SimpleNamespace(config={"trial": {"id": tid}}, num_failures=3, max_failures=2,
+                               error_file="RuntimeError: boom", last_result={})
+
+    def status():
+        return {t["id"]: t["status"] for t in json.load(open(tmp_path / "reproduce.json"))["rows"][0]["trials"]}
+
+    progress.on_trial_error(0, [], trial("smoke/seed0"))  # Tune gave it up: the table says so now
+    assert status() == {"smoke/seed0": "failed", "smoke/seed1": "pending"}
+    _fake_eval(plan.trials[1].folder, 0.3)
+    progress.on_trial_complete(0, [], trial("smoke/seed1"))
+    assert status() == {"smoke/seed0": "failed", "smoke/seed1": "done"}
+    assert "failed: RuntimeError: boom" in (tmp_path / "reproduce.md").read_text()
 
 
 # ----------------------------------------------------------------------------- on Ray Tune, end to end
@@ -297,7 +410,8 @@ def test_sweep_on_tune_retries_a_killed_trial_and_resumes_a_killed_driver(tmp_pa
         row, seed = rows[tid.split("/")[0]], int(tid.rsplit("seed", 1)[1])
         for head in ("cluster", "cluster_crf", "linear", "linear_crf"):
             for metric in ("accuracy", "miou"):
-                assert row["heads"][head][metric]["values"][seed] == pytest.approx(100 * scores[head][metric])
+                stats = row["heads"][head][metric]
+                assert stats["values"][stats["seeds"].index(seed)] == pytest.approx(100 * scores[head][metric])
     assert "| smoke | 2/2 |" in open(os.path.join(out, "reproduce.md")).read()
 
 
