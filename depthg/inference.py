@@ -108,11 +108,16 @@ def _or_found(keys: Iterator[str], url: str) -> Iterator[str]:
         yield from io.find(url)
 
 
-def iter_inputs(pattern: str) -> Iterator[tuple[str, str]]:
+def iter_inputs(pattern: str, exclude: str = "") -> Iterator[tuple[str, str]]:
     """``(file, output name)`` of every image of a folder (recursively), a glob pattern or an fsspec URL of either,
     sorted by name; a folder is streamed (local: a sorted walk; S3: one listing page at a time), never held whole.
     Local files are absolute paths. The name is ``output_name``: the path below the folder (or the glob's fixed
-    part) with its extension. Raises ``FileNotFoundError`` naming the input when it holds no image."""
+    part) with its extension. ``exclude``: a folder (local or URL) whose files are never listed: a job's output
+    inside its input, whose label maps and overlays a rerun would otherwise segment as new images. Raises
+    ``FileNotFoundError`` naming the input when it holds no image."""
+    skip = ""
+    if exclude:
+        skip = (exclude if io.is_remote(exclude) else os.path.abspath(exclude)).rstrip("/") + "/"
     remote, count = io.is_remote(pattern), 0
     magic = any(c in pattern for c in "*?[")
     if not remote and os.path.isdir(pattern):
@@ -132,6 +137,8 @@ def iter_inputs(pattern: str) -> Iterator[tuple[str, str]]:
             stream = ((f, name) for name, f in sorted_stream((name, f) for f, name in stream))
         empty = f"no images ({', '.join(IMAGE_EXTENSIONS)}) at {pattern}"
     for item in stream:
+        if skip and item[0].startswith(skip):
+            continue
         count += 1
         yield item
     if not count:

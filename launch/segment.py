@@ -105,7 +105,7 @@ def main(argv=None, on_unit=None) -> dict:
     from cluster.evaluator import CheckpointModel
 
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    inputs = inference.iter_inputs(args.input)
+    inputs = inference.iter_inputs(args.input, exclude=args.output)  # an output inside the input is not an input
     first = next(inputs)  # an input without images fails here, before the model loads; the listing streams on
     ckpt_cfg, backbone, segmenter = load_model(args.checkpoint)
     cfg = load_config(None, overrides, base=ckpt_cfg)

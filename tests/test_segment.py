@@ -54,6 +54,19 @@ def test_segment_folder_of_three_images_writes_six_files(checkpoint, tmp_path):
     assert overlay.shape == (48, 36, 3)
 
 
+def test_an_output_inside_the_input_is_never_segmented_as_input(checkpoint, tmp_path):
+    """A rerun (resume, or after adding images) used to list the first run's label maps and overlays as new images."""
+    src = _images(str(tmp_path / "in"), n=2)
+    out = os.path.join(src, "out")
+    args = ["--checkpoint", checkpoint, "--input", src, "--output", out, "--batch-size", "2"]
+    assert segment_script.main(args)["inputs"] == 2
+    _images(src, n=3)  # one image added: the rerun lists 3 inputs, not 3 + the 4 files written
+    manifest = segment_script.main(args)
+    assert manifest["inputs"] == 3
+    sources = [e["source"] for r in segmentation.read_records(out) for e in r["images"]]
+    assert sorted(os.path.basename(s) for s in sources) == ["img0.png", "img1.png", "img2.png"]
+
+
 def test_segment_labels_equal_library_prediction(checkpoint, tmp_path):
     src = _images(str(tmp_path / "in"), n=1)
     out = str(tmp_path / "out")
