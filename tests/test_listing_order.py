@@ -30,7 +30,7 @@ def spill(tmp_path, monkeypatch):
 
 def _runs(folder) -> list[int]:
     """Items in each spilled run file now under ``folder``."""
-    return [sum(1 for _ in listing._read_run(p)) for p in sorted(glob.glob(str(folder / "depthg-sort-*" / "*.pkl")))]
+    return [sum(1 for _ in listing._read_run(p)) for p in sorted(glob.glob(str(folder / "depthg-sort-*" / "*.jsonl")))]
 
 
 # ----------------------------------------------------------------------------- the helper

@@ -21,7 +21,6 @@ import heapq
 import itertools
 import json
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
@@ -32,7 +31,7 @@ from depthg.data.base import SourceError
 
 LISTING = "listing.jsonl"
 SORT_CHUNK = 100_000  # items one sorted run holds in memory (~20 MB of short string pairs)
-_BATCH = 1024  # items per pickle record of a spilled run
+_BATCH = 1024  # items per JSON line of a spilled run
 _END = object()
 
 
@@ -41,9 +40,9 @@ def sorted_stream(items: Iterable[Any], key: Callable[[Any], Any] | None = None,
     """``sorted(items, key=key)``, streamed in bounded memory (the order is exactly ``sorted``'s: stable).
 
     Runs of at most ``chunk`` items (``SORT_CHUNK`` when None) are sorted in memory; when there is more than one,
-    each is spilled (pickled) to a ``tempfile.TemporaryDirectory`` (``TMPDIR``) and the runs are merged with
+    each is spilled (JSON lines: no unpickling) to a ``tempfile.TemporaryDirectory`` (``TMPDIR``) and the runs are merged with
     ``heapq.merge`` (ties keep the earlier run first: stable). The folder is removed when the stream ends, raises
-    or is closed early. When everything fits in one run, no file is written. Items must pickle (short tuples of
+    or is closed early. When everything fits in one run, no file is written. Items are strings, numbers or tuples of them (short tuples of
     strings here). All of ``items`` is consumed before the first item comes out."""
     chunk = SORT_CHUNK if chunk is None else int(chunk)
     if chunk < 1:
@@ -61,10 +60,10 @@ def sorted_stream(items: Iterable[Any], key: Callable[[Any], Any] | None = None,
         try:
             while run:
                 run.sort(key=key)
-                path = os.path.join(tmp, f"run{len(readers):06d}.pkl")
-                with open(path, "wb") as fh:
+                path = os.path.join(tmp, f"run{len(readers):06d}.jsonl")
+                with open(path, "w", encoding="utf-8") as fh:
                     for i in range(0, len(run), _BATCH):
-                        pickle.dump(run[i:i + _BATCH], fh, protocol=pickle.HIGHEST_PROTOCOL)
+                        fh.write(json.dumps(run[i:i + _BATCH], ensure_ascii=False) + "\n")
                 readers.append(_read_run(path))
                 run.clear()  # never two runs in memory
                 run.extend(itertools.islice(it, chunk))
@@ -75,13 +74,9 @@ def sorted_stream(items: Iterable[Any], key: Callable[[Any], Any] | None = None,
 
 
 def _read_run(path: str) -> Iterator[Any]:
-    with open(path, "rb") as fh:
-        while True:
-            try:
-                batch = pickle.load(fh)
-            except EOFError:
-                return
-            yield from batch
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:  # JSON gives lists back: the tuples they were
+            yield from (tuple(x) if isinstance(x, list) else x for x in json.loads(line))
 
 
 def ids_digest(ids: Sequence[str]) -> str:
