@@ -22,9 +22,17 @@ def test_child_measures_a_place_in_a_fresh_process():
     assert row["table_bytes"] > 0
 
 
-def test_stage2_places_run_at_a_small_n():
+def test_stage2_places_run_at_a_small_n(monkeypatch):
     """Each stage-2 place's setup and work run (in this process, N = 3,000 crops) and report their figures."""
+    import pytest
+
     from bench import scale_stage2
+    from depthg import knn
+
+    with pytest.raises(ValueError, match="whole blocks"):
+        scale_stage2.knn_actor(3000, actors=3)  # the production blocks are 4096 x 32768
+    monkeypatch.setattr(knn, "QUERY_ROWS", 1000)
+    monkeypatch.setattr(knn, "KEY_ROWS", 1000)
 
     assert scale_stage2.driver_plan(3000)()["units"] == 2  # 10 shards: units of 5 (at least 5 shards, at most 16)
     assert scale_stage2.unit_reads(3000)()["unit_samples"] == 4 * scale_stage2.PER_SHARD  # 9 shards: units of 4 + 5
